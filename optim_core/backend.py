@@ -1,0 +1,93 @@
+"""Array backends: NumPy by default, CuPy on request or when a GPU is usable.
+
+CuPy is imported only inside these functions, never when the package is imported,
+so a machine without CUDA never pays for (or trips over) it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from types import ModuleType
+from typing import Any, Literal
+
+import numpy as np
+
+Device = Literal["auto", "cpu", "gpu"]
+
+_DEVICES = ("auto", "cpu", "gpu")
+
+
+@functools.cache
+def _cupy_or_none() -> ModuleType | None:
+    """Import CuPy and check that a device answers; None when either fails."""
+    try:
+        cupy = importlib.import_module("cupy")
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            return None
+        cupy.zeros(1, dtype=cupy.float32).sum().item()
+    except Exception:
+        return None
+    return cupy
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and at least one CUDA device runs a kernel."""
+    return _cupy_or_none() is not None
+
+
+def resolve_device(device: str = "auto") -> str:
+    """Map ``auto|cpu|gpu`` to ``cpu`` or ``gpu``; ``gpu`` without a usable GPU raises."""
+    if device not in _DEVICES:
+        raise ValueError(f"`device` must be one of {_DEVICES}. Received: device={device!r}")
+    if device == "cpu":
+        return "cpu"
+    if device == "gpu":
+        if not gpu_available():
+            raise RuntimeError(
+                "device='gpu' was requested but no usable GPU was found: install the `gpu` "
+                "extra (CuPy) and check that a CUDA device is visible, or use device='cpu'."
+            )
+        return "gpu"
+    return "gpu" if gpu_available() else "cpu"
+
+
+def array_module(device: str = "cpu") -> ModuleType:
+    """Return ``numpy`` or ``cupy`` for a device name (``auto`` is resolved first)."""
+    if resolve_device(device) == "gpu":
+        cupy = _cupy_or_none()
+        assert cupy is not None
+        return cupy
+    return np
+
+
+def is_cupy_array(x: Any) -> bool:
+    """True for a CuPy ndarray, decided without importing CuPy."""
+    return type(x).__module__.split(".", 1)[0] == "cupy"
+
+
+def get_array_module(x: Any) -> ModuleType:
+    """The array module (numpy or cupy) that owns ``x``."""
+    if is_cupy_array(x):
+        return importlib.import_module("cupy")
+    return np
+
+
+def device_of(x: Any) -> str:
+    """``gpu`` for a CuPy array, ``cpu`` otherwise."""
+    return "gpu" if is_cupy_array(x) else "cpu"
+
+
+def to_device(x: Any, device: str = "cpu", dtype: Any = None) -> Any:
+    """Copy ``x`` to ``device`` (``cpu`` gives NumPy, ``gpu`` gives CuPy); no copy if already there."""
+    xp = array_module(device)
+    if xp is np:
+        return to_numpy(x) if dtype is None else to_numpy(x).astype(dtype, copy=False)
+    return xp.asarray(x, dtype=dtype)
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A host NumPy view or copy of ``x`` (CuPy arrays are copied to the host)."""
+    if is_cupy_array(x):
+        return x.get()
+    return np.asarray(x)

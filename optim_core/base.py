@@ -1,0 +1,603 @@
+"""The optimizer base class: everything shared by all optimizers, exactly as Keras 3 does it.
+
+Owns the step counter, the learning rate (float, schedule or callable), clipping,
+decoupled weight decay, EMA, gradient accumulation, the static loss scale, None and
+sparse gradients, variable/slot bookkeeping, weights and configs. Subclasses only
+create their slots in ``build`` and write their rule in ``update_step``.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
+from .schedules import LearningRateSchedule
+from .schedules import deserialize as deserialize_schedule
+from .schedules import serialize as serialize_schedule
+from .variables import IndexedSlices, Variable, check_float_dtype, densify
+
+BASE_CONFIG_KEYS = (
+    "name",
+    "learning_rate",
+    "weight_decay",
+    "clipnorm",
+    "global_clipnorm",
+    "clipvalue",
+    "use_ema",
+    "ema_momentum",
+    "ema_overwrite_frequency",
+    "loss_scale_factor",
+    "gradient_accumulation_steps",
+)
+
+
+def snake_case(class_name: str) -> str:
+    """Keras's default optimizer name: ``AdamW`` -> ``adam_w``, ``RMSprop`` -> ``rm_sprop``."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+
+
+def f32(x: float) -> np.float32:
+    """Round a Python number to float32, the way Keras stores hyperparameters."""
+    return np.float32(x)
+
+
+class Optimizer:
+    """Base class of all optimizers; subclass it as in Keras 3 (build/update_step/get_config).
+
+    Variables are :class:`Variable` objects or plain arrays (NumPy or CuPy) updated in
+    place. Gradients are arrays of the same shape, ``None`` to skip a variable, or
+    ``(indices, values)`` / :class:`IndexedSlices` row gradients.
+    """
+
+    def __init__(
+        self,
+        learning_rate: float | LearningRateSchedule | Callable[[], float],
+        weight_decay: float | None = None,
+        clipnorm: float | None = None,
+        clipvalue: float | None = None,
+        global_clipnorm: float | None = None,
+        use_ema: bool = False,
+        ema_momentum: float = 0.99,
+        ema_overwrite_frequency: int | None = None,
+        loss_scale_factor: float | None = None,
+        gradient_accumulation_steps: int | None = None,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if kwargs.pop("decay", None) is not None:
+            warnings.warn(
+                "Argument `decay` is no longer supported and will be ignored.", stacklevel=2
+            )
+        if kwargs:
+            raise ValueError(f"Argument(s) not recognized: {kwargs}")
+        if gradient_accumulation_steps and not gradient_accumulation_steps >= 2:
+            raise ValueError(
+                "`gradient_accumulation_steps` must be an integer >= 2. "
+                f"Received: gradient_accumulation_steps={gradient_accumulation_steps}"
+            )
+        if use_ema:
+            if ema_momentum > 1 or ema_momentum < 0:
+                raise ValueError(
+                    "`ema_momentum` must be in the range [0, 1]. "
+                    f"Received: ema_momentum={ema_momentum}"
+                )
+            if ema_overwrite_frequency is not None and (
+                not isinstance(ema_overwrite_frequency, int)
+                or isinstance(ema_overwrite_frequency, bool)
+                or ema_overwrite_frequency < 1
+            ):
+                # Keras also accepts 0 here, with backend-dependent meaning; we refuse it.
+                raise ValueError(
+                    "`ema_overwrite_frequency` must be an integer >= 1 or None. "
+                    f"Received: ema_overwrite_frequency={ema_overwrite_frequency}"
+                )
+        if sum(a is not None for a in (clipnorm, clipvalue, global_clipnorm)) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: clipnorm={clipnorm}, clipvalue={clipvalue}, "
+                f"global_clipnorm={global_clipnorm}"
+            )
+        self.name = name if name is not None else snake_case(type(self).__name__)
+        self.weight_decay = weight_decay
+        self.clipnorm = clipnorm
+        self.global_clipnorm = global_clipnorm
+        self.clipvalue = clipvalue
+        self.use_ema = use_ema
+        self.ema_momentum = ema_momentum
+        self.ema_overwrite_frequency = ema_overwrite_frequency
+        self.loss_scale_factor = loss_scale_factor
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        # Not part of the config: lets tests compare fused kernels with the xp rules.
+        self.use_fused_kernels = True
+
+        self.built = False
+        self._variables: list[Variable] = []
+        self._trainable_variables: list[Variable] = []
+        self._index_by_key: dict[int, int] = {}
+        self._exclude_ids: set[int] = set()
+        self._exclude_pattern: re.Pattern[str] | None = None
+        self._model_variables_moving_average: list[Variable] = []
+        self._accumulated_gradients: list[Variable] = []
+
+        self._iterations = self.add_variable((), dtype="int32", name="iteration")
+        if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
+            self._learning_rate: Any = learning_rate
+        else:
+            if not isinstance(learning_rate, float):
+                raise ValueError(
+                    "Argument `learning_rate` should be float, or an instance of "
+                    "LearningRateSchedule, or a callable that takes no arguments and "
+                    f"returns the learning rate. Received instead: learning_rate={learning_rate!r}"
+                )
+            self._learning_rate = self.add_variable((), dtype="float32", name="learning_rate")
+            self._learning_rate.assign(learning_rate)
+
+    # --- state variables ---------------------------------------------------------------
+    def add_variable(
+        self,
+        shape: Sequence[int],
+        initializer: str | float = "zeros",
+        dtype: Any = None,
+        name: str | None = None,
+        *,
+        xp: Any = np,
+    ) -> Variable:
+        """Create and track an optimizer variable (in creation order, as Keras lists them)."""
+        dtype = np.dtype(dtype if dtype is not None else "float32")
+        value = xp.zeros(tuple(shape), dtype=dtype)
+        if initializer == "ones":
+            value[...] = 1
+        elif not isinstance(initializer, str):
+            value[...] = initializer
+        elif initializer != "zeros":
+            raise ValueError(
+                f"Unknown initializer {initializer!r}: use 'zeros', 'ones' or a number"
+            )
+        name = name or "variable"
+        var = Variable(value, name=name, path=f"{self.name}/{name}")
+        self._variables.append(var)
+        return var
+
+    def add_variable_from_reference(
+        self, reference_variable: Variable, name: str, initializer: str | float = "zeros"
+    ) -> Variable:
+        """Create a slot shaped like ``reference_variable``, named ``{path}_{name}`` as in Keras."""
+        prefix = reference_variable.path.replace("/", "_")
+        return self.add_variable(
+            reference_variable.shape,
+            initializer=initializer,
+            dtype=reference_variable.dtype,
+            name=f"{prefix}_{name}",
+            xp=reference_variable.xp,
+        )
+
+    def add_optimizer_variables(
+        self,
+        trainable_variables: Sequence[Variable],
+        name: str | Sequence[str],
+        initializer: str | float = "zeros",
+    ) -> Any:
+        """Create one slot (or one of each named kind) per variable, interleaved per variable."""
+        names = [name] if isinstance(name, str) else list(name)
+        created: list[list[Variable]] = [[] for _ in names]
+        for var in trainable_variables:
+            for i, n in enumerate(names):
+                created[i].append(self.add_variable_from_reference(var, n, initializer))
+        return created[0] if isinstance(name, str) else tuple(created)
+
+    @property
+    def variables(self) -> list[Variable]:
+        """All optimizer variables in Keras 3 creation order (iteration first)."""
+        return list(self._variables)
+
+    @property
+    def iterations(self) -> int:
+        """Completed optimizer steps: raw calls, or full accumulation cycles."""
+        n = int(self._iterations.value)
+        if self.gradient_accumulation_steps:
+            return n // self.gradient_accumulation_steps
+        return n
+
+    @iterations.setter
+    def iterations(self, value: int) -> None:
+        self._iterations.assign(int(value))
+
+    # --- learning rate -----------------------------------------------------------------
+    def _get_current_learning_rate(self) -> np.floating:
+        lr = self._learning_rate
+        if isinstance(lr, Variable):
+            return lr.value[()]
+        if isinstance(lr, LearningRateSchedule):
+            return lr(int(self._iterations.value))
+        return np.float32(lr())
+
+    @property
+    def learning_rate(self) -> np.floating:
+        """The learning rate for the current step (float32)."""
+        return self._get_current_learning_rate()
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        if isinstance(value, LearningRateSchedule) or callable(value):
+            if isinstance(self._learning_rate, Variable):
+                self._variables.remove(self._learning_rate)
+            self._learning_rate = value
+            return
+        if not isinstance(self._learning_rate, Variable):
+            raise TypeError(
+                "This optimizer was created with a learning rate schedule or callable, so "
+                "its learning rate is not settable to a number. Set a new schedule instead."
+            )
+        self._learning_rate.assign(value)
+
+    # --- building ----------------------------------------------------------------------
+    def _key(self, variable: Any) -> int:
+        return id(variable.value) if isinstance(variable, Variable) else id(variable)
+
+    def _as_variables(self, variables: Iterable[Any]) -> list[Variable]:
+        out = []
+        for i, v in enumerate(variables):
+            if isinstance(v, Variable):
+                out.append(v)
+            else:
+                name = "variable" if i == 0 else f"variable_{i}"
+                out.append(Variable(v, name=name))
+        return out
+
+    def build(self, variables: Iterable[Any] | dict[str, Any]) -> None:
+        """Create all slots for ``variables`` (Variables, arrays, or a ``{path: array}`` dict)."""
+        if self.built:
+            return
+        if isinstance(variables, dict):
+            var_list = [
+                v if isinstance(v, Variable) else Variable(v, path=k) for k, v in variables.items()
+            ]
+        else:
+            var_list = self._as_variables(variables)
+        for v in var_list:
+            check_float_dtype(v.dtype, f"Variable {v.path!r}")
+        self._trainable_variables = list(var_list)
+        self._index_by_key = {self._key(v): i for i, v in enumerate(var_list)}
+        if self.use_ema:
+            self._model_variables_moving_average = self.add_optimizer_variables(var_list, "average")
+        if self.gradient_accumulation_steps:
+            self._accumulated_gradients = self.add_optimizer_variables(
+                var_list, "gradient_accumulator"
+            )
+        self.built = True
+
+    def _get_variable_index(self, variable: Any) -> int:
+        return self._index_by_key[self._key(variable)]
+
+    @property
+    def trainable_variables(self) -> list[Variable]:
+        """The model variables this optimizer was built with, in build order."""
+        return list(self._trainable_variables)
+
+    def _resolve(self, variables: Iterable[Any]) -> list[Variable]:
+        out = []
+        for v in variables:
+            idx = self._index_by_key.get(self._key(v))
+            if idx is None:
+                label = v.path if isinstance(v, Variable) else f"array of shape {np.shape(v)}"
+                raise ValueError(
+                    f"Unknown variable: {label}. This optimizer can only be called for the "
+                    "variables it was originally built with."
+                )
+            out.append(self._trainable_variables[idx])
+        return out
+
+    # --- applying gradients ------------------------------------------------------------
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> Variable:
+        """Keras's ``apply_gradients(zip(grads, vars))``; returns the iteration variable."""
+        grads, variables = zip(*grads_and_vars, strict=True)
+        self.apply(list(grads), list(variables))
+        return self._iterations
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Iterable[Any] | None = None) -> None:
+        """Update ``trainable_variables`` in place from ``grads`` (Keras 3 ``apply``)."""
+        grads = list(grads)
+        if len(grads) == 0:
+            return
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must already be "
+                    "built on a list of variables. Call `optimizer.build(variables)` first."
+                )
+            if len(grads) != len(self._trainable_variables):
+                raise ValueError(
+                    "When passing `grads` without `variables`, they must match the built "
+                    f"variables one to one. Received {len(grads)} gradients for "
+                    f"{len(self._trainable_variables)} variables."
+                )
+            variables = list(self._trainable_variables)
+        else:
+            variables = list(trainable_variables)
+            if len(variables) != len(grads):
+                raise ValueError(
+                    f"Got {len(grads)} gradients for {len(variables)} variables; "
+                    "they must be paired one to one."
+                )
+            if not self.built:
+                self.build(variables)
+            variables = self._resolve(variables)
+
+        pairs = [(g, v) for g, v in zip(grads, variables, strict=True) if g is not None]
+        if not pairs:
+            raise ValueError("No gradients provided for any variable.")
+        if len(pairs) < len(grads):
+            missing = [v.path for g, v in zip(grads, variables, strict=True) if g is None]
+            warnings.warn(
+                f"Gradients do not exist for variables {missing} when minimizing the loss.",
+                stacklevel=2,
+            )
+        grads = [self._prepare_gradient(g, v) for g, v in pairs]
+        variables = [v for _, v in pairs]
+        self._apply_prepared(grads, variables)
+
+    def _prepare_gradient(self, grad: Any, variable: Variable) -> Any:
+        """Check one gradient against its variable; return it as a dense array of its dtype."""
+        if isinstance(grad, IndexedSlices | tuple):
+            return densify(grad, variable)
+        xp = variable.xp
+        if get_array_module(grad) is not xp or not hasattr(grad, "dtype"):
+            grad = np.asarray(to_numpy(grad)) if xp is np else xp.asarray(grad)
+        if tuple(grad.shape) != variable.shape:
+            raise ValueError(
+                f"Gradient for variable {variable.path!r} has shape {tuple(grad.shape)}, "
+                f"expected {variable.shape}."
+            )
+        if grad.dtype != variable.dtype:
+            grad = grad.astype(variable.dtype)
+        return grad
+
+    def _apply_prepared(self, grads: list[Any], variables: list[Variable]) -> None:
+        """Steps 5-9 of Keras's ``apply`` on validated dense gradients."""
+        if self.loss_scale_factor is not None:
+            grads = [g / g.dtype.type(self.loss_scale_factor) for g in grads]
+        n = int(self._iterations.value)
+        steps = self.gradient_accumulation_steps
+        if steps:
+            accs = [self._accumulated_gradients[self._get_variable_index(v)] for v in variables]
+            if (n + 1) % steps == 0:
+                grads = [
+                    (g + a.value) / g.dtype.type(steps) for g, a in zip(grads, accs, strict=True)
+                ]
+                grads = self._clip_gradients(grads)
+                self._apply_weight_decay(variables)
+                self._backend_update_step(grads, variables, self.learning_rate)
+                for acc in self._accumulated_gradients:
+                    acc.value[...] = 0
+            else:
+                for g, a in zip(grads, accs, strict=True):
+                    a.assign(g + a.value)
+        else:
+            grads = self._clip_gradients(grads)
+            self._apply_weight_decay(variables)
+            self._backend_update_step(grads, variables, self.learning_rate)
+        if self.use_ema:
+            self._update_moving_averages()
+            f = self.ema_overwrite_frequency
+            if f and (self.iterations + 1) % f == 0:
+                self._overwrite_with_averages()
+        self._iterations.assign(n + 1)
+
+    def _backend_update_step(
+        self, grads: list[Any], variables: list[Variable], learning_rate: Any
+    ) -> None:
+        """Run ``update_step`` for each pair; optimizers with per-step state override this."""
+        for g, v in zip(grads, variables, strict=True):
+            self.update_step(g, v, learning_rate)
+
+    def update_step(self, gradient: Any, variable: Variable, learning_rate: Any) -> None:
+        """The per-variable update rule; every optimizer implements it."""
+        raise NotImplementedError(f"{type(self).__name__} must implement update_step()")
+
+    def assign(self, variable: Variable, value: Any) -> None:
+        variable.assign(value)
+
+    def assign_add(self, variable: Variable, value: Any) -> None:
+        variable.assign_add(value)
+
+    def assign_sub(self, variable: Variable, value: Any) -> None:
+        variable.assign_sub(value)
+
+    # --- clipping, weight decay, EMA ---------------------------------------------------
+    def _clip_gradients(self, grads: list[Any]) -> list[Any]:
+        if self.clipnorm and self.clipnorm > 0:
+            return [self._clip_by_norm(g) for g in grads]
+        if self.global_clipnorm and self.global_clipnorm > 0:
+            return self._clip_by_global_norm(grads)
+        if self.clipvalue and self.clipvalue > 0:
+            v = self.clipvalue
+            return [get_array_module(g).clip(g, -v, v) for g in grads]
+        return grads
+
+    def _clip_by_norm(self, g: Any) -> Any:
+        xp = get_array_module(g)
+        l2sum = xp.sum(xp.square(g), keepdims=True)
+        pred = l2sum > 0
+        l2norm = xp.where(pred, xp.sqrt(xp.where(pred, l2sum, xp.ones_like(l2sum))), l2sum)
+        c = g.dtype.type(self.clipnorm)
+        return (g * c) / xp.maximum(l2norm, c)
+
+    def _clip_by_global_norm(self, grads: list[Any]) -> list[Any]:
+        xp = get_array_module(grads[0])
+        dtype = grads[0].dtype
+        total = xp.sum(xp.stack([xp.sum(xp.square(g)) for g in grads]))
+        use_norm = xp.sqrt(total)
+        c = self.global_clipnorm
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # 1/c is formed in double and rounded once, as Keras does with a Python float.
+            scale = dtype.type(c) * xp.minimum(dtype.type(1.0) / use_norm, dtype.type(1.0 / c))
+            scale = scale + (use_norm - use_norm)
+        return [g * scale for g in grads]
+
+    def exclude_from_weight_decay(
+        self, var_list: Iterable[Any] | None = None, var_names: Iterable[str] | None = None
+    ) -> None:
+        """Exclude variables (by identity, or by regex search of their ``name``) from decay."""
+        if self.built:
+            raise ValueError(
+                "`exclude_from_weight_decay()` can only be configured before the optimizer is "
+                "built."
+            )
+        self._exclude_ids = {self._key(v) for v in var_list} if var_list else set()
+        names = list(var_names or [])
+        self._exclude_pattern = re.compile("|".join(sorted(set(names)))) if names else None
+
+    def _use_weight_decay(self, variable: Variable) -> bool:
+        if self._key(variable) in self._exclude_ids:
+            return False
+        return not (
+            self._exclude_pattern is not None
+            and self._exclude_pattern.search(variable.name) is not None
+        )
+
+    def _apply_weight_decay(self, variables: list[Variable]) -> None:
+        if self.weight_decay is None:
+            return
+        for v in variables:
+            if self._use_weight_decay(v):
+                dt = v.dtype.type
+                lr = dt(self.learning_rate)
+                wd = dt(self.weight_decay)
+                v.assign(v.value - v.value * wd * lr)
+
+    def _update_moving_averages(self) -> None:
+        for var, avg in zip(
+            self._trainable_variables, self._model_variables_moving_average, strict=True
+        ):
+            dt = var.dtype.type
+            mu = dt(self.ema_momentum) if self.iterations != 0 else dt(0)
+            avg.assign(mu * avg.value + (dt(1) - mu) * var.value)
+
+    def _overwrite_with_averages(self) -> None:
+        for var, avg in zip(
+            self._trainable_variables, self._model_variables_moving_average, strict=True
+        ):
+            var.assign(avg.value)
+
+    def finalize_variable_values(self, var_list: Iterable[Any] | None = None) -> None:
+        """With ``use_ema``, overwrite the model variables with their moving averages."""
+        if self.use_ema:
+            self._overwrite_with_averages()
+
+    def scale_loss(self, loss: Any) -> Any:
+        """Multiply a loss by ``loss_scale_factor`` (identity when it is None)."""
+        return loss * self.loss_scale_factor if self.loss_scale_factor is not None else loss
+
+    # --- weights and named state -------------------------------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        """Host copies of :attr:`variables`: the iteration count first, then creation order."""
+        return [v.numpy() for v in self._variables]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Restore :meth:`get_weights` output; length, shapes and dtypes are checked first."""
+        if not self.built:
+            raise ValueError(
+                "You are calling `set_weights()` on an optimizer that has not yet been built. "
+                "Call `optimizer.build(variables)` first."
+            )
+        weights = list(weights)
+        if len(weights) != len(self._variables):
+            raise ValueError(
+                f"`set_weights()` expects {len(self._variables)} arrays (the length of "
+                f"`optimizer.variables`), received {len(weights)}."
+            )
+        arrays = [np.asarray(to_numpy(w)) for w in weights]
+        for var, arr in zip(self._variables, arrays, strict=True):
+            self._check_assignable(var, arr, var.path)
+        for var, arr in zip(self._variables, arrays, strict=True):
+            self._load_value(var, arr)
+
+    def _state_key(self, variable: Variable) -> str:
+        return variable.name
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every optimizer variable as ``{unique name: host array}``, in :attr:`variables` order."""
+        return {self._state_key(v): v.numpy() for v in self._variables}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; validates every entry before changing anything."""
+        if not self.built:
+            raise ValueError("Build the optimizer on its variables before loading its state.")
+        expected = {self._state_key(v): v for v in self._variables}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"Optimizer state does not match this optimizer: missing keys {missing}, "
+                f"unexpected keys {unexpected}."
+            )
+        arrays = {k: np.asarray(to_numpy(state[k])) for k in expected}
+        for k, var in expected.items():
+            self._check_assignable(var, arrays[k], k)
+        for k, var in expected.items():
+            self._load_value(var, arrays[k])
+
+    @staticmethod
+    def _check_assignable(var: Variable, arr: np.ndarray, label: str) -> None:
+        if tuple(arr.shape) != var.shape:
+            raise ValueError(
+                f"Optimizer variable {label!r} has shape {var.shape}; received shape "
+                f"{tuple(arr.shape)}."
+            )
+        if arr.dtype != var.dtype and not np.can_cast(arr.dtype, var.dtype, "same_kind"):
+            raise ValueError(
+                f"Optimizer variable {label!r} has dtype {var.dtype.name}; received dtype "
+                f"{arr.dtype.name}."
+            )
+
+    @staticmethod
+    def _load_value(var: Variable, arr: np.ndarray) -> None:
+        xp = var.xp
+        var.assign(arr if xp is np else xp.asarray(arr))
+
+    # --- config ------------------------------------------------------------------------
+    def _lr_config(self) -> Any:
+        lr = self._learning_rate
+        if isinstance(lr, Variable):
+            return float(lr.value)
+        if isinstance(lr, LearningRateSchedule):
+            return serialize_schedule(lr)
+        return {
+            "module": "builtins",
+            "class_name": "function",
+            "config": getattr(lr, "__qualname__", repr(lr)),
+            "registered_name": "function",
+        }
+
+    def get_config(self) -> dict[str, Any]:
+        """The constructor arguments, JSON-safe and in Keras's key order."""
+        return {
+            "name": self.name,
+            "learning_rate": self._lr_config(),
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
+            "loss_scale_factor": self.loss_scale_factor,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Optimizer:
+        """Build an optimizer from :meth:`get_config` output (ours or real Keras's)."""
+        config = dict(config)
+        lr = config.get("learning_rate")
+        if isinstance(lr, dict):
+            config["learning_rate"] = deserialize_schedule(lr)
+        return cls(**config)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} name={self.name!r} iterations={self.iterations}>"

@@ -79,7 +79,7 @@ def device_of(x: Any) -> str:
 
 
 def to_device(x: Any, device: str = "cpu", dtype: Any = None) -> Any:
-    """Copy ``x`` to ``device`` (``cpu`` gives NumPy, ``gpu`` gives CuPy); no copy if already there."""
+    """Copy ``x`` to ``device`` (``cpu``: NumPy, ``gpu``: CuPy); no copy if already there."""
     xp = array_module(device)
     if xp is np:
         return to_numpy(x) if dtype is None else to_numpy(x).astype(dtype, copy=False)

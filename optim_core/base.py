@@ -38,7 +38,8 @@ BASE_CONFIG_KEYS = (
 
 def snake_case(class_name: str) -> str:
     """Keras's default optimizer name: ``AdamW`` -> ``adam_w``, ``RMSprop`` -> ``rm_sprop``."""
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", class_name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 def f32(x: float) -> np.float32:
@@ -549,7 +550,7 @@ class Optimizer:
                 f"Optimizer variable {label!r} has shape {var.shape}; received shape "
                 f"{tuple(arr.shape)}."
             )
-        if arr.dtype != var.dtype and not np.can_cast(arr.dtype, var.dtype, "same_kind"):
+        if arr.dtype != var.dtype and arr.dtype.kind != var.dtype.kind:
             raise ValueError(
                 f"Optimizer variable {label!r} has dtype {var.dtype.name}; received dtype "
                 f"{arr.dtype.name}."

@@ -1,0 +1,228 @@
+"""Tensors on the wire: headers plus ~4 MiB raw chunks, both ways, with strict validation.
+
+Shared by the SDK and the daemon. Sending slices the caller's array without copying;
+receiving copies each chunk once into a preallocated buffer. Any malformed stream
+(unknown dtype, wrong byte length, chunks out of order, skipped, repeated or missing)
+raises :class:`WireError`, which the server turns into INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+from paramserve.v1 import tensor_pb2 as tpb
+
+CHUNK_BYTES = 4 << 20
+INDEX_DTYPE = np.dtype("<i8")
+
+_DTYPES: dict[int, np.dtype] = {
+    tpb.FLOAT32: np.dtype("<f4"),
+    tpb.FLOAT64: np.dtype("<f8"),
+    tpb.FLOAT16: np.dtype("<f2"),
+    tpb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    tpb.INT32: np.dtype("<i4"),
+    tpb.INT64: np.dtype("<i8"),
+}
+_PROTO_BY_NAME = {dt.name: code for code, dt in _DTYPES.items()}
+
+
+class WireError(ValueError):
+    """A tensor stream or header that does not describe valid data."""
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Rows of a variable: ``values[i]`` belongs to row ``indices[i]`` (repeats are summed)."""
+
+    indices: np.ndarray
+    values: np.ndarray
+
+
+TensorValue = np.ndarray | SparseRows
+
+
+def dtype_to_proto(dtype: Any) -> int:
+    """The wire enum for a NumPy dtype; WireError for unsupported ones."""
+    name = np.dtype(dtype).name
+    if name not in _PROTO_BY_NAME:
+        raise WireError(f"dtype {name} cannot travel; supported: {sorted(_PROTO_BY_NAME)}")
+    return _PROTO_BY_NAME[name]
+
+
+def dtype_from_proto(code: int) -> np.dtype:
+    """The NumPy dtype for a wire enum; WireError for unknown codes."""
+    if code not in _DTYPES:
+        raise WireError(f"unknown dtype code {code}; expected one of {sorted(_DTYPES)}")
+    return _DTYPES[code]
+
+
+def dtype_name(code: int) -> str:
+    return dtype_from_proto(code).name
+
+
+def _le(array: np.ndarray) -> np.ndarray:
+    """Little-endian, C-contiguous view (a copy only when the input is neither)."""
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+def header_for(name: str, value: TensorValue) -> tpb.TensorHeader:
+    """The header describing ``value``; sparse rows need the variable shape set by the caller."""
+    if isinstance(value, SparseRows):
+        raise TypeError("use sparse_header() for SparseRows")
+    return tpb.TensorHeader(
+        name=name,
+        dtype=dtype_to_proto(value.dtype),
+        shape=list(value.shape),
+        layout=tpb.LAYOUT_DENSE,
+        byte_length=int(value.nbytes),
+    )
+
+
+def sparse_header(name: str, rows: SparseRows, variable_shape: Sequence[int]) -> tpb.TensorHeader:
+    """The header for a sparse-rows payload of a variable with ``variable_shape``."""
+    n = len(rows.indices)
+    return tpb.TensorHeader(
+        name=name,
+        dtype=dtype_to_proto(rows.values.dtype),
+        shape=list(variable_shape),
+        layout=tpb.LAYOUT_SPARSE_ROWS,
+        num_rows=n,
+        byte_length=n * INDEX_DTYPE.itemsize + int(rows.values.nbytes),
+    )
+
+
+def payload_views(value: TensorValue) -> list[memoryview]:
+    """The byte views that make up a tensor's payload, in wire order, without copying."""
+    if isinstance(value, SparseRows):
+        idx = _le(np.asarray(value.indices, dtype=INDEX_DTYPE))
+        return [memoryview(idx).cast("B"), memoryview(_le(value.values).view(np.uint8)).cast("B")]
+    return [memoryview(_le(value).reshape(-1).view(np.uint8)).cast("B")]
+
+
+def iter_chunks(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, int, memoryview]]:
+    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order."""
+    for i, value in enumerate(values):
+        offset = 0
+        for view in payload_views(value):
+            for start in range(0, len(view), chunk_bytes):
+                piece = view[start : start + chunk_bytes]
+                yield i, offset, piece
+                offset += len(piece)
+
+
+def chunk_messages(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tpb.TensorChunk]:
+    """Protobuf chunks for ``values`` (one copy of each slice into its message)."""
+    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
+        yield tpb.TensorChunk(tensor=i, offset=offset, data=bytes(piece))
+
+
+def expected_bytes(header: tpb.TensorHeader) -> int:
+    """Payload size implied by a header's dtype, shape, layout and row count."""
+    dtype = dtype_from_proto(header.dtype)
+    shape = list(header.shape)
+    if any(d < 0 for d in shape):
+        raise WireError(f"tensor {header.name!r}: negative dimension in shape {shape}")
+    if header.layout == tpb.LAYOUT_DENSE:
+        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if header.layout == tpb.LAYOUT_SPARSE_ROWS:
+        if not shape:
+            raise WireError(f"tensor {header.name!r}: sparse rows need a variable of rank >= 1")
+        if header.num_rows < 0:
+            raise WireError(f"tensor {header.name!r}: negative num_rows {header.num_rows}")
+        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        return header.num_rows * (INDEX_DTYPE.itemsize + row)
+    raise WireError(f"tensor {header.name!r}: unknown layout {header.layout}")
+
+
+def check_headers(
+    headers: Iterable[tpb.TensorHeader], *, max_tensor_bytes: int | None = None
+) -> None:
+    """Validate headers on their own: names unique and set, sizes consistent, within limits."""
+    seen: set[str] = set()
+    for h in headers:
+        if not h.name:
+            raise WireError("a tensor header has an empty name")
+        if h.name in seen:
+            raise WireError(f"tensor {h.name!r} appears twice in one request")
+        seen.add(h.name)
+        size = expected_bytes(h)
+        if h.byte_length != size:
+            raise WireError(
+                f"tensor {h.name!r}: byte_length {h.byte_length} does not match "
+                f"{dtype_name(h.dtype)} {list(h.shape)} (expected {size} bytes)"
+            )
+        if max_tensor_bytes is not None and size > max_tensor_bytes:
+            raise WireError(
+                f"tensor {h.name!r} is {size} bytes, over the limit of {max_tensor_bytes}"
+            )
+
+
+class TensorAssembler:
+    """Rebuilds tensors from a validated header list and their chunks, in strict order."""
+
+    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
+        self.headers = list(headers)
+        self._buffers = [np.empty(h.byte_length, dtype=np.uint8) for h in self.headers]
+        self._received = [0] * len(self.headers)
+        self._current = 0
+
+    def add(self, tensor: int, offset: int, data: bytes | memoryview) -> None:
+        """Copy one chunk into place; WireError if it is not the next expected piece."""
+        if tensor >= len(self.headers):
+            raise WireError(f"chunk for tensor #{tensor}, but only {len(self.headers)} declared")
+        if tensor < self._current:
+            raise WireError(f"chunk for tensor #{tensor} after tensor #{self._current} began")
+        for skipped in range(self._current, tensor):
+            if self._received[skipped] != self.headers[skipped].byte_length:
+                raise WireError(
+                    f"tensor {self.headers[skipped].name!r} ended early: "
+                    f"{self._received[skipped]} of {self.headers[skipped].byte_length} bytes"
+                )
+        self._current = tensor
+        if offset != self._received[tensor]:
+            raise WireError(
+                f"tensor {self.headers[tensor].name!r}: chunk at offset {offset}, "
+                f"expected offset {self._received[tensor]} (out of order or repeated)"
+            )
+        end = offset + len(data)
+        if end > self.headers[tensor].byte_length:
+            raise WireError(
+                f"tensor {self.headers[tensor].name!r}: {end} bytes sent, "
+                f"header declared {self.headers[tensor].byte_length}"
+            )
+        self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
+        self._received[tensor] = end
+
+    def finish(self) -> dict[str, TensorValue]:
+        """All tensors by name; WireError if any payload is incomplete."""
+        out: dict[str, TensorValue] = {}
+        for h, buf, got in zip(self.headers, self._buffers, self._received, strict=True):
+            if got != h.byte_length:
+                raise WireError(
+                    f"tensor {h.name!r} ended early: {got} of {h.byte_length} bytes received"
+                )
+            out[h.name] = decode_payload(h, buf)
+        return out
+
+
+def decode_payload(header: tpb.TensorHeader, payload: np.ndarray) -> TensorValue:
+    """View a complete uint8 payload as the tensor its header describes (no copy)."""
+    dtype = dtype_from_proto(header.dtype)
+    shape = tuple(header.shape)
+    if header.layout == tpb.LAYOUT_SPARSE_ROWS:
+        n = header.num_rows
+        split = n * INDEX_DTYPE.itemsize
+        indices = payload[:split].view(INDEX_DTYPE)
+        values = payload[split:].view(dtype).reshape((n, *shape[1:]))
+        return SparseRows(indices=indices, values=values)
+    return payload.view(dtype).reshape(shape)

@@ -1,0 +1,1 @@
+"""paramserve.server: the parameter-server daemon (store, aggregation, snapshots, gRPC, CLI)."""

@@ -1,12 +1,108 @@
-"""Ftrl (placeholder until implemented)."""
+"""FTRL-Proximal, as in Keras 3: the weight is recomputed from the linear term each step."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from .base import Optimizer
+from .variables import Variable
 
 
 class Ftrl(Optimizer):
-    """Not implemented yet."""
+    """``n' = n + g^2; z += g + 2*l2s*w - (n'^-p - n^-p)/lr*w;
+    w = (clip(z, -l1, l1) - z) / (n'^-p/lr + 2*(l2 + beta/(2*lr))); n = n'``.
+    """
 
-    def __init__(self, learning_rate=0.001, **kwargs):
+    def __init__(
+        self,
+        learning_rate: Any = 0.001,
+        learning_rate_power: float = -0.5,
+        initial_accumulator_value: float = 0.1,
+        l1_regularization_strength: float = 0.0,
+        l2_regularization_strength: float = 0.0,
+        l2_shrinkage_regularization_strength: float = 0.0,
+        beta: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(learning_rate=learning_rate, **kwargs)
+        if initial_accumulator_value < 0.0:
+            raise ValueError(
+                "`initial_accumulator_value` needs to be positive or zero. "
+                f"Received: initial_accumulator_value={initial_accumulator_value}."
+            )
+        if learning_rate_power > 0.0:
+            raise ValueError(
+                "`learning_rate_power` needs to be negative or zero. "
+                f"Received: learning_rate_power={learning_rate_power}."
+            )
+        if l1_regularization_strength < 0.0:
+            raise ValueError(
+                "`l1_regularization_strength` needs to be positive or zero. "
+                f"Received: l1_regularization_strength={l1_regularization_strength}."
+            )
+        if l2_regularization_strength < 0.0:
+            raise ValueError(
+                "`l2_regularization_strength` needs to be positive or zero. "
+                f"Received: l2_regularization_strength={l2_regularization_strength}."
+            )
+        if l2_shrinkage_regularization_strength < 0.0:
+            raise ValueError(
+                "`l2_shrinkage_regularization_strength` needs to be positive or zero. "
+                "Received: l2_shrinkage_regularization_strength"
+                f"={l2_shrinkage_regularization_strength}."
+            )
+        self.learning_rate_power = learning_rate_power
+        self.initial_accumulator_value = initial_accumulator_value
+        self.l1_regularization_strength = l1_regularization_strength
+        self.l2_regularization_strength = l2_regularization_strength
+        self.l2_shrinkage_regularization_strength = l2_shrinkage_regularization_strength
+        self.beta = beta
+
+    def build(self, variables: Any) -> None:
+        if self.built:
+            return
+        super().build(variables)
+        self._accumulators = []
+        self._linears = []
+        # Interleaved per variable; the two kinds have different initial values.
+        for var in self._trainable_variables:
+            self._accumulators.append(
+                self.add_variable_from_reference(var, "accumulator", self.initial_accumulator_value)
+            )
+            self._linears.append(self.add_variable_from_reference(var, "linear"))
+
+    def update_step(self, gradient: Any, variable: Variable, learning_rate: Any) -> None:
+        dt = variable.dtype.type
+        xp = variable.xp
+        lr = dt(learning_rate)
+        index = self._get_variable_index(variable)
+        accum = self._accumulators[index]
+        linear = self._linears[index]
+        power = dt(-self.learning_rate_power)
+        l1 = dt(self.l1_regularization_strength)
+        l2 = dt(self.l2_regularization_strength) + dt(self.beta) / (dt(2.0) * lr)
+        w = variable.value
+        # 2 * l2s is formed in Python double, then rounded, as Keras does.
+        shrunk_grad = gradient + dt(2 * self.l2_shrinkage_regularization_strength) * w
+        new_accum = accum.value + xp.square(gradient)
+        new_accum_pow = xp.power(new_accum, power)
+        sigma = (new_accum_pow - xp.power(accum.value, power)) / lr
+        linear.assign(linear.value + (shrunk_grad - sigma * w))
+        quadratic = new_accum_pow / lr + dt(2) * l2
+        z = linear.value
+        self.assign(variable, (xp.clip(z, -l1, l1) - z) / quadratic)
+        accum.assign(new_accum)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.update(
+            {
+                "learning_rate_power": self.learning_rate_power,
+                "initial_accumulator_value": self.initial_accumulator_value,
+                "l1_regularization_strength": self.l1_regularization_strength,
+                "l2_regularization_strength": self.l2_regularization_strength,
+                "l2_shrinkage_regularization_strength": (self.l2_shrinkage_regularization_strength),
+                "beta": self.beta,
+            }
+        )
+        return config

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from . import fused
 from .base import Optimizer
 from .variables import Variable
@@ -46,8 +48,8 @@ class Adam(Optimizer):
         xp = variable.xp
         lr = dt(learning_rate)
         t = dt(self.iterations + 1)
-        beta_1_power = dt(self.beta_1) ** t
-        beta_2_power = dt(self.beta_2) ** t
+        beta_1_power = np.power(dt(self.beta_1), t)
+        beta_2_power = np.power(dt(self.beta_2), t)
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
@@ -55,10 +57,10 @@ class Adam(Optimizer):
         one_minus_b1 = dt(1 - self.beta_1)
         one_minus_b2 = dt(1 - self.beta_2)
         eps = dt(self.epsilon)
-        if not self.amsgrad and fused.can_fuse(self, variable.value, gradient, m.value, v.value):
-            fused.adam(
-                variable.value, gradient, m.value, v.value, alpha, one_minus_b1, one_minus_b2, eps
-            )
+        v_hat_value = self._velocity_hats[index].value if self.amsgrad else None
+        arrays = [variable.value, gradient, m.value, v.value]
+        if fused.can_fuse(self, *arrays, *([v_hat_value] if self.amsgrad else [])):
+            fused.adam(*arrays, alpha, one_minus_b1, one_minus_b2, eps, v_hat=v_hat_value)
             return
         m.assign_add((gradient - m.value) * one_minus_b1)
         v.assign_add((xp.square(gradient) - v.value) * one_minus_b2)

@@ -8,10 +8,12 @@ values, in Keras order) and the iteration count.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import numpy as np
 import pytest
+
 from paramserve import optim_core
 
 from .cases import CLASS_NAMES, all_cases
@@ -19,8 +21,9 @@ from .harness import MIXED_SHAPES, SINGLE_SHAPES, RunResult, make_stream, run_ke
 
 CASES = all_cases()
 
-# Keras names that are not unique or not stable, so only positions are compared.
-UNSTABLE_NAMES = {"variable"}
+# Keras auto-names Nadam's product variable uniquely per process ("variable", "variable_1",
+# ...), so for those only the position is compared.
+UNSTABLE_NAME = re.compile(r"variable(_\d+)?")
 
 
 def _backends() -> list[Any]:
@@ -41,7 +44,10 @@ def _xp(backend: str) -> Any:
 def tolerance(dtype: str, backend: str) -> dict[str, float]:
     """float32 round-off accumulated over 50 steps; looser on other dtypes and on the GPU."""
     if dtype == "float64":
-        return {"rtol": 1e-12, "atol": 1e-13}
+        # Keras's numpy backend demotes float64 operands to float32 in nearly every binary op
+        # (keras/src/backend/common/dtypes.py); we compute in real float64, so the reference
+        # only carries float32 precision.
+        return {"rtol": 1e-5, "atol": 1e-6}
     if dtype in ("float16", "bfloat16"):
         return {"rtol": 2e-2, "atol": 2e-2}
     if backend == "cupy":
@@ -72,7 +78,7 @@ def assert_matches(ours: RunResult, ref: RunResult, tol: dict[str, float]) -> No
     for (name, value), (ref_name, ref_value) in zip(
         ours.opt_variables, ref.opt_variables, strict=True
     ):
-        if ref_name not in UNSTABLE_NAMES:
+        if not UNSTABLE_NAME.fullmatch(ref_name):
             assert name == ref_name, (our_names, ref_names)
         assert value.shape == ref_value.shape, (name, value.shape, ref_value.shape)
         assert value.dtype == ref_value.dtype, (name, value.dtype, ref_value.dtype)

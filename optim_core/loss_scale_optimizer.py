@@ -1,12 +1,194 @@
-"""LossScaleOptimizer (placeholder until implemented)."""
+"""LossScaleOptimizer: dynamic loss scaling around another optimizer, as in Keras 3."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .backend import get_array_module, to_numpy
 from .base import Optimizer
+from .variables import Variable
+
+INNER_PREFIX = "inner_optimizer/"
+
+# Base options Keras still accepts (for old configs) as long as they keep their defaults.
+_BASE_DEFAULTS: dict[str, Any] = {
+    "weight_decay": None,
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": 0.99,
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
 
 
 class LossScaleOptimizer(Optimizer):
-    """Not implemented yet."""
+    """Unscales gradients by a dynamic loss scale ``s`` and applies ``inner_optimizer``.
 
-    def __init__(self, learning_rate=0.001, **kwargs):
-        super().__init__(learning_rate=learning_rate, **kwargs)
+    If every gradient is finite: ``inner.apply(g / s)``, then ``s <- 2s`` after
+    ``dynamic_growth_steps`` consecutive finite steps. Otherwise the step is skipped and
+    ``s <- s/2``. ``iterations`` and ``learning_rate`` are the inner optimizer's.
+    """
+
+    def __init__(
+        self,
+        inner_optimizer: Optimizer,
+        initial_scale: float = 2.0**15,
+        dynamic_growth_steps: int = 2000,
+        name: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if not kwargs.pop("dynamic", True):
+            raise ValueError(
+                "LossScaleOptimizer no longer supports `dynamic=False`. Instead, set "
+                "`loss_scale_factor` directly on the `inner_optimizer`."
+            )
+        for arg, default in _BASE_DEFAULTS.items():
+            if arg in kwargs and kwargs.pop(arg) != default:
+                raise ValueError(
+                    f"LossScaleOptimizer does not support `{arg}`. "
+                    f"Instead, set `{arg}` on the `inner_optimizer`."
+                )
+        if kwargs:
+            raise ValueError(
+                f"LossScaleOptimizer does not support arguments: `{'`, `'.join(kwargs)}`."
+            )
+        if not isinstance(inner_optimizer, Optimizer):
+            raise TypeError(
+                "`inner_optimizer` must be an Optimizer instance. "
+                f"Received: inner_optimizer={inner_optimizer!r}"
+            )
+        super().__init__(learning_rate=0.0, name=name)
+        self.inner_optimizer = inner_optimizer
+        self.initial_scale = initial_scale
+        self.dynamic_growth_steps = dynamic_growth_steps
+        # The inner optimizer must not unscale a second time.
+        inner_optimizer.loss_scale_factor = None
+
+    def build(self, variables: Any) -> None:
+        if self.built:
+            return
+        super().build(variables)
+        self.step_counter = self.add_variable((), dtype="int32", name="step_counter")
+        self.dynamic_scale = self.add_variable(
+            (), initializer=float(self.initial_scale), dtype="float32", name="dynamic_scale"
+        )
+        self.inner_optimizer.build(self._trainable_variables)
+
+    @property
+    def variables(self) -> list[Variable]:
+        """Its own four variables, then every variable of the inner optimizer."""
+        return list(self._variables) + self.inner_optimizer.variables
+
+    @property
+    def iterations(self) -> int:
+        return self.inner_optimizer.iterations
+
+    @iterations.setter
+    def iterations(self, value: int) -> None:
+        self.inner_optimizer.iterations = value
+
+    @property
+    def learning_rate(self) -> Any:
+        return self.inner_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, value: Any) -> None:
+        self.inner_optimizer.learning_rate = value
+
+    def _apply_prepared(self, grads: list[Any], variables: list[Variable]) -> None:
+        finite = all(bool(get_array_module(g).isfinite(g).all()) for g in grads)
+        if not finite:
+            self.step_counter.assign(0)
+            self.dynamic_scale.assign(self.dynamic_scale.value * np.float32(0.5))
+            return
+        scale = self.dynamic_scale.value[()]
+        unscaled = []
+        for g in grads:
+            # Keras divides by the float32 scale, so float16 gradients are unscaled in float32.
+            ct = np.promote_types(g.dtype, np.float32)
+            unscaled.append(g.astype(ct, copy=False) / ct.type(scale))
+        self.inner_optimizer.apply(unscaled, variables)
+        if int(self.step_counter.value) == self.dynamic_growth_steps - 1:
+            self.step_counter.assign(0)
+            self.dynamic_scale.assign(self.dynamic_scale.value * np.float32(2.0))
+        else:
+            self.step_counter.assign(int(self.step_counter.value) + 1)
+
+    def scale_loss(self, loss: Any) -> Any:
+        """Multiply a loss by the current dynamic scale (``initial_scale`` before build)."""
+        scale = self.dynamic_scale.value[()] if self.built else np.float32(self.initial_scale)
+        return loss * scale
+
+    def finalize_variable_values(self, var_list: Any = None) -> None:
+        self.inner_optimizer.finalize_variable_values(var_list)
+
+    # --- weights and state cover the inner optimizer too --------------------------------
+    def get_weights(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.variables]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        if not self.built:
+            return super().set_weights(weights)  # raises: not built
+        weights = list(weights)
+        if len(weights) != len(self.variables):
+            raise ValueError(
+                f"`set_weights()` expects {len(self.variables)} arrays (the length of "
+                f"`optimizer.variables`), received {len(weights)}."
+            )
+        own = [np.asarray(to_numpy(w)) for w in weights[: len(self._variables)]]
+        for var, arr in zip(self._variables, own, strict=True):
+            self._check_assignable(var, arr, var.path)
+        self.inner_optimizer.set_weights(weights[len(self._variables) :])
+        for var, arr in zip(self._variables, own, strict=True):
+            self._load_value(var, arr)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        inner = self.inner_optimizer.state_dict()
+        return {**super().state_dict(), **{INNER_PREFIX + k: a for k, a in inner.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not self.built:
+            return super().load_state_dict(state)  # raises: not built
+        own = {k: a for k, a in state.items() if not k.startswith(INNER_PREFIX)}
+        inner = {k[len(INNER_PREFIX) :]: a for k, a in state.items() if k.startswith(INNER_PREFIX)}
+        expected = {self._state_key(v): v for v in self._variables}
+        if set(own) != set(expected):
+            raise ValueError(
+                f"Optimizer state does not match this optimizer: missing keys "
+                f"{sorted(set(expected) - set(own))}, unexpected keys "
+                f"{sorted(set(own) - set(expected))}."
+            )
+        for key, var in expected.items():
+            self._check_assignable(var, np.asarray(to_numpy(own[key])), key)
+        try:  # the inner optimizer validates all of its entries before loading any
+            self.inner_optimizer.load_state_dict(inner)
+        except ValueError as err:
+            raise ValueError(f"In the `{INNER_PREFIX}` entries: {err}") from err
+        super().load_state_dict(own)
+
+    # --- config -------------------------------------------------------------------------
+    def get_config(self) -> dict[str, Any]:
+        from .registry import serialize
+
+        return {
+            "name": self.name,
+            "inner_optimizer": serialize(self.inner_optimizer),
+            "initial_scale": self.initial_scale,
+            "dynamic_growth_steps": self.dynamic_growth_steps,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], custom_objects: Any = None) -> Optimizer:
+        from .registry import deserialize
+
+        config = dict(config)
+        inner = config.pop("inner_optimizer")
+        if isinstance(inner, dict):
+            inner = deserialize(inner)
+        return cls(inner, **config)

@@ -1,0 +1,177 @@
+"""Prometheus metrics of one daemon, on its own CollectorRegistry (several servers per process).
+
+Counters: RPCs by method and status code, pushes and pulls by outcome, payload bytes in and
+out, dedupe hits. Histograms: optimizer apply latency, time a push waits for its round,
+push staleness, snapshot duration. Gauges: model version, last snapshot size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+logger = logging.getLogger(__name__)
+
+# From 100 µs to ~2 min: apply on a tiny model up to a slow sync round.
+_LATENCY_BUCKETS_S = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+_STALENESS_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128)
+
+
+class ServerMetrics:
+    """The metric families of one server; call the ``record_*``/``observe_*`` helpers."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.rpcs = Counter(
+            "paramserve_rpcs",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.pushes = Counter(
+            "paramserve_pushes",
+            "Pushes by outcome: applied, skipped (non-finite, policy skip), duplicate, "
+            "or the lower-case status code of the error",
+            ["outcome"],
+            registry=r,
+        )
+        self.pulls = Counter(
+            "paramserve_pulls",
+            "Pulls by outcome: ok or the lower-case status code",
+            ["outcome"],
+            registry=r,
+        )
+        self.bytes_received = Counter(
+            "paramserve_received_bytes",
+            "Tensor and file payload bytes received",
+            ["method"],
+            registry=r,
+        )
+        self.bytes_sent = Counter(
+            "paramserve_sent_bytes", "Tensor and file payload bytes sent", ["method"], registry=r
+        )
+        self.dedupe_hits = Counter(
+            "paramserve_dedupe_hits",
+            "Pushes acknowledged as duplicates of an already applied (worker_id, sequence)",
+            registry=r,
+        )
+        self.apply_seconds = Histogram(
+            "paramserve_apply_seconds",
+            "Time of one optimizer apply on the store",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.round_wait_seconds = Histogram(
+            "paramserve_round_wait_seconds",
+            "Time a push spends in the aggregator (sync: waiting for its round to close)",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.staleness = Histogram(
+            "paramserve_push_staleness",
+            "Model version at arrival minus the push's base_version",
+            buckets=_STALENESS_BUCKETS,
+            registry=r,
+        )
+        self.snapshot_seconds = Histogram(
+            "paramserve_snapshot_seconds",
+            "Time to take and write one snapshot",
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.snapshots = Counter(
+            "paramserve_snapshots",
+            "Snapshots taken, by trigger (rpc, periodic, exit) and outcome",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.snapshot_size_bytes = Gauge(
+            "paramserve_snapshot_size_bytes", "Size of the last snapshot written", registry=r
+        )
+        self.model_version = Gauge(
+            "paramserve_model_version", "Current model version (optimizer iterations)", registry=r
+        )
+        self._http_server = None
+        self._http_thread: threading.Thread | None = None
+
+    # -- recording helpers -------------------------------------------------------------------
+
+    def record_rpc(self, method: str, code: str) -> None:
+        """Count one finished RPC; errors of Push and Pull also count as their outcome."""
+        self.rpcs.labels(method=method, code=code).inc()
+        if code == "OK":
+            if method == "Pull":
+                self.pulls.labels(outcome="ok").inc()
+            return
+        if method == "Push":
+            self.pushes.labels(outcome=code.lower()).inc()
+        elif method == "Pull":
+            self.pulls.labels(outcome=code.lower()).inc()
+
+    def record_push(self, *, duplicate: bool, applied: bool, version: int) -> None:
+        """Count a successful push by outcome."""
+        if duplicate:
+            self.pushes.labels(outcome="duplicate").inc()
+            self.dedupe_hits.inc()
+        elif applied:
+            self.pushes.labels(outcome="applied").inc()
+        else:
+            self.pushes.labels(outcome="skipped").inc()
+        self.model_version.set(version)
+
+    @contextmanager
+    def time_snapshot(self, trigger: str) -> Iterator[None]:
+        """Time a snapshot and count it by trigger and outcome."""
+        start = time.perf_counter()
+        try:
+            yield
+        except BaseException:
+            self.snapshots.labels(trigger=trigger, outcome="error").inc()
+            raise
+        self.snapshot_seconds.observe(time.perf_counter() - start)
+        self.snapshots.labels(trigger=trigger, outcome="ok").inc()
+
+    # -- HTTP endpoint -----------------------------------------------------------------------
+
+    def serve_http(self, *, host: str, port: int) -> int:
+        """Serve ``/metrics`` on ``host:port`` from a daemon thread; returns the bound port."""
+        self._http_server, self._http_thread = start_http_server(
+            port, addr=host, registry=self.registry
+        )
+        bound = int(self._http_server.server_port)
+        logger.info("metrics at http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop_http(self) -> None:
+        if self._http_server is not None:
+            self._http_server.shutdown()
+            self._http_server.server_close()
+            self._http_server = None
+            if self._http_thread is not None:
+                self._http_thread.join(timeout=5)

@@ -1,0 +1,95 @@
+"""The SDK's gRPC channel: message limits, keepalive, and retries through the service config.
+
+Retries are gRPC's own (``grpc.enable_retries`` plus a ``retryPolicy`` in the service
+config), never a hand-written loop: gRPC replays the buffered request on a fresh
+transport when a call fails with UNAVAILABLE before the server answered. Only calls that
+are safe to repeat are listed. Push is among them because the server deduplicates by
+``(worker_id, sequence)``; a retried push whose first attempt took effect is acknowledged
+as a duplicate, not applied twice. A streamed request is only retried while it fits in
+gRPC's per-call retry buffer (``retry_buffer_bytes``); larger pushes fail over to the
+caller as :class:`~paramserve.client.UnavailableError`, and re-sending them with the same
+sequence is equally safe.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import grpc
+
+from paramserve.v1 import parameter_server_pb2 as pb
+
+SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+
+# Calls whose repetition cannot change the outcome (Push: deduplicated server-side).
+RETRYABLE_METHODS = (
+    "Describe",
+    "Pull",
+    "GetStatus",
+    "ListSnapshots",
+    "DownloadSnapshot",
+    "Push",
+)
+
+
+def method_path(method: str) -> str:
+    """``/paramserve.v1.ParameterServer/<method>``, the name gRPC routes on."""
+    return f"/{SERVICE}/{method}"
+
+
+@dataclass(frozen=True)
+class ChannelSettings:
+    """Transport options of a :class:`~paramserve.client.Client`."""
+
+    max_message_bytes: int = 64 << 20
+    keepalive_time_s: float = 30.0
+    keepalive_timeout_s: float = 20.0
+    retry_max_attempts: int = 5
+    retry_initial_backoff_s: float = 0.1
+    retry_max_backoff_s: float = 5.0
+    retry_buffer_bytes: int = 64 << 20
+    max_reconnect_backoff_s: float = 5.0
+    user_agent: str = "paramserve-client"
+
+    def service_config(self) -> str:
+        """The JSON service config: a retry policy on UNAVAILABLE for the idempotent calls."""
+        policy = {
+            "maxAttempts": self.retry_max_attempts,
+            "initialBackoff": f"{self.retry_initial_backoff_s}s",
+            "maxBackoff": f"{self.retry_max_backoff_s}s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+        names = [{"service": SERVICE, "method": m} for m in RETRYABLE_METHODS]
+        return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
+
+    def options(self) -> list[tuple[str, int | str]]:
+        """Channel arguments (see grpc_types.h for their meaning)."""
+        return [
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            # Pings detect a dead server during long waits (sync rounds, min_version
+            # pulls). gRPC sends at most two pings without data in between, which stays
+            # within a default server's ping-abuse policy.
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 0),
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", self.service_config()),
+            ("grpc.per_rpc_retry_buffer_size", self.retry_buffer_bytes),
+            ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
+            ("grpc.primary_user_agent", self.user_agent),
+        ]
+
+
+def open_channel(
+    address: str,
+    settings: ChannelSettings,
+    *,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> grpc.Channel:
+    """An insecure channel, or a TLS one when ``credentials`` are given."""
+    if credentials is None:
+        return grpc.insecure_channel(address, options=settings.options())
+    return grpc.secure_channel(address, credentials, options=settings.options())

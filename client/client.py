@@ -1,0 +1,435 @@
+"""Client: the SDK's connection to one paramserve daemon, NumPy arrays in and out.
+
+>>> with Client("127.0.0.1:50051") as ps:
+...     ps.create_model({"w": np.zeros((4, 2), np.float32)}, optimizer="adam")
+...     weights = ps.pull()                    # {"w": array}, weights.version == 0
+...     ps.push({"w": grad})                   # base_version = the last pull's version
+
+Every call has a deadline (``timeout_s``, per client and per call). Calls that are safe to
+repeat are retried by gRPC itself on UNAVAILABLE (see :mod:`paramserve.client.channel`).
+Failures raise :class:`~paramserve.client.ParamServeError` subclasses.
+
+Exactly-once pushes: each push carries ``(worker_id, sequence)``, the sequence strictly
+increasing per client. A client with an explicit ``worker_id`` first reads that worker's
+``last_sequence`` from the server and continues after it, so a restarted worker rejoins
+without its new pushes being taken for duplicates of its old ones.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from paramserve import optim_core
+from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
+from paramserve.v1 import tensor_pb2 as tpb
+
+from .channel import ChannelSettings, method_path, open_channel
+from .errors import DeadlineExceededError, NotFoundError, from_rpc_error
+from .results import (
+    CreateModelResult,
+    ModelDescription,
+    PushResult,
+    ServerStatus,
+    SnapshotInfo,
+    Tensors,
+)
+from .streams import (
+    as_host_array,
+    decode_stream_item,
+    named_values,
+    receive_tensors,
+    request_stream,
+    tensor_headers,
+)
+from .tensors import CHUNK_BYTES
+from .transfer import progress_bar, upload_requests, write_download
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+R = TypeVar("R")
+
+
+def default_worker_id() -> str:
+    """``{hostname}-{pid}-{4 random hex digits}``: unique per process, readable in status."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def optimizer_json(optimizer: str | dict[str, Any] | optim_core.Optimizer | None) -> str:
+    """The wire form of an optimizer: a Keras serialization dict as JSON ("" = server default).
+
+    Names and instances are serialized with optim_core, so the server receives the full
+    config; dicts (ours or from ``keras.optimizers.serialize``) travel as given.
+    """
+    if optimizer is None:
+        return ""
+    if isinstance(optimizer, dict):
+        return json.dumps(optimizer, default=_json_default)
+    if isinstance(optimizer, str | optim_core.Optimizer):
+        return json.dumps(optim_core.serialize(optim_core.get(optimizer)), default=_json_default)
+    raise TypeError(
+        "optimizer must be a name, a Keras serialization dict or an optim_core optimizer. "
+        f"Received: {optimizer!r}"
+    )
+
+
+class Client:
+    """A connection to one parameter server; thread-safe, close it (or use ``with``)."""
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        *,
+        worker_id: str | None = None,
+        timeout_s: float = 60.0,
+        chunk_bytes: int = CHUNK_BYTES,
+        max_message_bytes: int = 64 << 20,
+        keepalive_time_s: float = 30.0,
+        retry_max_attempts: int = 5,
+        wait_for_ready: bool = False,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Connect lazily to ``address`` (``host:port``).
+
+        ``wait_for_ready`` makes calls wait (within their deadline) for a server that is
+        not up yet instead of failing. ``token`` is sent as ``authorization: Bearer``
+        metadata; ``credentials`` (``grpc.ssl_channel_credentials(...)``) turn on TLS.
+        """
+        if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
+            raise ValueError(
+                f"chunk_bytes must be in [1, max_message_bytes - 1024]. "
+                f"Received: chunk_bytes={chunk_bytes}, max_message_bytes={max_message_bytes}"
+            )
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0. Received: timeout_s={timeout_s}")
+        self.address = address
+        self.timeout_s = timeout_s
+        self.chunk_bytes = chunk_bytes
+        self._wait_for_ready = wait_for_ready
+        self._explicit_worker_id = worker_id is not None
+        self.worker_id = worker_id if worker_id is not None else default_worker_id()
+        if not self.worker_id:
+            raise ValueError("worker_id must not be empty")
+        self._metadata = tuple(metadata)
+        if token is not None:
+            self._metadata += (("authorization", f"Bearer {token}"),)
+        settings = ChannelSettings(
+            max_message_bytes=max_message_bytes,
+            keepalive_time_s=keepalive_time_s,
+            retry_max_attempts=retry_max_attempts,
+        )
+        self._channel = open_channel(address, settings, credentials=credentials)
+        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        # Tensor streams bypass protobuf serialization of chunks (see streams.py).
+        ch = self._channel
+        self._create_model = ch.stream_unary(
+            method_path("CreateModel"), response_deserializer=pb.CreateModelResponse.FromString
+        )
+        self._push = ch.stream_unary(
+            method_path("Push"), response_deserializer=pb.PushResponse.FromString
+        )
+        self._set_optimizer_state = ch.stream_unary(
+            method_path("SetOptimizerState"),
+            response_deserializer=pb.SetOptimizerStateResponse.FromString,
+        )
+        self._pull = ch.unary_stream(
+            method_path("Pull"),
+            request_serializer=pb.PullRequest.SerializeToString,
+            response_deserializer=decode_stream_item,
+        )
+        self._lock = threading.Lock()
+        self._sequence = 0
+        self._sequence_synced = not self._explicit_worker_id
+        self._base_version = 0
+        self._description: ModelDescription | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the channel; calls in flight are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client(address={self.address!r}, worker_id={self.worker_id!r})"
+
+    def wait_ready(self, timeout_s: float | None = None) -> None:
+        """Block until the channel is connected; DeadlineExceededError after ``timeout_s``."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=self._deadline(timeout_s))
+        except grpc.FutureTimeoutError:
+            raise DeadlineExceededError(f"no server at {self.address} became ready") from None
+
+    # --- plumbing --------------------------------------------------------------------------
+    def _deadline(self, timeout_s: float | None) -> float:
+        return self.timeout_s if timeout_s is None else timeout_s
+
+    def _call(self, method: Callable[..., R], request: Any, timeout_s: float | None) -> R:
+        """Run one call with deadline and metadata; map failures to ParamServeError."""
+        try:
+            return method(
+                request,
+                timeout=self._deadline(timeout_s),
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _stream(
+        self, method: Callable[..., Iterable[R]], request: Any, timeout_s: float | None
+    ) -> Iterator[R]:
+        """Iterate a server stream, mapping failures (which surface mid-iteration)."""
+        responses = self._call(method, request, timeout_s)
+        try:
+            yield from responses
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    def _variable_shape(self, name: str) -> tuple[int, ...]:
+        """Shape of a model variable, for sparse-row headers (described once, then cached)."""
+        spec = self._cached_description().spec(name)
+        if spec is None:  # the model may have been replaced since it was described
+            spec = self.describe().spec(name)
+        if spec is None:
+            raise NotFoundError(f"the model has no variable {name!r}")
+        return spec.shape
+
+    def _cached_description(self) -> ModelDescription:
+        if self._description is None:
+            self.describe()
+        assert self._description is not None
+        return self._description
+
+    # --- model ------------------------------------------------------------------------------
+    def create_model(
+        self,
+        variables: Mapping[str, Any] | Sequence[optim_core.Variable],
+        optimizer: str | dict[str, Any] | optim_core.Optimizer | None = "adam",
+        *,
+        name: str = "model",
+        timeout_s: float | None = None,
+    ) -> CreateModelResult:
+        """Create the model from initial values (a ``{name: array}`` dict, or Variables
+        named by their ``path``) and an optimizer (name, Keras config dict, optim_core
+        instance, or None for the server's default). Idempotent for the same definition."""
+        if not isinstance(variables, Mapping):
+            if not all(isinstance(v, optim_core.Variable) for v in variables):
+                raise TypeError("variables must be a {name: array} dict or a list of Variables")
+            variables = {v.path: v for v in variables}
+        names = list(variables)
+        arrays = [as_host_array(variables[n]) for n in names]
+        header = pb.CreateModelHeader(
+            model_name=name,
+            optimizer_json=optimizer_json(optimizer),
+            variables=tensor_headers(names, arrays, lambda n: ()),
+        )
+        first = pb.CreateModelRequest(header=header).SerializeToString()
+        stream = request_stream(first, arrays, chunk_bytes=self.chunk_bytes)
+        response = self._call(self._create_model, stream, timeout_s)
+        self._description = None
+        if response.created:
+            self._base_version = response.version
+        return CreateModelResult(response.created, response.version)
+
+    def delete_model(self, *, timeout_s: float | None = None) -> None:
+        """Drop the model and its optimizer state (snapshots on disk stay)."""
+        self._call(self._stub.DeleteModel, pb.DeleteModelRequest(), timeout_s)
+        self._description = None
+
+    def describe(self, *, timeout_s: float | None = None) -> ModelDescription:
+        """Variables (model order), optimizer config, hyperparameters, version, aggregation."""
+        response = self._call(self._stub.Describe, pb.DescribeRequest(), timeout_s)
+        self._description = ModelDescription.from_proto(response)
+        return self._description
+
+    # --- training -----------------------------------------------------------------------
+    @property
+    def base_version(self) -> int:
+        """Version of the weights last pulled (or created) by this client: what a push
+        defaults to as the version its gradients were computed from."""
+        return self._base_version
+
+    @property
+    def last_sequence(self) -> int:
+        """Sequence of the last push sent; pass it to ``push(sequence=...)`` to resend."""
+        return self._sequence
+
+    def _next_sequence(self, forced: int | None) -> int:
+        with self._lock:
+            if forced is not None:
+                if forced < 1:
+                    raise ValueError(f"sequence must be >= 1. Received: sequence={forced}")
+                self._sequence = max(self._sequence, forced)
+                return forced
+            if not self._sequence_synced:
+                worker = self.status().worker(self.worker_id)
+                if worker is not None:
+                    self._sequence = max(self._sequence, worker.last_sequence)
+                self._sequence_synced = True
+            self._sequence += 1
+            return self._sequence
+
+    def push(
+        self,
+        grads: Mapping[str, Any],
+        *,
+        base_version: int | None = None,
+        sequence: int | None = None,
+        timeout_s: float | None = None,
+    ) -> PushResult:
+        """Push gradients for any subset of variables; returns once they took effect.
+
+        Values are dense arrays of the variable's dtype and shape, or sparse rows:
+        ``SparseRows``, ``IndexedSlices`` or an ``(indices, values)`` tuple. In sync mode
+        the call blocks until the round closes. ``sequence`` resends an earlier push
+        (the server acknowledges it as a duplicate if it already took effect).
+        """
+        names, values = named_values(grads)
+        headers = tensor_headers(names, values, self._variable_shape)
+        seq = self._next_sequence(sequence)
+        header = pb.PushHeader(
+            worker_id=self.worker_id,
+            sequence=seq,
+            base_version=self._base_version if base_version is None else base_version,
+            tensors=headers,
+        )
+        first = pb.PushRequest(header=header).SerializeToString()
+        stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
+        response = self._call(self._push, stream, timeout_s)
+        return PushResult(response.duplicate, response.version, response.contributors, seq)
+
+    def pull(
+        self,
+        names: Sequence[str] | None = None,
+        *,
+        rows: Mapping[str, Sequence[int] | np.ndarray] | None = None,
+        min_version: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
+
+        ``rows`` selects rows of rank >= 1 variables; those come back as ``SparseRows``
+        (``indices``, ``values``). Without ``names``, only the variables in ``rows`` are
+        pulled. ``min_version`` waits, within the deadline, until the model reaches it.
+        The result's ``.version`` becomes :attr:`base_version`.
+        """
+        if names is None and rows:
+            names = list(rows)
+        selections = [
+            pb.RowSelection(name=n, rows=np.asarray(r, dtype=np.int64).reshape(-1).tolist())
+            for n, r in (rows or {}).items()
+        ]
+        request = pb.PullRequest(
+            names=list(names or ()),
+            rows=selections,
+            min_version=min_version or 0,
+            scope=pb.PULL_SCOPE_WEIGHTS,
+            worker_id=self.worker_id,
+        )
+        tensors = receive_tensors(self._stream(self._pull, request, timeout_s))
+        self._base_version = tensors.version
+        return tensors
+
+    # --- optimizer --------------------------------------------------------------------------
+    def set_hyperparameters(self, **values: float) -> dict[str, float]:
+        """Change numeric hyperparameters live (e.g. ``learning_rate=1e-4``); returns all."""
+        request = pb.SetHyperparametersRequest(values={k: float(v) for k, v in values.items()})
+        response = self._call(self._stub.SetHyperparameters, request, None)
+        self._description = None
+        return dict(response.hyperparameters)
+
+    def optimizer_state(self, *, timeout_s: float | None = None) -> Tensors:
+        """The server-side optimizer variables in optim_core (Keras 3) order, by name."""
+        request = pb.PullRequest(scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id)
+        return receive_tensors(self._stream(self._pull, request, timeout_s))
+
+    def set_optimizer_state(
+        self, state: Mapping[str, Any], *, timeout_s: float | None = None
+    ) -> int:
+        """Replace every optimizer variable (names as :meth:`optimizer_state` gives them);
+        validated completely before anything changes. Returns the model version."""
+        names, values = named_values(state)
+        header = tpb.TensorStreamHeader(tensors=tensor_headers(names, values, lambda n: ()))
+        first = tpb.TensorStreamItem(header=header).SerializeToString()
+        stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
+        return self._call(self._set_optimizer_state, stream, timeout_s).version
+
+    # --- status and snapshots -----------------------------------------------------------
+    def status(self, *, timeout_s: float | None = None) -> ServerStatus:
+        """Version, round counters, workers (with their last sequence), mode, device."""
+        response = self._call(self._stub.GetStatus, pb.GetStatusRequest(), timeout_s)
+        return ServerStatus.from_proto(response)
+
+    def snapshot(self, *, timeout_s: float | None = None) -> SnapshotInfo:
+        """Take a consistent snapshot on the server's disk."""
+        response = self._call(self._stub.CreateSnapshot, pb.CreateSnapshotRequest(), timeout_s)
+        return SnapshotInfo.from_proto(response)
+
+    def list_snapshots(self, *, timeout_s: float | None = None) -> list[SnapshotInfo]:
+        """Snapshots on the server's disk, oldest first."""
+        response = self._call(self._stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout_s)
+        return [SnapshotInfo.from_proto(s) for s in response.snapshots]
+
+    def restore(self, snapshot_id: str, *, timeout_s: float | None = None) -> SnapshotInfo:
+        """Validate snapshot ``snapshot_id`` completely, then replace the live state with it."""
+        request = pb.RestoreSnapshotRequest(id=snapshot_id)
+        response = self._call(self._stub.RestoreSnapshot, request, timeout_s)
+        self._description = None
+        return SnapshotInfo.from_proto(response.snapshot)
+
+    def download_snapshot(
+        self,
+        snapshot_id: str,
+        path: str | os.PathLike[str],
+        *,
+        progress: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Path:
+        """Save snapshot ``snapshot_id`` to ``path`` (atomically); returns the path.
+
+        ``progress``: a tqdm bar on stderr; None shows it for > 32 MiB on a terminal.
+        """
+        path = Path(path)
+        request = pb.DownloadSnapshotRequest(id=snapshot_id)
+        chunks = self._stream(self._stub.DownloadSnapshot, request, timeout_s)
+        write_download(chunks, path, description=f"download {snapshot_id}", progress=progress)
+        return path
+
+    def upload_snapshot(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        restore: bool = False,
+        progress: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> SnapshotInfo:
+        """Store a snapshot file on the server (validated there), and restore it if asked."""
+        path = Path(path)
+        with progress_bar(path.stat().st_size, f"upload {path.name}", progress) as bar:
+            requests = upload_requests(path, restore=restore, chunk_bytes=self.chunk_bytes, bar=bar)
+            response = self._call(self._stub.UploadSnapshot, requests, timeout_s)
+        if restore:
+            self._description = None
+        return SnapshotInfo.from_proto(response.snapshot)

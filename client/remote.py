@@ -1,0 +1,228 @@
+"""RemoteOptimizer: a Keras-style optimizer whose update runs on the parameter server.
+
+Code written for a Keras 3 (or optim_core) optimizer changes one line::
+
+    opt = paramserve.optim_core.Adam(1e-3)       # local
+    opt = RemoteOptimizer(Client(address))       # remote: same calls below
+    opt.apply_gradients(zip(grads, params))      # params updated in place
+
+``apply`` pushes the gradients, pulls the new weights and writes them into the caller's
+arrays (NumPy arrays, CuPy arrays or optim_core Variables) in place. The optimizer's
+slots, step counter and hyperparameters live on the server; the properties here read
+and change them there.
+
+The one subtlety: in sync mode the server applies one combined update per round, so
+``apply`` blocks until every replica has pushed for the current version and the round
+has closed (or hit its deadline). The weights written back are the round's result,
+which includes the other workers' gradients.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from paramserve import optim_core
+
+from .client import Client
+from .results import ModelDescription, TensorSpec
+from .streams import as_host_array, as_wire_value
+from .tensors import SparseRows
+
+
+def _key(variable: Any) -> int:
+    """Identity of a variable: the array a Variable wraps, or the array itself."""
+    return id(variable.value) if isinstance(variable, optim_core.Variable) else id(variable)
+
+
+def _assign(target: Any, value: np.ndarray) -> None:
+    """Overwrite ``target`` in place with ``value`` (host to device where needed)."""
+    if isinstance(target, optim_core.Variable):
+        target = target.value
+    if isinstance(target, np.ndarray):
+        np.copyto(target, value)
+    elif hasattr(target, "__cuda_array_interface__"):
+        target[...] = optim_core.array_module("gpu").asarray(value)
+    else:
+        raise TypeError(
+            "RemoteOptimizer writes the new weights into the variables in place, so they "
+            f"must be NumPy/CuPy arrays or optim_core Variables. Received: {type(target)}"
+        )
+
+
+class RemoteOptimizer:
+    """Mirrors :class:`paramserve.optim_core.Optimizer`'s API against a server's model.
+
+    Variables are matched to the server's variables by ``Variable.path`` when it names a
+    server variable, otherwise by position in the model's variable order (pass all of
+    them the first time, as Keras builds on all trainable variables). Later calls may
+    pass any subset of the same objects.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.built = False
+        self._variables: list[Any] = []
+        self._names_by_key: dict[int, str] = {}
+        self._specs: dict[str, TensorSpec] = {}
+
+    # --- building -----------------------------------------------------------------------
+    def build(self, variables: Iterable[Any]) -> None:
+        """Match ``variables`` to the server model's variables and check shapes/dtypes."""
+        variables = list(variables)
+        description = self.client.describe()
+        self._specs = {s.name: s for s in description.variables}
+        model_order = description.variable_names
+        positional = len(variables) == len(model_order)
+        names: dict[int, str] = {}
+        for i, var in enumerate(variables):
+            path = var.path if isinstance(var, optim_core.Variable) else None
+            name = path if path in self._specs else model_order[i] if positional else None
+            if name is None:
+                raise ValueError(
+                    f"Cannot match variable #{i} to the server's model {model_order}: pass all "
+                    "model variables in model order, or Variables whose path is a server name."
+                )
+            spec = self._specs[name]
+            if tuple(var.shape) != spec.shape or np.dtype(var.dtype) != spec.numpy_dtype:
+                raise ValueError(
+                    f"Variable #{i} does not match server variable {name!r}: expected "
+                    f"{spec.dtype} {list(spec.shape)}, received "
+                    f"{np.dtype(var.dtype).name} {list(var.shape)}"
+                )
+            if name in names.values():
+                raise ValueError(f"Two variables were matched to server variable {name!r}")
+            names[_key(var)] = name
+        self._variables = variables
+        self._names_by_key = names
+        self.built = True
+
+    def _name(self, variable: Any) -> str:
+        name = self._names_by_key.get(_key(variable))
+        if name is None:
+            raise ValueError(
+                f"Unknown variable of shape {np.shape(variable)}. This optimizer can only be "
+                "called for the variables it was originally built with."
+            )
+        return name
+
+    def _prepare(self, grad: Any, name: str) -> Any:
+        """Gradient as the server wants it: host memory, the variable's dtype (Keras casts)."""
+        dtype = self._specs[name].numpy_dtype
+        value = as_wire_value(grad)
+        if isinstance(value, SparseRows):
+            return SparseRows(value.indices, value.values.astype(dtype, copy=False))
+        return value.astype(dtype, copy=False)
+
+    # --- applying gradients -------------------------------------------------------------
+    def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> int:
+        """Keras's ``apply_gradients(zip(grads, vars))``; returns the new iteration count."""
+        grads, variables = zip(*grads_and_vars, strict=True)
+        return self.apply(list(grads), list(variables))
+
+    def apply(self, grads: Sequence[Any], trainable_variables: Iterable[Any] | None = None) -> int:
+        """Push ``grads``, then write the new weights into ``trainable_variables`` in place.
+
+        ``None`` gradients are skipped (with Keras's warning); their variables are still
+        refreshed. Without ``trainable_variables``, the variables it was built with are
+        used. Returns the model version (== iterations) the written weights belong to.
+        """
+        grads = list(grads)
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(
+                    "When passing `grads` without `variables`, the optimizer must already be "
+                    "built on a list of variables. Call `optimizer.build(variables)` first."
+                )
+            variables = list(self._variables)
+        else:
+            variables = list(trainable_variables)
+            if not self.built:
+                self.build(variables)
+        if len(grads) != len(variables):
+            raise ValueError(
+                f"Got {len(grads)} gradients for {len(variables)} variables; "
+                "they must be paired one to one."
+            )
+        names = [self._name(v) for v in variables]
+        payload = {
+            n: self._prepare(g, n) for g, n in zip(grads, names, strict=True) if g is not None
+        }
+        if not payload:
+            raise ValueError("No gradients provided for any variable.")
+        if len(payload) < len(grads):
+            missing = [n for g, n in zip(grads, names, strict=True) if g is None]
+            warnings.warn(
+                f"Gradients do not exist for variables {missing} when minimizing the loss.",
+                stacklevel=2,
+            )
+        result = self.client.push(payload)
+        return self._write_back(variables, names, min_version=result.version)
+
+    def _write_back(self, variables: list[Any], names: list[str], *, min_version: int) -> int:
+        weights = self.client.pull(names, min_version=min_version)
+        for var, name in zip(variables, names, strict=True):
+            _assign(var, weights[name])
+        return weights.version
+
+    def pull(self, variables: Iterable[Any] | None = None) -> int:
+        """Overwrite the variables with the server's current weights (e.g. when joining a
+        run, or after a restore); returns their version."""
+        if variables is not None and not self.built:
+            self.build(variables)
+        variables = list(self._variables if variables is None else variables)
+        return self._write_back(variables, [self._name(v) for v in variables], min_version=0)
+
+    # --- server-side state ---------------------------------------------------------------
+    def _describe(self) -> ModelDescription:
+        return self.client.describe()
+
+    @property
+    def iterations(self) -> int:
+        """Completed optimizer steps on the server (the model version)."""
+        return self.client.status().version
+
+    @property
+    def learning_rate(self) -> np.float32:
+        """The server optimizer's current learning rate (float32, as optim_core keeps it)."""
+        return np.float32(self._describe().hyperparameters["learning_rate"])
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self.client.set_hyperparameters(learning_rate=float(value))
+
+    @property
+    def name(self) -> str:
+        return self.get_config().get("name", "")
+
+    def get_config(self) -> dict[str, Any]:
+        """The server optimizer's config (Keras ``get_config()`` form)."""
+        return dict(self._describe().optimizer.get("config", {}))
+
+    @property
+    def variables(self) -> list[TensorSpec]:
+        """Names, dtypes and shapes of the server-side optimizer variables, in Keras order."""
+        return self._describe().optimizer_variables
+
+    def get_weights(self) -> list[np.ndarray]:
+        """Server-side optimizer variables (iteration count first), in optim_core order."""
+        return list(self.client.optimizer_state().values())
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Replace the server-side optimizer variables with :meth:`get_weights`-style arrays."""
+        specs = self.variables
+        weights = list(weights)
+        if len(weights) != len(specs):
+            raise ValueError(
+                f"`set_weights()` expects {len(specs)} arrays (the length of "
+                f"`optimizer.variables`), received {len(weights)}."
+            )
+        self.client.set_optimizer_state(
+            {s.name: as_host_array(w) for s, w in zip(specs, weights, strict=True)}
+        )
+
+    def __repr__(self) -> str:
+        return f"<RemoteOptimizer {self.client.address} worker_id={self.client.worker_id!r}>"

@@ -1,0 +1,182 @@
+"""Plain Python results of SDK calls, converted from the protobuf responses in one place."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import tensor_pb2 as tpb
+
+from .tensors import dtype_from_name, dtype_name
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Name, NumPy dtype name and shape of a model or optimizer variable."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numpy_dtype(self) -> np.dtype:
+        return dtype_from_name(self.dtype)
+
+    @classmethod
+    def from_proto(cls, header: tpb.TensorHeader) -> TensorSpec:
+        return cls(header.name, dtype_name(header.dtype), tuple(header.shape))
+
+
+@dataclass(frozen=True)
+class AggregationInfo:
+    """How the server combines pushes: mode, replicas, reduction, deadlines, staleness."""
+
+    mode: str
+    replicas: int
+    reduction: str
+    round_timeout_s: float
+    deadline_policy: str
+    max_staleness: int
+
+    @classmethod
+    def from_proto(cls, info: pb.AggregationInfo) -> AggregationInfo:
+        return cls(
+            mode=info.mode,
+            replicas=info.replicas,
+            reduction=info.reduction,
+            round_timeout_s=info.round_timeout_s,
+            deadline_policy=info.deadline_policy,
+            max_staleness=info.max_staleness,
+        )
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """The model on the server: variables in model order, optimizer, hyperparameters."""
+
+    model_name: str
+    variables: list[TensorSpec]
+    optimizer: dict[str, Any]
+    hyperparameters: dict[str, float]
+    version: int
+    optimizer_variables: list[TensorSpec]
+    aggregation: AggregationInfo
+
+    @property
+    def variable_names(self) -> list[str]:
+        return [v.name for v in self.variables]
+
+    def spec(self, name: str) -> TensorSpec | None:
+        """The spec of variable ``name``, or None if the model has no such variable."""
+        return next((v for v in self.variables if v.name == name), None)
+
+    @classmethod
+    def from_proto(cls, r: pb.DescribeResponse) -> ModelDescription:
+        return cls(
+            model_name=r.model_name,
+            variables=[TensorSpec.from_proto(h) for h in r.variables],
+            optimizer=json.loads(r.optimizer_json) if r.optimizer_json else {},
+            hyperparameters=dict(r.hyperparameters),
+            version=r.version,
+            optimizer_variables=[TensorSpec.from_proto(h) for h in r.optimizer_variables],
+            aggregation=AggregationInfo.from_proto(r.aggregation),
+        )
+
+
+@dataclass(frozen=True)
+class CreateModelResult:
+    """``created`` is False when an identical model already existed (a no-op)."""
+
+    created: bool
+    version: int
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """Outcome of one push: ``version`` after it took effect (sync: after its round closed)."""
+
+    duplicate: bool
+    version: int
+    contributors: int
+    sequence: int
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    worker_id: str
+    last_sequence: int
+    pushes: int
+    seconds_since_seen: float
+    pending: bool
+
+    @classmethod
+    def from_proto(cls, w: pb.WorkerStatus) -> WorkerStatus:
+        return cls(w.worker_id, w.last_sequence, w.pushes, w.seconds_since_seen, w.pending)
+
+
+@dataclass(frozen=True)
+class ServerStatus:
+    """Version, round counters, workers and aggregation settings of a server."""
+
+    server_version: str
+    has_model: bool
+    version: int
+    rounds_completed: int
+    rounds_aborted: int
+    rounds_partial: int
+    workers: list[WorkerStatus]
+    pending_pushes: int
+    aggregation: AggregationInfo
+    device: str
+    uptime_s: float
+    serving: bool
+
+    def worker(self, worker_id: str) -> WorkerStatus | None:
+        """The entry for ``worker_id``, or None if the server has not seen that worker."""
+        return next((w for w in self.workers if w.worker_id == worker_id), None)
+
+    @classmethod
+    def from_proto(cls, r: pb.GetStatusResponse) -> ServerStatus:
+        return cls(
+            server_version=r.server_version,
+            has_model=r.has_model,
+            version=r.version,
+            rounds_completed=r.rounds_completed,
+            rounds_aborted=r.rounds_aborted,
+            rounds_partial=r.rounds_partial,
+            workers=[WorkerStatus.from_proto(w) for w in r.workers],
+            pending_pushes=r.pending_pushes,
+            aggregation=AggregationInfo.from_proto(r.aggregation),
+            device=r.device,
+            uptime_s=r.uptime_s,
+            serving=r.serving,
+        )
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    """A snapshot on the server's disk; ``created_at`` is RFC 3339 UTC."""
+
+    id: str
+    version: int
+    size_bytes: int
+    created_at: str
+
+    @classmethod
+    def from_proto(cls, s: pb.SnapshotInfo) -> SnapshotInfo:
+        return cls(s.id, s.version, s.size_bytes, s.created_at)
+
+
+class Tensors(dict):
+    """Tensors by name, in the order the server sent them, plus the model ``version``."""
+
+    def __init__(self, items: Any = (), *, version: int) -> None:
+        super().__init__(items)
+        self.version = version
+
+    def __repr__(self) -> str:
+        return f"Tensors(version={self.version}, {super().__repr__()})"

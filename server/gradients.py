@@ -1,0 +1,234 @@
+"""Checking pushed gradients against the model, and combining several pushes into one.
+
+Pure functions used by :class:`~paramserve.server.store.ModelStore`: they read the
+variable specs and never touch model state, so a push is fully checked before anything
+changes. Dense gradients are validated without copying; combining writes into one fresh
+buffer per variable, summing left to right in the variable dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from paramserve.client.tensors import SparseRows
+from paramserve.optim_core import IndexedSlices, array_module, to_device
+
+from .errors import InvalidArgument, NotFound, ResourceExhausted
+
+NONFINITE_POLICIES = ("reject", "skip", "allow")
+REDUCTIONS = ("sum", "mean")
+
+
+def _same_dtype(got: np.dtype, expected: np.dtype) -> bool:
+    """Equal dtypes, treating byte orders alike (the caller converts those)."""
+    return got == expected or (
+        got.name == expected.name and got.newbyteorder("=") == expected.newbyteorder("=")
+    )
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """The array in native byte order (a copy only for byte-swapped input)."""
+    if array.dtype.isnative:
+        return array
+    return array.astype(array.dtype.newbyteorder("="))
+
+
+def _describe_names(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return f"{shown}{more}"
+
+
+def _check_sparse(name: str, rows: SparseRows, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    if not shape:
+        raise InvalidArgument(
+            f"gradient for {name!r} has sparse rows, but the variable is a scalar "
+            "(sparse rows need a variable of rank >= 1)"
+        )
+    indices, values = rows.indices, rows.values
+    if not isinstance(indices, np.ndarray) or not isinstance(values, np.ndarray):
+        raise InvalidArgument(
+            f"sparse gradient for {name!r} must hold NumPy arrays; got indices of type "
+            f"{type(indices).__name__} and values of type {type(values).__name__}"
+        )
+    if indices.ndim != 1 or indices.dtype.kind not in "iu":
+        raise InvalidArgument(
+            f"sparse gradient for {name!r} needs 1-D integer indices; got dtype "
+            f"{indices.dtype.name} with shape {tuple(indices.shape)}"
+        )
+    if not _same_dtype(values.dtype, dtype):
+        raise InvalidArgument(
+            f"gradient for {name!r} has dtype {values.dtype.name}, expected {dtype.name}"
+        )
+    expected = (int(indices.shape[0]), *shape[1:])
+    if tuple(values.shape) != expected:
+        raise InvalidArgument(
+            f"sparse gradient for {name!r} has values of shape {tuple(values.shape)}, "
+            f"expected {expected} (one row of the variable's shape {shape} per index)"
+        )
+    if indices.size:
+        low, high = int(indices.min()), int(indices.max())
+        if low < 0 or high >= shape[0]:
+            raise InvalidArgument(
+                f"sparse gradient for {name!r} has row indices in [{low}, {high}], "
+                f"expected indices in [0, {shape[0]})"
+            )
+
+
+def check_push(
+    grads: Mapping[str, Any],
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    *,
+    nonfinite: str,
+    device: str,
+    max_tensor_bytes: int,
+) -> dict[str, Any] | None:
+    """Validate every gradient, then return them ready for ``combine``/``apply``.
+
+    ``specs`` maps each variable name to its ``(dtype, shape)``. All structural checks
+    run on every tensor first, then finiteness, so nothing is half-accepted. Returns
+    None when a gradient is non-finite under the ``skip`` policy.
+    """
+    if not isinstance(grads, Mapping) or not grads:
+        raise InvalidArgument("a push needs at least one gradient; got none")
+    unknown = [n for n in grads if n not in specs]
+    if unknown:
+        raise NotFound(
+            f"unknown variable(s) {_describe_names(unknown)}; the model has "
+            f"{len(specs)} variables: {_describe_names(list(specs))}"
+        )
+    # NumPy scalars (a gradient of a 0-d variable computed locally) become 0-d arrays.
+    grads = {n: np.asarray(g) if isinstance(g, np.generic) else g for n, g in grads.items()}
+    for name, grad in grads.items():
+        dtype, shape = specs[name]
+        if isinstance(grad, SparseRows):
+            _check_sparse(name, grad, dtype, shape)
+            size = grad.values.nbytes + grad.indices.nbytes
+        elif isinstance(grad, np.ndarray):
+            if not _same_dtype(grad.dtype, dtype):
+                raise InvalidArgument(
+                    f"gradient for {name!r} has dtype {grad.dtype.name}, expected {dtype.name}"
+                )
+            if tuple(grad.shape) != shape:
+                raise InvalidArgument(
+                    f"gradient for {name!r} has shape {tuple(grad.shape)}, expected {shape}"
+                )
+            size = grad.nbytes
+        else:
+            raise InvalidArgument(
+                f"gradient for {name!r} must be a NumPy array or SparseRows; "
+                f"got {type(grad).__name__}"
+            )
+        if size > max_tensor_bytes:
+            raise ResourceExhausted(
+                f"gradient for {name!r} is {size} bytes, over the limit of "
+                f"{max_tensor_bytes} bytes (max_tensor_bytes)"
+            )
+    if nonfinite != "allow":
+        for name, grad in grads.items():
+            values = grad.values if isinstance(grad, SparseRows) else grad
+            if not bool(np.isfinite(values).all()):
+                if nonfinite == "skip":
+                    return None
+                raise InvalidArgument(
+                    f"gradient for {name!r} contains NaN or Inf values "
+                    "(the server's non-finite policy is 'reject')"
+                )
+    prepared: dict[str, Any] = {}
+    for name, grad in grads.items():
+        if isinstance(grad, SparseRows):
+            indices = to_device(np.asarray(grad.indices, dtype=np.int64), device)
+            prepared[name] = IndexedSlices(indices, to_device(_native(grad.values), device))
+        else:
+            prepared[name] = to_device(_native(grad), device)
+    return prepared
+
+
+def _scatter_add(out: Any, indices: Any, values: Any) -> None:
+    """``out[indices] += values`` with repeated indices accumulated one by one."""
+    if isinstance(out, np.ndarray):
+        np.add.at(out, indices, values)
+    else:  # CuPy: only reached on a GPU store, so cupyx is importable.
+        import cupyx
+
+        cupyx.scatter_add(out, indices, values)
+
+
+def _sum_parts(parts: list[Any], dtype: np.dtype, shape: tuple[int, ...], xp: Any) -> tuple:
+    """Sum contributions left to right; returns ``(result, owned)`` (owned: a fresh buffer)."""
+    if all(isinstance(p, IndexedSlices) for p in parts):
+        if len(parts) == 1:
+            return parts[0], False
+        indices = xp.concatenate([p.indices for p in parts])
+        values = xp.concatenate([p.values for p in parts])
+        return IndexedSlices(indices, values), True
+    first = parts[0]
+    if len(parts) == 1:
+        return first, False
+    if isinstance(first, IndexedSlices):
+        out = xp.zeros(shape, dtype=dtype)
+        _scatter_add(out, first.indices, first.values)
+        rest = parts[1:]
+    elif isinstance(parts[1], IndexedSlices):
+        out = first.copy()
+        rest = parts[1:]
+    else:
+        # The fresh buffer (out= keeps 0-d results arrays); the rest accumulate in place.
+        out = xp.add(first, parts[1], out=xp.empty_like(first))
+        rest = parts[2:]
+    for part in rest:
+        if isinstance(part, IndexedSlices):
+            _scatter_add(out, part.indices, part.values)
+        else:
+            xp.add(out, part, out=out)
+    return out, True
+
+
+def _scaled(value: Any, factor: Any, owned: bool, *, divide: bool, xp: Any) -> Any:
+    """``value / factor`` or ``value * factor``, in place when ``value`` is our own buffer."""
+    if isinstance(value, IndexedSlices):
+        values = _scaled(value.values, factor, owned, divide=divide, xp=xp)
+        return IndexedSlices(value.indices, values)
+    op = xp.divide if divide else xp.multiply
+    return op(value, factor, out=value if owned else xp.empty_like(value))
+
+
+def combine(
+    pushes: Sequence[Mapping[str, Any]],
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    *,
+    reduction: str,
+    scale: float = 1.0,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Reduce prepared pushes (``check_push`` output) into one gradient per variable.
+
+    Per variable, in list order: dense + dense is summed left to right in the variable
+    dtype, sparse + sparse concatenates rows, a mix becomes dense. ``mean`` then divides
+    by ``len(pushes)`` (a push without the variable counts as zero) and ``scale`` != 1
+    multiplies, both in the variable dtype. A lone contribution is passed through
+    without a copy.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"`reduction` must be one of {REDUCTIONS}. Received: {reduction!r}")
+    if not pushes:
+        raise ValueError("combine() needs at least one push")
+    xp = array_module(device)
+    names: dict[str, None] = {}
+    for push in pushes:
+        names.update(dict.fromkeys(push))
+    out: dict[str, Any] = {}
+    for name in names:
+        dtype, shape = specs[name]
+        parts = [push[name] for push in pushes if name in push]
+        value, owned = _sum_parts(parts, dtype, shape, xp)
+        if reduction == "mean" and len(pushes) > 1:
+            value = _scaled(value, dtype.type(len(pushes)), owned, divide=True, xp=xp)
+            owned = True
+        if scale != 1.0:
+            value = _scaled(value, dtype.type(scale), owned, divide=False, xp=xp)
+        out[name] = value
+    return out

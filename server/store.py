@@ -1,0 +1,593 @@
+"""The model store: one model's variables and optimizer, thread-safe, on the CPU or a GPU.
+
+Every state change happens under ``store.lock``; ``store.changed`` (a Condition on that
+lock) is notified whenever the version or the model changes, so the aggregator and
+pulls waiting for a version can sleep on it. The optimizer math is ``optim_core``'s;
+this module only checks input, keeps the variables and hands them to the optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramserve import optim_core
+from paramserve.client.tensors import SparseRows
+from paramserve.optim_core import Optimizer, Variable
+
+from . import gradients
+from .errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_NAME_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """A variable's name, NumPy dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits that keep one request from exhausting the server."""
+
+    max_variables: int = 10_000
+    max_tensor_bytes: int = 8 << 30
+    max_state_bytes: int = 64 << 30
+
+
+@dataclass
+class ModelState:
+    """A consistent host copy of the model: what snapshots hold and restores replace."""
+
+    model_name: str
+    optimizer: dict[str, Any]
+    variables: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray]
+    version: int
+
+
+@dataclass
+class _Model:
+    name: str
+    optimizer: Optimizer
+    variables: dict[str, Variable]
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
+    # Optimizer configs (JSON) under which create_model counts as "already exists, identical".
+    definitions: set[str] = field(default_factory=set)
+
+
+def _check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{what} must be a string; got {type(name).__name__}")
+    if not name and not allow_empty:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(
+            f"{what} {name[:80]!r} must be at most {MAX_NAME_CHARS} characters "
+            "without control characters"
+        )
+
+
+def _config_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=repr)
+
+
+def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flat_config(value, f"{prefix}{key}."))
+    return out
+
+
+def _lr_is_schedule(config: dict[str, Any]) -> bool:
+    """Whether the (possibly wrapped) optimizer's learning rate is a schedule."""
+    if "learning_rate" in config:
+        return isinstance(config["learning_rate"], dict)
+    inner = config.get("inner_optimizer")
+    return isinstance(inner, dict) and _lr_is_schedule(inner.get("config") or {})
+
+
+def make_optimizer(identifier: Any) -> Optimizer:
+    """An unbuilt optimizer from a name or Keras serialization dict; InvalidArgument if bad."""
+    if not isinstance(identifier, str | dict):
+        raise InvalidArgument(
+            "the optimizer must be a name or a Keras serialization dict; "
+            f"got {type(identifier).__name__}"
+        )
+    try:
+        optimizer = optim_core.get(identifier)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidArgument(f"invalid optimizer: {exc}") from exc
+    assert optimizer is not None
+    return optimizer
+
+
+def _host_copy(value: Any) -> np.ndarray:
+    """One copy of a device or host array, on the host."""
+    host = optim_core.to_numpy(value)
+    return np.array(host, copy=True) if host is value else host
+
+
+class ModelStore:
+    """Holds one model (a shard): its variables on ``device`` and its optimizer."""
+
+    def __init__(
+        self, *, device: str = "cpu", nonfinite: str = "reject", limits: Limits = Limits()
+    ) -> None:
+        if nonfinite not in gradients.NONFINITE_POLICIES:
+            raise ValueError(
+                f"`nonfinite` must be one of {gradients.NONFINITE_POLICIES}. "
+                f"Received: nonfinite={nonfinite!r}"
+            )
+        self.device: str = optim_core.resolve_device(device)
+        self.nonfinite = nonfinite
+        self.limits = limits
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self._model: _Model | None = None
+        self._generation = 0
+        self._closed = False
+
+    # --- properties ----------------------------------------------------------------------
+    @property
+    def has_model(self) -> bool:
+        with self.lock:
+            return self._model is not None
+
+    @property
+    def model_name(self) -> str:
+        with self.lock:
+            return self._model.name if self._model is not None else ""
+
+    @property
+    def version(self) -> int:
+        """Completed optimizer steps (``optimizer.iterations``); 0 without a model."""
+        with self.lock:
+            return self._model.optimizer.iterations if self._model is not None else 0
+
+    @property
+    def generation(self) -> int:
+        """Bumped whenever the model is created, deleted or replaced (not on updates)."""
+        with self.lock:
+            return self._generation
+
+    @property
+    def closed(self) -> bool:
+        with self.lock:
+            return self._closed
+
+    def _require_model(self) -> _Model:
+        if self._model is None:
+            raise NotFound("no model exists on this server; create one first")
+        return self._model
+
+    def _install(self, model: _Model | None) -> None:
+        with self.lock:
+            self._model = model
+            self._generation += 1
+            self.changed.notify_all()
+
+    # --- creating and replacing the model ------------------------------------------------
+    def _check_variables(self, variables: Any) -> list[tuple[str, np.ndarray]]:
+        if not isinstance(variables, Mapping) or not variables:
+            raise InvalidArgument("a model needs at least one variable; got none")
+        limits = self.limits
+        if len(variables) > limits.max_variables:
+            raise ResourceExhausted(
+                f"the model has {len(variables)} variables, over the limit of "
+                f"{limits.max_variables} (max_variables)"
+            )
+        slot_prefixes: dict[str, str] = {}
+        total = 0
+        out = []
+        for name, value in variables.items():
+            _check_name("a variable name", name)
+            # optim_core names slots "{path with / as _}_{slot}": keep them unique.
+            prefix = name.replace("/", "_")
+            if prefix in slot_prefixes:
+                raise InvalidArgument(
+                    f"variables {slot_prefixes[prefix]!r} and {name!r} would share optimizer "
+                    "slot names ('/' becomes '_' in slot names); rename one of them"
+                )
+            slot_prefixes[prefix] = name
+            if not isinstance(value, np.ndarray):
+                raise InvalidArgument(
+                    f"variable {name!r} must be a NumPy array; got {type(value).__name__}"
+                )
+            if value.dtype.name not in FLOAT_DTYPES:
+                raise InvalidArgument(
+                    f"variable {name!r} has dtype {value.dtype.name}, expected a floating "
+                    f"dtype ({', '.join(FLOAT_DTYPES)})"
+                )
+            if value.nbytes > limits.max_tensor_bytes:
+                raise ResourceExhausted(
+                    f"variable {name!r} is {value.nbytes} bytes, over the limit of "
+                    f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
+                )
+            total += value.nbytes
+            out.append((name, value))
+        if total > limits.max_state_bytes:
+            raise ResourceExhausted(
+                f"the variables take {total} bytes, over the limit of "
+                f"{limits.max_state_bytes} bytes (max_state_bytes)"
+            )
+        return out
+
+    def _build_model(
+        self, name: str, optimizer: Optimizer, arrays: list[tuple[str, np.ndarray]]
+    ) -> _Model:
+        """Copy the variables to the device and build the optimizer's slots on them."""
+        variables: dict[str, Variable] = {}
+        for var_name, value in arrays:
+            host = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
+            try:
+                if self.device == "cpu":
+                    variables[var_name] = Variable(host, path=var_name)
+                else:
+                    variables[var_name] = Variable(host, path=var_name, device=self.device)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(
+                    f"variable {var_name!r} ({host.dtype.name}) cannot live on device "
+                    f"{self.device}: {exc}"
+                ) from exc
+        try:
+            optimizer.build(list(variables.values()))
+        except (ValueError, TypeError) as exc:
+            raise InvalidArgument(
+                f"the optimizer cannot be built on these variables: {exc}"
+            ) from exc
+        state_bytes = sum(int(v.value.nbytes) for v in variables.values())
+        state_bytes += sum(int(v.value.nbytes) for v in optimizer.variables)
+        if state_bytes > self.limits.max_state_bytes:
+            raise ResourceExhausted(
+                f"variables and optimizer state take {state_bytes} bytes, over the limit of "
+                f"{self.limits.max_state_bytes} bytes (max_state_bytes)"
+            )
+        specs = {n: (v.dtype, v.shape) for n, v in variables.items()}
+        config = _config_json(optim_core.serialize(optimizer))
+        return _Model(name, optimizer, variables, specs, {config})
+
+    @staticmethod
+    def _difference(model: _Model, name: str, specs: list[VariableSpec], config: str) -> str:
+        if model.name != name:
+            return f"the model is named {model.name!r}, the request names {name!r}"
+        have = {s.name: s for s in _specs_of(model)}
+        want = {s.name: s for s in specs}
+        if set(have) != set(want):
+            return (
+                f"variables differ: missing {sorted(set(have) - set(want))}, "
+                f"unexpected {sorted(set(want) - set(have))}"
+            )
+        for spec in specs:
+            old = have[spec.name]
+            if old != spec:
+                return (
+                    f"variable {spec.name!r} is {old.dtype} {list(old.shape)} on the server, "
+                    f"{spec.dtype} {list(spec.shape)} in the request"
+                )
+        if list(have) != list(want):
+            return f"variable order differs: the server has {list(have)}"
+        current = _flat_config(json.loads(min(model.definitions)))
+        requested = _flat_config(json.loads(config))
+        diffs = [
+            f"{k} is {current.get(k)!r} on the server, {requested.get(k)!r} in the request"
+            for k in sorted(set(current) | set(requested))
+            if current.get(k) != requested.get(k)
+        ]
+        return "optimizer differs: " + "; ".join(diffs[:5])
+
+    def create_model(
+        self, name: str, optimizer: dict[str, Any] | str, variables: dict[str, np.ndarray]
+    ) -> bool:
+        """Create the model; False if an identical definition exists (idempotent retry).
+
+        Identical means the same model name, variable names, dtypes and shapes in order,
+        and the same optimizer config; initial values are not compared.
+        """
+        _check_name("the model name", name, allow_empty=True)
+        arrays = self._check_variables(variables)
+        candidate = make_optimizer(optimizer)
+        config = _config_json(optim_core.serialize(candidate))
+        specs = [VariableSpec(n, v.dtype.name, tuple(int(d) for d in v.shape)) for n, v in arrays]
+
+        def existing_matches() -> bool | None:
+            model = self._model
+            if model is None:
+                return None
+            same = model.name == name and _specs_of(model) == specs
+            if same and (config in model.definitions or config == _current_config(model)):
+                return True
+            raise AlreadyExists(
+                f"a model already exists with another definition: "
+                f"{self._difference(model, name, specs, config)}"
+            )
+
+        with self.lock:
+            if existing_matches():
+                return False
+        model = self._build_model(name, candidate, arrays)
+        with self.lock:
+            if existing_matches():  # created concurrently while we were building
+                return False
+            self._install(model)
+        logger.info(
+            "created model %r: %d variables, %s", name, len(arrays), type(candidate).__name__
+        )
+        return True
+
+    def delete_model(self) -> None:
+        """Drop the model and its optimizer state; NotFound when there is none."""
+        with self.lock:
+            self._require_model()
+            self._install(None)
+
+    def import_state(self, state: ModelState) -> None:
+        """Replace the model with ``state``; everything is built and checked before the swap."""
+        if not isinstance(state, ModelState):
+            raise InvalidArgument(f"expected a ModelState; got {type(state).__name__}")
+        _check_name("the model name", state.model_name, allow_empty=True)
+        optimizer = make_optimizer(state.optimizer)
+        arrays = self._check_variables(state.variables)
+        if not isinstance(state.optimizer_state, Mapping):
+            raise InvalidArgument("the optimizer state must be a mapping of names to arrays")
+        model = self._build_model(state.model_name, optimizer, arrays)
+        try:
+            model.optimizer.load_state_dict(dict(state.optimizer_state))
+        except ValueError as exc:
+            raise InvalidArgument(f"the optimizer state does not fit the model: {exc}") from exc
+        if model.optimizer.iterations != state.version:
+            raise InvalidArgument(
+                f"the state says version {state.version}, but its optimizer state has "
+                f"{model.optimizer.iterations} iterations"
+            )
+        self._install(model)
+        logger.info("imported model %r at version %d", state.model_name, state.version)
+
+    def export_state(self) -> ModelState:
+        """A consistent host copy of the whole model (variables, optimizer state, version)."""
+        with self.lock:
+            model = self._require_model()
+            opt = model.optimizer
+            return ModelState(
+                model_name=model.name,
+                optimizer=optim_core.serialize(opt),
+                variables={n: _host_copy(v.value) for n, v in model.variables.items()},
+                optimizer_state=opt.state_dict(),
+                version=opt.iterations,
+            )
+
+    # --- description and hyperparameters -------------------------------------------------
+    def specs(self) -> list[VariableSpec]:
+        with self.lock:
+            return _specs_of(self._require_model())
+
+    def optimizer_config(self) -> dict[str, Any]:
+        with self.lock:
+            return optim_core.serialize(self._require_model().optimizer)
+
+    def hyperparameters(self) -> dict[str, float]:
+        """The current learning rate and every float-valued optimizer config entry."""
+        with self.lock:
+            opt = self._require_model().optimizer
+            out = {"learning_rate": float(opt.learning_rate)}
+            for key, value in opt.get_config().items():
+                if key != "learning_rate" and type(value) is float:
+                    out[key] = value
+            return out
+
+    def set_hyperparameters(self, values: dict[str, float]) -> dict[str, float]:
+        """Change hyperparameters live; all are validated before any changes."""
+        with self.lock:
+            model = self._require_model()
+            allowed = self.hyperparameters()
+            for key, value in values.items():
+                if key not in allowed:
+                    raise InvalidArgument(
+                        f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}"
+                    )
+                if isinstance(value, bool) or not isinstance(value, int | float):
+                    raise InvalidArgument(
+                        f"hyperparameter {key!r} must be a number; got {type(value).__name__}"
+                    )
+                if not math.isfinite(value):
+                    raise InvalidArgument(f"hyperparameter {key!r} must be finite; got {value}")
+            config = optim_core.serialize(model.optimizer)
+            if "learning_rate" in values and _lr_is_schedule(config["config"]):
+                raise FailedPrecondition(
+                    "the learning rate follows a schedule and cannot be set to a number"
+                )
+            others = {k: float(v) for k, v in values.items() if k != "learning_rate"}
+            if others:
+                # Rebuild from the edited config so the constructor checks the new values,
+                # then carry the slots and step counter over.
+                config["config"].update(others)
+                rebuilt = make_optimizer(config)
+                rebuilt.build(list(model.variables.values()))
+                rebuilt.load_state_dict(model.optimizer.state_dict())
+                model.optimizer = rebuilt
+            if "learning_rate" in values:
+                model.optimizer.learning_rate = float(values["learning_rate"])
+            self.changed.notify_all()
+            logger.info("hyperparameters changed: %s", values)
+            return self.hyperparameters()
+
+    # --- gradients -----------------------------------------------------------------------
+    def validate_push(self, grads: dict[str, np.ndarray | SparseRows]) -> dict[str, Any] | None:
+        """Check every gradient against its variable; None when ``skip`` drops the push.
+
+        Runs outside the lock on a snapshot of the specs (the aggregator re-checks
+        ``generation`` before applying), so large pushes are checked in parallel.
+        """
+        with self.lock:
+            specs = self._require_model().specs
+        return gradients.check_push(
+            grads,
+            specs,
+            nonfinite=self.nonfinite,
+            device=self.device,
+            max_tensor_bytes=self.limits.max_tensor_bytes,
+        )
+
+    def combine(
+        self, pushes: list[dict[str, Any]], *, reduction: str, scale: float = 1.0
+    ) -> dict[str, Any]:
+        """Reduce prepared pushes in list order (see ``gradients.combine``)."""
+        with self.lock:
+            specs = self._require_model().specs
+        return gradients.combine(
+            pushes, specs, reduction=reduction, scale=scale, device=self.device
+        )
+
+    def apply(self, grads: dict[str, Any]) -> int:
+        """One optimizer step on the variables in ``grads``; returns the new version."""
+        with self.lock:
+            model = self._require_model()
+            if grads:
+                names = list(grads)
+                model.optimizer.apply(
+                    [grads[n] for n in names], [model.variables[n] for n in names]
+                )
+                self.changed.notify_all()
+            return model.optimizer.iterations
+
+    # --- reading -------------------------------------------------------------------------
+    def read(
+        self, names: list[str] | None = None, rows: dict[str, np.ndarray] | None = None
+    ) -> tuple[int, dict[str, np.ndarray | SparseRows]]:
+        """Host copies at one version: ``names`` (all when None) plus the ``rows`` selections.
+
+        With ``names=None`` and ``rows`` given, only the row-selected variables are read.
+        """
+        rows = dict(rows or {})
+        with self.lock:
+            model = self._require_model()
+            if names is None:
+                wanted = [] if rows else list(model.variables)
+            else:
+                wanted = list(dict.fromkeys(names))
+            wanted += [n for n in rows if n not in wanted]
+            unknown = [n for n in wanted if n not in model.variables]
+            if unknown:
+                raise NotFound(
+                    f"unknown variable(s) {unknown[:10]}; the model has "
+                    f"{len(model.variables)} variables"
+                )
+            selections = {n: _check_rows(n, idx, model.specs[n][1]) for n, idx in rows.items()}
+            out: dict[str, np.ndarray | SparseRows] = {}
+            xp = optim_core.array_module(self.device)
+            for name in wanted:
+                value = model.variables[name].value
+                if name in selections:
+                    idx = selections[name]
+                    gathered = value[idx if xp is np else xp.asarray(idx)]
+                    host = optim_core.to_numpy(gathered)
+                    out[name] = SparseRows(indices=idx, values=host)
+                else:
+                    out[name] = _host_copy(value)
+            return model.optimizer.iterations, out
+
+    def wait_for_version(self, min_version: int, timeout_s: float | None) -> int:
+        """Block until ``version >= min_version``; DeadlineExceeded, or Unavailable if closed."""
+        deadline = None if timeout_s is None else time.monotonic() + max(0.0, timeout_s)
+        with self.changed:
+            while True:
+                version = self._model.optimizer.iterations if self._model is not None else 0
+                if version >= min_version:
+                    return version
+                if self._closed:
+                    raise Unavailable("the server is shutting down")
+                if deadline is None:
+                    self.changed.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise DeadlineExceeded(
+                        f"version {min_version} was not reached within {timeout_s:g} s "
+                        f"(the model is at version {version})"
+                    )
+                self.changed.wait(remaining)
+
+    # --- optimizer state -----------------------------------------------------------------
+    def optimizer_state(self) -> tuple[int, list[tuple[str, np.ndarray]]]:
+        """``state_dict()`` host copies in ``optimizer.variables`` order, with the version."""
+        with self.lock:
+            opt = self._require_model().optimizer
+            return opt.iterations, list(opt.state_dict().items())
+
+    def set_optimizer_state(self, arrays: dict[str, np.ndarray]) -> int:
+        """Replace every optimizer variable (validated first); returns the version."""
+        if not isinstance(arrays, Mapping):
+            raise InvalidArgument("the optimizer state must be a mapping of names to arrays")
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):
+                raise InvalidArgument(
+                    f"optimizer state {key!r} must be a NumPy array; got {type(value).__name__}"
+                )
+        with self.lock:
+            opt = self._require_model().optimizer
+            try:
+                opt.load_state_dict(dict(arrays))
+            except ValueError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            self.changed.notify_all()
+            return opt.iterations
+
+    def close(self) -> None:
+        """Wake every waiter; later waits raise Unavailable."""
+        with self.lock:
+            self._closed = True
+            self.changed.notify_all()
+
+
+def _specs_of(model: _Model) -> list[VariableSpec]:
+    return [
+        VariableSpec(n, dtype.name, tuple(int(d) for d in shape))
+        for n, (dtype, shape) in model.specs.items()
+    ]
+
+
+def _current_config(model: _Model) -> str:
+    return _config_json(optim_core.serialize(model.optimizer))
+
+
+def _check_rows(name: str, rows: Any, shape: tuple[int, ...]) -> np.ndarray:
+    if not shape:
+        raise InvalidArgument(f"rows were requested of {name!r}, but it is a scalar")
+    idx = np.asarray(rows)
+    if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
+        raise InvalidArgument(
+            f"rows of {name!r} must be a 1-D list of integers; got dtype {idx.dtype.name} "
+            f"with shape {tuple(idx.shape)}"
+        )
+    idx = idx.astype(np.int64, copy=True)
+    if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
+        raise InvalidArgument(
+            f"rows of {name!r} must be in [0, {shape[0]}); got rows in "
+            f"[{int(idx.min())}, {int(idx.max())}]"
+        )
+    return idx

@@ -1,0 +1,589 @@
+"""Aggregation of pushes: exactly-once dedupe, synchronous rounds, async and bounded staleness.
+
+All state lives under the store's lock and every wait sleeps on ``store.changed`` with
+a timeout, so a snapshot taken under ``store.lock`` sees the model and the dedupe table
+at one point, and a dead or slow worker never holds a round past its deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramserve.client.tensors import SparseRows
+
+from .errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ParamServeError,
+    Unavailable,
+)
+from .store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+MODES = ("sync", "async", "stale")
+REDUCTIONS = ("sum", "mean")
+DEADLINE_POLICIES = ("partial", "abort")
+STATE_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AggregationConfig:
+    """How pushes become optimizer steps (see the module docstring of each mode)."""
+
+    mode: str = "sync"
+    replicas: int = 1
+    reduction: str = "sum"
+    round_timeout_s: float = 30.0
+    deadline_policy: str = "partial"
+    max_staleness: int = 4
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("mode", MODES),
+            ("reduction", REDUCTIONS),
+            ("deadline_policy", DEADLINE_POLICIES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"`{name}` must be one of {allowed}. Received: {name}={getattr(self, name)!r}"
+                )
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ValueError(f"`replicas` must be an integer >= 1. Received: {self.replicas!r}")
+        if not self.round_timeout_s > 0:
+            raise ValueError(f"`round_timeout_s` must be > 0. Received: {self.round_timeout_s!r}")
+        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
+            raise ValueError(
+                f"`max_staleness` must be an integer >= 0. Received: {self.max_staleness!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """``duplicate``: seen before, not re-applied; ``version``: the version after it."""
+
+    duplicate: bool
+    applied: bool
+    version: int
+    contributors: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    last_sequence: int
+    pushes: int
+    seconds_since_seen: float  # -1.0 when not seen since this server started or restored
+    pending: bool
+
+
+@dataclass(frozen=True)
+class AggregatorStatus:
+    rounds_completed: int
+    rounds_aborted: int
+    rounds_partial: int
+    pending_pushes: int
+    workers: list[WorkerInfo]
+
+
+@dataclass
+class _Worker:
+    last_sequence: int = 0
+    pushes: int = 0
+    clock: int = 0  # bounded staleness: pushes that took effect (floored on rejoin)
+    last_seen: float | None = None
+
+
+@dataclass
+class _Round:
+    version: int
+    generation: int
+    opened_at: float
+    # worker_id -> (sequence, prepared gradients or None when skipped as non-finite)
+    contributions: dict[str, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)
+    done: bool = False
+    version_after: int = 0
+    contributors: int = 0
+    error: ParamServeError | None = None
+
+
+class _Revalidate(Exception):
+    """The model was replaced while a push was being validated: check it again."""
+
+
+def check_aggregation_state(state: Any) -> dict[str, Any]:
+    """Validate an ``export_state()`` dict; returns it normalized, InvalidArgument if bad."""
+
+    def count(value: Any, what: str) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(
+                f"aggregation state: {what} must be an integer >= 0; got {value!r}"
+            )
+        return value
+
+    if not isinstance(state, Mapping):
+        raise InvalidArgument(f"aggregation state must be a mapping; got {type(state).__name__}")
+    expected = {"format_version", "workers", "rounds_completed", "rounds_aborted", "rounds_partial"}
+    if set(state) != expected:
+        raise InvalidArgument(
+            f"aggregation state has keys {sorted(state)}, expected {sorted(expected)}"
+        )
+    if state["format_version"] != STATE_FORMAT_VERSION:
+        raise InvalidArgument(
+            f"aggregation state format_version is {state['format_version']!r}, "
+            f"expected {STATE_FORMAT_VERSION}"
+        )
+    workers = state["workers"]
+    if not isinstance(workers, Mapping):
+        raise InvalidArgument("aggregation state: workers must be a mapping")
+    out_workers = {}
+    for worker_id, info in workers.items():
+        if not isinstance(worker_id, str) or not worker_id:
+            raise InvalidArgument(f"aggregation state: bad worker id {worker_id!r}")
+        if not isinstance(info, Mapping) or set(info) != {"last_sequence", "pushes", "clock"}:
+            raise InvalidArgument(
+                f"aggregation state: worker {worker_id!r} needs exactly "
+                "last_sequence, pushes and clock"
+            )
+        out_workers[worker_id] = {
+            k: count(info[k], f"{k} of worker {worker_id!r}")
+            for k in ("last_sequence", "pushes", "clock")
+        }
+    out = {k: count(state[k], k) for k in ("rounds_completed", "rounds_aborted", "rounds_partial")}
+    return {"format_version": STATE_FORMAT_VERSION, "workers": out_workers, **out}
+
+
+class Aggregator:
+    """Turns pushes from many workers into optimizer steps on one :class:`ModelStore`."""
+
+    def __init__(
+        self,
+        store: ModelStore,
+        config: AggregationConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._store = store
+        self.config = config
+        self._clock = clock
+        self._workers: dict[str, _Worker] = {}
+        self._round: _Round | None = None
+        self._stale_waiting: dict[str, int] = {}
+        self._rounds_completed = 0
+        self._rounds_aborted = 0
+        self._rounds_partial = 0
+        self._closed = False
+
+    # --- the entry point -----------------------------------------------------------------
+    def push(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        grads: dict[str, np.ndarray | SparseRows],
+        *,
+        timeout_s: float | None = None,
+    ) -> PushResult:
+        """Apply (or join a round with) one push, exactly once per ``(worker_id, sequence)``.
+
+        Blocks in sync mode until the round closes, and in stale mode while the worker
+        is too far ahead. ``timeout_s`` bounds the wait (DeadlineExceeded); a push left
+        in an open round may still take effect, and a retry with the same sequence
+        then reports it as a duplicate.
+        """
+        if not isinstance(worker_id, str) or not worker_id:
+            raise InvalidArgument("a push needs a non-empty worker_id")
+        if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
+            raise InvalidArgument(f"a push needs a sequence >= 1; got {sequence!r}")
+        if isinstance(base_version, bool) or not isinstance(base_version, int):
+            raise InvalidArgument(f"base_version must be an integer; got {base_version!r}")
+        deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
+        store = self._store
+        while True:
+            with store.lock:
+                self._check_open()
+                self._check_round_deadline()
+                if not store.has_model:
+                    raise NotFound("no model exists on this server; create one first")
+                self._see(worker_id)
+                early = self._duplicate(worker_id, sequence)
+                if early is not None:
+                    return early
+                if self.config.mode == "sync":
+                    pending = self._pending_round(worker_id, sequence, base_version)
+                    if pending is not None:
+                        return self._await_round(pending, worker_id, deadline, duplicate=True)
+                generation = store.generation
+            prepared = store.validate_push(grads)
+            try:
+                with store.lock:
+                    if self.config.mode == "sync":
+                        return self._join_round(
+                            worker_id, sequence, base_version, prepared, generation, deadline
+                        )
+                    return self._apply_now(worker_id, sequence, prepared, generation, deadline)
+            except _Revalidate:
+                continue
+
+    # --- shared bookkeeping (all under store.lock) ---------------------------------------
+    def _check_open(self) -> None:
+        if self._closed or self._store.closed:
+            raise Unavailable("the server is shutting down; pushes are refused")
+
+    def _see(self, worker_id: str) -> None:
+        now = self._clock()
+        worker = self._workers.get(worker_id)
+        if worker is None:
+            worker = self._workers[worker_id] = _Worker()
+        if worker.last_seen is None or now - worker.last_seen > self.config.round_timeout_s:
+            # A new or returning worker starts at the slowest live clock, so it does not
+            # hold the others back (bounded staleness) while it catches up.
+            live = self._live_clocks(worker_id, now)
+            if live:
+                worker.clock = max(worker.clock, min(live.values()))
+        worker.last_seen = now
+
+    def _live_clocks(self, exclude: str, now: float) -> dict[str, int]:
+        timeout = self.config.round_timeout_s
+        return {
+            wid: w.clock
+            for wid, w in self._workers.items()
+            if wid != exclude and w.last_seen is not None and now - w.last_seen <= timeout
+        }
+
+    def _duplicate(self, worker_id: str, sequence: int) -> PushResult | None:
+        if sequence <= self._workers[worker_id].last_sequence:
+            return PushResult(
+                duplicate=True, applied=False, version=self._store.version, contributors=0
+            )
+        return None
+
+    def _record(self, worker_id: str, sequence: int) -> None:
+        worker = self._workers.setdefault(worker_id, _Worker())
+        worker.last_sequence = max(worker.last_sequence, sequence)
+        worker.pushes += 1
+        worker.clock += 1
+        self._store.changed.notify_all()
+
+    def _check_generation(self, generation: int) -> None:
+        self._check_open()
+        if self._store.generation != generation:
+            raise _Revalidate
+
+    # --- sync rounds ---------------------------------------------------------------------
+    def _open_round(self) -> _Round | None:
+        round_ = self._round
+        return round_ if round_ is not None and not round_.done else None
+
+    def _pending_round(self, worker_id: str, sequence: int, base_version: int) -> _Round | None:
+        """The open round already holding this exact push (a concurrent retry), else None.
+
+        Raises FailedPrecondition for a stale base version or a second push in the round.
+        """
+        round_ = self._open_round()
+        expected = round_.version if round_ is not None else self._store.version
+        if base_version != expected:
+            raise FailedPrecondition(
+                f"the gradients were computed from version {base_version}; the open round is "
+                f"for version {expected}: pull and recompute"
+            )
+        if round_ is not None and worker_id in round_.contributions:
+            pending_sequence = round_.contributions[worker_id][0]
+            if pending_sequence == sequence:
+                return round_
+            raise FailedPrecondition(
+                f"worker {worker_id!r} already pushed sequence {pending_sequence} into the open "
+                f"round for version {round_.version}; wait for that round to close"
+            )
+        return None
+
+    def _join_round(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        prepared: dict[str, Any] | None,
+        generation: int,
+        deadline: float | None,
+    ) -> PushResult:
+        self._check_generation(generation)
+        self._check_round_deadline()
+        duplicate = self._duplicate(worker_id, sequence)
+        if duplicate is not None:
+            return duplicate
+        pending = self._pending_round(worker_id, sequence, base_version)
+        if pending is not None:
+            return self._await_round(pending, worker_id, deadline, duplicate=True)
+        round_ = self._open_round()
+        if round_ is None:
+            store = self._store
+            round_ = self._round = _Round(store.version, store.generation, self._clock())
+        round_.contributions[worker_id] = (sequence, prepared)
+        self._store.changed.notify_all()  # status() shows the pending push
+        if len(round_.contributions) >= self.config.replicas:
+            self._close_round(round_, partial=False)
+        return self._await_round(round_, worker_id, deadline, duplicate=False)
+
+    def _await_round(
+        self, round_: _Round, worker_id: str, deadline: float | None, *, duplicate: bool
+    ) -> PushResult:
+        store = self._store
+        while not round_.done:
+            now = self._clock()
+            if store.closed:
+                self._fail_round(round_, Unavailable("the server is shutting down"))
+                break
+            if store.generation != round_.generation:
+                self._fail_round(
+                    round_,
+                    Aborted("the model was replaced while the round was open; pull and push again"),
+                )
+                break
+            round_deadline = round_.opened_at + self.config.round_timeout_s
+            if now >= round_deadline:
+                self._expire_round(round_)
+                break
+            wait_s = round_deadline - now
+            if deadline is not None:
+                if now >= deadline:
+                    raise DeadlineExceeded(
+                        f"the push is still pending in the round for version {round_.version} "
+                        f"({len(round_.contributions)} of {self.config.replicas} workers); "
+                        "retry with the same sequence to learn its outcome"
+                    )
+                wait_s = min(wait_s, deadline - now)
+            store.changed.wait(wait_s)
+        if round_.error is not None:
+            raise type(round_.error)(str(round_.error))
+        took_part = round_.contributions.get(worker_id, (0, None))[1] is not None
+        return PushResult(
+            duplicate=duplicate,
+            applied=took_part and not duplicate and round_.contributors > 0,
+            version=round_.version_after,
+            contributors=round_.contributors,
+        )
+
+    def _check_round_deadline(self) -> None:
+        """Resolve an open round whose deadline passed while nobody was waiting on it."""
+        round_ = self._open_round()
+        if round_ is not None and self._clock() >= round_.opened_at + self.config.round_timeout_s:
+            self._expire_round(round_)
+
+    def _expire_round(self, round_: _Round) -> None:
+        if round_.done:
+            return
+        received = sorted(round_.contributions)
+        cfg = self.config
+        if cfg.deadline_policy == "partial":
+            logger.warning(
+                "round for version %d closed at its deadline with %d of %d workers: %s",
+                round_.version,
+                len(received),
+                cfg.replicas,
+                received,
+            )
+            self._close_round(round_, partial=True)
+            return
+        logger.warning(
+            "round for version %d aborted at its deadline with %d of %d workers: %s",
+            round_.version,
+            len(received),
+            cfg.replicas,
+            received,
+        )
+        self._fail_round(
+            round_,
+            Aborted(
+                f"the round for version {round_.version} was aborted: {len(received)} of "
+                f"{cfg.replicas} workers pushed within round_timeout_s={cfg.round_timeout_s:g}; "
+                "retry the push with the same sequence"
+            ),
+        )
+
+    def _close_round(self, round_: _Round, *, partial: bool) -> None:
+        """Combine the contributions (sorted by worker_id), apply once, record sequences."""
+        store, cfg = self._store, self.config
+        valid = sorted((wid, p) for wid, (_, p) in round_.contributions.items() if p is not None)
+        try:
+            if valid:
+                # Fewer gradients than replicas (deadline, or skipped non-finite pushes):
+                # a sum is scaled up to `replicas`; a mean is over the gradients received.
+                short = len(valid) < cfg.replicas and cfg.reduction == "sum"
+                scale = cfg.replicas / len(valid) if short else 1.0
+                combined = store.combine(
+                    [p for _, p in valid], reduction=cfg.reduction, scale=scale
+                )
+                version = store.apply(combined)
+            else:
+                version = store.version
+        except Exception:
+            logger.exception("applying the round for version %d failed", round_.version)
+            self._fail_round(
+                round_, Aborted("the round could not be applied (server error); retry the push")
+            )
+            raise
+        for worker_id, (sequence, _) in round_.contributions.items():
+            self._record(worker_id, sequence)
+        self._rounds_completed += 1
+        self._rounds_partial += int(partial)
+        round_.version_after = version
+        round_.contributors = len(valid)
+        round_.done = True
+        if self._round is round_:
+            self._round = None
+        store.changed.notify_all()
+
+    def _fail_round(self, round_: _Round, error: ParamServeError) -> None:
+        """Drop the round without applying it: waiters raise ``error``; nothing recorded."""
+        if round_.done:
+            return
+        round_.error = error
+        round_.done = True
+        self._rounds_aborted += 1
+        if self._round is round_:
+            self._round = None
+        self._store.changed.notify_all()
+
+    # --- async and bounded staleness -----------------------------------------------------
+    def _apply_now(
+        self,
+        worker_id: str,
+        sequence: int,
+        prepared: dict[str, Any] | None,
+        generation: int,
+        deadline: float | None,
+    ) -> PushResult:
+        store = self._store
+        started = self._clock()
+        while True:
+            self._check_generation(generation)
+            duplicate = self._duplicate(worker_id, sequence)
+            if duplicate is not None:
+                return duplicate
+            if self.config.mode != "stale":
+                break
+            now = self._clock()
+            wake_at = self._staleness_wait_until(worker_id, now)
+            if wake_at is None:
+                break
+            give_up_at = started + self.config.round_timeout_s
+            if now >= give_up_at:
+                logger.warning(
+                    "worker %r waited %.3g s for slower workers; proceeding and treating them "
+                    "as dead",
+                    worker_id,
+                    now - started,
+                )
+                break
+            if deadline is not None and now >= deadline:
+                raise DeadlineExceeded(
+                    f"worker {worker_id!r} is more than max_staleness="
+                    f"{self.config.max_staleness} pushes ahead of the slowest worker and its "
+                    "deadline passed while waiting; the push was not applied"
+                )
+            wake_at = min(wake_at, give_up_at, deadline if deadline is not None else wake_at)
+            self._stale_waiting[worker_id] = self._stale_waiting.get(worker_id, 0) + 1
+            try:
+                store.changed.wait(max(0.0, wake_at - now))
+            finally:
+                self._stale_waiting[worker_id] -= 1
+                if not self._stale_waiting[worker_id]:
+                    del self._stale_waiting[worker_id]
+        version = store.apply(prepared) if prepared is not None else store.version
+        self._record(worker_id, sequence)
+        applied = prepared is not None
+        return PushResult(
+            duplicate=False, applied=applied, version=version, contributors=int(applied)
+        )
+
+    def _staleness_wait_until(self, worker_id: str, now: float) -> float | None:
+        """None when the worker may go ahead; else when its slowest blocker counts as dead."""
+        mine = self._workers[worker_id].clock
+        blockers = [
+            wid
+            for wid, clock in self._live_clocks(worker_id, now).items()
+            if mine - clock > self.config.max_staleness
+        ]
+        if not blockers:
+            return None
+        last_seen = max(self._workers[wid].last_seen or now for wid in blockers)
+        return last_seen + self.config.round_timeout_s
+
+    # --- status, state, shutdown ---------------------------------------------------------
+    def status(self) -> AggregatorStatus:
+        with self._store.lock:
+            with contextlib.suppress(Exception):  # already logged; status must still answer
+                self._check_round_deadline()
+            now = self._clock()
+            round_ = self._open_round()
+            pending = set(round_.contributions) if round_ is not None else set()
+            pending |= set(self._stale_waiting)
+            workers = [
+                WorkerInfo(
+                    worker_id=wid,
+                    last_sequence=w.last_sequence,
+                    pushes=w.pushes,
+                    seconds_since_seen=now - w.last_seen if w.last_seen is not None else -1.0,
+                    pending=wid in pending,
+                )
+                for wid, w in sorted(self._workers.items())
+            ]
+            return AggregatorStatus(
+                rounds_completed=self._rounds_completed,
+                rounds_aborted=self._rounds_aborted,
+                rounds_partial=self._rounds_partial,
+                pending_pushes=(len(round_.contributions) if round_ is not None else 0)
+                + sum(self._stale_waiting.values()),
+                workers=workers,
+            )
+
+    def export_state(self) -> dict[str, Any]:
+        """The dedupe table, push counts and round counters (JSON-safe)."""
+        with self._store.lock:
+            return {
+                "format_version": STATE_FORMAT_VERSION,
+                "workers": {
+                    wid: {"last_sequence": w.last_sequence, "pushes": w.pushes, "clock": w.clock}
+                    for wid, w in sorted(self._workers.items())
+                },
+                "rounds_completed": self._rounds_completed,
+                "rounds_aborted": self._rounds_aborted,
+                "rounds_partial": self._rounds_partial,
+            }
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Replace the table (validated first); an open round is aborted (retryable)."""
+        checked = check_aggregation_state(state)
+        with self._store.lock:
+            round_ = self._open_round()
+            if round_ is not None:
+                self._fail_round(
+                    round_, Aborted("the server state was restored; pull and push again")
+                )
+            self._workers = {
+                wid: _Worker(info["last_sequence"], info["pushes"], info["clock"], None)
+                for wid, info in checked["workers"].items()
+            }
+            self._rounds_completed = checked["rounds_completed"]
+            self._rounds_aborted = checked["rounds_aborted"]
+            self._rounds_partial = checked["rounds_partial"]
+            self._store.changed.notify_all()
+
+    def close(self) -> None:
+        """Abort the open round, wake every waiter with Unavailable; later pushes too."""
+        with self._store.lock:
+            self._closed = True
+            round_ = self._open_round()
+            if round_ is not None:
+                self._fail_round(round_, Unavailable("the server is shutting down"))
+            self._store.changed.notify_all()

@@ -46,9 +46,11 @@ class ChannelSettings:
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
     retry_max_attempts: int = 5
-    retry_initial_backoff_s: float = 0.1
+    retry_initial_backoff_s: float = 0.2
     retry_max_backoff_s: float = 5.0
     retry_buffer_bytes: int = 64 << 20
+    # Reconnect soon after a server restarts (gRPC's default waits 1 s, then longer).
+    initial_reconnect_backoff_s: float = 0.2
     max_reconnect_backoff_s: float = 5.0
     user_agent: str = "paramserve-client"
 
@@ -78,6 +80,7 @@ class ChannelSettings:
             ("grpc.enable_retries", 1),
             ("grpc.service_config", self.service_config()),
             ("grpc.per_rpc_retry_buffer_size", self.retry_buffer_bytes),
+            ("grpc.initial_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
             ("grpc.primary_user_agent", self.user_agent),
         ]

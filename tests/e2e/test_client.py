@@ -1,0 +1,190 @@
+"""Client SDK against a real server: exactly-once pushes, pulls, snapshots, errors."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from paramserve.client import (
+    AlreadyExistsError,
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ParamServeError,
+    SparseRows,
+    default_worker_id,
+)
+
+from .replay import assert_same
+from .workers import initial_weights
+
+SGD = {"class_name": "SGD", "config": {"learning_rate": 0.5}}
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server(mode="async")
+
+
+@pytest.fixture
+def admin(server, connect):
+    client = connect(server)
+    client.create_model(initial_weights(), SGD)
+    return client
+
+
+def ones(name: str) -> np.ndarray:
+    return np.ones_like(initial_weights()[name])
+
+
+def test_duplicate_push_is_acknowledged_not_reapplied(server, admin, connect):
+    first = connect(server, worker_id="dup")
+    assert first.push({"dense/bias": ones("dense/bias")}).version == 1
+    after_one = admin.pull()
+
+    resend = connect(server, worker_id="dup")  # e.g. the same worker after a lost reply
+    result = resend.push({"dense/bias": 5 * ones("dense/bias")}, sequence=first.last_sequence)
+    assert result.duplicate and result.version == 1
+    assert_same(admin.pull(), after_one)
+
+    # A restarted worker with the same id continues after the server's last_sequence.
+    rejoined = connect(server, worker_id="dup")
+    result = rejoined.push({"dense/bias": ones("dense/bias")})
+    assert not result.duplicate and result.sequence == 2 and result.version == 2
+    assert admin.status().worker("dup").last_sequence == 2
+
+
+def test_default_worker_ids_are_unique_and_start_at_sequence_one(server, admin, connect):
+    worker_id = default_worker_id()
+    host, pid, suffix = worker_id.rsplit("-", 2)
+    assert host == socket.gethostname() and pid == str(os.getpid()) and len(suffix) == 4
+    a, b = connect(server), connect(server)
+    assert a.worker_id != b.worker_id
+    assert a.push({"dense/bias": ones("dense/bias")}).sequence == 1
+
+
+def test_pull_rows_of_a_2d_variable(admin):
+    admin.push({"embedding": ([1, 1, 6], np.ones((3, 4), np.float32))})
+    full = admin.pull(["embedding"])["embedding"]
+    rows = admin.pull(rows={"embedding": [6, 1, 0]})
+    assert list(rows) == ["embedding"] and rows.version == 1
+    picked = rows["embedding"]
+    assert isinstance(picked, SparseRows)
+    assert picked.indices.tolist() == [6, 1, 0]
+    assert_same({"r": picked.values}, {"r": full[[6, 1, 0]]})
+    with pytest.raises(InvalidArgumentError):
+        admin.pull(rows={"embedding": [8]})
+    with pytest.raises(NotFoundError, match="nope"):
+        admin.pull(rows={"nope": [0]})
+
+
+def test_pull_min_version_waits_for_the_push(server, admin, connect):
+    pusher = connect(server)
+    timer = threading.Timer(0.3, lambda: pusher.push({"dense/bias": ones("dense/bias")}))
+    started = time.monotonic()
+    timer.start()
+    weights = admin.pull(min_version=1, timeout_s=10)
+    assert weights.version == 1 and time.monotonic() - started >= 0.25
+    assert admin.base_version == 1
+    timer.join()
+    with pytest.raises(DeadlineExceededError) as info:
+        admin.pull(min_version=5, timeout_s=0.3)
+    assert isinstance(info.value, TimeoutError)
+
+
+def test_pulled_arrays_are_fresh_and_writable(admin):
+    a, b = admin.pull(), admin.pull()
+    for name in a:
+        assert a[name].flags.writeable
+        a[name][...] = 7
+    assert_same(b, admin.pull())
+
+
+def test_snapshot_download_upload_round_trip(start_server, admin, connect, tmp_path, capsys):
+    admin.push({"dense/kernel": ones("dense/kernel")})
+    snap = admin.snapshot()
+    assert [s.id for s in admin.list_snapshots()] == [snap.id]
+    path = admin.download_snapshot(snap.id, tmp_path / "snap.safetensors", progress=True)
+    assert path.stat().st_size == snap.size_bytes
+    assert "download" in capsys.readouterr().err  # the tqdm bar, forced on
+
+    other = connect(start_server(mode="async"))
+    info = other.upload_snapshot(path, restore=True, progress=False)
+    assert (info.id, info.version) == (snap.id, 1)
+    assert_same(other.pull(), admin.pull())
+    assert_same(other.optimizer_state(), admin.optimizer_state())
+    assert [s.id for s in other.list_snapshots()] == [snap.id]
+    with pytest.raises(NotFoundError):
+        other.download_snapshot("snap-000000000001-20000101T000000000000Z", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_errors_carry_code_and_server_message(server, admin, connect):
+    assert admin.create_model(initial_weights(), SGD).created is False  # idempotent
+    with pytest.raises(AlreadyExistsError):
+        admin.create_model({"other": np.zeros(2, np.float32)}, SGD)
+    with pytest.raises(NotFoundError, match="nope"):
+        admin.push({"nope": np.zeros(3, np.float32)})
+    with pytest.raises(InvalidArgumentError, match="float64") as info:
+        admin.push({"dense/bias": np.zeros(3, np.float64)})
+    assert info.value.code.name == "INVALID_ARGUMENT" and isinstance(info.value, ValueError)
+    with pytest.raises(InvalidArgumentError, match="learning_rat"):
+        admin.set_hyperparameters(learning_rat=0.1)
+    assert admin.set_hyperparameters(learning_rate=0.25)["learning_rate"] == 0.25
+    admin.delete_model()
+    with pytest.raises(NotFoundError):
+        admin.describe()
+    with pytest.raises(ParamServeError):
+        admin.pull()
+
+
+def test_sync_push_from_an_old_version_is_refused(start_server, connect):
+    server = start_server(mode="sync", replicas=1)
+    client = connect(server)
+    client.create_model(initial_weights(), SGD)
+    client.push({"dense/bias": ones("dense/bias")})  # version 0 -> 1
+    with pytest.raises(FailedPreconditionError, match="pull and recompute"):
+        client.push({"dense/bias": ones("dense/bias")})  # still based on version 0
+    client.pull()
+    assert client.push({"dense/bias": ones("dense/bias")}).version == 2
+
+
+def test_calls_fail_fast_without_a_server():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Client(f"127.0.0.1:{port}", timeout_s=5, retry_max_attempts=2) as client:
+        with pytest.raises(ParamServeError) as info:
+            client.status()
+        assert info.value.code.name == "UNAVAILABLE" and isinstance(info.value, ConnectionError)
+
+
+def test_push_is_retried_across_a_server_restart(start_server, tmp_path):
+    """UNAVAILABLE is retried by gRPC (service config), and the restarted server, resumed
+    from its exit snapshot, knows the worker's last sequence."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {
+        "port": port,
+        "checkpoint_dir": tmp_path / "checkpoints",
+        "snapshot_on_exit": True,
+        "resume": True,
+    }
+    first = start_server(mode="async", **options)
+    with Client(first.address, worker_id="w", timeout_s=20) as client:
+        client.create_model(initial_weights(), SGD)
+        assert client.push({"dense/bias": ones("dense/bias")}).version == 1
+        first.stop(grace_s=0)
+        restart = threading.Timer(0.5, lambda: start_server(mode="async", **options))
+        restart.start()
+        result = client.push({"dense/bias": ones("dense/bias")})
+        restart.join()
+        assert (result.duplicate, result.version, result.sequence) == (False, 2, 2)

@@ -1,0 +1,446 @@
+"""Snapshots on disk: one safetensors file each, written atomically, checked fully on load.
+
+A file holds tensors ``variables/<name>`` and ``optimizer/<state key>`` plus safetensors
+metadata ``{"format", "format_version", "manifest"}``; the manifest (JSON) carries the
+model name, optimizer config, version, aggregation state, creation time, tensor order,
+dtypes and a sha256 per tensor. Nothing is ever pickled. Loading checks every byte and
+that the optimizer state fits an optimizer rebuilt from the config before returning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from paramserve.optim_core import Variable
+
+from .aggregator import check_aggregation_state
+from .errors import InvalidArgument, NotFound
+from .store import ModelState, make_optimizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "paramserve.snapshot"
+FORMAT_VERSION = "1"
+SUFFIX = ".safetensors"
+TEMP_PREFIX = ".tmp-"
+STALE_TEMP_AGE_S = 3600.0
+_ID_RE = re.compile(r"snap-(\d{12,})-(\d{8}T\d{12})Z")
+_ID_TIME = "%Y%m%dT%H%M%S%f"
+# Stored dtypes safetensors.numpy reads back; bfloat16 travels as a uint16 view.
+_STORABLE = {
+    "float16", "float32", "float64", "int8", "int16", "int32", "int64",
+    "uint8", "uint16", "uint32", "uint64", "bool",
+}  # fmt: skip
+_BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def utc_now() -> str:
+    """The current time as RFC 3339 UTC with microseconds (``...T12:00:00.000000Z``)."""
+    return _rfc3339(datetime.now(timezone.utc))
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(text: Any) -> datetime:
+    if isinstance(text, str):
+        with contextlib.suppress(ValueError):
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+            if moment.tzinfo is not None:
+                return moment.astimezone(timezone.utc)
+    raise InvalidArgument(f"created_at must be an RFC 3339 UTC time; got {text!r}")
+
+
+@dataclass
+class SnapshotState:
+    """Everything a restore replaces: the model and the aggregation (dedupe) state."""
+
+    model: ModelState
+    aggregation: dict[str, Any]
+    created_at: str = field(default_factory=utc_now)
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    id: str
+    version: int
+    size_bytes: int
+    created_at: str
+    path: Path
+
+
+def _stored(array: np.ndarray) -> tuple[np.ndarray, str]:
+    """The little-endian, C-contiguous array to write, and the dtype name to record."""
+    array = np.asarray(array)
+    name = array.dtype.name
+    if array.dtype == _BFLOAT16:
+        array = array.view(np.uint16)
+    elif name not in _STORABLE:
+        raise InvalidArgument(f"dtype {name} cannot be stored in a snapshot")
+    if array.dtype.byteorder == ">":
+        array = array.astype(array.dtype.newbyteorder("<"))
+    # Not np.ascontiguousarray: it turns a 0-d array into shape (1,).
+    return (array if array.flags.c_contiguous else array.copy(order="C")), name
+
+
+def _sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _header_bytes(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return f.read(min(size, 100 << 20))
+
+
+def _entries(manifest: dict[str, Any], section: str, label: str) -> list[dict[str, Any]]:
+    entries = manifest.get(section)
+    if not isinstance(entries, list):
+        raise InvalidArgument(f"{label}: manifest {section!r} must be a list")
+    for entry in entries:
+        ok = (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("tensor"), str)
+            and entry.get("dtype") in _STORABLE | {"bfloat16"}
+            and isinstance(entry.get("shape"), list)
+            and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+            and isinstance(entry.get("sha256"), str)
+        )
+        if not ok:
+            raise InvalidArgument(
+                f"{label}: malformed manifest entry in {section!r}: {entry!r:.200}"
+            )
+    names = [e["name"] for e in entries]
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"{label}: manifest {section!r} repeats a name")
+    return entries
+
+
+def _read_tensors(
+    handle: Any, entries: list[dict[str, Any]], prefix: str, label: str
+) -> dict[str, np.ndarray]:
+    out = {}
+    for entry in entries:
+        name, key = entry["name"], entry["tensor"]
+        if key != prefix + name:
+            raise InvalidArgument(f"{label}: tensor {key!r} should be named {prefix + name!r}")
+        try:
+            array = handle.get_tensor(key)
+        except Exception as exc:  # SafetensorError, or a dtype safetensors.numpy cannot read
+            raise InvalidArgument(f"{label}: tensor {key!r} cannot be read: {exc}") from exc
+        want_dtype = "uint16" if entry["dtype"] == "bfloat16" else entry["dtype"]
+        if array.dtype.name != want_dtype or list(array.shape) != entry["shape"]:
+            raise InvalidArgument(
+                f"{label}: tensor {key!r} is {array.dtype.name} {list(array.shape)} in the file, "
+                f"the manifest says {want_dtype} {entry['shape']}"
+            )
+        if _sha256(array) != entry["sha256"]:
+            raise InvalidArgument(f"{label}: tensor {key!r} fails its sha256 check (corrupt file)")
+        out[name] = array.view(_BFLOAT16) if entry["dtype"] == "bfloat16" else array
+    return out
+
+
+def check_model_state(model: ModelState, label: str) -> None:
+    """Rebuild the optimizer on the variables in a scratch copy and load the state into it."""
+    try:
+        optimizer = make_optimizer(model.optimizer)
+        variables = [Variable(a, path=n) for n, a in model.variables.items()]
+        optimizer.build(variables)
+        optimizer.load_state_dict(model.optimizer_state)
+    except (ValueError, TypeError, InvalidArgument) as exc:
+        raise InvalidArgument(
+            f"{label}: the optimizer state does not match the optimizer config: {exc}"
+        ) from exc
+    slots = optimizer.variables
+    arrays = list(model.optimizer_state.values())
+    for key, array, slot in zip(model.optimizer_state, arrays, slots, strict=False):
+        if array.dtype != slot.dtype:
+            raise InvalidArgument(
+                f"{label}: optimizer state {key!r} is {array.dtype.name}, the optimizer "
+                f"keeps it as {slot.dtype.name}"
+            )
+    if optimizer.iterations != model.version:
+        raise InvalidArgument(
+            f"{label}: the manifest says version {model.version}, the optimizer state has "
+            f"{optimizer.iterations} iterations"
+        )
+
+
+class SnapshotStore:
+    """A directory of snapshot files: save, list, load, import, and retention."""
+
+    def __init__(self, directory: Path, *, keep_last: int | None = None) -> None:
+        if keep_last is not None and keep_last < 1:
+            raise ValueError(f"`keep_last` must be >= 1 or None. Received: {keep_last!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self._lock = threading.Lock()
+        self._remove_stale_temps()
+
+    def _remove_stale_temps(self) -> None:
+        """Delete temp files an earlier crash left behind (old ones only: not in use)."""
+        now = time.time()
+        for path in self.directory.glob(TEMP_PREFIX + "*"):
+            with contextlib.suppress(OSError):
+                if now - path.stat().st_mtime > STALE_TEMP_AGE_S:
+                    path.unlink()
+                    logger.info("removed stale temporary snapshot file %s", path)
+
+    # --- naming --------------------------------------------------------------------------
+    def path(self, snapshot_id: str) -> Path:
+        """The file of ``snapshot_id``; InvalidArgument for a malformed id, NotFound if absent."""
+        if not isinstance(snapshot_id, str) or not _ID_RE.fullmatch(snapshot_id):
+            raise InvalidArgument(
+                f"snapshot id {str(snapshot_id)[:80]!r} is not of the form "
+                "snap-<12-digit version>-<yyyymmddThhmmssffffff>Z"
+            )
+        path = self.directory / (snapshot_id + SUFFIX)
+        if not path.is_file():
+            raise NotFound(f"snapshot {snapshot_id!r} does not exist")
+        return path
+
+    def _new_id(self, version: int, created: datetime) -> str:
+        while True:
+            snapshot_id = f"snap-{version:012d}-{created.strftime(_ID_TIME)}Z"
+            if not (self.directory / (snapshot_id + SUFFIX)).exists():
+                return snapshot_id
+            created += timedelta(microseconds=1)
+
+    @staticmethod
+    def _info(path: Path) -> SnapshotInfo | None:
+        match = _ID_RE.fullmatch(path.name[: -len(SUFFIX)]) if path.name.endswith(SUFFIX) else None
+        if match is None:
+            return None
+        try:
+            size = path.stat().st_size
+            moment = datetime.strptime(match.group(2), _ID_TIME).replace(tzinfo=timezone.utc)
+        except (OSError, ValueError):
+            return None
+        return SnapshotInfo(
+            path.name[: -len(SUFFIX)], int(match.group(1)), size, _rfc3339(moment), path
+        )
+
+    def list(self) -> list[SnapshotInfo]:
+        """Every snapshot file, oldest first; temporary and foreign files are ignored."""
+        infos = [i for p in self.directory.iterdir() if (i := self._info(p)) is not None]
+        return sorted(infos, key=lambda i: (i.created_at, i.version, i.id))
+
+    # --- writing -------------------------------------------------------------------------
+    def save(self, state: SnapshotState) -> SnapshotInfo:
+        """Write ``state`` atomically (temp file, fsync, rename, fsync dir); apply retention."""
+        model = state.model
+        aggregation = check_aggregation_state(state.aggregation)
+        created = _parse_time(state.created_at)
+        tensors: dict[str, np.ndarray] = {}
+        sections: dict[str, list[dict[str, Any]]] = {"variables": [], "optimizer_state": []}
+        for section, prefix, arrays in (
+            ("variables", "variables/", model.variables),
+            ("optimizer_state", "optimizer/", model.optimizer_state),
+        ):
+            for name, array in arrays.items():
+                stored, dtype = _stored(array)
+                tensors[prefix + name] = stored
+                sections[section].append(
+                    {
+                        "name": name,
+                        "tensor": prefix + name,
+                        "dtype": dtype,
+                        "shape": list(stored.shape),
+                        "sha256": _sha256(stored),
+                    }
+                )
+        manifest = {
+            "model_name": model.model_name,
+            "optimizer": model.optimizer,
+            "version": model.version,
+            "aggregation": aggregation,
+            "created_at": state.created_at,
+            **sections,
+        }
+        metadata = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "manifest": json.dumps(manifest),
+        }
+        with self._lock:
+            snapshot_id = self._new_id(model.version, created)
+            final = self.directory / (snapshot_id + SUFFIX)
+            temp = self.directory / f"{TEMP_PREFIX}{snapshot_id}-{uuid.uuid4().hex}{SUFFIX}"
+            try:
+                safetensors.numpy.save_file(tensors, temp, metadata=metadata)
+                with open(temp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(temp, final)
+                _fsync_dir(self.directory)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    temp.unlink()
+                raise
+            info = self._info(final)
+            assert info is not None
+            self._retain(keep=snapshot_id)
+        logger.info("saved snapshot %s (%d bytes)", snapshot_id, info.size_bytes)
+        return info
+
+    def import_file(self, chunks: Iterable[bytes], *, size_bytes: int) -> SnapshotInfo:
+        """Store an uploaded snapshot file: write a temp file, validate it fully, rename."""
+        temp = self.directory / f"{TEMP_PREFIX}upload-{uuid.uuid4().hex}{SUFFIX}"
+        try:
+            written = 0
+            with open(temp, "wb") as f:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if written > size_bytes:
+                        raise InvalidArgument(
+                            f"the upload sent more than the declared {size_bytes} bytes"
+                        )
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if written != size_bytes:
+                raise InvalidArgument(
+                    f"the upload ended early: {written} of {size_bytes} bytes received"
+                )
+            state = self._read(temp, "uploaded snapshot")
+            with self._lock:
+                created = _parse_time(state.created_at)
+                version = state.model.version
+                same_id = f"snap-{version:012d}-{created.strftime(_ID_TIME)}Z"
+                same = self.directory / (same_id + SUFFIX)
+                if same.is_file() and _header_bytes(same) == _header_bytes(temp):
+                    temp.unlink()  # the very same snapshot is already here
+                    final = same
+                else:
+                    final = self.directory / (self._new_id(version, created) + SUFFIX)
+                    os.replace(temp, final)
+                    _fsync_dir(self.directory)
+                info = self._info(final)
+                assert info is not None
+                self._retain(keep=info.id)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        logger.info("imported snapshot %s (%d bytes)", info.id, info.size_bytes)
+        return info
+
+    def _retain(self, *, keep: str) -> None:
+        """Delete the oldest snapshots beyond ``keep_last`` (never ``keep``)."""
+        if self.keep_last is None:
+            return
+        infos = self.list()
+        excess = len(infos) - self.keep_last
+        for info in infos:
+            if excess <= 0:
+                break
+            if info.id == keep:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                info.path.unlink()
+                logger.info("retention: deleted snapshot %s", info.id)
+            excess -= 1
+
+    # --- reading -------------------------------------------------------------------------
+    def load(self, snapshot_id: str) -> SnapshotState:
+        """The validated snapshot; NotFound, or InvalidArgument for any defect."""
+        return self._read(self.path(snapshot_id), f"snapshot {snapshot_id}")
+
+    def latest_valid(self) -> SnapshotInfo | None:
+        """The newest snapshot that loads cleanly (for ``--resume``), skipping corrupt ones."""
+        for info in reversed(self.list()):
+            try:
+                self._read(info.path, f"snapshot {info.id}")
+            except (InvalidArgument, NotFound) as exc:
+                logger.warning("skipping snapshot %s: %s", info.id, exc)
+                continue
+            return info
+        return None
+
+    def _read(self, path: Path, label: str) -> SnapshotState:
+        try:
+            with safetensors.safe_open(path, framework="np") as handle:
+                metadata = handle.metadata() or {}
+                if metadata.get("format") != FORMAT:
+                    raise InvalidArgument(
+                        f"{label}: not a paramserve snapshot (format {metadata.get('format')!r})"
+                    )
+                if metadata.get("format_version") != FORMAT_VERSION:
+                    raise InvalidArgument(
+                        f"{label}: format_version {metadata.get('format_version')!r} is not "
+                        f"supported (expected {FORMAT_VERSION!r})"
+                    )
+                try:
+                    manifest = json.loads(metadata.get("manifest", ""))
+                except ValueError as exc:
+                    raise InvalidArgument(f"{label}: the manifest is not valid JSON") from exc
+                if not isinstance(manifest, dict):
+                    raise InvalidArgument(f"{label}: the manifest must be a JSON object")
+                var_entries = _entries(manifest, "variables", label)
+                opt_entries = _entries(manifest, "optimizer_state", label)
+                listed = {e["tensor"] for e in var_entries + opt_entries}
+                present = set(handle.keys())
+                if listed != present or len(listed) != len(var_entries) + len(opt_entries):
+                    raise InvalidArgument(
+                        f"{label}: the file's tensors do not match its manifest (missing "
+                        f"{sorted(listed - present)[:5]}, unlisted {sorted(present - listed)[:5]})"
+                    )
+                variables = _read_tensors(handle, var_entries, "variables/", label)
+                optimizer_state = _read_tensors(handle, opt_entries, "optimizer/", label)
+        except safetensors.SafetensorError as exc:
+            raise InvalidArgument(
+                f"{label}: not a readable safetensors file (truncated or corrupt): {exc}"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise NotFound(f"{label} does not exist") from exc
+        version = manifest.get("version")
+        if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+            raise InvalidArgument(f"{label}: manifest version must be an integer >= 0")
+        if not isinstance(manifest.get("model_name"), str):
+            raise InvalidArgument(f"{label}: manifest model_name must be a string")
+        if not isinstance(manifest.get("optimizer"), dict):
+            raise InvalidArgument(f"{label}: manifest optimizer must be a config object")
+        _parse_time(manifest.get("created_at"))
+        try:
+            aggregation = check_aggregation_state(manifest.get("aggregation"))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{label}: {exc}") from exc
+        model = ModelState(
+            model_name=manifest["model_name"],
+            optimizer=manifest["optimizer"],
+            variables=variables,
+            optimizer_state=optimizer_state,
+            version=version,
+        )
+        check_model_state(model, label)
+        return SnapshotState(
+            model=model, aggregation=aggregation, created_at=manifest["created_at"]
+        )

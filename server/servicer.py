@@ -1,0 +1,638 @@
+"""The ParameterServer gRPC servicer: converts messages to core calls and errors to status codes.
+
+It holds no training logic. Requests become calls on the :class:`ServerCore` objects (store,
+aggregator, snapshots); domain errors (``ParamServeError.code``), malformed streams
+(``WireError``) and anything unexpected are mapped to gRPC status codes in one place,
+:func:`_rpc`. Tensor streams are checked (headers, sizes, names, dtypes, shapes against the
+model) before any payload buffer is allocated.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import inspect
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf import message_factory
+
+from paramserve.client import tensors as wire
+from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
+from paramserve.v1 import tensor_pb2 as tpb
+
+from .aggregator import Aggregator
+from .config import ServerConfig
+from .errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ParamServeError,
+    ResourceExhausted,
+    Unavailable,
+)
+from .metrics import ServerMetrics
+from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
+from .store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+# Payload per outgoing message: 4 MiB less headroom for framing, so that clients with gRPC's
+# default 4 MiB receive limit can read every message (and never above max_message_bytes).
+_FRAMING_HEADROOM_BYTES = 16 << 10
+OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
+
+
+def server_version() -> str:
+    try:
+        return importlib.metadata.version("paramserve")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "unknown"
+
+
+def _utc_now_rfc3339() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class ServerCore:
+    """The transport-neutral objects of one daemon, plus snapshot orchestration."""
+
+    store: ModelStore
+    aggregator: Aggregator
+    snapshots: SnapshotStore | None
+    config: ServerConfig
+    metrics: ServerMetrics
+    started_at: float = field(default_factory=time.monotonic)
+    # Cleared at shutdown: pushes and every state-changing call answer UNAVAILABLE.
+    accepting: threading.Event = field(default_factory=threading.Event)
+    _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.accepting.set()
+
+    def require_snapshots(self) -> SnapshotStore:
+        if self.snapshots is None:
+            raise FailedPrecondition(
+                "snapshots are disabled on this server: start it with --checkpoint-dir DIR"
+            )
+        return self.snapshots
+
+    def take_snapshot(self, *, trigger: str) -> SnapshotInfo:
+        """Copy model and aggregation state at one version (under the lock), then write it."""
+        snapshots = self.require_snapshots()
+        with self._snapshot_lock, self.metrics.time_snapshot(trigger):
+            with self.store.lock:
+                if not self.store.has_model:
+                    raise NotFound("no model to snapshot: create one with CreateModel first")
+                model = self.store.export_state()
+                aggregation = self.aggregator.export_state()
+            info = snapshots.save(
+                SnapshotState(model=model, aggregation=aggregation, created_at=_utc_now_rfc3339())
+            )
+            self.metrics.snapshot_size_bytes.set(info.size_bytes)
+        logger.info(
+            "snapshot %s written (version %d, %d bytes)", info.id, info.version, info.size_bytes
+        )
+        return info
+
+    def restore_snapshot(self, snapshot_id: str) -> SnapshotInfo:
+        """Load and fully validate a snapshot, then swap it in under the lock."""
+        snapshots = self.require_snapshots()
+        state = snapshots.load(snapshot_id)  # validates everything before we touch live state
+        path = snapshots.path(snapshot_id)
+        with self.store.lock:
+            self.store.import_state(state.model)
+            self.aggregator.import_state(state.aggregation)
+        self.metrics.model_version.set(state.model.version)
+        logger.info("restored snapshot %s (version %d)", snapshot_id, state.model.version)
+        return SnapshotInfo(
+            id=snapshot_id,
+            version=state.model.version,
+            size_bytes=path.stat().st_size,
+            created_at=state.created_at,
+            path=path,
+        )
+
+
+def _remaining_s(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the call's deadline; None when the client set none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e8 else remaining
+
+
+def _classify(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    """The status code and message for an exception (the one place errors are mapped)."""
+    if isinstance(exc, ParamServeError):
+        code = getattr(grpc.StatusCode, exc.code, None)
+        if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
+            return code, str(exc) or type(exc).__name__
+    elif isinstance(exc, wire.WireError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    logger.error("%s failed unexpectedly", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, "internal error"
+
+
+def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a handler (plain or generator) so errors become status codes and get counted."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def fail(self: ParameterServerServicer, context: grpc.ServicerContext, exc: Exception):
+            if isinstance(exc, grpc.RpcError) and not context.is_active():
+                self._metrics.record_rpc(method, "CANCELLED")  # the client went away
+                raise exc
+            code, message = _classify(exc, method)
+            self._metrics.record_rpc(method, code.name)
+            context.abort(code, message)
+
+        if inspect.isgeneratorfunction(fn):
+
+            @functools.wraps(fn)
+            def stream_handler(self, request, context):
+                try:
+                    yield from fn(self, request, context)
+                except Exception as exc:
+                    fail(self, context, exc)
+                else:
+                    self._metrics.record_rpc(method, "OK")
+
+            return stream_handler
+
+        @functools.wraps(fn)
+        def handler(self, request, context):
+            try:
+                response = fn(self, request, context)
+            except Exception as exc:
+                fail(self, context, exc)
+            self._metrics.record_rpc(method, "OK")
+            return response
+
+        return handler
+
+    return decorate
+
+
+# A client-stream item after deserialization: a chunk decoded straight from the received
+# bytes as ``(tensor, offset, data view)``, or the parsed protobuf message (headers).
+ChunkView = tuple[int, int, memoryview]
+
+
+def _first_item(requests: Iterator[Any], expected: str, what: str) -> Any:
+    """The first message of a client stream, which must carry ``expected`` (the header)."""
+    first = next(requests, None)
+    if first is None:
+        raise InvalidArgument(f"empty stream: the first message must be a {what}")
+    kind = "chunk" if isinstance(first, tuple) else first.WhichOneof("item")
+    if kind != expected:
+        raise InvalidArgument(f"the first message of the stream must be a {what}, got {kind}")
+    return getattr(first, expected)
+
+
+def _chunk_or(message_cls: Any) -> Callable[[bytes], Any]:
+    """Request deserializer: chunk items as views of the received bytes (one copy fewer)."""
+
+    def deserialize(raw: bytes) -> ChunkView | Any:
+        chunk = wire.decode_chunk_item(raw)
+        return chunk if chunk is not None else message_cls.FromString(raw)
+
+    return deserialize
+
+
+def _message_or_bytes(item: Any) -> bytes:
+    """Response serializer: pre-encoded chunk items pass through, messages are serialized."""
+    return item if isinstance(item, bytes) else item.SerializeToString()
+
+
+# Tensor streams bypass protobuf for their chunks, both ways (see client/tensors.py).
+_RAW_CHUNKS_IN = ("CreateModel", "Push", "SetOptimizerState")
+_RAW_CHUNKS_OUT = ("Pull",)
+
+
+def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_..._to_server``, with raw chunk codecs."""
+    service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+        raw_in, raw_out = method.name in _RAW_CHUNKS_IN, method.name in _RAW_CHUNKS_OUT
+        handlers[method.name] = kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_chunk_or(request_cls) if raw_in else request_cls.FromString,
+            response_serializer=_message_or_bytes if raw_out else response_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+def _aggregation_info(config: ServerConfig) -> pb.AggregationInfo:
+    return pb.AggregationInfo(
+        mode=config.mode,
+        replicas=config.replicas,
+        reduction=config.reduction,
+        round_timeout_s=config.round_timeout_s,
+        deadline_policy=config.deadline_policy,
+        max_staleness=config.max_staleness,
+    )
+
+
+def _snapshot_pb(info: SnapshotInfo) -> pb.SnapshotInfo:
+    return pb.SnapshotInfo(
+        id=info.id, version=info.version, size_bytes=info.size_bytes, created_at=info.created_at
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _dense_header(name: str, dtype: str, shape: tuple[int, ...]) -> tpb.TensorHeader:
+    code = wire.dtype_to_proto(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return tpb.TensorHeader(name=name, dtype=code, shape=list(shape), byte_length=size)
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    """Thin adapter from the ``paramserve.v1.ParameterServer`` service to a :class:`ServerCore`."""
+
+    def __init__(self, core: ServerCore) -> None:
+        self._core = core
+        self._store = core.store
+        self._aggregator = core.aggregator
+        self._limits = core.config.limits
+        self._metrics = core.metrics
+        self._chunk_bytes = max(
+            1, min(OUT_CHUNK_BYTES, self._limits.max_message_bytes - _FRAMING_HEADROOM_BYTES)
+        )
+        self._optimizer_specs_cache: tuple[Any, dict[str, tuple[str, tuple[int, ...]]]] = (None, {})
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _require_accepting(self) -> None:
+        if not self._core.accepting.is_set():
+            raise Unavailable("the server is shutting down; retry against another instance")
+
+    def _require_model(self) -> None:
+        if not self._store.has_model:
+            raise NotFound("no model on this server: create one with CreateModel first")
+
+    def _check_sizes(self, headers: list[tpb.TensorHeader], *, dense_only: bool) -> None:
+        """Headers well formed, every tensor and the request within the configured limits."""
+        if len(headers) > self._limits.max_variables:
+            raise ResourceExhausted(
+                f"{len(headers)} tensors in one request, over the server's limit of "
+                f"max_variables={self._limits.max_variables}"
+            )
+        wire.check_headers(headers)
+        total = 0
+        for h in headers:
+            if dense_only and h.layout != tpb.LAYOUT_DENSE:
+                raise InvalidArgument(f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here")
+            if h.byte_length > self._limits.max_tensor_bytes:
+                raise ResourceExhausted(
+                    f"tensor {h.name!r} is {h.byte_length} bytes, over the server's limit of "
+                    f"max_tensor_bytes={self._limits.max_tensor_bytes}"
+                )
+            total += h.byte_length
+        if total > self._limits.max_request_bytes:
+            raise ResourceExhausted(
+                f"request carries {total} payload bytes, over the server's limit of "
+                f"max_request_bytes={self._limits.max_request_bytes}"
+            )
+
+    @staticmethod
+    def _check_against(
+        headers: list[tpb.TensorHeader],
+        expected: dict[str, tuple[str, tuple[int, ...]]],
+        *,
+        what: str,
+        unknown: type[ParamServeError],
+    ) -> None:
+        """Every header names a known tensor with its dtype and shape (before allocating)."""
+        for h in headers:
+            if h.name not in expected:
+                known = sorted(expected)
+                listed = ", ".join(map(repr, known[:20])) + (" ..." if len(known) > 20 else "")
+                raise unknown(f"unknown {what} {h.name!r}; expected one of: {listed}")
+            dtype, shape = expected[h.name]
+            got_dtype = wire.dtype_name(h.dtype)
+            if got_dtype != dtype:
+                raise InvalidArgument(
+                    f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}"
+                )
+            if tuple(h.shape) != tuple(shape):
+                raise InvalidArgument(
+                    f"{what} {h.name!r}: shape {list(h.shape)} does not match the expected "
+                    f"{list(shape)}"
+                )
+
+    def _assemble(
+        self, headers: list[tpb.TensorHeader], requests: Iterator[Any], *, method: str
+    ) -> dict[str, wire.TensorValue]:
+        """Receive the chunks that follow a validated header, in strict order."""
+        assembler = wire.TensorAssembler(headers)
+        received = 0
+        for item in requests:
+            if isinstance(item, tuple):
+                tensor, offset, data = item
+            elif item.WhichOneof("item") == "chunk":
+                tensor, offset, data = item.chunk.tensor, item.chunk.offset, item.chunk.data
+            else:
+                raise InvalidArgument(f"{method}: only chunks may follow the header")
+            assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
+            received += len(data)
+        self._metrics.bytes_received.labels(method=method).inc(received)
+        return assembler.finish()
+
+    def _variable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        self._require_model()
+        return {s.name: (s.dtype, tuple(s.shape)) for s in self._store.specs()}
+
+    def _optimizer_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Names, dtypes and shapes of the optimizer state, cached per model definition."""
+        with self._store.lock:
+            self._require_model()
+            key = (
+                self._store.model_name,
+                tuple(self._store.specs()),
+                json.dumps(self._store.optimizer_config(), sort_keys=True, default=_json_default),
+            )
+            if self._optimizer_specs_cache[0] != key:
+                _, items = self._store.optimizer_state()
+                specs = {k: (np.asarray(v).dtype.name, tuple(np.shape(v))) for k, v in items}
+                self._optimizer_specs_cache = (key, specs)
+            return self._optimizer_specs_cache[1]
+
+    def _parse_optimizer(self, text: str) -> dict | str:
+        """The optimizer from JSON (a serialization dict or a name); never eval or pickle."""
+        text = text.strip() or self._core.config.optimizer.strip()
+        if _NAME_RE.match(text):
+            return text
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InvalidArgument(f"optimizer_json is not valid JSON: {exc}") from None
+        if not isinstance(value, dict | str):
+            raise InvalidArgument(
+                "optimizer_json must encode a Keras serialization dict "
+                f'({{"class_name": ..., "config": {{...}}}}) or a name, got {type(value).__name__}'
+            )
+        return value
+
+    # -- model -------------------------------------------------------------------------------
+
+    @_rpc("CreateModel")
+    def CreateModel(self, request_iterator, context):  # noqa: N802
+        self._require_accepting()
+        header = _first_item(request_iterator, "header", "CreateModelHeader")
+        headers = list(header.variables)
+        self._check_sizes(headers, dense_only=True)
+        optimizer = self._parse_optimizer(header.optimizer_json)
+        variables = self._assemble(headers, request_iterator, method="CreateModel")
+        created = self._store.create_model(header.model_name or "model", optimizer, variables)
+        version = self._store.version
+        self._metrics.model_version.set(version)
+        logger.info("model %r %s", header.model_name, "created" if created else "already existed")
+        return pb.CreateModelResponse(created=created, version=version)
+
+    @_rpc("DeleteModel")
+    def DeleteModel(self, request, context):  # noqa: N802
+        self._require_accepting()
+        self._store.delete_model()
+        logger.info("model deleted")
+        return pb.DeleteModelResponse()
+
+    @_rpc("Describe")
+    def Describe(self, request, context):  # noqa: N802
+        with self._store.lock:
+            self._require_model()
+            variables = [_dense_header(s.name, s.dtype, s.shape) for s in self._store.specs()]
+            config = self._store.optimizer_config()
+            response = pb.DescribeResponse(
+                model_name=self._store.model_name,
+                variables=variables,
+                optimizer_json=json.dumps(config, default=_json_default),
+                hyperparameters=self._store.hyperparameters(),
+                version=self._store.version,
+                aggregation=_aggregation_info(self._core.config),
+            )
+            optimizer_specs = self._optimizer_specs()
+        response.optimizer_variables.extend(
+            _dense_header(name, dtype, shape) for name, (dtype, shape) in optimizer_specs.items()
+        )
+        return response
+
+    @_rpc("SetHyperparameters")
+    def SetHyperparameters(self, request, context):  # noqa: N802
+        self._require_accepting()
+        self._require_model()
+        values = self._store.set_hyperparameters(dict(request.values))
+        config = self._store.optimizer_config()
+        return pb.SetHyperparametersResponse(
+            hyperparameters=values, optimizer_json=json.dumps(config, default=_json_default)
+        )
+
+    # -- training ----------------------------------------------------------------------------
+
+    @_rpc("Push")
+    def Push(self, request_iterator, context):  # noqa: N802
+        self._require_accepting()
+        header = _first_item(request_iterator, "header", "PushHeader")
+        headers = list(header.tensors)
+        self._check_sizes(headers, dense_only=False)
+        self._check_against(headers, self._variable_specs(), what="variable", unknown=NotFound)
+        grads = self._assemble(headers, request_iterator, method="Push")
+        self._metrics.staleness.observe(max(0, self._store.version - header.base_version))
+        start = time.perf_counter()
+        result = self._aggregator.push(
+            header.worker_id,
+            header.sequence,
+            header.base_version,
+            grads,
+            timeout_s=_remaining_s(context),
+        )
+        self._metrics.round_wait_seconds.observe(time.perf_counter() - start)
+        self._metrics.record_push(
+            duplicate=result.duplicate, applied=result.applied, version=result.version
+        )
+        return pb.PushResponse(
+            duplicate=result.duplicate, version=result.version, contributors=result.contributors
+        )
+
+    @_rpc("Pull")
+    def Pull(self, request, context):  # noqa: N802
+        if request.min_version > 0:
+            self._store.wait_for_version(request.min_version, _remaining_s(context))
+        if request.scope == pb.PULL_SCOPE_OPTIMIZER_STATE:
+            if request.names or request.rows:
+                raise InvalidArgument("optimizer-state pulls take no names or rows")
+            self._require_model()
+            version, items = self._store.optimizer_state()
+            names = [name for name, _ in items]
+            values: list[wire.TensorValue] = [value for _, value in items]
+            headers = [wire.header_for(n, v) for n, v in zip(names, values, strict=True)]
+        elif request.scope == pb.PULL_SCOPE_WEIGHTS:
+            rows: dict[str, np.ndarray] = {}
+            for selection in request.rows:
+                if selection.name in rows:
+                    raise InvalidArgument(f"rows of {selection.name!r} selected twice")
+                rows[selection.name] = np.asarray(selection.rows, dtype=np.int64)
+            wanted = list(dict.fromkeys([*request.names, *rows])) or None
+            with self._store.lock:
+                self._require_model()
+                version, tensors = self._store.read(wanted, rows or None)
+                shapes = {s.name: tuple(s.shape) for s in self._store.specs()}
+            values = list(tensors.values())
+            headers = [
+                wire.sparse_header(n, v, shapes[n])
+                if isinstance(v, wire.SparseRows)
+                else wire.header_for(n, v)
+                for n, v in tensors.items()
+            ]
+        else:
+            raise InvalidArgument(
+                f"unknown pull scope {request.scope}; expected PULL_SCOPE_WEIGHTS (0) or "
+                "PULL_SCOPE_OPTIMIZER_STATE (1)"
+            )
+        yield tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))
+        # Pre-encoded TensorStreamItem chunks: one copy of each slice (see add_to_server).
+        yield from wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
+        self._metrics.bytes_sent.labels(method="Pull").inc(sum(h.byte_length for h in headers))
+
+    @_rpc("SetOptimizerState")
+    def SetOptimizerState(self, request_iterator, context):  # noqa: N802
+        self._require_accepting()
+        header = _first_item(request_iterator, "header", "TensorStreamHeader")
+        headers = list(header.tensors)
+        self._check_sizes(headers, dense_only=True)
+        self._check_against(
+            headers, self._optimizer_specs(), what="optimizer variable", unknown=InvalidArgument
+        )
+        arrays = self._assemble(headers, request_iterator, method="SetOptimizerState")
+        version = self._store.set_optimizer_state(arrays)
+        self._metrics.model_version.set(version)
+        return pb.SetOptimizerStateResponse(version=version)
+
+    @_rpc("GetStatus")
+    def GetStatus(self, request, context):  # noqa: N802
+        status = self._aggregator.status()
+        workers = [
+            pb.WorkerStatus(
+                worker_id=w.worker_id,
+                last_sequence=w.last_sequence,
+                pushes=w.pushes,
+                seconds_since_seen=w.seconds_since_seen,
+                pending=w.pending,
+            )
+            for w in status.workers
+        ]
+        return pb.GetStatusResponse(
+            server_version=server_version(),
+            has_model=self._store.has_model,
+            version=self._store.version,
+            rounds_completed=status.rounds_completed,
+            rounds_aborted=status.rounds_aborted,
+            rounds_partial=status.rounds_partial,
+            workers=workers,
+            pending_pushes=status.pending_pushes,
+            aggregation=_aggregation_info(self._core.config),
+            device=self._store.device,
+            uptime_s=time.monotonic() - self._core.started_at,
+            serving=self._core.accepting.is_set(),
+        )
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    @_rpc("CreateSnapshot")
+    def CreateSnapshot(self, request, context):  # noqa: N802
+        self._require_accepting()
+        return _snapshot_pb(self._core.take_snapshot(trigger="rpc"))
+
+    @_rpc("ListSnapshots")
+    def ListSnapshots(self, request, context):  # noqa: N802
+        infos = self._core.require_snapshots().list()
+        return pb.ListSnapshotsResponse(snapshots=[_snapshot_pb(i) for i in infos])
+
+    @_rpc("RestoreSnapshot")
+    def RestoreSnapshot(self, request, context):  # noqa: N802
+        self._require_accepting()
+        info = self._core.restore_snapshot(request.id)
+        return pb.RestoreSnapshotResponse(snapshot=_snapshot_pb(info))
+
+    @_rpc("DownloadSnapshot")
+    def DownloadSnapshot(self, request, context):  # noqa: N802
+        path = self._core.require_snapshots().path(request.id)
+        sent = 0
+        with path.open("rb") as fh:
+            total = os.fstat(fh.fileno()).st_size
+            while True:
+                data = fh.read(self._chunk_bytes)
+                if not data and sent > 0:
+                    break
+                yield pb.FileChunk(offset=sent, data=data, total_size=total)
+                sent += len(data)
+                if not data:  # an empty file still gets one chunk carrying total_size
+                    break
+        self._metrics.bytes_sent.labels(method="DownloadSnapshot").inc(sent)
+
+    @_rpc("UploadSnapshot")
+    def UploadSnapshot(self, request_iterator, context):  # noqa: N802
+        self._require_accepting()
+        snapshots = self._core.require_snapshots()
+        header = _first_item(request_iterator, "header", "UploadSnapshotHeader")
+        size = header.size_bytes
+        if size > self._limits.max_state_bytes:
+            raise ResourceExhausted(
+                f"snapshot of {size} bytes is over the server's limit of "
+                f"max_state_bytes={self._limits.max_state_bytes}"
+            )
+        received = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal received
+            for item in request_iterator:
+                if item.WhichOneof("item") != "chunk":
+                    raise InvalidArgument("UploadSnapshot: only chunks may follow the header")
+                if item.chunk.offset != received:
+                    raise InvalidArgument(
+                        f"snapshot chunk at offset {item.chunk.offset}, expected {received}"
+                    )
+                data = item.chunk.data
+                received += len(data)
+                if received > size:
+                    raise InvalidArgument(f"more than the declared {size} bytes were sent")
+                yield data
+            if received != size:
+                raise InvalidArgument(f"upload ended early: {received} of {size} bytes")
+
+        info = snapshots.import_file(chunks(), size_bytes=size)
+        self._metrics.bytes_received.labels(method="UploadSnapshot").inc(received)
+        logger.info("snapshot %s uploaded (%d bytes)", info.id, info.size_bytes)
+        restored = False
+        if header.restore:
+            info = self._core.restore_snapshot(info.id)
+            restored = True
+        return pb.UploadSnapshotResponse(snapshot=_snapshot_pb(info), restored=restored)

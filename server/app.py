@@ -1,0 +1,276 @@
+"""Assembling and running the daemon: gRPC server, health, reflection, metrics, snapshots, signals.
+
+:func:`create_server` builds and starts everything and returns a :class:`RunningServer` (tests
+bind port 0 and read ``.port``); :func:`serve` runs one until SIGTERM or SIGINT, then shuts
+down in order: health NOT_SERVING, new pushes refused (UNAVAILABLE), aggregator closed, final
+snapshot if configured, in-flight calls given ``grace_s``, exit status 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from .aggregator import AggregationConfig, Aggregator
+from .config import ServerConfig, format_address
+from .errors import ParamServeError
+from .metrics import ServerMetrics
+from .servicer import SERVICE_NAME, ParameterServerServicer, ServerCore, add_to_server
+from .snapshots import SnapshotStore
+from .store import Limits, ModelStore
+
+logger = logging.getLogger(__name__)
+
+_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost", "[::1]")
+
+
+class _TimedStore(ModelStore):
+    """A ModelStore that reports the latency of every optimizer apply to the metrics."""
+
+    def __init__(self, metrics: ServerMetrics, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._apply_seconds = metrics.apply_seconds
+
+    def apply(self, grads):  # type: ignore[override]
+        start = time.perf_counter()
+        version = super().apply(grads)
+        self._apply_seconds.observe(time.perf_counter() - start)
+        return version
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel arguments of the server: message limits, streams, keepalive tolerance."""
+    limits = config.limits
+    return [
+        ("grpc.max_receive_message_length", limits.max_message_bytes),
+        ("grpc.max_send_message_length", limits.max_message_bytes),
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        # Two servers must never share a port (tests start many on port 0).
+        ("grpc.so_reuseport", 0),
+        # Let SDK keepalive pings through (every >= 10 s, also while idle).
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+@dataclass
+class RunningServer:
+    """A started daemon. ``stop()`` (or ``shutdown()``) drains it; safe to call twice."""
+
+    config: ServerConfig
+    core: ServerCore
+    port: int
+    metrics_port: int | None
+    _server: grpc.Server
+    _health: health.HealthServicer
+    _stop_periodic: threading.Event = field(default_factory=threading.Event)
+    _periodic: threading.Thread | None = None
+    _stopped: threading.Event = field(default_factory=threading.Event)
+    _stop_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def address(self) -> str:
+        """``host:port`` a client can dial (the port actually bound)."""
+        return format_address(self.config.host, self.port)
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Drain and stop: NOT_SERVING, refuse pushes, close rounds, final snapshot, stop."""
+        grace_s = self.config.grace_s if grace_s is None else grace_s
+        with self._stop_lock:
+            if self._stopped.is_set():
+                return
+            logger.info("shutting down (grace %.1f s)", grace_s)
+            self._health.enter_graceful_shutdown()
+            self.core.accepting.clear()
+            self.core.aggregator.close()
+            self._stop_periodic.set()
+            if self._periodic is not None:
+                self._periodic.join()
+            if self.core.snapshots is not None and self.config.snapshot_on_exit:
+                self._final_snapshot()
+            self.core.store.close()  # waiting pulls end with UNAVAILABLE instead of hanging
+            self._server.stop(grace_s).wait()
+            self.core.metrics.stop_http()
+            self._stopped.set()
+            logger.info("stopped")
+
+    shutdown = stop
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until :meth:`stop` has finished; False on timeout."""
+        return self._stopped.wait(timeout_s)
+
+    def _final_snapshot(self) -> None:
+        if not self.core.store.has_model:
+            logger.info("no model: no final snapshot")
+            return
+        try:
+            self.core.take_snapshot(trigger="exit")
+        except Exception:
+            logger.exception("final snapshot failed")
+
+    def _run_periodic(self) -> None:
+        """Snapshot every ``snapshot_every_s`` when the version moved since the last one."""
+        last_version: int | None = None
+        while not self._stop_periodic.wait(self.config.snapshot_every_s):
+            store = self.core.store
+            if not store.has_model or store.version == last_version:
+                continue
+            try:
+                last_version = self.core.take_snapshot(trigger="periodic").version
+            except ParamServeError as exc:
+                logger.warning("periodic snapshot skipped: %s", exc)
+            except Exception:
+                logger.exception("periodic snapshot failed")
+
+
+def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
+    limits = config.limits
+    store = _TimedStore(
+        metrics,
+        device=config.device,
+        nonfinite=config.nonfinite,
+        limits=Limits(
+            max_variables=limits.max_variables,
+            max_tensor_bytes=limits.max_tensor_bytes,
+            max_state_bytes=limits.max_state_bytes,
+        ),
+    )
+    aggregator = Aggregator(
+        store,
+        AggregationConfig(
+            mode=config.mode,
+            replicas=config.replicas,
+            reduction=config.reduction,
+            round_timeout_s=config.round_timeout_s,
+            deadline_policy=config.deadline_policy,
+            max_staleness=config.max_staleness,
+        ),
+    )
+    snapshots = None
+    if config.checkpoint_dir is not None:
+        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        snapshots = SnapshotStore(config.checkpoint_dir, keep_last=config.keep_snapshots)
+    return ServerCore(
+        store=store, aggregator=aggregator, snapshots=snapshots, config=config, metrics=metrics
+    )
+
+
+def _resume(core: ServerCore) -> None:
+    assert core.snapshots is not None
+    info = core.snapshots.latest_valid()
+    if info is None:
+        logger.info("resume: no valid snapshot in %s; starting empty", core.config.checkpoint_dir)
+        return
+    core.restore_snapshot(info.id)
+    logger.info("resumed from snapshot %s at version %d", info.id, info.version)
+
+
+def _bind(server: grpc.Server, address: str) -> int:
+    """Listen on ``address``; OSError (not gRPC's RuntimeError) when the port is taken."""
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"cannot listen on {address}")
+    return port
+
+
+def create_server(config: ServerConfig) -> RunningServer:
+    """Build the core, bind, and start serving; port 0 picks a free port (see ``.port``)."""
+    metrics = ServerMetrics()
+    core = _build_core(config, metrics)
+    try:
+        return _start(config, core)
+    except BaseException:
+        core.aggregator.close()
+        core.store.close()
+        metrics.stop_http()
+        raise
+
+
+def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
+    metrics = core.metrics
+    if config.resume:
+        _resume(core)
+    metrics.model_version.set(core.store.version)
+
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        options=grpc_options(config),
+    )
+    add_to_server(ParameterServerServicer(core), server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    try:
+        port = _bind(server, config.address)
+        if config.host not in _LOOPBACK_HOSTS:
+            logger.warning(
+                "listening on %s without TLS or authentication: anyone who can reach it can "
+                "change the model",
+                config.host,
+            )
+        metrics_port = None
+        if config.metrics_port:
+            metrics_port = metrics.serve_http(host=config.host, port=config.metrics_port)
+        server.start()
+    except BaseException:
+        server.stop(None)
+        raise
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+
+    running = RunningServer(
+        config=config,
+        core=core,
+        port=port,
+        metrics_port=metrics_port,
+        _server=server,
+        _health=health_servicer,
+    )
+    if config.checkpoint_dir is not None and config.snapshot_every_s > 0:
+        running._periodic = threading.Thread(
+            target=running._run_periodic, name="periodic-snapshots", daemon=True
+        )
+        running._periodic.start()
+    logger.info(
+        "paramserve listening on %s (mode=%s, replicas=%d, device=%s)",
+        running.address,
+        config.mode,
+        config.replicas,
+        core.store.device,
+    )
+    return running
+
+
+def serve(config: ServerConfig) -> int:
+    """Run a server until SIGTERM or SIGINT, drain it, and return the exit status (0)."""
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        logger.info("received %s", signal.Signals(signum).name)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        running = create_server(config)
+        while not stop_requested.wait(0.5):
+            pass
+        running.stop(config.grace_s)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0

@@ -8,20 +8,17 @@ this module only checks input, keeps the variables and hands them to the optimiz
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from paramserve import optim_core
 from paramserve.client.tensors import SparseRows
-from paramserve.optim_core import Optimizer, Variable
 
 from . import gradients
 from .errors import (
@@ -30,101 +27,29 @@ from .errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     Unavailable,
+)
+from .model import (
+    Limits,
+    Model,
+    ModelState,
+    VariableSpec,
+    build_model,
+    check_name,
+    check_variables,
+    config_json,
+    current_config,
+    describe_difference,
+    lr_is_schedule,
+    make_optimizer,
+    specs_of,
 )
 
 logger = logging.getLogger(__name__)
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-MAX_NAME_CHARS = 1024
+__all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
-
-@dataclass(frozen=True)
-class VariableSpec:
-    """A variable's name, NumPy dtype name and shape."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits that keep one request from exhausting the server."""
-
-    max_variables: int = 10_000
-    max_tensor_bytes: int = 8 << 30
-    max_state_bytes: int = 64 << 30
-
-
-@dataclass
-class ModelState:
-    """A consistent host copy of the model: what snapshots hold and restores replace."""
-
-    model_name: str
-    optimizer: dict[str, Any]
-    variables: dict[str, np.ndarray]
-    optimizer_state: dict[str, np.ndarray]
-    version: int
-
-
-@dataclass
-class _Model:
-    name: str
-    optimizer: Optimizer
-    variables: dict[str, Variable]
-    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
-    # Optimizer configs (JSON) under which create_model counts as "already exists, identical".
-    definitions: set[str] = field(default_factory=set)
-
-
-def _check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
-    if not isinstance(name, str):
-        raise InvalidArgument(f"{what} must be a string; got {type(name).__name__}")
-    if not name and not allow_empty:
-        raise InvalidArgument(f"{what} must not be empty")
-    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise InvalidArgument(
-            f"{what} {name[:80]!r} must be at most {MAX_NAME_CHARS} characters "
-            "without control characters"
-        )
-
-
-def _config_json(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True, default=repr)
-
-
-def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(config, dict):
-        return {prefix.rstrip("."): config}
-    out: dict[str, Any] = {}
-    for key, value in config.items():
-        out.update(_flat_config(value, f"{prefix}{key}."))
-    return out
-
-
-def _lr_is_schedule(config: dict[str, Any]) -> bool:
-    """Whether the (possibly wrapped) optimizer's learning rate is a schedule."""
-    if "learning_rate" in config:
-        return isinstance(config["learning_rate"], dict)
-    inner = config.get("inner_optimizer")
-    return isinstance(inner, dict) and _lr_is_schedule(inner.get("config") or {})
-
-
-def make_optimizer(identifier: Any) -> Optimizer:
-    """An unbuilt optimizer from a name or Keras serialization dict; InvalidArgument if bad."""
-    if not isinstance(identifier, str | dict):
-        raise InvalidArgument(
-            "the optimizer must be a name or a Keras serialization dict; "
-            f"got {type(identifier).__name__}"
-        )
-    try:
-        optimizer = optim_core.get(identifier)
-    except (ValueError, TypeError, KeyError) as exc:
-        raise InvalidArgument(f"invalid optimizer: {exc}") from exc
-    assert optimizer is not None
-    return optimizer
+DEFAULT_LIMITS = Limits()
 
 
 def _host_copy(value: Any) -> np.ndarray:
@@ -137,7 +62,7 @@ class ModelStore:
     """Holds one model (a shard): its variables on ``device`` and its optimizer."""
 
     def __init__(
-        self, *, device: str = "cpu", nonfinite: str = "reject", limits: Limits = Limits()
+        self, *, device: str = "cpu", nonfinite: str = "reject", limits: Limits = DEFAULT_LIMITS
     ) -> None:
         if nonfinite not in gradients.NONFINITE_POLICIES:
             raise ValueError(
@@ -149,7 +74,7 @@ class ModelStore:
         self.limits = limits
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
-        self._model: _Model | None = None
+        self._model: Model | None = None
         self._generation = 0
         self._closed = False
 
@@ -181,126 +106,18 @@ class ModelStore:
         with self.lock:
             return self._closed
 
-    def _require_model(self) -> _Model:
+    def _require_model(self) -> Model:
         if self._model is None:
             raise NotFound("no model exists on this server; create one first")
         return self._model
 
-    def _install(self, model: _Model | None) -> None:
+    def _install(self, model: Model | None) -> None:
         with self.lock:
             self._model = model
             self._generation += 1
             self.changed.notify_all()
 
     # --- creating and replacing the model ------------------------------------------------
-    def _check_variables(self, variables: Any) -> list[tuple[str, np.ndarray]]:
-        if not isinstance(variables, Mapping) or not variables:
-            raise InvalidArgument("a model needs at least one variable; got none")
-        limits = self.limits
-        if len(variables) > limits.max_variables:
-            raise ResourceExhausted(
-                f"the model has {len(variables)} variables, over the limit of "
-                f"{limits.max_variables} (max_variables)"
-            )
-        slot_prefixes: dict[str, str] = {}
-        total = 0
-        out = []
-        for name, value in variables.items():
-            _check_name("a variable name", name)
-            # optim_core names slots "{path with / as _}_{slot}": keep them unique.
-            prefix = name.replace("/", "_")
-            if prefix in slot_prefixes:
-                raise InvalidArgument(
-                    f"variables {slot_prefixes[prefix]!r} and {name!r} would share optimizer "
-                    "slot names ('/' becomes '_' in slot names); rename one of them"
-                )
-            slot_prefixes[prefix] = name
-            if not isinstance(value, np.ndarray):
-                raise InvalidArgument(
-                    f"variable {name!r} must be a NumPy array; got {type(value).__name__}"
-                )
-            if value.dtype.name not in FLOAT_DTYPES:
-                raise InvalidArgument(
-                    f"variable {name!r} has dtype {value.dtype.name}, expected a floating "
-                    f"dtype ({', '.join(FLOAT_DTYPES)})"
-                )
-            if value.nbytes > limits.max_tensor_bytes:
-                raise ResourceExhausted(
-                    f"variable {name!r} is {value.nbytes} bytes, over the limit of "
-                    f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
-                )
-            total += value.nbytes
-            out.append((name, value))
-        if total > limits.max_state_bytes:
-            raise ResourceExhausted(
-                f"the variables take {total} bytes, over the limit of "
-                f"{limits.max_state_bytes} bytes (max_state_bytes)"
-            )
-        return out
-
-    def _build_model(
-        self, name: str, optimizer: Optimizer, arrays: list[tuple[str, np.ndarray]]
-    ) -> _Model:
-        """Copy the variables to the device and build the optimizer's slots on them."""
-        variables: dict[str, Variable] = {}
-        for var_name, value in arrays:
-            host = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
-            try:
-                if self.device == "cpu":
-                    variables[var_name] = Variable(host, path=var_name)
-                else:
-                    variables[var_name] = Variable(host, path=var_name, device=self.device)
-            except (TypeError, ValueError) as exc:
-                raise InvalidArgument(
-                    f"variable {var_name!r} ({host.dtype.name}) cannot live on device "
-                    f"{self.device}: {exc}"
-                ) from exc
-        try:
-            optimizer.build(list(variables.values()))
-        except (ValueError, TypeError) as exc:
-            raise InvalidArgument(
-                f"the optimizer cannot be built on these variables: {exc}"
-            ) from exc
-        state_bytes = sum(int(v.value.nbytes) for v in variables.values())
-        state_bytes += sum(int(v.value.nbytes) for v in optimizer.variables)
-        if state_bytes > self.limits.max_state_bytes:
-            raise ResourceExhausted(
-                f"variables and optimizer state take {state_bytes} bytes, over the limit of "
-                f"{self.limits.max_state_bytes} bytes (max_state_bytes)"
-            )
-        specs = {n: (v.dtype, v.shape) for n, v in variables.items()}
-        config = _config_json(optim_core.serialize(optimizer))
-        return _Model(name, optimizer, variables, specs, {config})
-
-    @staticmethod
-    def _difference(model: _Model, name: str, specs: list[VariableSpec], config: str) -> str:
-        if model.name != name:
-            return f"the model is named {model.name!r}, the request names {name!r}"
-        have = {s.name: s for s in _specs_of(model)}
-        want = {s.name: s for s in specs}
-        if set(have) != set(want):
-            return (
-                f"variables differ: missing {sorted(set(have) - set(want))}, "
-                f"unexpected {sorted(set(want) - set(have))}"
-            )
-        for spec in specs:
-            old = have[spec.name]
-            if old != spec:
-                return (
-                    f"variable {spec.name!r} is {old.dtype} {list(old.shape)} on the server, "
-                    f"{spec.dtype} {list(spec.shape)} in the request"
-                )
-        if list(have) != list(want):
-            return f"variable order differs: the server has {list(have)}"
-        current = _flat_config(json.loads(min(model.definitions)))
-        requested = _flat_config(json.loads(config))
-        diffs = [
-            f"{k} is {current.get(k)!r} on the server, {requested.get(k)!r} in the request"
-            for k in sorted(set(current) | set(requested))
-            if current.get(k) != requested.get(k)
-        ]
-        return "optimizer differs: " + "; ".join(diffs[:5])
-
     def create_model(
         self, name: str, optimizer: dict[str, Any] | str, variables: dict[str, np.ndarray]
     ) -> bool:
@@ -309,28 +126,28 @@ class ModelStore:
         Identical means the same model name, variable names, dtypes and shapes in order,
         and the same optimizer config; initial values are not compared.
         """
-        _check_name("the model name", name, allow_empty=True)
-        arrays = self._check_variables(variables)
+        check_name("the model name", name, allow_empty=True)
+        arrays = check_variables(variables, self.limits)
         candidate = make_optimizer(optimizer)
-        config = _config_json(optim_core.serialize(candidate))
+        config = config_json(optim_core.serialize(candidate))
         specs = [VariableSpec(n, v.dtype.name, tuple(int(d) for d in v.shape)) for n, v in arrays]
 
         def existing_matches() -> bool | None:
             model = self._model
             if model is None:
                 return None
-            same = model.name == name and _specs_of(model) == specs
-            if same and (config in model.definitions or config == _current_config(model)):
+            same = model.name == name and specs_of(model) == specs
+            if same and (config in model.definitions or config == current_config(model)):
                 return True
             raise AlreadyExists(
                 f"a model already exists with another definition: "
-                f"{self._difference(model, name, specs, config)}"
+                f"{describe_difference(model, name, specs, config)}"
             )
 
         with self.lock:
             if existing_matches():
                 return False
-        model = self._build_model(name, candidate, arrays)
+        model = build_model(name, candidate, arrays, device=self.device, limits=self.limits)
         with self.lock:
             if existing_matches():  # created concurrently while we were building
                 return False
@@ -350,12 +167,14 @@ class ModelStore:
         """Replace the model with ``state``; everything is built and checked before the swap."""
         if not isinstance(state, ModelState):
             raise InvalidArgument(f"expected a ModelState; got {type(state).__name__}")
-        _check_name("the model name", state.model_name, allow_empty=True)
+        check_name("the model name", state.model_name, allow_empty=True)
         optimizer = make_optimizer(state.optimizer)
-        arrays = self._check_variables(state.variables)
+        arrays = check_variables(state.variables, self.limits)
         if not isinstance(state.optimizer_state, Mapping):
             raise InvalidArgument("the optimizer state must be a mapping of names to arrays")
-        model = self._build_model(state.model_name, optimizer, arrays)
+        model = build_model(
+            state.model_name, optimizer, arrays, device=self.device, limits=self.limits
+        )
         try:
             model.optimizer.load_state_dict(dict(state.optimizer_state))
         except ValueError as exc:
@@ -384,7 +203,7 @@ class ModelStore:
     # --- description and hyperparameters -------------------------------------------------
     def specs(self) -> list[VariableSpec]:
         with self.lock:
-            return _specs_of(self._require_model())
+            return specs_of(self._require_model())
 
     def optimizer_config(self) -> dict[str, Any]:
         with self.lock:
@@ -417,7 +236,7 @@ class ModelStore:
                 if not math.isfinite(value):
                     raise InvalidArgument(f"hyperparameter {key!r} must be finite; got {value}")
             config = optim_core.serialize(model.optimizer)
-            if "learning_rate" in values and _lr_is_schedule(config["config"]):
+            if "learning_rate" in values and lr_is_schedule(config["config"]):
                 raise FailedPrecondition(
                     "the learning rate follows a schedule and cannot be set to a number"
                 )
@@ -562,17 +381,6 @@ class ModelStore:
         with self.lock:
             self._closed = True
             self.changed.notify_all()
-
-
-def _specs_of(model: _Model) -> list[VariableSpec]:
-    return [
-        VariableSpec(n, dtype.name, tuple(int(d) for d in shape))
-        for n, (dtype, shape) in model.specs.items()
-    ]
-
-
-def _current_config(model: _Model) -> str:
-    return _config_json(optim_core.serialize(model.optimizer))
 
 
 def _check_rows(name: str, rows: Any, shape: tuple[int, ...]) -> np.ndarray:

@@ -1,0 +1,236 @@
+"""A model definition: variable specs, limits, and building or comparing a model.
+
+The store keeps one :class:`Model` at a time; this module checks a requested
+definition (names, dtypes, limits, optimizer), builds it on a device, and says in
+words how two definitions differ, so create/import fail before touching live state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from paramserve import optim_core
+from paramserve.optim_core import Optimizer, Variable
+
+from .errors import InvalidArgument, ResourceExhausted
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+MAX_NAME_CHARS = 1024
+
+
+@dataclass(frozen=True)
+class VariableSpec:
+    """A variable's name, NumPy dtype name and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits that keep one request from exhausting the server."""
+
+    max_variables: int = 10_000
+    max_tensor_bytes: int = 8 << 30
+    max_state_bytes: int = 64 << 30
+
+
+@dataclass
+class ModelState:
+    """A consistent host copy of the model: what snapshots hold and restores replace."""
+
+    model_name: str
+    optimizer: dict[str, Any]
+    variables: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray]
+    version: int
+
+
+@dataclass
+class Model:
+    """The live model: its variables on the device, their specs, and the optimizer."""
+
+    name: str
+    optimizer: Optimizer
+    variables: dict[str, Variable]
+    specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
+    # Optimizer configs (JSON) under which create_model counts as "already exists, identical".
+    definitions: set[str] = field(default_factory=set)
+
+
+def check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
+    if not isinstance(name, str):
+        raise InvalidArgument(f"{what} must be a string; got {type(name).__name__}")
+    if not name and not allow_empty:
+        raise InvalidArgument(f"{what} must not be empty")
+    if len(name) > MAX_NAME_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise InvalidArgument(
+            f"{what} {name[:80]!r} must be at most {MAX_NAME_CHARS} characters "
+            "without control characters"
+        )
+
+
+def config_json(config: dict[str, Any]) -> str:
+    return json.dumps(config, sort_keys=True, default=repr)
+
+
+def _flat_config(config: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(config, dict):
+        return {prefix.rstrip("."): config}
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        out.update(_flat_config(value, f"{prefix}{key}."))
+    return out
+
+
+def lr_is_schedule(config: dict[str, Any]) -> bool:
+    """Whether the (possibly wrapped) optimizer's learning rate is a schedule."""
+    if "learning_rate" in config:
+        return isinstance(config["learning_rate"], dict)
+    inner = config.get("inner_optimizer")
+    return isinstance(inner, dict) and lr_is_schedule(inner.get("config") or {})
+
+
+def make_optimizer(identifier: Any) -> Optimizer:
+    """An unbuilt optimizer from a name or Keras serialization dict; InvalidArgument if bad."""
+    if not isinstance(identifier, str | dict):
+        raise InvalidArgument(
+            "the optimizer must be a name or a Keras serialization dict; "
+            f"got {type(identifier).__name__}"
+        )
+    try:
+        optimizer = optim_core.get(identifier)
+    except (ValueError, TypeError, KeyError) as exc:
+        raise InvalidArgument(f"invalid optimizer: {exc}") from exc
+    assert optimizer is not None
+    return optimizer
+
+
+def check_variables(variables: Any, limits: Limits) -> list[tuple[str, np.ndarray]]:
+    """Check names, dtypes and limits of the initial values; returns them in order."""
+    if not isinstance(variables, Mapping) or not variables:
+        raise InvalidArgument("a model needs at least one variable; got none")
+    if len(variables) > limits.max_variables:
+        raise ResourceExhausted(
+            f"the model has {len(variables)} variables, over the limit of "
+            f"{limits.max_variables} (max_variables)"
+        )
+    slot_prefixes: dict[str, str] = {}
+    total = 0
+    out = []
+    for name, value in variables.items():
+        check_name("a variable name", name)
+        # optim_core names slots "{path with / as _}_{slot}": keep them unique.
+        prefix = name.replace("/", "_")
+        if prefix in slot_prefixes:
+            raise InvalidArgument(
+                f"variables {slot_prefixes[prefix]!r} and {name!r} would share optimizer "
+                "slot names ('/' becomes '_' in slot names); rename one of them"
+            )
+        slot_prefixes[prefix] = name
+        if not isinstance(value, np.ndarray):
+            raise InvalidArgument(
+                f"variable {name!r} must be a NumPy array; got {type(value).__name__}"
+            )
+        if value.dtype.name not in FLOAT_DTYPES:
+            raise InvalidArgument(
+                f"variable {name!r} has dtype {value.dtype.name}, expected a floating "
+                f"dtype ({', '.join(FLOAT_DTYPES)})"
+            )
+        if value.nbytes > limits.max_tensor_bytes:
+            raise ResourceExhausted(
+                f"variable {name!r} is {value.nbytes} bytes, over the limit of "
+                f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
+            )
+        total += value.nbytes
+        out.append((name, value))
+    if total > limits.max_state_bytes:
+        raise ResourceExhausted(
+            f"the variables take {total} bytes, over the limit of "
+            f"{limits.max_state_bytes} bytes (max_state_bytes)"
+        )
+    return out
+
+
+def build_model(
+    name: str,
+    optimizer: Optimizer,
+    arrays: list[tuple[str, np.ndarray]],
+    *,
+    device: str,
+    limits: Limits,
+) -> Model:
+    """Copy the variables to the device and build the optimizer's slots on them."""
+    variables: dict[str, Variable] = {}
+    for var_name, value in arrays:
+        host = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
+        try:
+            if device == "cpu":
+                variables[var_name] = Variable(host, path=var_name)
+            else:
+                variables[var_name] = Variable(host, path=var_name, device=device)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(
+                f"variable {var_name!r} ({host.dtype.name}) cannot live on device {device}: {exc}"
+            ) from exc
+    try:
+        optimizer.build(list(variables.values()))
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgument(f"the optimizer cannot be built on these variables: {exc}") from exc
+    state_bytes = sum(int(v.value.nbytes) for v in variables.values())
+    state_bytes += sum(int(v.value.nbytes) for v in optimizer.variables)
+    if state_bytes > limits.max_state_bytes:
+        raise ResourceExhausted(
+            f"variables and optimizer state take {state_bytes} bytes, over the limit of "
+            f"{limits.max_state_bytes} bytes (max_state_bytes)"
+        )
+    specs = {n: (v.dtype, v.shape) for n, v in variables.items()}
+    config = config_json(optim_core.serialize(optimizer))
+    return Model(name, optimizer, variables, specs, {config})
+
+
+def describe_difference(model: Model, name: str, specs: list[VariableSpec], config: str) -> str:
+    """In words, the first way the requested definition differs from ``model``."""
+    if model.name != name:
+        return f"the model is named {model.name!r}, the request names {name!r}"
+    have = {s.name: s for s in specs_of(model)}
+    want = {s.name: s for s in specs}
+    if set(have) != set(want):
+        return (
+            f"variables differ: missing {sorted(set(have) - set(want))}, "
+            f"unexpected {sorted(set(want) - set(have))}"
+        )
+    for spec in specs:
+        old = have[spec.name]
+        if old != spec:
+            return (
+                f"variable {spec.name!r} is {old.dtype} {list(old.shape)} on the server, "
+                f"{spec.dtype} {list(spec.shape)} in the request"
+            )
+    if list(have) != list(want):
+        return f"variable order differs: the server has {list(have)}"
+    current = _flat_config(json.loads(min(model.definitions)))
+    requested = _flat_config(json.loads(config))
+    diffs = [
+        f"{k} is {current.get(k)!r} on the server, {requested.get(k)!r} in the request"
+        for k in sorted(set(current) | set(requested))
+        if current.get(k) != requested.get(k)
+    ]
+    return "optimizer differs: " + "; ".join(diffs[:5])
+
+
+def specs_of(model: Model) -> list[VariableSpec]:
+    return [
+        VariableSpec(n, dtype.name, tuple(int(d) for d in shape))
+        for n, (dtype, shape) in model.specs.items()
+    ]
+
+
+def current_config(model: Model) -> str:
+    return config_json(optim_core.serialize(model.optimizer))

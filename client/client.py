@@ -200,12 +200,17 @@ class Client:
     def _stream(
         self, method: Callable[..., Iterable[R]], request: Any, timeout_s: float | None
     ) -> Iterator[R]:
-        """Iterate a server stream, mapping failures (which surface mid-iteration)."""
-        responses = self._call(method, request, timeout_s)
+        """Iterate a server stream, mapping failures (which surface mid-iteration).
+
+        A consumer that stops early (a malformed stream, a failed write) cancels the call.
+        """
+        responses: Any = self._call(method, request, timeout_s)
         try:
             yield from responses
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
+        finally:
+            responses.cancel()
 
     def _variable_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a model variable, for sparse-row headers (described once, then cached)."""

@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from paramserve import optim_core
 from paramserve.client import (
     AlreadyExistsError,
     Client,
@@ -128,6 +129,8 @@ def test_snapshot_download_upload_round_trip(start_server, admin, connect, tmp_p
 
 def test_errors_carry_code_and_server_message(server, admin, connect):
     assert admin.create_model(initial_weights(), SGD).created is False  # idempotent
+    same = optim_core.SGD(learning_rate=0.5)  # an instance serializes to the same config
+    assert admin.create_model(initial_weights(), same).created is False
     with pytest.raises(AlreadyExistsError):
         admin.create_model({"other": np.zeros(2, np.float32)}, SGD)
     with pytest.raises(NotFoundError, match="nope"):

@@ -17,10 +17,6 @@ def test_demo_trains_snapshots_restores_and_replays_identically(capsys):
     assert out.rstrip().endswith("demo passed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/cli.py: nargs=REMAINDER in the demo subparser rejects leading --flags",
-)
 def test_demo_via_the_cli_with_flags():
     cmd = [sys.executable, "-m", "paramserve.server", "demo", "--steps", "6", "--workers", "2"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

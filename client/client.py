@@ -35,7 +35,7 @@ from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .channel import ChannelSettings, method_path, open_channel
-from .errors import DeadlineExceededError, NotFoundError, from_rpc_error
+from .errors import NotFoundError, from_rpc_error
 from .results import (
     CreateModelResult,
     ModelDescription,
@@ -123,7 +123,6 @@ class Client:
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
         self._wait_for_ready = wait_for_ready
-        self._explicit_worker_id = worker_id is not None
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
@@ -156,7 +155,9 @@ class Client:
         )
         self._lock = threading.Lock()
         self._sequence = 0
-        self._sequence_synced = not self._explicit_worker_id
+        # An explicit worker_id may have pushed before (a restarted worker): continue
+        # after the server's last_sequence for it, read before the first push.
+        self._sequence_synced = worker_id is None
         self._base_version = 0
         self._description: ModelDescription | None = None
 
@@ -173,13 +174,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client(address={self.address!r}, worker_id={self.worker_id!r})"
-
-    def wait_ready(self, timeout_s: float | None = None) -> None:
-        """Block until the channel is connected; DeadlineExceededError after ``timeout_s``."""
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=self._deadline(timeout_s))
-        except grpc.FutureTimeoutError:
-            raise DeadlineExceededError(f"no server at {self.address} became ready") from None
 
     # --- plumbing --------------------------------------------------------------------------
     def _deadline(self, timeout_s: float | None) -> float:
@@ -214,18 +208,12 @@ class Client:
 
     def _variable_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a model variable, for sparse-row headers (described once, then cached)."""
-        spec = self._cached_description().spec(name)
-        if spec is None:  # the model may have been replaced since it was described
+        spec = self._description.spec(name) if self._description is not None else None
+        if spec is None:  # not described yet, or the model changed since
             spec = self.describe().spec(name)
         if spec is None:
             raise NotFoundError(f"the model has no variable {name!r}")
         return spec.shape
-
-    def _cached_description(self) -> ModelDescription:
-        if self._description is None:
-            self.describe()
-        assert self._description is not None
-        return self._description
 
     # --- model ------------------------------------------------------------------------------
     def create_model(
@@ -248,7 +236,7 @@ class Client:
         header = pb.CreateModelHeader(
             model_name=name,
             optimizer_json=optimizer_json(optimizer),
-            variables=tensor_headers(names, arrays, lambda n: ()),
+            variables=tensor_headers(names, arrays),
         )
         first = pb.CreateModelRequest(header=header).SerializeToString()
         stream = request_stream(first, arrays, chunk_bytes=self.chunk_bytes)
@@ -376,7 +364,7 @@ class Client:
         """Replace every optimizer variable (names as :meth:`optimizer_state` gives them);
         validated completely before anything changes. Returns the model version."""
         names, values = named_values(state)
-        header = tpb.TensorStreamHeader(tensors=tensor_headers(names, values, lambda n: ()))
+        header = tpb.TensorStreamHeader(tensors=tensor_headers(names, values))
         first = tpb.TensorStreamItem(header=header).SerializeToString()
         stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
         return self._call(self._set_optimizer_state, stream, timeout_s).version

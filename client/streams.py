@@ -64,13 +64,18 @@ def as_wire_value(value: Any) -> TensorValue:
 
 
 def tensor_headers(
-    names: Sequence[str], values: Sequence[TensorValue], variable_shape: ShapeLookup
+    names: Sequence[str], values: Sequence[TensorValue], variable_shape: ShapeLookup | None = None
 ) -> list[tpb.TensorHeader]:
     """Headers for ``values``; sparse rows ask ``variable_shape`` for their variable's shape."""
-    return [
-        sparse_header(n, v, variable_shape(n)) if isinstance(v, SparseRows) else header_for(n, v)
-        for n, v in zip(names, values, strict=True)
-    ]
+    headers = []
+    for name, value in zip(names, values, strict=True):
+        if not isinstance(value, SparseRows):
+            headers.append(header_for(name, value))
+        elif variable_shape is None:
+            raise ValueError(f"{name!r}: sparse rows are only accepted in pushes")
+        else:
+            headers.append(sparse_header(name, value, variable_shape(name)))
+    return headers
 
 
 def request_stream(

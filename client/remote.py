@@ -101,7 +101,8 @@ class RemoteOptimizer:
         self.built = True
 
     def _name(self, variable: Any) -> str:
-        name = self._names_by_key.get(_key(variable))
+        path = variable.path if isinstance(variable, optim_core.Variable) else None
+        name = path if path in self._specs else self._names_by_key.get(_key(variable))
         if name is None:
             raise ValueError(
                 f"Unknown variable of shape {np.shape(variable)}. This optimizer can only be "

@@ -104,7 +104,7 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
-def _compile() -> SimpleNamespace:
+def _compile(cache: bool) -> SimpleNamespace:
     import numba
     from numba import types
 
@@ -122,7 +122,7 @@ def _compile() -> SimpleNamespace:
             }
             sigs.append(types.void(*(arg[k] for k in kinds)))
         compiled[name] = numba.njit(
-            sigs, cache=True, error_model="numpy", fastmath=False, nogil=True
+            sigs, cache=cache, error_model="numpy", fastmath=False, nogil=True
         )(func)
     return SimpleNamespace(**compiled)
 
@@ -133,18 +133,23 @@ def _load() -> SimpleNamespace | None:
         return _state["kernels"]
     with _lock:
         if "kernels" not in _state:
+            kernels: SimpleNamespace | None = None
             try:
-                kernels: SimpleNamespace | None = _compile()
+                kernels = _compile(cache=True)
             except ImportError:
-                kernels = None
-            except Exception as exc:  # a broken numba/LLVM must not break training
-                warnings.warn(
-                    f"Fused optimizer kernels are disabled: numba failed ({exc!r}); "
-                    "the NumPy update rules are used instead.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                kernels = None
+                pass
+            except Exception:
+                # No writable cache location, or a broken numba/LLVM: try once without the
+                # on-disk cache; failing that, warn and let the NumPy rules run.
+                try:
+                    kernels = _compile(cache=False)
+                except Exception as exc:
+                    warnings.warn(
+                        f"Fused optimizer kernels are disabled: numba failed ({exc!r}); "
+                        "the NumPy update rules are used instead.",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
             _state["kernels"] = kernels
     return _state["kernels"]
 

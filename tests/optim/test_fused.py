@@ -389,6 +389,24 @@ def test_missing_numba_falls_back_to_numpy() -> None:
 
 
 @needs_numba
+def test_no_writable_cache_still_fuses() -> None:
+    """When numba cannot cache on disk, the kernels compile in memory instead."""
+    code = (
+        "import numba\n"
+        "real = numba.njit\n"
+        "def njit(*args, cache=False, **kwargs):\n"
+        "    if cache:\n"
+        "        raise RuntimeError('cannot cache function: no locator available')\n"
+        "    return real(*args, **kwargs)\n"
+        "numba.njit = njit\n"
+        "from paramserve.optim_core import fused\n"
+        "assert fused.available()\n"
+    )
+    proc = _python(code)
+    assert proc.returncode == 0, proc.stderr
+
+
+@needs_numba
 def test_benchmark_script_runs() -> None:
     """bench/optimizer_apply.py stays runnable, and its Adam rows take the fused path."""
     script = Path(__file__).resolve().parents[2] / "bench" / "optimizer_apply.py"

@@ -65,6 +65,7 @@ class _Round:
     # worker_id -> (sequence, prepared gradients or None when skipped as non-finite)
     contributions: dict[str, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)
     done: bool = False
+    applied_workers: set[str] = field(default_factory=set)  # whose gradients were applied
     version_after: int = 0
     contributors: int = 0
     error: ParamServeError | None = None
@@ -151,11 +152,13 @@ class Aggregator:
         if self._closed or self._store.closed:
             raise Unavailable("the server is shutting down; pushes are refused")
 
+    def _worker(self, worker_id: str) -> _Worker:
+        # setdefault: import_state may have replaced the table since this push was seen.
+        return self._workers.setdefault(worker_id, _Worker())
+
     def _see(self, worker_id: str) -> None:
         now = self._clock()
-        worker = self._workers.get(worker_id)
-        if worker is None:
-            worker = self._workers[worker_id] = _Worker()
+        worker = self._worker(worker_id)
         if worker.last_seen is None or now - worker.last_seen > self.config.round_timeout_s:
             # A new or returning worker starts at the slowest live clock, so it does not
             # hold the others back (bounded staleness) while it catches up.
@@ -173,14 +176,14 @@ class Aggregator:
         }
 
     def _duplicate(self, worker_id: str, sequence: int) -> PushResult | None:
-        if sequence <= self._workers[worker_id].last_sequence:
+        if sequence <= self._worker(worker_id).last_sequence:
             return PushResult(
                 duplicate=True, applied=False, version=self._store.version, contributors=0
             )
         return None
 
     def _record(self, worker_id: str, sequence: int) -> None:
-        worker = self._workers.setdefault(worker_id, _Worker())
+        worker = self._worker(worker_id)
         worker.last_sequence = max(worker.last_sequence, sequence)
         worker.pushes += 1
         worker.clock += 1
@@ -276,10 +279,9 @@ class Aggregator:
             store.changed.wait(wait_s)
         if round_.error is not None:
             raise type(round_.error)(str(round_.error))
-        took_part = round_.contributions.get(worker_id, (0, None))[1] is not None
         return PushResult(
             duplicate=duplicate,
-            applied=took_part and not duplicate and round_.contributors > 0,
+            applied=not duplicate and worker_id in round_.applied_workers,
             version=round_.version_after,
             contributors=round_.contributors,
         )
@@ -324,7 +326,10 @@ class Aggregator:
     def _close_round(self, round_: _Round, *, partial: bool) -> None:
         """Combine the contributions (sorted by worker_id), apply once, record sequences."""
         store, cfg = self._store, self.config
-        valid = sorted((wid, p) for wid, (_, p) in round_.contributions.items() if p is not None)
+        valid = sorted(
+            ((wid, p) for wid, (_, p) in round_.contributions.items() if p is not None),
+            key=lambda item: item[0],
+        )
         try:
             if valid:
                 # Fewer gradients than replicas (deadline, or skipped non-finite pushes):
@@ -349,21 +354,24 @@ class Aggregator:
         self._rounds_partial += int(partial)
         round_.version_after = version
         round_.contributors = len(valid)
+        round_.applied_workers = {wid for wid, _ in valid}
+        self._finish(round_)
+
+    def _finish(self, round_: _Round) -> None:
         round_.done = True
+        # Waiters only need the outcome: let the gradients go now, not when the last returns.
+        round_.contributions = {w: (s, None) for w, (s, _) in round_.contributions.items()}
         if self._round is round_:
             self._round = None
-        store.changed.notify_all()
+        self._store.changed.notify_all()
 
     def _fail_round(self, round_: _Round, error: ParamServeError) -> None:
         """Drop the round without applying it: waiters raise ``error``; nothing recorded."""
         if round_.done:
             return
         round_.error = error
-        round_.done = True
         self._rounds_aborted += 1
-        if self._round is round_:
-            self._round = None
-        self._store.changed.notify_all()
+        self._finish(round_)
 
     # --- async and bounded staleness -----------------------------------------------------
     def _apply_now(
@@ -419,7 +427,7 @@ class Aggregator:
 
     def _staleness_wait_until(self, worker_id: str, now: float) -> float | None:
         """None when the worker may go ahead; else when its slowest blocker counts as dead."""
-        mine = self._workers[worker_id].clock
+        mine = self._worker(worker_id).clock
         blockers = [
             wid
             for wid, clock in self._live_clocks(worker_id, now).items()

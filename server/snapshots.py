@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import sys
 import threading
 import time
 import uuid
@@ -33,7 +34,7 @@ from paramserve.optim_core import Variable
 
 from .aggregator import check_aggregation_state
 from .errors import InvalidArgument, NotFound
-from .store import ModelState, make_optimizer
+from .model import Limits, ModelState, check_variables, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,9 @@ _STORABLE = {
     "uint8", "uint16", "uint32", "uint64", "bool",
 }  # fmt: skip
 _BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+_NO_LIMITS = Limits(
+    max_variables=sys.maxsize, max_tensor_bytes=sys.maxsize, max_state_bytes=sys.maxsize
+)
 
 
 def utc_now() -> str:
@@ -171,11 +175,15 @@ def _read_tensors(
 def check_model_state(model: ModelState, label: str) -> None:
     """Rebuild the optimizer on the variables in a scratch copy and load the state into it."""
     try:
+        # Names and dtypes as create_model checks them; size limits are the restoring store's.
+        check_variables(model.variables, _NO_LIMITS)
         optimizer = make_optimizer(model.optimizer)
-        variables = [Variable(a, path=n) for n, a in model.variables.items()]
-        optimizer.build(variables)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{label}: {exc}") from exc
+    try:
+        optimizer.build([Variable(a, path=n) for n, a in model.variables.items()])
         optimizer.load_state_dict(model.optimizer_state)
-    except (ValueError, TypeError, InvalidArgument) as exc:
+    except (ValueError, TypeError) as exc:
         raise InvalidArgument(
             f"{label}: the optimizer state does not match the optimizer config: {exc}"
         ) from exc

@@ -32,7 +32,7 @@ from .helpers import LocalReplay, assert_bitwise_equal, grads_for, model_vars, w
 
 @pytest.fixture
 def pool() -> Iterator[ThreadPoolExecutor]:
-    executor = ThreadPoolExecutor(max_workers=8)
+    executor = ThreadPoolExecutor(max_workers=12)
     yield executor
     executor.shutdown(wait=True, cancel_futures=True)
 
@@ -202,6 +202,32 @@ def test_sync_training_loop_three_workers(pool: ThreadPoolExecutor) -> None:
         parts = [grads_for(model_vars(), 10 * step + i) for i in range(3)]
         replay.apply({n: parts[0][n] + parts[1][n] + parts[2][n] for n in parts[0]})
     assert_bitwise_equal(store.read()[1], replay.weights())
+
+
+def test_sync_rounds_with_concurrent_retries_apply_each_push_once(pool) -> None:
+    """Every push is sent twice at once (a retry racing the original): same result as once."""
+    store, agg = make("sgd", mode="sync", replicas=3, round_timeout_s=10)
+    steps = 5
+
+    def worker(index: int) -> None:
+        version = 0
+        for step in range(steps):
+            grads = grads_for(model_vars(), 10 * step + index)
+            twins = [pool.submit(agg.push, f"w{index}", step + 1, version, grads) for _ in "ab"]
+            results = [t.result(10) for t in twins]
+            assert sorted(r.duplicate for r in results) == [False, True]
+            assert len({r.version for r in results}) == 1
+            version = results[0].version
+
+    for future in [pool.submit(worker, i) for i in range(3)]:
+        future.result(30)  # re-raises a failed assertion of the worker
+    assert store.version == steps
+    replay = LocalReplay("sgd", model_vars())
+    for step in range(steps):
+        parts = [grads_for(model_vars(), 10 * step + i) for i in range(3)]
+        replay.apply({n: parts[0][n] + parts[1][n] + parts[2][n] for n in parts[0]})
+    assert_bitwise_equal(store.read()[1], replay.weights())
+    assert agg.status().rounds_completed == steps
 
 
 def test_sync_stale_base_version_and_second_push(pool: ThreadPoolExecutor) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -180,16 +181,19 @@ def bad_aggregation(t: dict, meta: dict, m: dict) -> None:
     m["aggregation"]["workers"]["w"]["last_sequence"] = -3
 
 
-def wrong_slot_dtype(t: dict, meta: dict, m: dict) -> None:
-    # Consistent checksum, but the optimizer keeps this slot as float32.
-    import hashlib
+def retyped(section: str, name: str, dtype: str) -> Callable[[dict, dict, dict], None]:
+    """Store one tensor with another dtype, manifest and checksum consistent with it."""
 
-    value = t["optimizer/dense_kernel_momentum"].astype(np.float64)
-    t["optimizer/dense_kernel_momentum"] = value
-    for entry in m["optimizer_state"]:
-        if entry["name"] == "dense_kernel_momentum":
-            entry["dtype"] = "float64"
-            entry["sha256"] = hashlib.sha256(value.tobytes()).hexdigest()
+    def edit(t: dict, meta: dict, m: dict) -> None:
+        key = ("variables/" if section == "variables" else "optimizer/") + name
+        value = t[key].astype(dtype)
+        t[key] = value
+        for entry in m[section]:
+            if entry["name"] == name:
+                entry["dtype"] = dtype
+                entry["sha256"] = hashlib.sha256(value.tobytes()).hexdigest()
+
+    return edit
 
 
 DAMAGE = [
@@ -207,7 +211,14 @@ DAMAGE = [
     (lambda p: rewrite(p, other_optimizer), "does not match the optimizer config"),
     (lambda p: rewrite(p, other_version), "version 5"),
     (lambda p: rewrite(p, bad_aggregation), "last_sequence"),
-    (lambda p: rewrite(p, wrong_slot_dtype), "keeps it as float32"),
+    (
+        lambda p: rewrite(p, retyped("optimizer_state", "dense_kernel_momentum", "float64")),
+        "keeps it as float32",
+    ),
+    (
+        lambda p: rewrite(p, retyped("variables", "scale", "int32")),
+        "'scale' has dtype int32, expected a floating dtype",
+    ),
 ]
 
 

@@ -101,15 +101,16 @@ class Client:
         max_message_bytes: int = 64 << 20,
         keepalive_time_s: float = 30.0,
         retry_max_attempts: int = 5,
-        wait_for_ready: bool = False,
+        wait_for_ready: bool = True,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
-        ``wait_for_ready`` makes calls wait (within their deadline) for a server that is
-        not up yet instead of failing. ``token`` is sent as ``authorization: Bearer``
+        ``wait_for_ready`` (on by default) makes calls wait, within their deadline, for a
+        server that is not up yet or is restarting, so a worker rides out a daemon restart;
+        pass False to fail fast (admin tools do). ``token`` is sent as ``authorization: Bearer``
         metadata; ``credentials`` (``grpc.ssl_channel_credentials(...)``) turn on TLS.
         """
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fused
 from .backend import get_array_module, to_numpy
 from .schedules import LearningRateSchedule
 from .schedules import deserialize as deserialize_schedule
@@ -469,7 +470,10 @@ class Optimizer:
                 dt = v.dtype.type
                 lr = dt(self.learning_rate)
                 wd = dt(self.weight_decay)
-                v.assign(v.value - v.value * wd * lr)
+                if fused.can_fuse(self, v.value):
+                    fused.weight_decay(v.value, wd, lr)
+                else:
+                    v.assign(v.value - v.value * wd * lr)
 
     def _update_moving_averages(self) -> None:
         for var, avg in zip(
@@ -477,7 +481,10 @@ class Optimizer:
         ):
             dt = var.dtype.type
             mu = dt(self.ema_momentum) if self.iterations != 0 else dt(0)
-            avg.assign(mu * avg.value + (dt(1) - mu) * var.value)
+            if fused.can_fuse(self, avg.value, var.value):
+                fused.ema(avg.value, var.value, mu, dt(1) - mu)
+            else:
+                avg.assign(mu * avg.value + (dt(1) - mu) * var.value)
 
     def _overwrite_with_averages(self) -> None:
         for var, avg in zip(

@@ -232,12 +232,12 @@ def sgd_momentum(
 
 
 def weight_decay(w: np.ndarray, wd: Any, lr: Any) -> None:
-    """Decoupled weight decay in place: ``w = w - w*wd*lr`` (for ``base.py``; not wired yet)."""
+    """Decoupled weight decay in place: ``w = w - w*wd*lr`` (the base class's decay step)."""
     dt = w.dtype.type
     _kernels().weight_decay(_flat(w), dt(wd), dt(lr))
 
 
 def ema(average: np.ndarray, w: np.ndarray, momentum: Any, one_minus_momentum: Any) -> None:
-    """EMA in place: ``average = momentum*average + one_minus_momentum*w`` (for ``base.py``)."""
+    """The base class's EMA step in place: ``average = momentum*average + (1-momentum)*w``."""
     dt = w.dtype.type
     _kernels().ema(_flat(average), _flat(w), dt(momentum), dt(one_minus_momentum))

@@ -85,10 +85,12 @@ class Variable:
         self.value[...] = value
 
     def assign_add(self, value: Any) -> None:
-        self.value[...] = self.value + value
+        """``value += x`` in place (same rounding as ``value = value + x``, no temporary)."""
+        self.xp.add(self.value, value, out=self.value)
 
     def assign_sub(self, value: Any) -> None:
-        self.value[...] = self.value - value
+        """``value -= x`` in place (same rounding as ``value = value - x``, no temporary)."""
+        self.xp.subtract(self.value, value, out=self.value)
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         arr = to_numpy(self.value)

@@ -200,7 +200,7 @@ def _run_admin(args: argparse.Namespace) -> int:
     from paramserve.client import Client
 
     configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
-    with Client(args.address, timeout_s=args.timeout_s) as client:
+    with Client(args.address, timeout_s=args.timeout_s, wait_for_ready=False) as client:
         if args.command == "status":
             result = client.status()
         elif args.command == "snapshot":

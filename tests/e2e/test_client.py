@@ -159,14 +159,20 @@ def test_sync_push_from_an_old_version_is_refused(start_server, connect):
     assert client.push({"dense/bias": ones("dense/bias")}).version == 2
 
 
-def test_calls_fail_fast_without_a_server():
+def test_calls_fail_fast_without_a_server_when_asked():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with Client(f"127.0.0.1:{port}", timeout_s=5, retry_max_attempts=2) as client:
+    address = f"127.0.0.1:{port}"
+    with Client(address, timeout_s=5, retry_max_attempts=2, wait_for_ready=False) as client:
         with pytest.raises(ParamServeError) as info:
             client.status()
         assert info.value.code.name == "UNAVAILABLE" and isinstance(info.value, ConnectionError)
+    # By default a call waits for the server within its deadline (riding out restarts).
+    with Client(address, timeout_s=0.5) as client:
+        with pytest.raises(ParamServeError) as info:
+            client.status()
+        assert info.value.code.name == "DEADLINE_EXCEEDED"
 
 
 def test_push_is_retried_across_a_server_restart(start_server, tmp_path):

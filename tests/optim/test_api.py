@@ -336,7 +336,12 @@ def test_state_dict_keys_and_validation() -> None:
     w = Variable(np.ones(3, np.float32), path="dense/kernel")
     opt.build([w])
     state = opt.state_dict()
-    assert list(state) == ["iteration", "learning_rate", "dense_kernel_momentum", "dense_kernel_velocity"]
+    assert list(state) == [
+        "iteration",
+        "learning_rate",
+        "dense_kernel_momentum",
+        "dense_kernel_velocity",
+    ]
     with pytest.raises(ValueError, match="missing keys"):
         opt.load_state_dict({k: v for k, v in state.items() if k != "iteration"})
     with pytest.raises(ValueError, match="unexpected keys"):

@@ -1,4 +1,5 @@
-"""The README's Python examples run as written (each in a fresh interpreter)."""
+"""The README's Python examples run as written, each in a fresh interpreter; the worker
+example trains against a real sync server from two processes."""
 
 from __future__ import annotations
 
@@ -9,14 +10,47 @@ from pathlib import Path
 
 import pytest
 
+from paramserve.client import Client
+from paramserve.server.app import create_server
+from paramserve.server.config import ServerConfig
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+WORKER = next(b for b in BLOCKS if "worker_id=f\"worker-{rank}\"" in b)
 
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index: int) -> None:
     code = BLOCKS[index]
-    if "Client(" in code or "RemoteOptimizer" in code:
-        pytest.skip("needs a running server; covered by tests/e2e")
+    if "Client(" in code:
+        pytest.skip("needs a running server: see test_readme_worker_trains_against_a_server")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_worker_trains_against_a_server(tmp_path: Path) -> None:
+    server = create_server(
+        ServerConfig(port=0, mode="sync", replicas=2, log_level="warning", snapshot_on_exit=False)
+    )
+    try:
+        script = tmp_path / "worker.py"
+        script.write_text(WORKER.replace("127.0.0.1:50051", server.address))
+        procs = [
+            subprocess.Popen(
+                [sys.executable, str(script), str(rank), "120"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for rank in (0, 1)
+        ]
+        outputs = [p.communicate(timeout=120) for p in procs]
+        for p, (out, err) in zip(procs, outputs, strict=True):
+            assert p.returncode == 0, err
+            losses = [float(line.split()[-1]) for line in out.splitlines()]
+            assert len(losses) == 2 and losses[-1] < losses[0]
+        with Client(server.address, timeout_s=10) as admin:
+            status = admin.status()
+        assert status.version == 120 and status.rounds_completed == 120
+    finally:
+        server.stop(grace_s=0)

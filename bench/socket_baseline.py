@@ -1,0 +1,219 @@
+"""A minimal hand-written TCP parameter server: the yardstick that bench/step.py compares with.
+
+What a competent engineer writes in an afternoon, with no framework: one flat float32 buffer
+of weights and Adam's two slots, length-prefixed frames over one TCP connection, the gradient
+received with ``recv_into`` straight into a preallocated buffer, the same fused numba Adam
+as paramserve (``paramserve.optim_core.fused.adam``, with Keras's bias correction computed
+exactly as ``optim_core.adam`` does, so the weights match bit for bit), and the weights sent
+back with ``sendall`` of a memoryview (no copies in Python).
+
+Two step variants:
+
+* serial (``OP_STEP``): receive the whole gradient, apply, send the weights;
+* pipelined (``OP_STEP_PIPELINED``): apply each ``chunk_bytes`` piece as soon as it has
+  arrived, while the kernel's socket buffer takes in the next one (Adam is elementwise, so
+  this is exact), then send the weights.
+
+Frames: a 16-byte header ``<IIQ`` (op, argument, payload bytes), then the payload. Every
+request is answered with a frame carrying the same op. Ops: INIT (payload: initial weights;
+resets the slots and the step count), STEP, STEP_PIPELINED (payload: the gradient; answer:
+the new weights), CLOSE.
+
+Run as a script (``python bench/socket_baseline.py --port 0``): it loads the kernel, prints
+``PORT <n>`` on stdout and serves connections one after another until stdin closes (so it
+never outlives the benchmark that started it) or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+HEADER = struct.Struct("<IIQ")
+OP_INIT = 1
+OP_STEP = 2
+OP_STEP_PIPELINED = 3
+OP_CLOSE = 4
+CHUNK_BYTES = 4 << 20
+# Below this, header and payload go out in one send (one segment with TCP_NODELAY).
+_COALESCE_BYTES = 64 << 10
+
+# Keras 3 Adam defaults, the same as paramserve's "adam".
+LEARNING_RATE = 0.001
+BETA_1 = 0.9
+BETA_2 = 0.999
+EPSILON = 1e-7
+
+
+def recv_exact(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock`` (recv_into, no intermediate bytes objects)."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError(f"peer closed after {got} of {n} bytes")
+        got += k
+
+
+def recv_header(sock: socket.socket) -> tuple[int, int, int]:
+    buf = bytearray(HEADER.size)
+    recv_exact(sock, memoryview(buf))
+    return HEADER.unpack(buf)
+
+
+def send_frame(sock: socket.socket, op: int, arg: int, payload: memoryview | None = None) -> None:
+    """Header plus payload; small frames in a single send so they cost one segment."""
+    n = 0 if payload is None else len(payload)
+    header = HEADER.pack(op, arg, n)
+    if payload is None or n == 0:
+        sock.sendall(header)
+    elif n <= _COALESCE_BYTES:
+        sock.sendall(header + bytes(payload))
+    else:
+        sock.sendall(header)
+        sock.sendall(payload)
+
+
+def _byte_view(array: np.ndarray) -> memoryview:
+    return memoryview(array.reshape(-1).view(np.uint8)).cast("B")
+
+
+class AdamState:
+    """Weights, gradient buffer and Adam slots, flat float32, updated in place."""
+
+    def __init__(self, weights: np.ndarray) -> None:
+        self.w = np.array(weights, dtype=np.float32).reshape(-1)
+        self.g = np.empty_like(self.w)
+        self.m = np.zeros_like(self.w)
+        self.v = np.zeros_like(self.w)
+        self.iterations = 0
+
+    def scalars(self) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+        """``alpha, 1-b1, 1-b2, eps`` for the next step, with optim_core.adam's exact ops."""
+        dt = np.float32
+        lr = dt(LEARNING_RATE)
+        t = dt(self.iterations + 1)
+        beta_1_power = np.power(dt(BETA_1), t)
+        beta_2_power = np.power(dt(BETA_2), t)
+        alpha = lr * np.sqrt(dt(1) - beta_2_power) / (dt(1) - beta_1_power)
+        return alpha, dt(1 - BETA_1), dt(1 - BETA_2), dt(EPSILON)
+
+
+def _serve_connection(conn: socket.socket, adam_fn: Callable[..., None]) -> None:
+    state: AdamState | None = None
+    while True:
+        try:
+            op, arg, n = recv_header(conn)
+        except ConnectionError:
+            return
+        if op == OP_INIT:
+            init = np.empty(n // 4, dtype=np.float32)
+            recv_exact(conn, _byte_view(init))
+            state = AdamState(init)
+            send_frame(conn, OP_INIT, 0)
+        elif op in (OP_STEP, OP_STEP_PIPELINED):
+            if state is None or n != state.g.nbytes:
+                raise ValueError(f"step of {n} bytes without a matching INIT")
+            g_bytes = _byte_view(state.g)
+            scalars = state.scalars()
+            if op == OP_STEP:
+                recv_exact(conn, g_bytes)
+                adam_fn(state.w, state.g, state.m, state.v, *scalars)
+            else:
+                chunk = (arg or CHUNK_BYTES) // 4
+                for a in range(0, state.w.size, chunk):
+                    b = min(a + chunk, state.w.size)
+                    recv_exact(conn, g_bytes[4 * a : 4 * b])
+                    adam_fn(state.w[a:b], state.g[a:b], state.m[a:b], state.v[a:b], *scalars)
+            state.iterations += 1
+            send_frame(conn, op, state.iterations, _byte_view(state.w))
+        elif op == OP_CLOSE:
+            send_frame(conn, OP_CLOSE, 0)
+            return
+        else:
+            raise ValueError(f"unknown op {op}")
+
+
+def serve(host: str, port: int) -> None:
+    """Print ``PORT <n>`` once ready, then serve one connection at a time forever."""
+    from paramserve.optim_core import fused
+
+    if not fused.available():
+        raise SystemExit("numba kernels unavailable: the baseline needs fused.adam")
+    one = np.zeros(8, dtype=np.float32)
+    fused.adam(one, one.copy(), one.copy(), one.copy(), 0.1, 0.1, 0.1, 1e-7)  # load/compile now
+    with socket.create_server((host, port)) as listener:
+        print(f"PORT {listener.getsockname()[1]}", flush=True)
+        while True:
+            conn, _ = listener.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                _serve_connection(conn, fused.adam)
+
+
+class BaselineClient:
+    """The worker side: one connection; ``step`` pushes a gradient and receives the weights."""
+
+    def __init__(self, address: tuple[str, int], *, timeout_s: float = 60.0) -> None:
+        self.sock = socket.create_connection(address, timeout=timeout_s)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def init(self, weights: np.ndarray, *, prefix: bytes = b"") -> None:
+        """Send the initial weights (after ``prefix`` bytes, announced in the argument)."""
+        flat = np.ascontiguousarray(weights, dtype=np.float32).reshape(-1)
+        payload = memoryview(prefix + _byte_view(flat).tobytes()) if prefix else _byte_view(flat)
+        send_frame(self.sock, OP_INIT, len(prefix), payload)
+        self._expect(OP_INIT, 0)
+
+    def step(
+        self, grad: np.ndarray, out: np.ndarray, *, pipelined: bool = False, chunk_bytes: int = 0
+    ) -> int:
+        """Push ``grad`` (flat float32), write the new weights into ``out``; returns the step."""
+        op = OP_STEP_PIPELINED if pipelined else OP_STEP
+        send_frame(self.sock, op, chunk_bytes, _byte_view(grad))
+        return self._expect(op, out.nbytes, out)
+
+    def _expect(self, op: int, n: int, out: np.ndarray | None = None) -> int:
+        got_op, arg, got_n = recv_header(self.sock)
+        if got_op != op or got_n != n:
+            raise ConnectionError(f"unexpected reply op={got_op} bytes={got_n}")
+        if out is not None and n:
+            recv_exact(self.sock, _byte_view(out))
+        return arg
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            send_frame(self.sock, OP_CLOSE, 0)
+            self._expect(OP_CLOSE, 0)
+        self.sock.close()
+
+
+def _exit_when_stdin_closes() -> None:
+    """The parent holds our stdin; EOF means it is gone, so we go too."""
+    with contextlib.suppress(OSError, ValueError):
+        while sys.stdin.buffer.read(1 << 16):
+            pass
+    os._exit(0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
+    serve(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,600 @@
+"""One whole training step over TCP loopback: paramserve against a hand-written socket server.
+
+Usage: python bench/step.py [--sizes 16M,1M,small] [--steps N] [--repeats 5] [--json]
+
+A step is what one worker does per batch: push a gradient, the server applies Adam, pull
+the weights. Systems, each a server in its own subprocess, driven from this process:
+
+* ``paramserve``: the real daemon (bench/paramserve_server.py: ``create_server``, async, one
+  replica, Adam) and ``paramserve.client.Client``, doing ``push(grads)`` then ``pull()``;
+* ``socket``: bench/socket_baseline.py, a minimal length-prefixed TCP server holding w/m/v
+  that applies the same fused numba Adam (``paramserve.optim_core.fused.adam``), serially;
+  the yardstick of the targets (ratios are steps/s over this one's);
+* ``socket-pipelined``: the same server applying each 4 MiB piece as it arrives;
+* ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
+  bytes and no protobuf, applying per chunk: what gRPC itself costs;
+* ``core-socket`` (reference): bench/core_socket.py, paramserve's real ModelStore/Aggregator
+  behind the socket framing: what paramserve's core costs without gRPC.
+
+Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
+variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
+it as one flat buffer). Repeats of the systems are interleaved so drift hits all alike; each
+repeat's throughput is steps / wall time, and figures are medians over repeats, warm-up steps
+excluded. GB/s counts payload bytes both ways (gradient in, weights out). CPU columns are the
+CPU time per step of the server process and of this (client) process, read from /proc and
+getrusage: on a shared machine they move far less than wall-clock figures. Before timing, the
+weights each server returns after the warm-up are checked bit for bit against a local
+optim_core Adam replay. A SIGALRM limit (--time-limit) bounds the run; server processes are
+terminated on every exit path and also leave when our end of their stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import selectors
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH_DIR))
+
+from socket_baseline import BaselineClient  # noqa: E402
+
+SYSTEMS = ("paramserve", "grpc-raw", "core-socket", "socket", "socket-pipelined")
+SERVER_SCRIPTS = {
+    "paramserve": "paramserve_server.py",
+    "grpc-raw": "grpc_floor.py",
+    "core-socket": "core_socket.py",
+    "socket": "socket_baseline.py",
+    "socket-pipelined": "socket_baseline.py",
+}
+SMALL_MODEL = {
+    "dense/kernel": (64, 128),
+    "dense/bias": (128,),
+    "out/kernel": (128, 10),
+    "out/bias": (10,),
+}
+# Element count -> target ratio (paramserve steps/s over the serial socket server's).
+TARGET_RATIO = {16 << 20: 0.8, 1 << 20: 0.7}
+TARGET_SMALL_MS = 1.0
+START_TIMEOUT_S = 90.0  # first start may compile the numba kernels
+
+
+# --- model definitions ------------------------------------------------------------------
+@dataclass
+class Model:
+    """Variables (name -> shape) of one benchmark size, with fixed initial values and grads."""
+
+    label: str
+    shapes: dict[str, tuple[int, ...]]
+    init: dict[str, np.ndarray] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def elements(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes.values())
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.elements
+
+    def materialize(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        for name, shape in self.shapes.items():
+            self.init[name] = rng.standard_normal(shape, dtype=np.float32)
+            self.grads[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+
+    def flat(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(arrays[n]).reshape(-1) for n in self.shapes])
+
+
+def parse_size(text: str) -> Model:
+    """``16M`` / ``1M`` / ``10K`` / ``4096`` (one variable) or ``small`` (an MLP)."""
+    t = text.strip()
+    if t.lower() == "small":
+        return Model("small", dict(SMALL_MODEL))
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:].upper(), 1)
+    n = int(t[:-1] if mult != 1 else t) * mult
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return Model(t.upper() if mult != 1 else t, {"w": (n,)})
+
+
+def reference_weights(model: Model, steps: int) -> np.ndarray:
+    """Flat weights after ``steps`` local optim_core Adam steps with the model's gradient."""
+    from paramserve import optim_core
+
+    variables = [optim_core.Variable(model.init[n].copy(), path=n) for n in model.shapes]
+    opt = optim_core.get("adam")
+    opt.build(variables)
+    grads = [model.grads[n] for n in model.shapes]
+    for _ in range(steps):
+        opt.apply(grads, variables)
+    return np.concatenate([v.value.reshape(-1) for v in variables])
+
+
+# --- server subprocesses ------------------------------------------------------------------
+class ServerProcess:
+    """A server script in a subprocess that prints ``PORT <n>``; stopped on close()."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.name = script
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH_DIR / script), "--port", "0", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        try:
+            self.port = self._read_port()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"{self.name}: no PORT line in {START_TIMEOUT_S:.0f} s")
+                chunk = os.read(self.proc.stdout.fileno(), 256)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.stderr_tail()}")
+                line += chunk
+        words = line.decode().split()
+        if len(words) != 2 or words[0] != "PORT":
+            raise RuntimeError(f"{self.name}: unexpected first line {line!r}")
+        return int(words[1])
+
+    def stderr_tail(self, n_bytes: int = 4000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-n_bytes:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+# --- the systems under test ------------------------------------------------------------------
+class Runner:
+    """One system's worker: ``step()`` is one whole training step; ``weights()`` the last pull."""
+
+    name: str
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def weights(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SocketRunner(Runner):
+    def __init__(self, port: int, model: Model, *, pipelined: bool, core: bool = False) -> None:
+        self.name = "core-socket" if core else "socket-pipelined" if pipelined else "socket"
+        self.pipelined = pipelined
+        self.client = BaselineClient(("127.0.0.1", port))
+        # core-socket: the paramserve core needs the variables' names and shapes first.
+        spec = json.dumps([[n, list(s)] for n, s in model.shapes.items()]).encode()
+        self.client.init(model.flat(model.init), prefix=spec if core else b"")
+        self.grad = model.flat(model.grads)
+        self.out = np.empty_like(self.grad)
+
+    def step(self) -> None:
+        self.client.step(self.grad, self.out, pipelined=self.pipelined)
+
+    def weights(self) -> np.ndarray:
+        return self.out.copy()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class GrpcRawRunner(Runner):
+    name = "grpc-raw"
+
+    def __init__(self, port: int, model: Model) -> None:
+        from grpc_floor import GrpcRawClient
+
+        self.client = GrpcRawClient(port)
+        self.client.init(model.flat(model.init))
+        self.grad = model.flat(model.grads)
+        self.out = np.empty_like(self.grad)
+
+    def step(self) -> None:
+        self.client.step(self.grad, self.out)
+
+    def weights(self) -> np.ndarray:
+        return self.out.copy()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class ParamserveRunner(Runner):
+    name = "paramserve"
+
+    def __init__(self, port: int, model: Model) -> None:
+        from paramserve.client import Client
+
+        self.model = model
+        self.client = Client(f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0)
+        self.client.__enter__()
+        self.client.create_model(dict(model.init), optimizer="adam")
+        self.grads = dict(model.grads)
+        self.pulled: Any = None
+
+    def step(self) -> None:
+        self.client.push(self.grads)
+        self.pulled = self.client.pull()
+
+    def weights(self) -> np.ndarray:
+        pulled = self.pulled
+        if isinstance(pulled, tuple):  # (version, tensors)
+            pulled = next(p for p in pulled if isinstance(p, dict))
+        for attr in ("tensors", "weights", "values"):
+            if not isinstance(pulled, dict) and hasattr(pulled, attr):
+                pulled = getattr(pulled, attr)
+        return self.model.flat(pulled)
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+# --- measurement ---------------------------------------------------------------------------
+@dataclass
+class Result:
+    """One (system, size) line: medians over repeats, plus per-step latency quantiles."""
+
+    system: str
+    size: str
+    elements: int
+    payload_bytes: int  # gradient + weights per step
+    steps_per_repeat: int
+    repeats: list[float]  # steps/s of each repeat
+    steps_per_s: float
+    ms_per_step: float
+    p50_ms: float
+    p90_ms: float
+    gbytes_per_s: float
+    server_cpu_ms: float | None  # CPU per step of the server process (all its threads)
+    client_cpu_ms: float  # CPU per step of this process (the client, gRPC threads included)
+    verified: bool
+    ratio_vs_socket: float | None = None
+    ratio_vs_pipelined: float | None = None
+
+
+def _make_runner(system: str, port: int, model: Model) -> Runner:
+    if system == "paramserve":
+        return ParamserveRunner(port, model)
+    if system == "grpc-raw":
+        return GrpcRawRunner(port, model)
+    return SocketRunner(
+        port, model, pipelined=system == "socket-pipelined", core=system == "core-socket"
+    )
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process (Linux /proc); None elsewhere."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class Repeat:
+    """One timed repeat: wall and CPU seconds (server process, this process) over ``n`` steps."""
+
+    n: int
+    wall_s: float
+    server_cpu_s: float | None
+    client_cpu_s: float
+    per_step_s: list[float]
+
+
+def timed_steps(runner: Runner, n: int, server_pid: int) -> Repeat:
+    """Run ``n`` steps, timing each, with the CPU both processes spent meanwhile."""
+    per_step = []
+    clock = time.perf_counter
+    server0, client0 = process_cpu_s(server_pid), self_cpu_s()
+    start = clock()
+    for _ in range(n):
+        t0 = clock()
+        runner.step()
+        per_step.append(clock() - t0)
+    wall = clock() - start
+    server1, client1 = process_cpu_s(server_pid), self_cpu_s()
+    server_cpu = None if server0 is None or server1 is None else server1 - server0
+    return Repeat(n, wall, server_cpu, client1 - client0, per_step)
+
+
+def measure_size(
+    model: Model, systems: list[str], args: argparse.Namespace, log: Callable[[str], None]
+) -> list[Result]:
+    model.materialize()
+    expected = reference_weights(model, args.warmup)
+    with contextlib.ExitStack() as stack:
+        runners: list[Runner] = []
+        servers: dict[str, ServerProcess] = {}
+        for system in systems:
+            server = stack.enter_context(_closing(ServerProcess(SERVER_SCRIPTS[system])))
+            runner = _guard(server, lambda s=server, name=system: _make_runner(name, s.port, model))
+            stack.callback(runner.close)
+            runners.append(runner)
+            servers[system] = server
+
+        n_steps: dict[str, int] = {}
+        verified: dict[str, bool] = {}
+        for runner in runners:
+            warm = []
+            for _ in range(args.warmup):
+                t0 = time.perf_counter()
+                runner.step()
+                warm.append(time.perf_counter() - t0)
+            verified[runner.name] = bool(np.array_equal(runner.weights(), expected))
+            if not verified[runner.name]:
+                log(f"WARNING: {runner.name} at {model.label}: weights differ from local Adam")
+            est = min(warm) if warm else 0.01
+            n_steps[runner.name] = args.steps or int(
+                min(max(round(args.repeat_s / max(est, 1e-6)), 3), 5000)
+            )
+
+        repeats: dict[str, list[Repeat]] = {r.name: [] for r in runners}
+        for _ in range(args.repeats):
+            for runner in runners:
+                pid = servers[runner.name].proc.pid
+                repeats[runner.name].append(timed_steps(runner, n_steps[runner.name], pid))
+
+    results = []
+    for runner in runners:
+        reps = repeats[runner.name]
+        rate = statistics.median(r.n / r.wall_s for r in reps)
+        q = np.quantile(np.array([t for r in reps for t in r.per_step_s]) * 1e3, [0.5, 0.9])
+        server_cpu = [r.server_cpu_s / r.n for r in reps if r.server_cpu_s is not None]
+        results.append(
+            Result(
+                system=runner.name,
+                size=model.label,
+                elements=model.elements,
+                payload_bytes=2 * model.nbytes,
+                steps_per_repeat=n_steps[runner.name],
+                repeats=[round(r.n / r.wall_s, 3) for r in reps],
+                steps_per_s=rate,
+                ms_per_step=1e3 / rate,
+                p50_ms=float(q[0]),
+                p90_ms=float(q[1]),
+                gbytes_per_s=2 * model.nbytes * rate / 1e9,
+                server_cpu_ms=1e3 * statistics.median(server_cpu) if server_cpu else None,
+                client_cpu_ms=1e3 * statistics.median(r.client_cpu_s / r.n for r in reps),
+                verified=verified[runner.name],
+            )
+        )
+    by_name = {r.system: r for r in results}
+    for r in results:
+        if r.system in ("socket", "socket-pipelined"):
+            continue
+        if "socket" in by_name:
+            r.ratio_vs_socket = r.steps_per_s / by_name["socket"].steps_per_s
+        if "socket-pipelined" in by_name:
+            r.ratio_vs_pipelined = r.steps_per_s / by_name["socket-pipelined"].steps_per_s
+    return results
+
+
+@contextlib.contextmanager
+def _closing(server: ServerProcess) -> Iterator[ServerProcess]:
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _guard(server: ServerProcess, make: Callable[[], Runner]) -> Runner:
+    """Build a runner; on failure, add the server's stderr to the error."""
+    try:
+        return make()
+    except Exception as exc:
+        raise RuntimeError(
+            f"{exc!r}\n--- {server.name} stderr ---\n{server.stderr_tail()}"
+        ) from exc
+
+
+# --- report ------------------------------------------------------------------------------
+def targets(results: list[Result]) -> list[dict[str, Any]]:
+    """The team's targets, for the sizes that were run."""
+    out = []
+    for r in results:
+        if r.system != "paramserve":
+            continue
+        if r.elements in TARGET_RATIO and r.ratio_vs_socket is not None:
+            goal = TARGET_RATIO[r.elements]
+            out.append(
+                {
+                    "size": r.size,
+                    "metric": "paramserve / socket steps/s",
+                    "value": round(r.ratio_vs_socket, 3),
+                    "target": f">= {goal}",
+                    "met": r.ratio_vs_socket >= goal,
+                }
+            )
+        if r.size == "small":
+            out.append(
+                {
+                    "size": r.size,
+                    "metric": "paramserve ms/step",
+                    "value": round(r.ms_per_step, 3),
+                    "target": f"<= {TARGET_SMALL_MS}",
+                    "met": r.ms_per_step <= TARGET_SMALL_MS,
+                }
+            )
+    return out
+
+
+def print_table(results: list[Result], goals: list[dict[str, Any]]) -> None:
+    head = (
+        f"{'size':>6} {'system':<17}{'steps/s':>9} {'ms/step':>9} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'GB/s':>6} {'srv cpu':>8} {'cli cpu':>8} {'vs socket':>10} {'vs pipel.':>10}  ok"
+    )
+    print(head)
+    print("-" * len(head))
+    for r in results:
+        vs = f"{r.ratio_vs_socket:.3f}" if r.ratio_vs_socket is not None else "-"
+        vp = f"{r.ratio_vs_pipelined:.3f}" if r.ratio_vs_pipelined is not None else "-"
+        srv = f"{r.server_cpu_ms:.3f}" if r.server_cpu_ms is not None else "-"
+        print(
+            f"{r.size:>6} {r.system:<17}{r.steps_per_s:>9.1f} {r.ms_per_step:>9.3f} "
+            f"{r.p50_ms:>8.3f} {r.p90_ms:>8.3f} {r.gbytes_per_s:>6.2f} {srv:>8} "
+            f"{r.client_cpu_ms:>8.3f} {vs:>10} {vp:>10}  {'yes' if r.verified else 'NO'}"
+        )
+    print(
+        "(ms/step = 1000 / median steps/s over repeats; p50/p90 over all timed steps; "
+        "srv/cli cpu = CPU ms per step of the server process / this process)"
+    )
+    if goals:
+        print("\ntargets:")
+        for g in goals:
+            print(
+                f"  {g['size']:>6} {g['metric']:<28} {g['value']:>8} (target {g['target']}) "
+                f"{'MET' if g['met'] else 'MISSED'}"
+            )
+
+
+def environment() -> dict[str, Any]:
+    import numba
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "numba": numba.__version__,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+    with contextlib.suppress(Exception):
+        import google.protobuf
+        import grpc
+
+        info["grpcio"] = grpc.__version__
+        info["protobuf"] = google.protobuf.__version__
+    with contextlib.suppress(Exception):
+        info["commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=BENCH_DIR,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    return info
+
+
+def _alarm(_signum: int, _frame: Any) -> None:
+    raise TimeoutError("bench/step.py ran past --time-limit; servers are being stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="16M,1M,small", help="comma list (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per repeat (0: auto)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument(
+        "--repeat-s", type=float, default=0.6, help="auto steps: seconds per repeat"
+    )
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of %(default)s")
+    parser.add_argument("--time-limit", type=int, default=180, help="seconds for the whole run")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    args = parser.parse_args(argv)
+    models = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+    if args.warmup < 1 or args.repeats < 1:
+        parser.error("--warmup and --repeats must be at least 1")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    load_before = os.getloadavg()[0]
+    if load_before > 0.5:
+        log(
+            f"note: load average {load_before:.2f} before start on {os.cpu_count()} CPUs; other "
+            "work on this machine skews wall-clock figures (the CPU columns much less)"
+        )
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(args.time_limit)
+    results: list[Result] = []
+    started = time.monotonic()
+    timed_out = False
+    try:
+        for model in models:
+            log(f"[{time.monotonic() - started:6.1f} s] {model.label}: {model.elements:,} floats")
+            results.extend(measure_size(model, systems, args, log))
+    except TimeoutError as exc:  # servers are already stopped; report what was measured
+        log(f"{exc}; sizes not reached are left out")
+        timed_out = True
+    finally:
+        signal.alarm(0)
+    goals = targets(results)
+    if args.json:
+        payload = {
+            "environment": environment(),
+            "wall_s": round(time.monotonic() - started, 1),
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg()[0],
+            "results": [asdict(r) for r in results],
+            "targets": goals,
+        }
+        print(json.dumps(payload, indent=2))
+    else:
+        print_table(results, goals)
+        print(
+            f"\n(wall {time.monotonic() - started:.1f} s; load average {load_before:.2f} "
+            f"before, {os.getloadavg()[0]:.2f} after, {os.cpu_count()} CPUs)"
+        )
+    if timed_out:
+        return 2
+    return 0 if all(r.verified for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

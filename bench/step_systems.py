@@ -1,0 +1,255 @@
+"""The systems bench/step.py compares: model sizes, server subprocesses, and one worker each.
+
+Each system is a server script in this directory started in its own process (it prints
+``PORT <n>`` when ready and exits when its stdin closes, so it never outlives the benchmark)
+plus a :class:`Runner` in the benchmark's process whose ``step()`` is one whole training step:
+push the gradient, the server applies Adam, pull the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+if str(BENCH_DIR) not in sys.path:
+    sys.path.insert(0, str(BENCH_DIR))
+
+from socket_baseline import BaselineClient  # noqa: E402
+
+SYSTEMS = ("paramserve", "grpc-raw", "core-socket", "socket", "socket-pipelined")
+SERVER_SCRIPTS = {
+    "paramserve": "paramserve_server.py",
+    "grpc-raw": "grpc_floor.py",
+    "core-socket": "core_socket.py",
+    "socket": "socket_baseline.py",
+    "socket-pipelined": "socket_baseline.py",
+}
+SMALL_MODEL = {
+    "dense/kernel": (64, 128),
+    "dense/bias": (128,),
+    "out/kernel": (128, 10),
+    "out/bias": (10,),
+}
+START_TIMEOUT_S = 90.0  # first start may compile the numba kernels
+
+
+# --- model definitions ------------------------------------------------------------------
+@dataclass
+class Model:
+    """Variables (name -> shape) of one benchmark size, with fixed initial values and grads."""
+
+    label: str
+    shapes: dict[str, tuple[int, ...]]
+    init: dict[str, np.ndarray] = field(default_factory=dict)
+    grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def elements(self) -> int:
+        return sum(int(np.prod(s)) for s in self.shapes.values())
+
+    @property
+    def nbytes(self) -> int:
+        return 4 * self.elements
+
+    def materialize(self, seed: int = 0) -> None:
+        rng = np.random.default_rng(seed)
+        for name, shape in self.shapes.items():
+            self.init[name] = rng.standard_normal(shape, dtype=np.float32)
+            self.grads[name] = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.01)
+
+    def flat(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        return np.concatenate([np.asarray(arrays[n]).reshape(-1) for n in self.shapes])
+
+
+def parse_size(text: str) -> Model:
+    """``16M`` / ``1M`` / ``10K`` / ``4096`` (one variable) or ``small`` (an MLP)."""
+    t = text.strip()
+    if t.lower() == "small":
+        return Model("small", dict(SMALL_MODEL))
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:].upper(), 1)
+    n = int(t[:-1] if mult != 1 else t) * mult
+    if n <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return Model(t.upper() if mult != 1 else t, {"w": (n,)})
+
+
+def reference_weights(model: Model, steps: int) -> np.ndarray:
+    """Flat weights after ``steps`` local optim_core Adam steps with the model's gradient."""
+    from paramserve import optim_core
+
+    variables = [optim_core.Variable(model.init[n].copy(), path=n) for n in model.shapes]
+    opt = optim_core.get("adam")
+    opt.build(variables)
+    grads = [model.grads[n] for n in model.shapes]
+    for _ in range(steps):
+        opt.apply(grads, variables)
+    return np.concatenate([v.value.reshape(-1) for v in variables])
+
+
+# --- server subprocesses ------------------------------------------------------------------
+class ServerProcess:
+    """A server script in a subprocess that prints ``PORT <n>``; stopped on close()."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.name = script
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
+        self.proc = subprocess.Popen(
+            [sys.executable, str(BENCH_DIR / script), "--port", "0", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
+        try:
+            self.port = self._read_port()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read_port(self) -> int:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + START_TIMEOUT_S
+        line = b""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            while not line.endswith(b"\n"):
+                left = deadline - time.monotonic()
+                if left <= 0 or not sel.select(left):
+                    raise RuntimeError(f"{self.name}: no PORT line in {START_TIMEOUT_S:.0f} s")
+                chunk = os.read(self.proc.stdout.fileno(), 256)
+                if not chunk:
+                    raise RuntimeError(f"{self.name} exited early:\n{self.stderr_tail()}")
+                line += chunk
+        words = line.decode().split()
+        if len(words) != 2 or words[0] != "PORT":
+            raise RuntimeError(f"{self.name}: unexpected first line {line!r}")
+        return int(words[1])
+
+    def stderr_tail(self, n_bytes: int = 4000) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-n_bytes:]
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            if self.proc.stdin:
+                self.proc.stdin.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.log.close()
+
+
+# --- the systems under test ------------------------------------------------------------------
+class Runner:
+    """One system's worker: ``step()`` is one whole training step; ``weights()`` the last pull."""
+
+    name: str
+
+    def step(self) -> None:
+        raise NotImplementedError
+
+    def weights(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SocketRunner(Runner):
+    def __init__(self, port: int, model: Model, *, pipelined: bool, core: bool = False) -> None:
+        self.name = "core-socket" if core else "socket-pipelined" if pipelined else "socket"
+        self.pipelined = pipelined
+        self.client = BaselineClient(("127.0.0.1", port))
+        # core-socket: the paramserve core needs the variables' names and shapes first.
+        spec = json.dumps([[n, list(s)] for n, s in model.shapes.items()]).encode()
+        self.client.init(model.flat(model.init), prefix=spec if core else b"")
+        self.grad = model.flat(model.grads)
+        self.out = np.empty_like(self.grad)
+
+    def step(self) -> None:
+        self.client.step(self.grad, self.out, pipelined=self.pipelined)
+
+    def weights(self) -> np.ndarray:
+        return self.out.copy()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class GrpcRawRunner(Runner):
+    name = "grpc-raw"
+
+    def __init__(self, port: int, model: Model) -> None:
+        from grpc_floor import GrpcRawClient
+
+        self.client = GrpcRawClient(port)
+        self.client.init(model.flat(model.init))
+        self.grad = model.flat(model.grads)
+        self.out = np.empty_like(self.grad)
+
+    def step(self) -> None:
+        self.client.step(self.grad, self.out)
+
+    def weights(self) -> np.ndarray:
+        return self.out.copy()
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class ParamserveRunner(Runner):
+    name = "paramserve"
+
+    def __init__(self, port: int, model: Model) -> None:
+        from paramserve.client import Client
+
+        self.model = model
+        self.client = Client(f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0)
+        self.client.__enter__()
+        self.client.create_model(dict(model.init), optimizer="adam")
+        self.grads = dict(model.grads)
+        self.pulled: Any = None
+
+    def step(self) -> None:
+        self.client.push(self.grads)
+        self.pulled = self.client.pull()
+
+    def weights(self) -> np.ndarray:
+        pulled = self.pulled
+        if isinstance(pulled, tuple):  # (version, tensors)
+            pulled = next(p for p in pulled if isinstance(p, dict))
+        for attr in ("tensors", "weights", "values"):
+            if not isinstance(pulled, dict) and hasattr(pulled, attr):
+                pulled = getattr(pulled, attr)
+        return self.model.flat(pulled)
+
+    def close(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
+def make_runner(system: str, port: int, model: Model) -> Runner:
+    """The worker for ``system`` (one of SYSTEMS), connected and initialised."""
+    if system == "paramserve":
+        return ParamserveRunner(port, model)
+    if system == "grpc-raw":
+        return GrpcRawRunner(port, model)
+    return SocketRunner(
+        port, model, pipelined=system == "socket-pipelined", core=system == "core-socket"
+    )

@@ -115,14 +115,44 @@ class PushRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("duplicate", "version", "contributors")
+    __slots__ = ("duplicate", "version", "contributors", "applied")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     version: int
     contributors: int
-    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., contributors: _Optional[int] = ...) -> None: ...
+    applied: bool
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., contributors: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class InlineTensor(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: _tensor_pb2.TensorHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[_tensor_pb2.TensorHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("push", "gradients", "pull")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
+    push: PushHeader
+    gradients: _containers.RepeatedCompositeFieldContainer[InlineTensor]
+    pull: PullRequest
+    def __init__(self, push: _Optional[_Union[PushHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[InlineTensor, _Mapping]]] = ..., pull: _Optional[_Union[PullRequest, _Mapping]] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("push", "version", "weights")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    push: PushResponse
+    version: int
+    weights: _containers.RepeatedCompositeFieldContainer[InlineTensor]
+    def __init__(self, push: _Optional[_Union[PushResponse, _Mapping]] = ..., version: _Optional[int] = ..., weights: _Optional[_Iterable[_Union[InlineTensor, _Mapping]]] = ...) -> None: ...
 
 class RowSelection(_message.Message):
     __slots__ = ("name", "rows")

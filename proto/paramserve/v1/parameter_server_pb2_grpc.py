@@ -60,6 +60,11 @@ class ParameterServerStub:
                 request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.PullRequest.SerializeToString,
                 response_deserializer=paramserve_dot_v1_dot_tensor__pb2.TensorStreamItem.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/paramserve.v1.ParameterServer/Step',
+                request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.StepRequest.SerializeToString,
+                response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.StepResponse.FromString,
+                _registered_method=True)
         self.SetOptimizerState = channel.stream_unary(
                 '/paramserve.v1.ParameterServer/SetOptimizerState',
                 request_serializer=paramserve_dot_v1_dot_tensor__pb2.TensorStreamItem.SerializeToString,
@@ -136,6 +141,15 @@ class ParameterServerServicer:
 
     def Pull(self, request, context):
         """Pull weights (or the optimizer state), optionally waiting for a version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """One training step in one round trip, for small models: push gradients and pull
+        weights with the tensors inline (the whole request and reply must fit in one
+        message). Same validation and exactly-once semantics as Push, then Pull.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -222,6 +236,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.PullRequest.FromString,
                     response_serializer=paramserve_dot_v1_dot_tensor__pb2.TensorStreamItem.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.StepRequest.FromString,
+                    response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.StepResponse.SerializeToString,
             ),
             'SetOptimizerState': grpc.stream_unary_rpc_method_handler(
                     servicer.SetOptimizerState,
@@ -399,6 +418,33 @@ class ParameterServer:
             '/paramserve.v1.ParameterServer/Pull',
             paramserve_dot_v1_dot_parameter__server__pb2.PullRequest.SerializeToString,
             paramserve_dot_v1_dot_tensor__pb2.TensorStreamItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserve.v1.ParameterServer/Step',
+            paramserve_dot_v1_dot_parameter__server__pb2.StepRequest.SerializeToString,
+            paramserve_dot_v1_dot_parameter__server__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,

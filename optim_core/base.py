@@ -502,9 +502,20 @@ class Optimizer:
         return loss * self.loss_scale_factor if self.loss_scale_factor is not None else loss
 
     # --- weights and named state -------------------------------------------------------
+    def _state_key(self, variable: Variable) -> str:
+        return variable.name
+
+    def _state_items(self) -> list[tuple[str, Variable]]:
+        """Every state variable with its unique key, in :attr:`variables` order.
+
+        The one list behind weights and state dicts; a wrapper extends it with its inner
+        optimizer's items.
+        """
+        return [(self._state_key(v), v) for v in self._variables]
+
     def get_weights(self) -> list[np.ndarray]:
         """Host copies of :attr:`variables`: the iteration count first, then creation order."""
-        return [v.numpy() for v in self._variables]
+        return [v.numpy() for _, v in self._state_items()]
 
     def set_weights(self, weights: Sequence[Any]) -> None:
         """Restore :meth:`get_weights` output; length, shapes and dtypes are checked first."""
@@ -513,42 +524,40 @@ class Optimizer:
                 "You are calling `set_weights()` on an optimizer that has not yet been built. "
                 "Call `optimizer.build(variables)` first."
             )
+        items = self._state_items()
         weights = list(weights)
-        if len(weights) != len(self._variables):
+        if len(weights) != len(items):
             raise ValueError(
-                f"`set_weights()` expects {len(self._variables)} arrays (the length of "
+                f"`set_weights()` expects {len(items)} arrays (the length of "
                 f"`optimizer.variables`), received {len(weights)}."
             )
-        arrays = [np.asarray(to_numpy(w)) for w in weights]
-        for var, arr in zip(self._variables, arrays, strict=True):
-            self._check_assignable(var, arr, var.path)
-        for var, arr in zip(self._variables, arrays, strict=True):
-            self._load_value(var, arr)
-
-    def _state_key(self, variable: Variable) -> str:
-        return variable.name
+        self._load_checked(items, [np.asarray(to_numpy(w)) for w in weights])
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every optimizer variable as ``{unique name: host array}``, in :attr:`variables` order."""
-        return {self._state_key(v): v.numpy() for v in self._variables}
+        return {k: v.numpy() for k, v in self._state_items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output; validates every entry before changing anything."""
         if not self.built:
             raise ValueError("Build the optimizer on its variables before loading its state.")
-        expected = {self._state_key(v): v for v in self._variables}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
+        items = self._state_items()
+        expected = {k for k, _ in items}
+        missing = sorted(expected - set(state))
+        unexpected = sorted(set(state) - expected)
         if missing or unexpected:
             raise ValueError(
                 f"Optimizer state does not match this optimizer: missing keys {missing}, "
                 f"unexpected keys {unexpected}."
             )
-        arrays = {k: np.asarray(to_numpy(state[k])) for k in expected}
-        for k, var in expected.items():
-            self._check_assignable(var, arrays[k], k)
-        for k, var in expected.items():
-            self._load_value(var, arrays[k])
+        self._load_checked(items, [np.asarray(to_numpy(state[k])) for k, _ in items])
+
+    def _load_checked(self, items: list[tuple[str, Variable]], arrays: list[np.ndarray]) -> None:
+        """Check every array against its variable, then assign them all (nothing half-done)."""
+        for (key, var), arr in zip(items, arrays, strict=True):
+            self._check_assignable(var, arr, key)
+        for (_, var), arr in zip(items, arrays, strict=True):
+            self._load_value(var, arr)
 
     @staticmethod
     def _check_assignable(var: Variable, arr: np.ndarray, label: str) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from .backend import get_array_module, to_numpy
+from .backend import get_array_module
 from .base import Optimizer
 from .variables import Variable
 
@@ -129,48 +128,9 @@ class LossScaleOptimizer(Optimizer):
         self.inner_optimizer.finalize_variable_values(var_list)
 
     # --- weights and state cover the inner optimizer too --------------------------------
-    def get_weights(self) -> list[np.ndarray]:
-        return [v.numpy() for v in self.variables]
-
-    def set_weights(self, weights: Sequence[Any]) -> None:
-        if not self.built:
-            return super().set_weights(weights)  # raises: not built
-        weights = list(weights)
-        if len(weights) != len(self.variables):
-            raise ValueError(
-                f"`set_weights()` expects {len(self.variables)} arrays (the length of "
-                f"`optimizer.variables`), received {len(weights)}."
-            )
-        own = [np.asarray(to_numpy(w)) for w in weights[: len(self._variables)]]
-        for var, arr in zip(self._variables, own, strict=True):
-            self._check_assignable(var, arr, var.path)
-        self.inner_optimizer.set_weights(weights[len(self._variables) :])
-        for var, arr in zip(self._variables, own, strict=True):
-            self._load_value(var, arr)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        inner = self.inner_optimizer.state_dict()
-        return {**super().state_dict(), **{INNER_PREFIX + k: a for k, a in inner.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not self.built:
-            return super().load_state_dict(state)  # raises: not built
-        own = {k: a for k, a in state.items() if not k.startswith(INNER_PREFIX)}
-        inner = {k[len(INNER_PREFIX) :]: a for k, a in state.items() if k.startswith(INNER_PREFIX)}
-        expected = {self._state_key(v): v for v in self._variables}
-        if set(own) != set(expected):
-            raise ValueError(
-                f"Optimizer state does not match this optimizer: missing keys "
-                f"{sorted(set(expected) - set(own))}, unexpected keys "
-                f"{sorted(set(own) - set(expected))}."
-            )
-        for key, var in expected.items():
-            self._check_assignable(var, np.asarray(to_numpy(own[key])), key)
-        try:  # the inner optimizer validates all of its entries before loading any
-            self.inner_optimizer.load_state_dict(inner)
-        except ValueError as err:
-            raise ValueError(f"In the `{INNER_PREFIX}` entries: {err}") from err
-        super().load_state_dict(own)
+    def _state_items(self) -> list[tuple[str, Variable]]:
+        inner = self.inner_optimizer._state_items()
+        return super()._state_items() + [(INNER_PREFIX + k, v) for k, v in inner]
 
     # --- config -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

@@ -22,7 +22,8 @@ from paramserve.v1 import parameter_server_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 
-# Calls whose repetition cannot change the outcome (Push: deduplicated server-side).
+# Calls whose repetition cannot change the outcome (Push and Step: deduplicated server-side;
+# a repeated Step answers with the current weights).
 RETRYABLE_METHODS = (
     "Describe",
     "Pull",
@@ -30,6 +31,7 @@ RETRYABLE_METHODS = (
     "ListSnapshots",
     "DownloadSnapshot",
     "Push",
+    "Step",
 )
 
 

@@ -18,6 +18,7 @@ without its new pushes being taken for duplicates of its old ones.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import socket
@@ -47,7 +48,9 @@ from .results import (
 from .streams import (
     as_host_array,
     decode_stream_item,
+    inline_payload,
     named_values,
+    receive_inline,
     receive_tensors,
     request_stream,
     tensor_headers,
@@ -56,12 +59,26 @@ from .tensors import CHUNK_BYTES
 from .transfer import progress_bar, upload_requests, write_download
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
+# Upper bounds of the framing a Step adds around its payloads: per message, and per tensor
+# beyond its header (InlineTensor and field tags).
+_STEP_OVERHEAD_BYTES = 1024
+_INLINE_OVERHEAD_BYTES = 48
 R = TypeVar("R")
 
 
 def default_worker_id() -> str:
     """``{hostname}-{pid}-{4 random hex digits}``: unique per process, readable in status."""
     return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+def _push_result(response: pb.PushResponse, sequence: int) -> PushResult:
+    return PushResult(
+        duplicate=response.duplicate,
+        version=response.version,
+        contributors=response.contributors,
+        sequence=sequence,
+        applied=response.applied,
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -123,6 +140,7 @@ class Client:
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
         self._wait_for_ready = wait_for_ready
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
@@ -312,7 +330,76 @@ class Client:
         first = pb.PushRequest(header=header).SerializeToString()
         stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
         response = self._call(self._push, stream, timeout_s)
-        return PushResult(response.duplicate, response.version, response.contributors, seq)
+        return _push_result(response, seq)
+
+    def step(
+        self,
+        grads: Mapping[str, Any],
+        *,
+        names: Sequence[str] | None = None,
+        rows: Mapping[str, Sequence[int] | np.ndarray] | None = None,
+        base_version: int | None = None,
+        sequence: int | None = None,
+        timeout_s: float | None = None,
+    ) -> Tensors:
+        """Push ``grads`` and pull weights in one round trip: ``push()`` then ``pull()``.
+
+        For small models: the gradients and the weights travel inline in one message each
+        way, which saves a round trip and the stream set-up. The push has :meth:`push`'s
+        semantics (exactly once, sync rounds: blocks until the round closes); the weights
+        (``names``/``rows`` as in :meth:`pull`; all by default) are read after the push took
+        effect, at one version. The result's ``push_result`` is the push's outcome.
+
+        Raises ValueError, before anything is sent, if the request or the reply would not
+        fit one message (``max_message_bytes``); use :meth:`push` and :meth:`pull` then.
+        """
+        grad_names, values = named_values(grads)
+        headers = tensor_headers(grad_names, values, self._variable_shape)
+        pull = self._weights_request(names, rows, min_version=None)
+        self._check_step_fits(headers, pull)
+        seq = self._next_sequence(sequence)
+        request = pb.StepRequest(
+            push=pb.PushHeader(
+                worker_id=self.worker_id,
+                sequence=seq,
+                base_version=self._base_version if base_version is None else base_version,
+                tensors=headers,
+            ),
+            gradients=[pb.InlineTensor(data=inline_payload(v)) for v in values],
+            pull=pull,
+        )
+        response = self._call(self._stub.Step, request, timeout_s)
+        weights = receive_inline(response.weights, version=response.version)
+        weights.push_result = _push_result(response.push, seq)
+        self._base_version = weights.version
+        return weights
+
+    def _check_step_fits(self, headers: list[tpb.TensorHeader], pull: pb.PullRequest) -> None:
+        """ValueError unless a Step's request and reply each fit in one message."""
+        sent = _STEP_OVERHEAD_BYTES + sum(
+            h.byte_length + h.ByteSize() + _INLINE_OVERHEAD_BYTES for h in headers
+        )
+        description = self._description or self.describe()
+        rows = {r.name: len(r.rows) for r in pull.rows}
+        wanted = list(dict.fromkeys([*pull.names, *rows])) or description.variable_names
+        returned = _STEP_OVERHEAD_BYTES
+        for name in wanted:
+            spec = description.spec(name)
+            if spec is None:
+                continue  # the server answers NOT_FOUND
+            itemsize = spec.numpy_dtype.itemsize
+            if name in rows:
+                size = rows[name] * (8 + math.prod(spec.shape[1:]) * itemsize)
+            else:
+                size = math.prod(spec.shape) * itemsize
+            returned += size + len(name.encode()) + 11 * len(spec.shape) + _INLINE_OVERHEAD_BYTES
+        limit = self.max_message_bytes
+        if max(sent, returned) > limit:
+            raise ValueError(
+                f"This step does not fit one message: about {sent} bytes to send and "
+                f"{returned} to receive, over max_message_bytes={limit}. Use push() and "
+                "pull() (streamed in chunks) for a model this large."
+            )
 
     def pull(
         self,
@@ -329,22 +416,31 @@ class Client:
         pulled. ``min_version`` waits, within the deadline, until the model reaches it.
         The result's ``.version`` becomes :attr:`base_version`.
         """
+        request = self._weights_request(names, rows, min_version=min_version)
+        tensors = receive_tensors(self._stream(self._pull, request, timeout_s))
+        self._base_version = tensors.version
+        return tensors
+
+    def _weights_request(
+        self,
+        names: Sequence[str] | None,
+        rows: Mapping[str, Sequence[int] | np.ndarray] | None,
+        *,
+        min_version: int | None,
+    ) -> pb.PullRequest:
         if names is None and rows:
             names = list(rows)
         selections = [
             pb.RowSelection(name=n, rows=np.asarray(r, dtype=np.int64).reshape(-1).tolist())
             for n, r in (rows or {}).items()
         ]
-        request = pb.PullRequest(
+        return pb.PullRequest(
             names=list(names or ()),
             rows=selections,
             min_version=min_version or 0,
             scope=pb.PULL_SCOPE_WEIGHTS,
             worker_id=self.worker_id,
         )
-        tensors = receive_tensors(self._stream(self._pull, request, timeout_s))
-        self._base_version = tensors.version
-        return tensors
 
     # --- optimizer --------------------------------------------------------------------------
     def set_hyperparameters(self, **values: float) -> dict[str, float]:

@@ -7,7 +7,9 @@ Code written for a Keras 3 (or optim_core) optimizer changes one line::
     opt.apply_gradients(zip(grads, params))      # params updated in place
 
 ``apply`` pushes the gradients, pulls the new weights and writes them into the caller's
-arrays (NumPy arrays, CuPy arrays or optim_core Variables) in place. The optimizer's
+arrays (NumPy arrays, CuPy arrays or optim_core Variables) in place: in one Step call
+(one round trip) while both directions are at most ``step_max_bytes`` (default
+:data:`STEP_MAX_BYTES`, 1 MiB), otherwise as a streamed push and pull. The optimizer's
 slots, step counter and hyperparameters live on the server; the properties here read
 and change them there.
 
@@ -19,6 +21,7 @@ which includes the other workers' gradients.
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,6 +34,11 @@ from .client import Client
 from .results import ModelDescription, TensorSpec
 from .streams import as_host_array, as_wire_value
 from .tensors import SparseRows
+
+# Largest gradient payload (and weights payload) that apply() sends in one Step call rather
+# than a streamed push and pull: below it, the saved round trip dominates; above it, one big
+# message costs more than chunked streams (see /work/shared/perf-notes.md).
+STEP_MAX_BYTES = 1 << 20
 
 
 def _key(variable: Any) -> int:
@@ -62,8 +70,14 @@ class RemoteOptimizer:
     pass any subset of the same objects.
     """
 
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, *, step_max_bytes: int = STEP_MAX_BYTES) -> None:
+        """``step_max_bytes``: :meth:`apply` uses one Step call while both the gradients it
+        sends and the weights it gets back are at most this many bytes (0: always push
+        then pull)."""
+        if step_max_bytes < 0:
+            raise ValueError(f"`step_max_bytes` must be >= 0. Received: {step_max_bytes}")
         self.client = client
+        self.step_max_bytes = step_max_bytes
         self.built = False
         self._variables: list[Any] = []
         self._names_by_key: dict[int, str] = {}
@@ -160,8 +174,24 @@ class RemoteOptimizer:
                 f"Gradients do not exist for variables {missing} when minimizing the loss.",
                 stacklevel=2,
             )
+        if self._fits_one_step(payload, names):
+            weights = self.client.step(payload, names=names)
+            for var, name in zip(variables, names, strict=True):
+                _assign(var, weights[name])
+            return weights.version
         result = self.client.push(payload)
         return self._write_back(variables, names, min_version=result.version)
+
+    def _fits_one_step(self, payload: dict[str, Any], names: list[str]) -> bool:
+        """Small enough both ways for one Step (one round trip instead of push + pull)."""
+        sent = sum(
+            v.indices.nbytes + v.values.nbytes if isinstance(v, SparseRows) else v.nbytes
+            for v in payload.values()
+        )
+        returned = sum(
+            math.prod(self._specs[n].shape) * self._specs[n].numpy_dtype.itemsize for n in names
+        )
+        return max(sent, returned) <= self.step_max_bytes
 
     def _write_back(self, variables: list[Any], names: list[str], *, min_version: int) -> int:
         weights = self.client.pull(names, min_version=min_version)

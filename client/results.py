@@ -103,6 +103,9 @@ class PushResult:
     version: int
     contributors: int
     sequence: int
+    # False when the server acknowledged the push without applying it: a duplicate, or
+    # dropped by its non-finite policy "skip".
+    applied: bool
 
 
 @dataclass(frozen=True)
@@ -172,11 +175,18 @@ class SnapshotInfo:
 
 
 class Tensors(dict):
-    """Tensors by name, in the order the server sent them, plus the model ``version``."""
+    """Tensors by name, in the order the server sent them, plus the model ``version``.
 
-    def __init__(self, items: Any = (), *, version: int) -> None:
+    ``push_result`` is set by :meth:`~paramserve.client.Client.step` (the outcome of the
+    step's push); None for plain pulls.
+    """
+
+    def __init__(
+        self, items: Any = (), *, version: int, push_result: PushResult | None = None
+    ) -> None:
         super().__init__(items)
         self.version = version
+        self.push_result = push_result
 
     def __repr__(self) -> str:
         return f"Tensors(version={self.version}, {super().__repr__()})"

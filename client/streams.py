@@ -28,6 +28,7 @@ from .tensors import (
     decode_chunk_item,
     encoded_chunk_items,
     header_for,
+    payload_views,
     sparse_header,
 )
 
@@ -121,6 +122,27 @@ def receive_tensors(items: Iterable[tuple[int, int, memoryview] | tpb.TensorStre
         return Tensors(assembler.finish(), version=version)
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
+
+
+def receive_inline(tensors: Sequence[Any], *, version: int) -> Tensors:
+    """Fresh, writable arrays from ``InlineTensor`` messages (a Step reply's weights).
+
+    Raises :class:`DataLossError` if a header is malformed or a payload's size is wrong.
+    """
+    try:
+        headers = [t.header for t in tensors]
+        check_headers(headers)
+        assembler = TensorAssembler(headers)
+        for i, tensor in enumerate(tensors):
+            assembler.add(i, 0, tensor.data)
+        return Tensors(assembler.finish(), version=version)
+    except WireError as e:
+        raise DataLossError(f"malformed step reply: {e}") from None
+
+
+def inline_payload(value: TensorValue) -> bytes:
+    """A tensor's whole wire payload as one ``bytes`` (for an ``InlineTensor``)."""
+    return b"".join(payload_views(value))
 
 
 def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue]]:

@@ -54,6 +54,10 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 _FRAMING_HEADROOM_BYTES = 16 << 10
 OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
+# Upper bounds of what a Step reply adds to the weights: the response's own fields, and per
+# tensor the InlineTensor/TensorHeader framing beyond its name and shape.
+_STEP_REPLY_OVERHEAD_BYTES = 64
+_INLINE_OVERHEAD_BYTES = 48
 
 
 def server_version() -> str:
@@ -275,6 +279,46 @@ def _dense_header(name: str, dtype: str, shape: tuple[int, ...]) -> tpb.TensorHe
     return tpb.TensorHeader(name=name, dtype=code, shape=list(shape), byte_length=size)
 
 
+def _weights_selection(
+    request: pb.PullRequest,
+) -> tuple[list[str] | None, dict[str, np.ndarray] | None]:
+    """The ``(names, rows)`` of a weights pull: None names means all (or only the rows)."""
+    rows: dict[str, np.ndarray] = {}
+    for selection in request.rows:
+        if selection.name in rows:
+            raise InvalidArgument(f"rows of {selection.name!r} selected twice")
+        rows[selection.name] = np.asarray(selection.rows, dtype=np.int64)
+    wanted = list(dict.fromkeys([*request.names, *rows])) or None
+    return wanted, rows or None
+
+
+def _unknown_scope(scope: int) -> str:
+    return (
+        f"unknown pull scope {scope}; expected PULL_SCOPE_WEIGHTS (0) or "
+        "PULL_SCOPE_OPTIMIZER_STATE (1)"
+    )
+
+
+def _push_response(result: Any) -> pb.PushResponse:
+    return pb.PushResponse(
+        duplicate=result.duplicate,
+        version=result.version,
+        contributors=result.contributors,
+        applied=result.applied,
+    )
+
+
+def _outcome(exc: BaseException) -> str:
+    """The push-outcome label of a failed push: its status code in lower case."""
+    if isinstance(exc, ParamServeError):
+        code = getattr(grpc.StatusCode, exc.code, None)
+        if isinstance(code, grpc.StatusCode):
+            return code.name.lower()
+    elif isinstance(exc, wire.WireError):
+        return "invalid_argument"
+    return "internal"
+
+
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """Thin adapter from the ``paramserve.v1.ParameterServer`` service to a :class:`ServerCore`."""
 
@@ -402,6 +446,96 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         return value
 
+    def _read_weights(
+        self, names: list[str] | None, rows: dict[str, np.ndarray] | None
+    ) -> tuple[int, list[tpb.TensorHeader], list[wire.TensorValue]]:
+        """Weights at one version (copied under the lock) with their headers."""
+        with self._store.lock:
+            self._require_model()
+            version, tensors = self._store.read(names, rows)
+            shapes = {s.name: tuple(s.shape) for s in self._store.specs()}
+        headers = [
+            wire.sparse_header(n, v, shapes[n])
+            if isinstance(v, wire.SparseRows)
+            else wire.header_for(n, v)
+            for n, v in tensors.items()
+        ]
+        return version, headers, list(tensors.values())
+
+    def _check_step_reply(
+        self, names: list[str] | None, rows: dict[str, np.ndarray] | None
+    ) -> None:
+        """The weights a Step returns exist and fit one message (checked before the push)."""
+        sizes = self._store.read_sizes(names, rows)
+        total = _STEP_REPLY_OVERHEAD_BYTES + sum(
+            size + _INLINE_OVERHEAD_BYTES + len(name.encode()) + 11 * rank
+            for name, (size, rank) in sizes.items()
+        )
+        limit = self._limits.max_message_bytes
+        if total > limit:
+            raise ResourceExhausted(
+                f"the Step reply would carry about {total} bytes, over the server's limit of "
+                f"max_message_bytes={limit}; use Push and Pull (streamed) for this model"
+            )
+
+    def _step_push(self, request: pb.StepRequest, context: grpc.ServicerContext):
+        """Everything Push does, for a Step's inline gradients; returns the aggregator's result.
+
+        Validation (the reply's selection and size, headers, limits, names, dtypes, shapes,
+        byte lengths) runs before the aggregator sees the push, so a bad Step changes nothing.
+        """
+        push = request.push
+        if request.pull.scope != pb.PULL_SCOPE_WEIGHTS:
+            raise InvalidArgument(
+                f"a Step returns weights only (pull.scope {request.pull.scope} is not "
+                "PULL_SCOPE_WEIGHTS); pull the optimizer state with Pull"
+            )
+        self._check_step_reply(*_weights_selection(request.pull))
+        headers = list(push.tensors)
+        if len(request.gradients) != len(headers):
+            raise InvalidArgument(
+                f"the Step carries {len(request.gradients)} gradients, but push.tensors "
+                f"describes {len(headers)}; describe each gradient there, in order"
+            )
+        self._check_sizes(headers, dense_only=False)
+        self._check_against(headers, self._variable_specs(), what="variable", unknown=NotFound)
+        assembler = wire.TensorAssembler(headers)
+        received = 0
+        for i, (header, gradient) in enumerate(zip(headers, request.gradients, strict=True)):
+            if gradient.HasField("header") and gradient.header != header:
+                raise InvalidArgument(
+                    f"gradient #{i}: its inline header ({gradient.header.name!r}) differs from "
+                    f"push.tensors[{i}] ({header.name!r}); leave it unset or make them equal"
+                )
+            data = gradient.data
+            if len(data) != header.byte_length:
+                raise InvalidArgument(
+                    f"gradient {header.name!r}: {len(data)} bytes sent, its header declared "
+                    f"byte_length {header.byte_length}"
+                )
+            assembler.add(i, 0, data)
+            received += len(data)
+        grads = assembler.finish()
+        self._metrics.bytes_received.labels(method="Step").inc(received)
+        return self._aggregate(push, grads, context)
+
+    def _aggregate(self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context):
+        """Hand a validated push to the aggregator (exactly once, sync rounds), with metrics."""
+        self._metrics.staleness.observe(max(0, self._store.version - header.base_version))
+        start = time.perf_counter()
+        result = self._aggregator.push(
+            header.worker_id,
+            header.sequence,
+            header.base_version,
+            grads,
+            timeout_s=_remaining_s(context),
+        )
+        self._metrics.round_wait_seconds.observe(time.perf_counter() - start)
+        self._metrics.record_push(
+            duplicate=result.duplicate, applied=result.applied, version=result.version
+        )
+        return result
+
     # -- model -------------------------------------------------------------------------------
 
     @_rpc("CreateModel")
@@ -465,22 +599,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._check_sizes(headers, dense_only=False)
         self._check_against(headers, self._variable_specs(), what="variable", unknown=NotFound)
         grads = self._assemble(headers, request_iterator, method="Push")
-        self._metrics.staleness.observe(max(0, self._store.version - header.base_version))
-        start = time.perf_counter()
-        result = self._aggregator.push(
-            header.worker_id,
-            header.sequence,
-            header.base_version,
-            grads,
-            timeout_s=_remaining_s(context),
-        )
-        self._metrics.round_wait_seconds.observe(time.perf_counter() - start)
-        self._metrics.record_push(
-            duplicate=result.duplicate, applied=result.applied, version=result.version
-        )
-        return pb.PushResponse(
-            duplicate=result.duplicate, version=result.version, contributors=result.contributors
-        )
+        return _push_response(self._aggregate(header, grads, context))
 
     @_rpc("Pull")
     def Pull(self, request, context):  # noqa: N802
@@ -495,32 +614,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             values: list[wire.TensorValue] = [value for _, value in items]
             headers = [wire.header_for(n, v) for n, v in zip(names, values, strict=True)]
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
-            rows: dict[str, np.ndarray] = {}
-            for selection in request.rows:
-                if selection.name in rows:
-                    raise InvalidArgument(f"rows of {selection.name!r} selected twice")
-                rows[selection.name] = np.asarray(selection.rows, dtype=np.int64)
-            wanted = list(dict.fromkeys([*request.names, *rows])) or None
-            with self._store.lock:
-                self._require_model()
-                version, tensors = self._store.read(wanted, rows or None)
-                shapes = {s.name: tuple(s.shape) for s in self._store.specs()}
-            values = list(tensors.values())
-            headers = [
-                wire.sparse_header(n, v, shapes[n])
-                if isinstance(v, wire.SparseRows)
-                else wire.header_for(n, v)
-                for n, v in tensors.items()
-            ]
+            version, headers, values = self._read_weights(*_weights_selection(request))
         else:
-            raise InvalidArgument(
-                f"unknown pull scope {request.scope}; expected PULL_SCOPE_WEIGHTS (0) or "
-                "PULL_SCOPE_OPTIMIZER_STATE (1)"
-            )
+            raise InvalidArgument(_unknown_scope(request.scope))
         yield tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))
         # Pre-encoded TensorStreamItem chunks: one copy of each slice (see add_to_server).
         yield from wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
         self._metrics.bytes_sent.labels(method="Pull").inc(sum(h.byte_length for h in headers))
+
+    @_rpc("Step")
+    def Step(self, request, context):  # noqa: N802
+        self._require_accepting()
+        try:
+            result = self._step_push(request, context)
+        except Exception as exc:
+            self._metrics.pushes.labels(outcome=_outcome(exc)).inc()
+            raise
+        version, headers, values = self._read_weights(*_weights_selection(request.pull))
+        weights = [
+            pb.InlineTensor(header=h, data=b"".join(wire.payload_views(v)))
+            for h, v in zip(headers, values, strict=True)
+        ]
+        self._metrics.pulls.labels(outcome="ok").inc()
+        self._metrics.bytes_sent.labels(method="Step").inc(sum(h.byte_length for h in headers))
+        return pb.StepResponse(push=_push_response(result), version=version, weights=weights)
 
     @_rpc("SetOptimizerState")
     def SetOptimizerState(self, request_iterator, context):  # noqa: N802

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.client.tensors import SparseRows
+from paramserve.client.tensors import INDEX_DTYPE, SparseRows
 
 from . import gradients
 from .errors import (
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
 DEFAULT_LIMITS = Limits()
+_INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
 
 def _host_copy(value: Any) -> np.ndarray:
@@ -302,21 +303,9 @@ class ModelStore:
 
         With ``names=None`` and ``rows`` given, only the row-selected variables are read.
         """
-        rows = dict(rows or {})
         with self.lock:
             model = self._require_model()
-            if names is None:
-                wanted = [] if rows else list(model.variables)
-            else:
-                wanted = list(dict.fromkeys(names))
-            wanted += [n for n in rows if n not in wanted]
-            unknown = [n for n in wanted if n not in model.variables]
-            if unknown:
-                raise NotFound(
-                    f"unknown variable(s) {unknown[:10]}; the model has "
-                    f"{len(model.variables)} variables"
-                )
-            selections = {n: _check_rows(n, idx, model.specs[n][1]) for n, idx in rows.items()}
+            wanted, selections = _selection(model, names, rows)
             out: dict[str, np.ndarray | SparseRows] = {}
             xp = optim_core.array_module(self.device)
             for name in wanted:
@@ -329,6 +318,28 @@ class ModelStore:
                 else:
                     out[name] = _host_copy(value)
             return model.optimizer.iterations, out
+
+    def read_sizes(
+        self, names: list[str] | None = None, rows: dict[str, np.ndarray] | None = None
+    ) -> dict[str, tuple[int, int]]:
+        """``{name: (payload bytes, rank)}`` of what :meth:`read` would return, in its order.
+
+        Raises what ``read`` would for a bad selection, without copying anything, so a
+        combined push-and-read (the Step RPC) can refuse it before the push changes state.
+        """
+        with self.lock:
+            model = self._require_model()
+            wanted, selections = _selection(model, names, rows)
+            out = {}
+            for name in wanted:
+                dtype, shape = model.specs[name]
+                if name in selections:
+                    row = math.prod(shape[1:]) * dtype.itemsize
+                    size = len(selections[name]) * (_INDEX_BYTES + row)
+                else:
+                    size = math.prod(shape) * dtype.itemsize
+                out[name] = (size, len(shape))
+            return out
 
     def wait_for_version(self, min_version: int, timeout_s: float | None) -> int:
         """Block until ``version >= min_version``; DeadlineExceeded, or Unavailable if closed."""
@@ -381,6 +392,24 @@ class ModelStore:
         with self.lock:
             self._closed = True
             self.changed.notify_all()
+
+
+def _selection(
+    model: Model, names: list[str] | None, rows: dict[str, np.ndarray] | None
+) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The variables a read returns, in order, and its checked row selections."""
+    rows = dict(rows or {})
+    if names is None:
+        wanted = [] if rows else list(model.variables)
+    else:
+        wanted = list(dict.fromkeys(names))
+    wanted += [n for n in rows if n not in wanted]
+    unknown = [n for n in wanted if n not in model.variables]
+    if unknown:
+        raise NotFound(
+            f"unknown variable(s) {unknown[:10]}; the model has {len(model.variables)} variables"
+        )
+    return wanted, {n: _check_rows(n, idx, model.specs[n][1]) for n, idx in rows.items()}
 
 
 def _check_rows(name: str, rows: Any, shape: tuple[int, ...]) -> np.ndarray:

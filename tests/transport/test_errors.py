@@ -425,3 +425,47 @@ def test_pull_waits_for_version_within_deadline(harness):
         list(harness.stub.Pull(request, timeout=0.3))
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     harness.assert_unchanged(before)
+
+
+# -- Step (push + pull in one message): the same checks, before anything changes ----------
+
+
+def _step(harness, grads, *, names=(), rows=None, headers=None, sequence=1):
+    headers = headers or [wire.header_for(n, v) for n, v in grads.items()]
+    request = pb.StepRequest(
+        push=pb.PushHeader(worker_id="w0", sequence=sequence, tensors=headers),
+        gradients=[pb.InlineTensor(data=v.tobytes()) for v in grads.values()],
+        pull=pb.PullRequest(
+            names=list(names),
+            rows=[pb.RowSelection(name=n, rows=r) for n, r in (rows or {}).items()],
+        ),
+    )
+    return lambda: harness.stub.Step(request, timeout=TIMEOUT_S)
+
+
+def test_step_errors_leave_state_unchanged(harness):
+    before = harness.state()
+    expect_error(INVALID, _step(harness, {"w": np.ones((3, 2), np.float32)}), match="shape")
+    short = wire.header_for("b", grads_for()["b"])
+    short.byte_length += 4
+    expect_error(INVALID, _step(harness, {"b": grads_for()["b"]}, headers=[short]))
+    expect_error(NOT_FOUND, _step(harness, grads_for(), names=["nope"]), match="nope")
+    expect_error(INVALID, _step(harness, grads_for(), rows={"w": [2]}), match="rows")
+    harness.assert_unchanged(before)
+    response = _step(harness, grads_for())()
+    assert response.push.applied and response.version == 1
+    assert [t.header.name for t in response.weights] == ["w", "b"]
+
+
+def test_step_reply_over_message_limit(start_server):
+    h = start_server(max_message_bytes=256 << 10)
+    big = {"big": np.zeros(1 << 17, np.float32), "b": np.zeros(2, np.float32)}  # 512 KiB
+    h.create(big, chunk_bytes=64 << 10)
+    before = h.state()
+    expect_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        _step(h, {"b": np.ones(2, np.float32)}),
+        match="max_message_bytes",
+    )
+    h.assert_unchanged(before)
+    assert _step(h, {"b": np.ones(2, np.float32)}, names=["b"])().version == 1

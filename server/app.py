@@ -19,6 +19,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from paramserve.client.tensors import tune_malloc
+
 from .aggregator import AggregationConfig, Aggregator
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
@@ -188,6 +190,9 @@ def _bind(server: grpc.Server, address: str) -> int:
 
 def create_server(config: ServerConfig) -> RunningServer:
     """Build the core, bind, and start serving; port 0 picks a free port (see ``.port``)."""
+    # Reuse freed tensor-sized buffers instead of page-faulting new ones (glibc only; the
+    # MALLOC_* environment variables take precedence): see paramserve.client.tensors.
+    tune_malloc()
     metrics = ServerMetrics()
     core = _build_core(config, metrics)
     try:

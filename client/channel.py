@@ -14,7 +14,9 @@ sequence is equally safe.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
@@ -98,3 +100,32 @@ def open_channel(
     if credentials is None:
         return grpc.insecure_channel(address, options=settings.options())
     return grpc.secure_channel(address, credentials, options=settings.options())
+
+
+def tls_credentials(
+    *,
+    ca: str | os.PathLike[str] | None = None,
+    cert: str | os.PathLike[str] | None = None,
+    key: str | os.PathLike[str] | None = None,
+) -> grpc.ChannelCredentials:
+    """TLS channel credentials from PEM files.
+
+    ``ca`` verifies the server's certificate (None: the system's trusted roots); ``cert`` and
+    ``key``, given together, are this client's certificate for mutual TLS.
+    """
+    if (cert is None) != (key is None):
+        raise ValueError("tls_cert and tls_key must be given together (mutual TLS)")
+
+    def read(path: str | os.PathLike[str] | None, what: str) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise OSError(f"cannot read the {what} {str(path)!r}: {exc.strerror}") from None
+
+    return grpc.ssl_channel_credentials(
+        root_certificates=read(ca, "CA certificate (tls_ca)"),
+        private_key=read(key, "client key (tls_key)"),
+        certificate_chain=read(cert, "client certificate (tls_cert)"),
+    )

@@ -35,7 +35,7 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
-from .channel import ChannelSettings, method_path, open_channel
+from .channel import ChannelSettings, method_path, open_channel, tls_credentials
 from .errors import NotFoundError, from_rpc_error
 from .results import (
     CreateModelResult,
@@ -47,6 +47,7 @@ from .results import (
 )
 from .streams import (
     as_host_array,
+    check_out_array,
     decode_stream_item,
     inline_payload,
     named_values,
@@ -120,6 +121,9 @@ class Client:
         retry_max_attempts: int = 5,
         wait_for_ready: bool = True,
         credentials: grpc.ChannelCredentials | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        tls_cert: str | os.PathLike[str] | None = None,
+        tls_key: str | os.PathLike[str] | None = None,
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
@@ -127,8 +131,13 @@ class Client:
 
         ``wait_for_ready`` (on by default) makes calls wait, within their deadline, for a
         server that is not up yet or is restarting, so a worker rides out a daemon restart;
-        pass False to fail fast (admin tools do). ``token`` is sent as ``authorization: Bearer``
-        metadata; ``credentials`` (``grpc.ssl_channel_credentials(...)``) turn on TLS.
+        pass False to fail fast (admin tools do).
+
+        Security: ``token`` (default ``$PARAMSERVE_TOKEN``) is sent as ``authorization: Bearer``
+        metadata. Any of ``tls_ca`` (PEM file of the CA that signed the server's certificate;
+        None with a client certificate: the system's roots), ``tls_cert`` and ``tls_key`` (this
+        client's certificate, for mutual TLS) turns on TLS; ``credentials``
+        (``grpc.ssl_channel_credentials(...)``) is the escape hatch for anything else.
         """
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
@@ -146,6 +155,8 @@ class Client:
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
         self._metadata = tuple(metadata)
+        if token is None:
+            token = os.environ.get("PARAMSERVE_TOKEN", "").strip() or None
         if token is not None:
             self._metadata += (("authorization", f"Bearer {token}"),)
         settings = ChannelSettings(
@@ -153,6 +164,10 @@ class Client:
             keepalive_time_s=keepalive_time_s,
             retry_max_attempts=retry_max_attempts,
         )
+        if tls_ca is not None or tls_cert is not None or tls_key is not None:
+            if credentials is not None:
+                raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
+            credentials = tls_credentials(ca=tls_ca, cert=tls_cert, key=tls_key)
         self._channel = open_channel(address, settings, credentials=credentials)
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # Tensor streams bypass protobuf serialization of chunks (see streams.py).
@@ -407,6 +422,7 @@ class Client:
         *,
         rows: Mapping[str, Sequence[int] | np.ndarray] | None = None,
         min_version: int | None = None,
+        out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
     ) -> Tensors:
         """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
@@ -415,9 +431,17 @@ class Client:
         (``indices``, ``values``). Without ``names``, only the variables in ``rows`` are
         pulled. ``min_version`` waits, within the deadline, until the model reaches it.
         The result's ``.version`` becomes :attr:`base_version`.
+
+        ``out`` maps names to arrays to receive those weights into, in place (writable,
+        C-contiguous, the variable's dtype and shape; ValueError otherwise): no array is
+        allocated and no copy made for them, and the result holds these same arrays. If
+        the call fails midway, they may be partly overwritten.
         """
+        out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
+        if out and rows and not out.keys().isdisjoint(rows):
+            raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version)
-        tensors = receive_tensors(self._stream(self._pull, request, timeout_s))
+        tensors = receive_tensors(self._stream(self._pull, request, timeout_s), out=out)
         self._base_version = tensors.version
         return tensors
 

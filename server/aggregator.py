@@ -84,10 +84,13 @@ class Aggregator:
         config: AggregationConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_round_closed: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self.config = config
         self._clock = clock
+        # Told "full", "partial" or "aborted" as each sync round ends (metrics); under the lock.
+        self._on_round_closed = on_round_closed
         self._workers: dict[str, _Worker] = {}
         self._round: _Round | None = None
         self._stale_waiting: dict[str, int] = {}
@@ -352,6 +355,8 @@ class Aggregator:
             self._record(worker_id, sequence)
         self._rounds_completed += 1
         self._rounds_partial += int(partial)
+        if self._on_round_closed is not None:
+            self._on_round_closed("partial" if partial else "full")
         round_.version_after = version
         round_.contributors = len(valid)
         round_.applied_workers = {wid for wid, _ in valid}
@@ -371,6 +376,8 @@ class Aggregator:
             return
         round_.error = error
         self._rounds_aborted += 1
+        if self._on_round_closed is not None:
+            self._on_round_closed("aborted")
         self._finish(round_)
 
     # --- async and bounded staleness -----------------------------------------------------

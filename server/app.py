@@ -8,6 +8,7 @@ snapshot if configured, in-flight calls given ``grace_s``, exit status 0.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import signal
 import threading
@@ -21,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from paramserve.client.tensors import tune_malloc
 
+from . import auth
 from .aggregator import AggregationConfig, Aggregator
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
@@ -31,7 +33,16 @@ from .store import Limits, ModelStore
 
 logger = logging.getLogger(__name__)
 
-_LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost", "[::1]")
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
 
 
 class _TimedStore(ModelStore):
@@ -54,7 +65,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", limits.max_message_bytes),
         ("grpc.max_send_message_length", limits.max_message_bytes),
-        ("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+        # One stream more per connection than the server-wide limit (maximum_concurrent_rpcs):
+        # a call past it reaches the server and is refused (RESOURCE_EXHAUSTED) instead of
+        # waiting unseen in the client until its deadline.
+        ("grpc.max_concurrent_streams", limits.max_concurrent_streams + 1),
         # Two servers must never share a port (tests start many on port 0).
         ("grpc.so_reuseport", 0),
         # Let SDK keepalive pings through (every >= 10 s, also while idle).
@@ -177,15 +191,42 @@ def _resume(core: ServerCore) -> None:
     logger.info("resumed from snapshot %s at version %d", info.id, info.version)
 
 
-def _bind(server: grpc.Server, address: str) -> int:
-    """Listen on ``address``; OSError (not gRPC's RuntimeError) when the port is taken."""
+def _bind(
+    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+) -> int:
+    """Listen on ``address`` (TLS with ``credentials``); OSError when the port is taken."""
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}")
     return port
+
+
+def _warn_if_exposed(config: ServerConfig, *, tls: bool, tokens: bool) -> None:
+    """One WARNING line per missing protection when other machines can reach the port."""
+    if is_loopback(config.host):
+        return
+    if not tls:
+        logger.warning(
+            "listening on %s without TLS: gradients, weights and tokens cross the network in "
+            "clear text; set tls_cert and tls_key (--tls-cert/--tls-key, add --tls-client-ca "
+            "for mutual TLS)",
+            config.host,
+            extra={"event": "insecure_no_tls"},
+        )
+    if not tokens:
+        logger.warning(
+            "listening on %s without authentication: anyone who can reach it can change or "
+            "delete the model; set --tokens-file or PARAMSERVE_ADMIN_TOKEN and "
+            "PARAMSERVE_WORKER_TOKEN",
+            config.host,
+            extra={"event": "insecure_no_auth"},
+        )
 
 
 def create_server(config: ServerConfig) -> RunningServer:
@@ -206,6 +247,14 @@ def create_server(config: ServerConfig) -> RunningServer:
 
 def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     metrics = core.metrics
+    tokens = auth.resolve_tokens(
+        tokens_file=config.tokens_file, admin=config.admin_tokens, worker=config.worker_tokens
+    )
+    credentials = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        credentials = auth.server_credentials(
+            cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca
+        )
     if config.resume:
         _resume(core)
     metrics.model_version.set(core.store.version)
@@ -213,6 +262,11 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         options=grpc_options(config),
+        interceptors=[auth.TokenAuthInterceptor(tokens, on_denied=metrics.record_rpc)]
+        if tokens.enabled
+        else None,
+        # Calls in flight past this are refused with RESOURCE_EXHAUSTED (queued ones count).
+        maximum_concurrent_rpcs=config.limits.max_concurrent_streams,
     )
     add_to_server(ParameterServerServicer(core), server)
     health_servicer = health.HealthServicer()
@@ -221,13 +275,8 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     try:
-        port = _bind(server, config.address)
-        if config.host not in _LOOPBACK_HOSTS:
-            logger.warning(
-                "listening on %s without TLS or authentication: anyone who can reach it can "
-                "change the model",
-                config.host,
-            )
+        port = _bind(server, config.address, credentials)
+        _warn_if_exposed(config, tls=credentials is not None, tokens=tokens.enabled)
         metrics_port = None
         if config.metrics_port:
             metrics_port = metrics.serve_http(host=config.host, port=config.metrics_port)

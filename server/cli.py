@@ -75,7 +75,10 @@ def _bytes_arg(text: str) -> int:
 
 
 def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the parameter server until SIGTERM/SIGINT")
+    # No abbreviations: `--token SECRET` must not pass for `--tokens-file`.
+    p = sub.add_parser(
+        "serve", help="run the parameter server until SIGTERM/SIGINT", allow_abbrev=False
+    )
     p.add_argument("--config", metavar="TOML", help="TOML file (also $PARAMSERVE_CONFIG)")
     net = p.add_argument_group("network")
     net.add_argument("--host", help="address to listen on (default 127.0.0.1, loopback only)")
@@ -83,6 +86,17 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
     net.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off")
     net.add_argument("--grace-s", type=float, help="seconds in-flight calls get at shutdown")
     net.add_argument("--max-workers", type=int, help="RPC threads (sync rounds hold one each)")
+    sec = p.add_argument_group(
+        "security (tokens: --tokens-file or $PARAMSERVE_ADMIN_TOKEN/$PARAMSERVE_WORKER_TOKEN)"
+    )
+    sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
+    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    sec.add_argument(
+        "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates (mTLS)"
+    )
+    sec.add_argument(
+        "--tokens-file", type=Path, metavar="FILE", help="TOML/JSON {admin=[..], worker=[..]}"
+    )
     train = p.add_argument_group("training")
     train.add_argument("--optimizer", help="default optimizer: a name or Keras JSON config")
     train.add_argument("--device", choices=DEVICES)
@@ -138,6 +152,15 @@ def _add_admin_parser(
         help=f"server host:port (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
     p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of the call")
+    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's cert")
+    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
+    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client key (mTLS)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file holding an admin token (default: $PARAMSERVE_TOKEN)",
+    )
     _add_logging_flags(p)
     return p
 
@@ -200,7 +223,20 @@ def _run_admin(args: argparse.Namespace) -> int:
     from paramserve.client import Client
 
     configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
-    with Client(args.address, timeout_s=args.timeout_s, wait_for_ready=False) as client:
+    token = None
+    if args.token_file is not None:
+        from .auth import read_secret_file
+
+        token = read_secret_file(args.token_file).strip()
+    with Client(
+        args.address,
+        timeout_s=args.timeout_s,
+        wait_for_ready=False,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=token,
+    ) as client:
         if args.command == "status":
             result = client.status()
         elif args.command == "snapshot":

@@ -4,6 +4,10 @@ Every field of :class:`ServerConfig` (and of its nested :class:`ServerLimits`) c
 each level under the same name: ``port = 50051`` in TOML (limits either at the top level or in
 a ``[limits]`` table), ``PARAMSERVE_PORT=50051`` in the environment, ``--port 50051`` on the
 command line. Byte sizes accept plain integers or strings like ``"64MiB"``.
+
+Tokens are the exception: ``admin_tokens`` and ``worker_tokens`` come only from
+``PARAMSERVE_ADMIN_TOKEN`` / ``PARAMSERVE_WORKER_TOKEN`` or from ``tokens_file``, never from
+the TOML file or a flag (a flag would show in ``ps``).
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ class ServerLimits:
     # Variables plus optimizer state held by the store; also bounds uploaded snapshots.
     max_state_bytes: int = 64 << 30
     max_variables: int = 10_000
-    # HTTP/2 streams per client connection.
+    # Calls in flight on the whole server, each one HTTP/2 stream (queued calls count too);
+    # a call past it is refused with RESOURCE_EXHAUSTED. Health checks count as well.
     max_concurrent_streams: int = 256
 
 
@@ -88,6 +93,17 @@ class ServerConfig:
     max_workers: int = 64
     log_level: str = "info"
     log_format: str = "text"
+    # TLS from PEM files; with tls_client_ca, clients must present a certificate that CA
+    # signed (mutual TLS).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    # Bearer tokens (see server/auth.py): a TOML/JSON file that only its owner may read, plus
+    # $PARAMSERVE_ADMIN_TOKEN / $PARAMSERVE_WORKER_TOKEN (comma-separated), never flags or
+    # the config file. No token at all turns authentication off.
+    tokens_file: Path | None = None
+    admin_tokens: tuple[str, ...] = field(default=(), repr=False)
+    worker_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         _check_choice("mode", self.mode, MODES)
@@ -117,6 +133,17 @@ class ServerConfig:
             _check_min(f.name, getattr(self.limits, f.name), 1)
         # Room for a useful chunk plus framing in every message.
         _check_min("max_message_bytes", self.limits.max_message_bytes, 64 << 10)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("`tls_cert` and `tls_key` must be given together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("`tls_client_ca` (mutual TLS) needs `tls_cert` and `tls_key`")
+        for name in _TOKEN_ENV_NAMES:
+            for token in getattr(self, name):
+                if not token or any(c.isspace() or c == "," for c in token):
+                    raise ConfigError(
+                        f"`{name}` (${ENV_PREFIX}{_TOKEN_ENV_NAMES[name]}): a token must be a "
+                        "non-empty string without whitespace or commas"
+                    )
         if self.resume and self.checkpoint_dir is None:
             raise ConfigError("`resume` needs a `checkpoint_dir` to resume from")
         if self.snapshot_every_s > 0 and self.checkpoint_dir is None:
@@ -153,6 +180,8 @@ def _check_positive(name: str, value: float) -> None:
         raise ConfigError(f"`{name}` must be > 0. Received: {name}={value}")
 
 
+# Secrets: read from the environment under these names only (never TOML or flags).
+_TOKEN_ENV_NAMES = {"admin_tokens": "ADMIN_TOKEN", "worker_tokens": "WORKER_TOKEN"}
 _CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "limits"}
 _LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(ServerLimits)}
 FIELD_NAMES = tuple(_CONFIG_FIELDS) + tuple(_LIMIT_FIELDS)
@@ -189,6 +218,9 @@ def _convert(name: str, value: Any) -> Any:
     """Coerce a TOML, environment or flag value to the field's type."""
     kind = (_CONFIG_FIELDS.get(name) or _LIMIT_FIELDS[name]).type
     try:
+        if kind.startswith("tuple"):  # tokens: "a,b" from the environment, or a sequence
+            items = value.split(",") if isinstance(value, str) else list(value or ())
+            return tuple(str(t).strip() for t in items if str(t).strip())
         if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none")):
             if "None" in str(kind):
                 return None
@@ -249,6 +281,13 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
                 f"config file {str(path)!r}: unknown limit {name!r}; known: {sorted(_LIMIT_FIELDS)}"
             )
         flat[name] = value
+    secrets = sorted(set(flat) & set(_TOKEN_ENV_NAMES))
+    if secrets:
+        raise ConfigError(
+            f"config file {str(path)!r}: tokens ({secrets}) do not belong in the config file; "
+            "put them in a `tokens_file` only you can read, or in $PARAMSERVE_ADMIN_TOKEN / "
+            "$PARAMSERVE_WORKER_TOKEN"
+        )
     unknown = sorted(set(flat) - set(FIELD_NAMES))
     if unknown:
         raise ConfigError(
@@ -261,7 +300,7 @@ def read_env(env: Mapping[str, str]) -> dict[str, str]:
     """Settings from ``PARAMSERVE_<FIELD>`` variables (other PARAMSERVE_* names are ignored)."""
     out = {}
     for name in FIELD_NAMES:
-        key = ENV_PREFIX + name.upper()
+        key = ENV_PREFIX + _TOKEN_ENV_NAMES.get(name, name.upper())
         if key in env:
             out[name] = env[key]
     return out

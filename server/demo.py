@@ -1,4 +1,5 @@
-"""`paramserve demo`: a server and worker processes training a real classifier end to end.
+"""`paramserve demo`: a server and worker processes training a real classifier end to end;
+`paramserve worker`: one such worker against a server running elsewhere (compose, k8s).
 
 An in-process server (sync mode by default, one replica per worker) and N worker
 processes train a two-hidden-layer MLP, written in plain NumPy with hand-written
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing as mp
+import os
 import queue
 import sys
 import tempfile
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.client import Client, RemoteOptimizer
+from paramserve.client import AbortedError, Client, FailedPreconditionError, RemoteOptimizer
 
 HIDDEN_UNITS = 64
 CLASSES = 3
@@ -92,6 +94,20 @@ def forward_backward(
 
 
 # --- worker processes -----------------------------------------------------------------------
+def _train_steps(client: Client, optimizer: RemoteOptimizer, params: list[np.ndarray],
+                 data: tuple[np.ndarray, np.ndarray], *, seed: int, index: int,
+                 batch_size: int, steps: int, report: Any) -> None:  # fmt: skip
+    """``steps`` training steps of one worker; ``report(version, loss, accuracy)`` after each."""
+    x, labels = data
+    for _ in range(steps):
+        # The batch depends only on (worker, version): a replay is identical.
+        rng = np.random.default_rng([seed, index, client.base_version])
+        rows = rng.integers(0, len(x), batch_size)
+        loss, accuracy, grads = forward_backward(params, x[rows], labels[rows])
+        version = optimizer.apply_gradients(zip(grads, params, strict=True))
+        report(version, loss, accuracy)
+
+
 def _worker_main(address: str, index: int, workers: int, seed: int, batch_size: int,
                  commands: Any, reports: Any) -> None:  # fmt: skip
     """One training process: waits for commands, trains, reports every step."""
@@ -106,13 +122,11 @@ def _worker_main(address: str, index: int, workers: int, seed: int, batch_size: 
                 kind, steps = command
                 if kind == "pull":
                     optimizer.pull(params)
-                for _ in range(steps):
-                    # The batch depends only on (worker, version): a replay is identical.
-                    rng = np.random.default_rng([seed, index, client.base_version])
-                    rows = rng.integers(0, len(x), batch_size)
-                    loss, accuracy, grads = forward_backward(params, x[rows], labels[rows])
-                    version = optimizer.apply_gradients(zip(grads, params, strict=True))
-                    reports.put(("step", index, version, loss, accuracy))
+                _train_steps(
+                    client, optimizer, params, (x, labels), seed=seed, index=index,
+                    batch_size=batch_size, steps=steps,
+                    report=lambda *step: reports.put(("step", index, *step)),
+                )  # fmt: skip
                 reports.put(("done", index, client.base_version, 0.0, 0.0))
     except BaseException:
         reports.put(("error", index, traceback.format_exc(), 0.0, 0.0))
@@ -290,6 +304,83 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             server.stop(grace_s=1.0)
     return 0 if ok else 1
+
+
+# --- `paramserve worker`: one worker against an external server ----------------------------
+def build_worker_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="paramserve worker",
+        description="Train the demo MLP as one worker of a running server (creates the model "
+        "if it does not exist yet; every worker may do so).",
+    )
+    p.add_argument(
+        "--address",
+        default=os.environ.get("PARAMSERVE_ADDRESS", "127.0.0.1:50051"),
+        help="server host:port (default $PARAMSERVE_ADDRESS or 127.0.0.1:50051)",
+    )
+    p.add_argument("--rank", type=int, default=0, help="this worker's index in [0, --workers)")
+    p.add_argument("--workers", type=int, default=1, help="workers sharing the data")
+    p.add_argument("--steps", type=int, default=100, help="training steps to run")
+    p.add_argument("--optimizer", default="adam", help="optim_core optimizer name")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (adam: 0.01)")
+    p.add_argument("--batch-size", type=int, default=64, help="per step")
+    p.add_argument("--seed", type=int, default=0, help="data and initial weights")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each call")
+    p.add_argument("--log-every", type=int, default=10, help="print progress every N steps")
+    return p
+
+
+def _step_with_retry(client: Client, optimizer: RemoteOptimizer, params: list[np.ndarray],
+                     data: tuple[np.ndarray, np.ndarray], args: argparse.Namespace,
+                     report: Any) -> None:  # fmt: skip
+    """One step; a push the server refused as stale (a round closed without us, a restore
+    or a restart) is recomputed from fresh weights, as any worker must."""
+    while True:
+        try:
+            _train_steps(
+                client, optimizer, params, data, seed=args.seed, index=args.rank,
+                batch_size=args.batch_size, steps=1, report=report,
+            )  # fmt: skip
+            return
+        except (FailedPreconditionError, AbortedError) as exc:
+            print(f"worker {args.rank}: {exc}; pulling fresh weights", flush=True)
+            optimizer.pull(params)
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Run one demo worker against ``--address``; exit status 0 after ``--steps`` steps."""
+    args = build_worker_parser().parse_args(argv)
+    if args.workers < 1 or not 0 <= args.rank < args.workers or args.steps < 1:
+        print("paramserve worker: need --workers >= 1, 0 <= --rank < --workers, --steps >= 1",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    x, labels = spirals(args.seed)
+    data = (x[args.rank :: args.workers], labels[args.rank :: args.workers])
+    params = list(init_params(args.seed).values())
+    worker_id = f"demo-worker-{args.rank}"
+    with Client(args.address, worker_id=worker_id, timeout_s=args.timeout_s) as client:
+        config = _optimizer_config(args.optimizer, args.lr)
+        created = client.create_model(init_params(args.seed), config).created
+        print(f"{worker_id}: model {'created' if created else 'already there'} on "
+              f"{args.address}", flush=True)  # fmt: skip
+        optimizer = RemoteOptimizer(client)
+        optimizer.pull(params)
+        losses: list[float] = []
+
+        def report(version: int, loss: float, accuracy: float) -> None:
+            losses.append(loss)
+            if len(losses) % args.log_every == 0:
+                recent = float(np.mean(losses[-args.log_every :]))
+                print(f"{worker_id}: step {len(losses)} version {version} batch loss "
+                      f"{recent:.4f} accuracy {accuracy:.1%}", flush=True)  # fmt: skip
+
+        for _ in range(args.steps):
+            _step_with_retry(client, optimizer, params, data, args, report)
+        version, loss, accuracy = _evaluate(client, x, labels)
+    print(f"{worker_id}: done after {args.steps} steps at version {version}: full-data loss "
+          f"{loss:.4f}, accuracy {accuracy:.1%}", flush=True)  # fmt: skip
+    return 0
 
 
 if __name__ == "__main__":

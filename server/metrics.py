@@ -1,8 +1,9 @@
 """Prometheus metrics of one daemon, on its own CollectorRegistry (several servers per process).
 
 Counters: RPCs by method and status code, pushes and pulls by outcome, payload bytes in and
-out, dedupe hits. Histograms: optimizer apply latency, time a push waits for its round,
-push staleness, snapshot duration. Gauges: model version, last snapshot size.
+out, dedupe hits, sync rounds by outcome, snapshots by trigger and outcome. Histograms:
+optimizer apply latency, time a push waits for its round, push staleness, snapshot duration.
+Gauges: model version, last snapshot size, whether the server is serving.
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ class ServerMetrics:
         self.model_version = Gauge(
             "paramserve_model_version", "Current model version (optimizer iterations)", registry=r
         )
+        self.rounds = Counter(
+            "paramserve_rounds",
+            "Synchronous rounds by outcome: full (all replicas), partial (closed at the "
+            "deadline with fewer), aborted (deadline under the abort policy, restore, shutdown)",
+            ["outcome"],
+            registry=r,
+        )
+        self.serving = Gauge(
+            "paramserve_serving", "1 while the server accepts pushes, 0 once it drains", registry=r
+        )
         self._http_server = None
         self._http_thread: threading.Thread | None = None
 
@@ -144,6 +155,10 @@ class ServerMetrics:
         else:
             self.pushes.labels(outcome="skipped").inc()
         self.model_version.set(version)
+
+    def record_round(self, outcome: str) -> None:
+        """Count one synchronous round that ended (the aggregator's ``on_round_closed``)."""
+        self.rounds.labels(outcome=outcome).inc()
 
     @contextmanager
     def time_snapshot(self, trigger: str) -> Iterator[None]:

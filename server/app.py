@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import signal
 import threading
 import time
@@ -78,6 +79,24 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     ]
 
 
+class _HealthServicer(health.HealthServicer):
+    """gRPC's reference health service, plus ending open Watch streams at shutdown.
+
+    An open Watch is an RPC in flight: left alone it would hold ``server.stop(grace)`` for the
+    whole grace period, although its client has already been told NOT_SERVING.
+    """
+
+    def end_watches(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is None:  # grpc_health internals changed: the grace period still bounds it
+            return
+        with lock:
+            watches = getattr(self, "_send_response_callbacks", {})
+            callbacks = [cb for service in watches.values() for cb in service]
+        for callback in callbacks:
+            callback(None)  # finishes the stream with status OK
+
+
 @dataclass
 class RunningServer:
     """A started daemon. ``stop()`` (or ``shutdown()``) drains it; safe to call twice."""
@@ -87,7 +106,7 @@ class RunningServer:
     port: int
     metrics_port: int | None
     _server: grpc.Server
-    _health: health.HealthServicer
+    _health: _HealthServicer
     _stop_periodic: threading.Event = field(default_factory=threading.Event)
     _periodic: threading.Thread | None = None
     _stopped: threading.Event = field(default_factory=threading.Event)
@@ -104,9 +123,16 @@ class RunningServer:
         with self._stop_lock:
             if self._stopped.is_set():
                 return
-            logger.info("shutting down (grace %.1f s)", grace_s)
-            self._health.enter_graceful_shutdown()
+            started = time.monotonic()
+            logger.info(
+                "shutting down (grace %.1f s)",
+                grace_s,
+                extra={"event": "shutdown_started", "grace_s": grace_s},
+            )
+            # Refuse first, then announce: once a probe sees NOT_SERVING, pushes fail.
             self.core.accepting.clear()
+            self.core.metrics.serving.set(0)
+            self._health.enter_graceful_shutdown()
             self.core.aggregator.close()
             self._stop_periodic.set()
             if self._periodic is not None:
@@ -114,10 +140,13 @@ class RunningServer:
             if self.core.snapshots is not None and self.config.snapshot_on_exit:
                 self._final_snapshot()
             self.core.store.close()  # waiting pulls end with UNAVAILABLE instead of hanging
-            self._server.stop(grace_s).wait()
+            stopped = self._server.stop(grace_s)  # closes listeners, sends GOAWAY first
+            self._health.end_watches()
+            stopped.wait()
             self.core.metrics.stop_http()
             self._stopped.set()
-            logger.info("stopped")
+            seconds = time.monotonic() - started
+            logger.info("stopped", extra={"event": "stopped", "shutdown_s": round(seconds, 3)})
 
     shutdown = stop
 
@@ -127,12 +156,12 @@ class RunningServer:
 
     def _final_snapshot(self) -> None:
         if not self.core.store.has_model:
-            logger.info("no model: no final snapshot")
+            logger.info("no model: no final snapshot", extra={"event": "final_snapshot_skipped"})
             return
         try:
             self.core.take_snapshot(trigger="exit")
         except Exception:
-            logger.exception("final snapshot failed")
+            logger.exception("final snapshot failed", extra={"event": "snapshot_failed"})
 
     def _run_periodic(self) -> None:
         """Snapshot every ``snapshot_every_s`` when the version moved since the last one."""
@@ -144,9 +173,11 @@ class RunningServer:
             try:
                 last_version = self.core.take_snapshot(trigger="periodic").version
             except ParamServeError as exc:
-                logger.warning("periodic snapshot skipped: %s", exc)
+                logger.warning(
+                    "periodic snapshot skipped: %s", exc, extra={"event": "snapshot_skipped"}
+                )
             except Exception:
-                logger.exception("periodic snapshot failed")
+                logger.exception("periodic snapshot failed", extra={"event": "snapshot_failed"})
 
 
 def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
@@ -171,6 +202,7 @@ def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
             deadline_policy=config.deadline_policy,
             max_staleness=config.max_staleness,
         ),
+        on_round_closed=metrics.record_round,
     )
     snapshots = None
     if config.checkpoint_dir is not None:
@@ -185,10 +217,19 @@ def _resume(core: ServerCore) -> None:
     assert core.snapshots is not None
     info = core.snapshots.latest_valid()
     if info is None:
-        logger.info("resume: no valid snapshot in %s; starting empty", core.config.checkpoint_dir)
+        logger.info(
+            "resume: no valid snapshot in %s; starting empty",
+            core.config.checkpoint_dir,
+            extra={"event": "resume_empty"},
+        )
         return
     core.restore_snapshot(info.id)
-    logger.info("resumed from snapshot %s at version %d", info.id, info.version)
+    logger.info(
+        "resumed from snapshot %s at version %d",
+        info.id,
+        info.version,
+        extra={"event": "resumed", "snapshot_id": info.id, "version": info.version},
+    )
 
 
 def _bind(
@@ -269,7 +310,7 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
         maximum_concurrent_rpcs=config.limits.max_concurrent_streams,
     )
     add_to_server(ParameterServerServicer(core), server)
-    health_servicer = health.HealthServicer()
+    health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -286,6 +327,7 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
         raise
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    metrics.serving.set(1)
 
     running = RunningServer(
         config=config,
@@ -306,16 +348,35 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
         config.mode,
         config.replicas,
         core.store.device,
+        extra={
+            "event": "listening",
+            "address": running.address,
+            "metrics_port": metrics_port,
+            "version": core.store.version,
+        },
     )
     return running
 
 
 def serve(config: ServerConfig) -> int:
-    """Run a server until SIGTERM or SIGINT, drain it, and return the exit status (0)."""
+    """Run a server until SIGTERM or SIGINT, drain it, and return the exit status (0).
+
+    A second SIGTERM or SIGINT during the drain exits at once with status 1 (snapshots are
+    written atomically, so an interrupted final snapshot leaves the previous one valid).
+    """
     stop_requested = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
-        logger.info("received %s", signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        if stop_requested.is_set():
+            logger.warning(
+                "received %s again: exiting now, without finishing the drain",
+                name,
+                extra={"event": "forced_exit", "signal": name},
+            )
+            logging.shutdown()
+            os._exit(1)
+        logger.info("received %s", name, extra={"event": "signal", "signal": name})
         stop_requested.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}

@@ -1,5 +1,6 @@
 """The ``paramserve`` command: ``serve`` runs the daemon; ``status``, ``snapshot``, ``snapshots``,
-``restore`` administer one through the client SDK; ``demo`` runs the end-to-end demo.
+``restore`` administer one through the client SDK; ``demo`` runs the end-to-end demo and
+``worker`` one demo worker against a running server.
 
 Flags of ``serve`` override the environment (``PARAMSERVE_*``), which overrides the TOML file
 given by ``--config``, which overrides the defaults (see :mod:`paramserve.server.config`).
@@ -37,8 +38,19 @@ logger = logging.getLogger(__name__)
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
+# Attributes every LogRecord has; anything else on a record came from ``extra={...}``.
+_STANDARD_RECORD = logging.LogRecord("", 0, "", 0, "", (), None)
+_RECORD_ATTRIBUTES = frozenset(_STANDARD_RECORD.__dict__) | {"message", "asctime", "taskName"}
+
+
+def log_fields(record: logging.LogRecord) -> dict[str, Any]:
+    """The structured fields a log call passed with ``extra={...}`` (event, snapshot_id, ...)."""
+    return {k: v for k, v in record.__dict__.items() if k not in _RECORD_ATTRIBUTES}
+
+
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (and the traceback if any)."""
+    """One JSON object per line: time, level, logger, message, the ``extra`` fields
+    (``event``, ``snapshot_id``, ``version``, ...) and the traceback if any."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -50,21 +62,48 @@ class JsonLogFormatter(logging.Formatter):
             "message": record.getMessage(),
             "thread": record.threadName,
         }
+        for key, value in log_fields(record).items():
+            entry.setdefault(key, value)
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
+        return json.dumps(entry, default=str)
+
+
+class TextLogFormatter(logging.Formatter):
+    """``time LEVEL logger: message key=value ...`` on one line (tracebacks escaped)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text
+        record.exc_info = record.exc_text = None  # the traceback goes in as one field
+        try:
+            line = super().format(record)
+        finally:
+            record.exc_info, record.exc_text = saved
+        fields = log_fields(record)
+        if record.exc_info:
+            fields["traceback"] = self.formatException(record.exc_info)
+        for key, value in fields.items():
+            text = value if isinstance(value, str) else json.dumps(value, default=str)
+            if not text or any(c.isspace() or c in '"=' for c in text):
+                text = json.dumps(text)
+            line += f" {key}={text}"
+        return line.replace("\n", "\\n")
 
 
 def configure_logging(*, level: str = "info", log_format: str = "text") -> None:
-    """Log to stderr, as text or JSON lines; replaces handlers installed earlier."""
+    """Log to stderr, one event per line as text or JSON; replaces handlers installed earlier.
+
+    Python warnings are logged too, so nothing else writes free-form lines to stderr.
+    """
     handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonLogFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    logging.captureWarnings(True)
 
 
 def _bytes_arg(text: str) -> int:
@@ -178,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument("snapshot_id", metavar="ID")
     # Listed for --help only: main() hands `demo ...` to the demo's own parser.
     sub.add_parser("demo", help="run the end-to-end demo (see `paramserve demo --help`)")
+    sub.add_parser("worker", help="run one demo worker against a server (see --help)")
     return parser
 
 
@@ -257,6 +297,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import main as demo_main
 
         return int(demo_main(argv[1:]) or 0)
+    if argv[:1] == ["worker"]:
+        from .demo import worker_main
+
+        return worker_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":

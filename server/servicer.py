@@ -9,6 +9,7 @@ model) before any payload buffer is allocated.
 
 from __future__ import annotations
 
+import collections
 import functools
 import importlib.metadata
 import inspect
@@ -21,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -58,6 +59,7 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
 # tensor the InlineTensor/TensorHeader framing beyond its name and shape.
 _STEP_REPLY_OVERHEAD_BYTES = 64
 _INLINE_OVERHEAD_BYTES = 48
+T = TypeVar("T")
 
 
 def server_version() -> str:
@@ -292,6 +294,12 @@ def _weights_selection(
     return wanted, rows or None
 
 
+def _drain(items: collections.deque[bytes]) -> Iterator[bytes]:
+    """Yield and forget ``items`` one by one, so each can be freed once it is sent."""
+    while items:
+        yield items.popleft()
+
+
 def _unknown_scope(scope: int) -> str:
     return (
         f"unknown pull scope {scope}; expected PULL_SCOPE_WEIGHTS (0) or "
@@ -332,6 +340,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             1, min(OUT_CHUNK_BYTES, self._limits.max_message_bytes - _FRAMING_HEADROOM_BYTES)
         )
         self._optimizer_specs_cache: tuple[Any, dict[str, tuple[str, tuple[int, ...]]]] = (None, {})
+        self._variable_specs_cache: tuple[int, dict[str, tuple[str, tuple[int, ...]]]] = (-1, {})
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -412,8 +421,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return assembler.finish()
 
     def _variable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        self._require_model()
-        return {s.name: (s.dtype, tuple(s.shape)) for s in self._store.specs()}
+        """Names, dtype names and shapes of the variables, cached per model generation."""
+        with self._store.lock:
+            self._require_model()
+            generation = self._store.generation
+            if self._variable_specs_cache[0] != generation:
+                specs = {s.name: (s.dtype, tuple(s.shape)) for s in self._store.specs()}
+                self._variable_specs_cache = (generation, specs)
+            return self._variable_specs_cache[1]
 
     def _optimizer_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtypes and shapes of the optimizer state, cached per model definition."""
@@ -447,20 +462,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return value
 
     def _read_weights(
-        self, names: list[str] | None, rows: dict[str, np.ndarray] | None
-    ) -> tuple[int, list[tpb.TensorHeader], list[wire.TensorValue]]:
-        """Weights at one version (copied under the lock) with their headers."""
+        self,
+        names: list[str] | None,
+        rows: dict[str, np.ndarray] | None,
+        encode: Callable[[list[wire.TensorValue]], T],
+    ) -> tuple[int, list[tpb.TensorHeader], T]:
+        """Headers of the weights at one version, and ``encode`` of them.
+
+        ``encode`` runs under the store's lock on the live arrays and must copy what it
+        keeps (it serializes them): one copy of each tensor, straight into the messages.
+        """
+
+        def headers_and(tensors: dict[str, wire.TensorValue]) -> tuple[list, T]:
+            headers = [
+                wire.sparse_header(n, v, shapes[n])
+                if isinstance(v, wire.SparseRows)
+                else wire.header_for(n, v)
+                for n, v in tensors.items()
+            ]
+            return headers, encode(list(tensors.values()))
+
         with self._store.lock:
-            self._require_model()
-            version, tensors = self._store.read(names, rows)
-            shapes = {s.name: tuple(s.shape) for s in self._store.specs()}
-        headers = [
-            wire.sparse_header(n, v, shapes[n])
-            if isinstance(v, wire.SparseRows)
-            else wire.header_for(n, v)
-            for n, v in tensors.items()
-        ]
-        return version, headers, list(tensors.values())
+            shapes = {n: shape for n, (_, shape) in self._variable_specs().items()}
+            version, (headers, encoded) = self._store.read_with(headers_and, names, rows)
+        return version, headers, encoded
 
     def _check_step_reply(
         self, names: list[str] | None, rows: dict[str, np.ndarray] | None
@@ -613,13 +638,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             names = [name for name, _ in items]
             values: list[wire.TensorValue] = [value for _, value in items]
             headers = [wire.header_for(n, v) for n, v in zip(names, values, strict=True)]
+            chunks: Iterator[bytes] = wire.encoded_chunk_items(
+                values, chunk_bytes=self._chunk_bytes
+            )
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
-            version, headers, values = self._read_weights(*_weights_selection(request))
+            # Encoded from the live weights under the lock, then sent outside it; each chunk
+            # is let go once gRPC has taken it.
+            version, headers, encoded = self._read_weights(
+                *_weights_selection(request),
+                lambda values: collections.deque(
+                    wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
+                ),
+            )
+            chunks = _drain(encoded)
         else:
             raise InvalidArgument(_unknown_scope(request.scope))
         yield tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))
-        # Pre-encoded TensorStreamItem chunks: one copy of each slice (see add_to_server).
-        yield from wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
+        # Pre-encoded TensorStreamItem chunks (see add_to_server).
+        yield from chunks
         self._metrics.bytes_sent.labels(method="Pull").inc(sum(h.byte_length for h in headers))
 
     @_rpc("Step")
@@ -630,10 +666,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         except Exception as exc:
             self._metrics.pushes.labels(outcome=_outcome(exc)).inc()
             raise
-        version, headers, values = self._read_weights(*_weights_selection(request.pull))
+        version, headers, payloads = self._read_weights(
+            *_weights_selection(request.pull),
+            lambda values: [b"".join(wire.payload_views(v)) for v in values],
+        )
         weights = [
-            pb.InlineTensor(header=h, data=b"".join(wire.payload_views(v)))
-            for h, v in zip(headers, values, strict=True)
+            pb.InlineTensor(header=h, data=data) for h, data in zip(headers, payloads, strict=True)
         ]
         self._metrics.pulls.labels(outcome="ok").inc()
         self._metrics.bytes_sent.labels(method="Step").inc(sum(h.byte_length for h in headers))

@@ -12,8 +12,8 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
 DEFAULT_LIMITS = Limits()
+T = TypeVar("T")
 _INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
 
@@ -303,10 +304,33 @@ class ModelStore:
 
         With ``names=None`` and ``rows`` given, only the row-selected variables are read.
         """
+        live = self.device == "cpu"  # on a GPU, read_with hands out host copies already
+
+        def copies(tensors: dict[str, np.ndarray | SparseRows]) -> dict[str, Any]:
+            return {
+                n: np.array(v, copy=True) if live and isinstance(v, np.ndarray) else v
+                for n, v in tensors.items()
+            }
+
+        return self.read_with(copies, names, rows)
+
+    def read_with(
+        self,
+        use: Callable[[dict[str, np.ndarray | SparseRows]], T],
+        names: list[str] | None = None,
+        rows: dict[str, np.ndarray] | None = None,
+    ) -> tuple[int, T]:
+        """Like :meth:`read`, but ``use`` gets the live host arrays, under the lock.
+
+        ``use`` must copy whatever it keeps (e.g. encode the arrays into messages) and
+        change nothing; its result is returned with the version. This saves the copy
+        :meth:`read` makes of every tensor. Row selections and device (GPU) variables
+        arrive as host copies, which ``use`` may keep.
+        """
         with self.lock:
             model = self._require_model()
             wanted, selections = _selection(model, names, rows)
-            out: dict[str, np.ndarray | SparseRows] = {}
+            tensors: dict[str, np.ndarray | SparseRows] = {}
             xp = optim_core.array_module(self.device)
             for name in wanted:
                 value = model.variables[name].value
@@ -314,10 +338,10 @@ class ModelStore:
                     idx = selections[name]
                     gathered = value[idx if xp is np else xp.asarray(idx)]
                     host = optim_core.to_numpy(gathered)
-                    out[name] = SparseRows(indices=idx, values=host)
+                    tensors[name] = SparseRows(indices=idx, values=host)
                 else:
-                    out[name] = _host_copy(value)
-            return model.optimizer.iterations, out
+                    tensors[name] = optim_core.to_numpy(value)
+            return model.optimizer.iterations, use(tensors)
 
     def read_sizes(
         self, names: list[str] | None = None, rows: dict[str, np.ndarray] | None = None

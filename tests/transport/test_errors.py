@@ -410,7 +410,7 @@ def test_unexpected_error_is_internal_without_details(harness, monkeypatch, capl
     def broken(*args, **kwargs):
         raise RuntimeError("secret internals")
 
-    monkeypatch.setattr(harness.server.core.store, "read", broken)
+    monkeypatch.setattr(harness.server.core.store, "read_with", broken)
     details = expect_error(grpc.StatusCode.INTERNAL, lambda: harness.pull())
     assert details == "internal error"
     assert "secret internals" in caplog.text  # logged with its traceback on the server

@@ -47,6 +47,7 @@ from .results import (
 )
 from .streams import (
     as_host_array,
+    check_out_array,
     decode_stream_item,
     inline_payload,
     named_values,
@@ -421,6 +422,7 @@ class Client:
         *,
         rows: Mapping[str, Sequence[int] | np.ndarray] | None = None,
         min_version: int | None = None,
+        out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
     ) -> Tensors:
         """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
@@ -429,9 +431,17 @@ class Client:
         (``indices``, ``values``). Without ``names``, only the variables in ``rows`` are
         pulled. ``min_version`` waits, within the deadline, until the model reaches it.
         The result's ``.version`` becomes :attr:`base_version`.
+
+        ``out`` maps names to arrays to receive those weights into, in place (writable,
+        C-contiguous, the variable's dtype and shape; ValueError otherwise): no array is
+        allocated and no copy made for them, and the result holds these same arrays. If
+        the call fails midway, they may be partly overwritten.
         """
+        out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
+        if out and rows and not out.keys().isdisjoint(rows):
+            raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version)
-        tensors = receive_tensors(self._stream(self._pull, request, timeout_s))
+        tensors = receive_tensors(self._stream(self._pull, request, timeout_s), out=out)
         self._base_version = tensors.version
         return tensors
 

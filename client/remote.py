@@ -144,6 +144,8 @@ class RemoteOptimizer:
         ``None`` gradients are skipped (with Keras's warning); their variables are still
         refreshed. Without ``trainable_variables``, the variables it was built with are
         used. Returns the model version (== iterations) the written weights belong to.
+        If the pull of the new weights fails midway, NumPy variables may be left partly
+        overwritten (they are received into in place): call :meth:`pull` to refresh them.
         """
         grads = list(grads)
         if trainable_variables is None:
@@ -194,9 +196,23 @@ class RemoteOptimizer:
         return max(sent, returned) <= self.step_max_bytes
 
     def _write_back(self, variables: list[Any], names: list[str], *, min_version: int) -> int:
-        weights = self.client.pull(names, min_version=min_version)
+        # Host arrays that fit are received into directly (no temporary, no extra copy).
+        direct = {}
         for var, name in zip(variables, names, strict=True):
-            _assign(var, weights[name])
+            target = var.value if isinstance(var, optim_core.Variable) else var
+            spec = self._specs[name]
+            if (
+                isinstance(target, np.ndarray)
+                and target.flags.c_contiguous
+                and target.flags.writeable
+                and target.dtype == spec.numpy_dtype
+                and target.shape == spec.shape
+            ):
+                direct[name] = target
+        weights = self.client.pull(names, min_version=min_version, out=direct)
+        for var, name in zip(variables, names, strict=True):
+            if name not in direct:
+                _assign(var, weights[name])
         return weights.version
 
     def pull(self, variables: Iterable[Any] | None = None) -> int:

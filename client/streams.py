@@ -26,6 +26,7 @@ from .tensors import (
     WireError,
     check_headers,
     decode_chunk_item,
+    dtype_from_proto,
     encoded_chunk_items,
     header_for,
     payload_views,
@@ -93,12 +94,20 @@ def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorSt
     return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
 
 
-def receive_tensors(items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem]) -> Tensors:
+def receive_tensors(
+    items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem],
+    *,
+    out: Mapping[str, np.ndarray] | None = None,
+) -> Tensors:
     """Assemble a header-then-chunks response into fresh, writable arrays.
+
+    Dense tensors named in ``out`` are written straight into those arrays (checked by
+    :func:`receive_buffer` against the header), which the result then holds.
 
     Raises :class:`DataLossError` if the stream is malformed (no header first, a second
     header, chunks out of order, a tensor cut short).
     """
+    out = out or {}
     assembler: TensorAssembler | None = None
     version = 0
     try:
@@ -106,8 +115,10 @@ def receive_tensors(items: Iterable[tuple[int, int, memoryview] | tpb.TensorStre
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
-                check_headers(item.header.tensors)
-                assembler = TensorAssembler(item.header.tensors)
+                headers = item.header.tensors
+                check_headers(headers)
+                into = [receive_buffer(h, out[h.name]) if h.name in out else None for h in headers]
+                assembler = TensorAssembler(headers, into=into)
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":
@@ -119,9 +130,39 @@ def receive_tensors(items: Iterable[tuple[int, int, memoryview] | tpb.TensorStre
             assembler.add(*chunk)
         if assembler is None:
             raise WireError("the response stream was empty (no header)")
-        return Tensors(assembler.finish(), version=version)
+        tensors = assembler.finish()
+        return Tensors({n: out.get(n, v) for n, v in tensors.items()}, version=version)
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
+
+
+def check_out_array(name: str, array: Any) -> np.ndarray:
+    """``array`` if tensors can be received into it (a writable C-contiguous NumPy array)."""
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"out[{name!r}] must be a NumPy array; got {type(array).__name__}")
+    if not array.flags.c_contiguous or not array.flags.writeable:
+        raise ValueError(f"out[{name!r}] must be a writable, C-contiguous NumPy array")
+    return array
+
+
+def receive_buffer(header: tpb.TensorHeader, array: np.ndarray) -> np.ndarray:
+    """The bytes of ``array`` to receive the tensor ``header`` describes into.
+
+    ValueError if it is not a dense tensor of the array's dtype and shape.
+    """
+    dtype = dtype_from_proto(header.dtype)
+    if header.layout != tpb.LAYOUT_DENSE or array.dtype != dtype:
+        raise ValueError(
+            f"out[{header.name!r}] is {array.dtype.name} {list(array.shape)}, but the server "
+            f"sent {dtype.name} {list(header.shape)}"
+            + (" as sparse rows" if header.layout != tpb.LAYOUT_DENSE else "")
+        )
+    if tuple(array.shape) != tuple(header.shape):
+        raise ValueError(
+            f"out[{header.name!r}] has shape {list(array.shape)}, but the server sent "
+            f"{list(header.shape)}"
+        )
+    return array.reshape(-1).view(np.uint8)
 
 
 def receive_inline(tensors: Sequence[Any], *, version: int) -> Tensors:

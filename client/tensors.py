@@ -9,6 +9,7 @@ raises :class:`WireError`, which the server turns into INVALID_ARGUMENT.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import sys
@@ -33,6 +34,9 @@ _DTYPES: dict[int, np.dtype] = {
     tpb.INT64: np.dtype("<i8"),
 }
 _PROTO_BY_NAME = {dt.name: code for code, dt in _DTYPES.items()}
+# Hot-path lookups (``np.dtype.name`` costs microseconds): by dtype object, names by code.
+_PROTO_BY_DTYPE = {dt: code for code, dt in _DTYPES.items()}
+_NAME_BY_PROTO = {code: dt.name for code, dt in _DTYPES.items()}
 
 
 # glibc malloc settings for processes that move large tensors (see tune_malloc).
@@ -96,6 +100,8 @@ TensorValue = np.ndarray | SparseRows
 
 def dtype_to_proto(dtype: Any) -> int:
     """The wire enum for a NumPy dtype; WireError for unsupported ones."""
+    if isinstance(dtype, np.dtype) and dtype in _PROTO_BY_DTYPE:
+        return _PROTO_BY_DTYPE[dtype]
     name = np.dtype(dtype).name
     if name not in _PROTO_BY_NAME:
         raise WireError(f"dtype {name} cannot travel; supported: {sorted(_PROTO_BY_NAME)}")
@@ -110,6 +116,8 @@ def dtype_from_proto(code: int) -> np.dtype:
 
 
 def dtype_name(code: int) -> str:
+    if code in _NAME_BY_PROTO:
+        return _NAME_BY_PROTO[code]
     return dtype_from_proto(code).name
 
 
@@ -189,13 +197,13 @@ def expected_bytes(header: tpb.TensorHeader) -> int:
     if any(d < 0 for d in shape):
         raise WireError(f"tensor {header.name!r}: negative dimension in shape {shape}")
     if header.layout == tpb.LAYOUT_DENSE:
-        return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        return math.prod(shape) * dtype.itemsize  # exact: no int64 wrap-around
     if header.layout == tpb.LAYOUT_SPARSE_ROWS:
         if not shape:
             raise WireError(f"tensor {header.name!r}: sparse rows need a variable of rank >= 1")
         if header.num_rows < 0:
             raise WireError(f"tensor {header.name!r}: negative num_rows {header.num_rows}")
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        row = math.prod(shape[1:]) * dtype.itemsize
         return header.num_rows * (INDEX_DTYPE.itemsize + row)
     raise WireError(f"tensor {header.name!r}: unknown layout {header.layout}")
 
@@ -226,9 +234,28 @@ def check_headers(
 class TensorAssembler:
     """Rebuilds tensors from a validated header list and their chunks, in strict order."""
 
-    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
+    def __init__(
+        self,
+        headers: Sequence[tpb.TensorHeader],
+        *,
+        into: Sequence[np.ndarray | None] | None = None,
+    ) -> None:
+        """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
+        tensor ``i`` is written to instead of a fresh one, e.g. a view of a caller's array."""
         self.headers = list(headers)
-        self._buffers = [np.empty(h.byte_length, dtype=np.uint8) for h in self.headers]
+        into = list(into) if into is not None else [None] * len(self.headers)
+        if len(into) != len(self.headers):
+            raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+        self._buffers = []
+        for h, buf in zip(self.headers, into, strict=True):
+            if buf is None:
+                buf = np.empty(h.byte_length, dtype=np.uint8)
+            elif buf.dtype != np.uint8 or buf.shape != (h.byte_length,):
+                raise ValueError(
+                    f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
+                    f"{h.byte_length} bytes; got {buf.dtype.name} {buf.shape}"
+                )
+            self._buffers.append(buf)
         self._received = [0] * len(self.headers)
         self._current = 0
 

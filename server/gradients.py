@@ -20,6 +20,30 @@ from .errors import InvalidArgument, NotFound, ResourceExhausted
 
 NONFINITE_POLICIES = ("reject", "skip", "allow")
 REDUCTIONS = ("sum", "mean")
+# Elements checked per block by all_finite: a 128 KiB scratch, and blocks that stay in cache.
+FINITE_BLOCK_ELEMENTS = 1 << 17
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every element of ``values`` is finite, in one read and bounded scratch memory.
+
+    ``np.isfinite(g).all()`` allocates a boolean array as large as the gradient (16 MiB for
+    16M floats); this checks a C-contiguous array block by block into one small scratch
+    buffer, stopping at the first bad block. Other layouts take the plain route.
+    """
+    if not values.flags.c_contiguous:
+        return bool(np.isfinite(values).all())
+    flat = values.reshape(-1)
+    if flat.size <= FINITE_BLOCK_ELEMENTS:
+        return bool(np.isfinite(flat).all())
+    scratch = np.empty(FINITE_BLOCK_ELEMENTS, dtype=bool)
+    for start in range(0, flat.size, FINITE_BLOCK_ELEMENTS):
+        block = flat[start : start + FINITE_BLOCK_ELEMENTS]
+        ok = scratch[: block.size]
+        np.isfinite(block, out=ok)
+        if not ok.all():
+            return False
+    return True
 
 
 def _same_dtype(got: np.dtype, expected: np.dtype) -> bool:
@@ -130,7 +154,7 @@ def check_push(
     if nonfinite != "allow":
         for name, grad in grads.items():
             values = grad.values if isinstance(grad, SparseRows) else grad
-            if not bool(np.isfinite(values).all()):
+            if not all_finite(values):
                 if nonfinite == "skip":
                     return None
                 raise InvalidArgument(

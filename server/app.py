@@ -165,7 +165,8 @@ class RunningServer:
 
     def _run_periodic(self) -> None:
         """Snapshot every ``snapshot_every_s`` when the version moved since the last one."""
-        last_version: int | None = None
+        # A model at start-up came from --resume: its snapshot is on disk already.
+        last_version = self.core.store.version if self.core.store.has_model else None
         while not self._stop_periodic.wait(self.config.snapshot_every_s):
             store = self.core.store
             if not store.has_model or store.version == last_version:

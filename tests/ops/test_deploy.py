@@ -21,10 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from paramserve.client import Client, UnauthenticatedError
 from paramserve.server import cli, demo, healthcheck
 from paramserve.server.app import create_server
 from paramserve.server.config import ServerConfig, load_config
 
+from ..security.conftest import pki  # noqa: F401 - the test CA and certificates
 from .conftest import REPO, clean_env, free_port
 
 if sys.version_info >= (3, 11):
@@ -357,6 +359,35 @@ def test_health_probe_exits_0_only_while_serving():
         assert (code, out.strip()) == (1, f"{server.address}: NOT_SERVING")
     finally:
         server.stop(0)
+
+
+def test_health_probe_speaks_tls_and_mutual_tls_and_needs_no_token(pki):  # noqa: F811
+    tls = ServerConfig(
+        port=0,
+        log_level="warning",
+        tls_cert=pki.server_cert,
+        tls_key=pki.server_key,
+        admin_tokens=("admin-token-the-probe-never-sends",),  # authentication is on
+    )
+    servers = [create_server(tls), create_server(tls.replace(tls_client_ca=pki.ca))]
+    try:
+        one_way, mutual = (s.address for s in servers)
+        assert _probe("--address", one_way)[0] == 1  # plain text against TLS
+        code, out, _ = _probe("--address", one_way, "--tls-ca", str(pki.ca))
+        assert (code, out.strip()) == (0, f"{one_way}: SERVING")
+        client = Client(one_way, tls_ca=pki.ca, wait_for_ready=False, timeout_s=10)
+        with client, pytest.raises(UnauthenticatedError):  # the service itself wants a token
+            client.status()
+        name = ["--tls-server-name", "localhost"]
+        assert _probe("--address", one_way, "--tls-ca", str(pki.ca), *name)[0] == 0
+        assert _probe("--address", mutual, "--tls-ca", str(pki.ca))[0] == 1  # no client cert
+        client = ["--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]
+        assert _probe("--address", mutual, "--tls-ca", str(pki.ca), *client)[0] == 0
+        code, out, _ = _probe("--address", one_way, "--tls-ca", str(pki.ca) + ".missing")
+        assert code == 2 and "cannot read" in out
+    finally:
+        for server in servers:
+            server.stop(0)
 
 
 def test_health_probe_fails_fast_on_a_dead_address():

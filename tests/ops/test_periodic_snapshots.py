@@ -83,6 +83,8 @@ def test_periodic_snapshots_retention_and_resume_skips_a_damaged_newest(
     assert "skipping snapshot" in skipped["message"]
     event = resumed.wait_for_event("resumed")
     assert (event["snapshot_id"], event["version"]) == (previous.stem, 3)
+    time.sleep(0.5)  # periodic ticks at an unchanged version write nothing (no copy of v3)
+    assert _snapshots(ckpt) == [previous, newest]
     with resumed.channel() as channel:
         stub = resumed.stub(channel)
         version, weights = read_stream(stub.Pull(pb.PullRequest(), timeout=20))

@@ -7,7 +7,11 @@ the weights. Systems (bench/step_systems.py), each a server in its own subproces
 from this process:
 
 * ``paramserve``: the real daemon (bench/paramserve_server.py: ``create_server``, async, one
-  replica, Adam) and ``paramserve.client.Client``, doing ``push(grads)`` then ``pull()``;
+  replica, Adam) and ``paramserve.client.Client`` used as RemoteOptimizer uses it: one
+  ``step(grads)`` call when the model fits ``STEP_MAX_BYTES`` (1 MiB) each way (``small``),
+  else ``push(grads)`` then ``pull(out=...)`` into the worker's arrays;
+* ``paramserve-push-pull``: the same, always ``push`` then ``pull(out=...)`` (run only where
+  ``paramserve`` uses ``step``);
 * ``socket``: bench/socket_baseline.py, a minimal length-prefixed TCP server holding w/m/v
   that applies the same fused numba Adam (``paramserve.optim_core.fused.adam``), serially;
   the yardstick of the targets (ratios are steps/s over this one's);
@@ -61,6 +65,7 @@ from step_systems import (  # noqa: E402
     make_runner,
     parse_size,
     reference_weights,
+    systems_for,
 )
 
 # Element count -> target ratio (paramserve steps/s over the serial socket server's).
@@ -89,6 +94,7 @@ class Result:
     verified: bool
     ratio_vs_socket: float | None = None
     ratio_vs_pipelined: float | None = None
+    ratio_vs_grpc_raw: float | None = None
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -141,7 +147,7 @@ def measure_size(
     with contextlib.ExitStack() as stack:
         runners: list[Runner] = []
         servers: dict[str, ServerProcess] = {}
-        for system in systems:
+        for system in systems_for(model, systems):
             server = stack.enter_context(_closing(ServerProcess(SERVER_SCRIPTS[system])))
             runner = _guard(server, lambda s=server, name=system: make_runner(name, s.port, model))
             stack.callback(runner.close)
@@ -202,6 +208,8 @@ def measure_size(
             r.ratio_vs_socket = r.steps_per_s / by_name["socket"].steps_per_s
         if "socket-pipelined" in by_name:
             r.ratio_vs_pipelined = r.steps_per_s / by_name["socket-pipelined"].steps_per_s
+        if "grpc-raw" in by_name and r.system.startswith("paramserve"):
+            r.ratio_vs_grpc_raw = r.steps_per_s / by_name["grpc-raw"].steps_per_s
     return results
 
 
@@ -257,18 +265,20 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
 def print_table(results: list[Result], goals: list[dict[str, Any]]) -> None:
     head = (
         f"{'size':>6} {'system':<17}{'steps/s':>9} {'ms/step':>9} {'p50 ms':>8} {'p90 ms':>8} "
-        f"{'GB/s':>6} {'srv cpu':>8} {'cli cpu':>8} {'vs socket':>10} {'vs pipel.':>10}  ok"
+        f"{'GB/s':>6} {'srv cpu':>8} {'cli cpu':>8} {'vs socket':>10} {'vs pipel.':>10} "
+        f"{'vs grpc':>8}  ok"
     )
     print(head)
     print("-" * len(head))
     for r in results:
         vs = f"{r.ratio_vs_socket:.3f}" if r.ratio_vs_socket is not None else "-"
         vp = f"{r.ratio_vs_pipelined:.3f}" if r.ratio_vs_pipelined is not None else "-"
+        vg = f"{r.ratio_vs_grpc_raw:.3f}" if r.ratio_vs_grpc_raw is not None else "-"
         srv = f"{r.server_cpu_ms:.3f}" if r.server_cpu_ms is not None else "-"
         print(
             f"{r.size:>6} {r.system:<17}{r.steps_per_s:>9.1f} {r.ms_per_step:>9.3f} "
             f"{r.p50_ms:>8.3f} {r.p90_ms:>8.3f} {r.gbytes_per_s:>6.2f} {srv:>8} "
-            f"{r.client_cpu_ms:>8.3f} {vs:>10} {vp:>10}  {'yes' if r.verified else 'NO'}"
+            f"{r.client_cpu_ms:>8.3f} {vs:>10} {vp:>10} {vg:>8}  {'yes' if r.verified else 'NO'}"
         )
     print(
         "(ms/step = 1000 / median steps/s over repeats; p50/p90 over all timed steps; "

@@ -18,7 +18,6 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -28,9 +27,17 @@ if str(BENCH_DIR) not in sys.path:
 
 from socket_baseline import BaselineClient  # noqa: E402
 
-SYSTEMS = ("paramserve", "grpc-raw", "core-socket", "socket", "socket-pipelined")
+SYSTEMS = (
+    "paramserve",
+    "paramserve-push-pull",
+    "grpc-raw",
+    "core-socket",
+    "socket",
+    "socket-pipelined",
+)
 SERVER_SCRIPTS = {
     "paramserve": "paramserve_server.py",
+    "paramserve-push-pull": "paramserve_server.py",
     "grpc-raw": "grpc_floor.py",
     "core-socket": "core_socket.py",
     "socket": "socket_baseline.py",
@@ -215,39 +222,56 @@ class GrpcRawRunner(Runner):
 
 
 class ParamserveRunner(Runner):
-    name = "paramserve"
+    """The SDK as a worker uses it: ``Client.step`` (one RPC) for a model that fits
+    ``STEP_MAX_BYTES`` each way, as RemoteOptimizer does, else ``push`` then ``pull`` into
+    the worker's arrays (``out=``, as RemoteOptimizer does, and as grpc-raw's worker does);
+    ``push_pull`` forces the latter."""
 
-    def __init__(self, port: int, model: Model) -> None:
+    def __init__(self, port: int, model: Model, *, push_pull: bool = False) -> None:
         from paramserve.client import Client
 
+        self.name = "paramserve-push-pull" if push_pull else "paramserve"
         self.model = model
+        self.use_step = not push_pull and fits_one_step(model)
         self.client = Client(f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0)
         self.client.__enter__()
         self.client.create_model(dict(model.init), optimizer="adam")
         self.grads = dict(model.grads)
-        self.pulled: Any = None
+        self.out = {n: np.empty_like(v) for n, v in model.init.items()}
+        self.pulled: dict[str, np.ndarray] = {}
 
     def step(self) -> None:
-        self.client.push(self.grads)
-        self.pulled = self.client.pull()
+        if self.use_step:
+            self.pulled = self.client.step(self.grads)
+        else:
+            self.client.push(self.grads)
+            self.pulled = self.client.pull(out=self.out)
 
     def weights(self) -> np.ndarray:
-        pulled = self.pulled
-        if isinstance(pulled, tuple):  # (version, tensors)
-            pulled = next(p for p in pulled if isinstance(p, dict))
-        for attr in ("tensors", "weights", "values"):
-            if not isinstance(pulled, dict) and hasattr(pulled, attr):
-                pulled = getattr(pulled, attr)
-        return self.model.flat(pulled)
+        return self.model.flat(self.pulled)
 
     def close(self) -> None:
         self.client.__exit__(None, None, None)
 
 
+def fits_one_step(model: Model) -> bool:
+    """Whether the SDK's RemoteOptimizer would use one Step call for this model."""
+    from paramserve.client.remote import STEP_MAX_BYTES
+
+    return model.nbytes <= STEP_MAX_BYTES
+
+
+def systems_for(model: Model, systems: list[str]) -> list[str]:
+    """``systems`` less paramserve-push-pull where it is what paramserve does anyway."""
+    if fits_one_step(model):
+        return systems
+    return [s for s in systems if not (s == "paramserve-push-pull" and "paramserve" in systems)]
+
+
 def make_runner(system: str, port: int, model: Model) -> Runner:
     """The worker for ``system`` (one of SYSTEMS), connected and initialised."""
-    if system == "paramserve":
-        return ParamserveRunner(port, model)
+    if system in ("paramserve", "paramserve-push-pull"):
+        return ParamserveRunner(port, model, push_pull=system == "paramserve-push-pull")
     if system == "grpc-raw":
         return GrpcRawRunner(port, model)
     return SocketRunner(

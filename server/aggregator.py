@@ -8,9 +8,11 @@ at one point, and a dead or slow worker never holds a round past its deadline.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "AggregationConfig",
     "Aggregator",
     "AggregatorStatus",
+    "PushLog",
     "PushResult",
     "WorkerInfo",
     "check_aggregation_state",
@@ -75,6 +78,41 @@ class _Revalidate(Exception):
     """The model was replaced while a push was being validated: check it again."""
 
 
+class PushLog:
+    """Opt-in audit log of the pushes that took effect, one JSON object a line, in apply order.
+
+    ``{"event": "push", "worker_id", "sequence", "version", "applied"}`` for each push
+    recorded in the dedupe table (``applied`` is false for a push skipped as non-finite);
+    a sync round writes one line per contribution in worker_id order, all with the round's
+    version. ``{"event": "restore", "version"}`` marks a restore (or ``--resume``): later
+    lines continue from that version. The aggregator writes under the store lock right
+    after the update and flushes, so a ``kill -9`` loses no line of an acknowledged push.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file: Any = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
+        except OSError as exc:
+            raise OSError(f"cannot open the push log {self.path!r}: {exc.strerror}") from None
+
+    def write(self, entries: Iterable[dict[str, Any]]) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
+            self._file.flush()
+        except (OSError, ValueError):
+            logger.exception("writing the push log %s failed; it is turned off", self.path)
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
 class Aggregator:
     """Turns pushes from many workers into optimizer steps on one :class:`ModelStore`."""
 
@@ -84,6 +122,7 @@ class Aggregator:
         config: AggregationConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        push_log: PushLog | None = None,
         on_round_closed: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
@@ -91,6 +130,7 @@ class Aggregator:
         self._clock = clock
         # Told "full", "partial" or "aborted" as each sync round ends (metrics); under the lock.
         self._on_round_closed = on_round_closed
+        self._push_log = push_log
         self._workers: dict[str, _Worker] = {}
         self._round: _Round | None = None
         self._stale_waiting: dict[str, int] = {}
@@ -353,6 +393,11 @@ class Aggregator:
             raise
         for worker_id, (sequence, _) in round_.contributions.items():
             self._record(worker_id, sequence)
+        if self._push_log is not None:
+            self._push_log.write(
+                _push_entry(wid, sequence, version, applied=prepared is not None)
+                for wid, (sequence, prepared) in sorted(round_.contributions.items())
+            )
         self._rounds_completed += 1
         self._rounds_partial += int(partial)
         if self._on_round_closed is not None:
@@ -428,6 +473,8 @@ class Aggregator:
         version = store.apply(prepared) if prepared is not None else store.version
         self._record(worker_id, sequence)
         applied = prepared is not None
+        if self._push_log is not None:
+            self._push_log.write([_push_entry(worker_id, sequence, version, applied=applied)])
         return PushResult(
             duplicate=False, applied=applied, version=version, contributors=int(applied)
         )
@@ -503,6 +550,8 @@ class Aggregator:
             self._rounds_completed = checked["rounds_completed"]
             self._rounds_aborted = checked["rounds_aborted"]
             self._rounds_partial = checked["rounds_partial"]
+            if self._push_log is not None:
+                self._push_log.write([{"event": "restore", "version": self._store.version}])
             self._store.changed.notify_all()
 
     def close(self) -> None:
@@ -512,4 +561,16 @@ class Aggregator:
             round_ = self._open_round()
             if round_ is not None:
                 self._fail_round(round_, Unavailable("the server is shutting down"))
+            if self._push_log is not None:
+                self._push_log.close()
             self._store.changed.notify_all()
+
+
+def _push_entry(worker_id: str, sequence: int, version: int, *, applied: bool) -> dict[str, Any]:
+    return {
+        "event": "push",
+        "worker_id": worker_id,
+        "sequence": sequence,
+        "version": version,
+        "applied": applied,
+    }

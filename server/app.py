@@ -24,7 +24,7 @@ from grpc_reflection.v1alpha import reflection
 from paramserve.client.tensors import tune_malloc
 
 from . import auth
-from .aggregator import AggregationConfig, Aggregator
+from .aggregator import AggregationConfig, Aggregator, PushLog
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
 from .metrics import ServerMetrics
@@ -203,6 +203,7 @@ def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
             deadline_policy=config.deadline_policy,
             max_staleness=config.max_staleness,
         ),
+        push_log=PushLog(config.push_log) if config.push_log is not None else None,
         on_round_closed=metrics.record_round,
     )
     snapshots = None

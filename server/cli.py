@@ -168,6 +168,12 @@ def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="restore the newest valid snapshot at start",
     )
+    snap.add_argument(
+        "--push-log",
+        type=Path,
+        metavar="PATH",
+        help="append a JSON line per applied push, in apply order (audit, replay)",
+    )
     lim = p.add_argument_group("limits (byte sizes accept 64MiB, 8GiB, ...)")
     for name in ("max_message_bytes", "max_tensor_bytes", "max_request_bytes", "max_state_bytes"):
         lim.add_argument("--" + name.replace("_", "-"), type=_bytes_arg, metavar="BYTES")

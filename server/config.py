@@ -83,6 +83,8 @@ class ServerConfig:
     snapshot_on_exit: bool = True
     # Restore the newest valid snapshot of checkpoint_dir at start.
     resume: bool = False
+    # Append one JSON line per push that took effect, in apply order (audit, replay); None: off.
+    push_log: Path | None = None
     nonfinite: str = "reject"
     limits: ServerLimits = field(default_factory=ServerLimits)
     # Prometheus endpoint port; 0 turns it off.

@@ -1,0 +1,217 @@
+"""Worker scripts for the fault tests, run as ``python -m tests.faults.workers NAME JSON``.
+
+Gradients are a pure function of ``(worker_id, sequence)`` (plus the pulled weights in
+sync training), so a test can recompute every push a server logged and replay it. Each
+worker appends one JSON line per event (pull, ack, retry, stale, pause) to its own file,
+flushed at once, so the record survives a SIGKILL of the worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from paramserve.client import (
+    AbortedError,
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    UnavailableError,
+)
+
+SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
+ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
+CALL_TIMEOUT_S = 10.0
+
+
+def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
+
+
+def gradients(
+    worker_id: str, sequence: int, weights: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """Deterministic gradients with magnitudes from 1e-3 to 1e2, so that the order in which
+    they are summed or applied shows in the bits; ``weights`` add a weight-dependent term."""
+    rng = np.random.default_rng([zlib.crc32(worker_id.encode()), sequence])
+    grads = {}
+    for name, shape in SHAPES.items():
+        magnitudes = 10.0 ** rng.integers(-3, 3, size=shape)
+        grads[name] = (rng.standard_normal(shape) * magnitudes).astype(np.float32)
+    if weights is not None:
+        grads["dense/kernel"] += np.float32(0.5) * weights["dense/kernel"]
+    return grads
+
+
+class EventLog:
+    """Append-only JSON lines, flushed per line (thread-safe)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        line = json.dumps({"event": event, "time": time.time(), **fields}) + "\n"
+        with self._lock:
+            self._file.write(line)
+            self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def sync_trainer(
+    address: str,
+    worker_id: str,
+    events: str,
+    until_version: int,
+    *,
+    step_sleep_s: float = 0.0,
+    pause_file: str | None = None,
+    stop_file: str | None = None,
+    max_runtime_s: float = 120.0,
+) -> None:
+    """Pull, push gradients of the pulled weights, until the model reaches ``until_version``.
+
+    A stale push (FAILED_PRECONDITION: the server moved on, was restored or restarted)
+    re-pulls and pushes anew with the next sequence; an aborted, unavailable or timed-out
+    push is resent with the same sequence. With ``pause_file`` present, the worker stops
+    itself (SIGSTOP) once, right after a pull: its next push is then stale.
+    """
+    log = EventLog(events)
+    give_up_at = time.monotonic() + max_runtime_s
+    with Client(address, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S) as client:
+        worker = client.status().worker(worker_id)
+        sequence = worker.last_sequence if worker is not None else 0
+        log("start", sequence=sequence)
+        paused = False
+        while time.monotonic() < give_up_at:
+            if stop_file is not None and os.path.exists(stop_file):
+                break
+            started = time.monotonic()
+            try:
+                weights = client.pull()
+            except (UnavailableError, DeadlineExceededError) as exc:  # a server restarting
+                log("retry", code=type(exc).__name__, seconds=time.monotonic() - started)
+                continue
+            log("pull", version=weights.version, seconds=time.monotonic() - started)
+            if weights.version >= until_version:
+                break
+            if pause_file is not None and not paused and os.path.exists(pause_file):
+                paused = True
+                log("paused", version=weights.version)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                log("continued", version=weights.version)
+            sequence += 1
+            grads = gradients(worker_id, sequence, weights)
+            while time.monotonic() < give_up_at:
+                started = time.monotonic()
+                try:
+                    result = client.push(grads, base_version=weights.version, sequence=sequence)
+                except FailedPreconditionError as exc:
+                    log("stale", sequence=sequence, base=weights.version, message=str(exc))
+                    break
+                except (AbortedError, UnavailableError, DeadlineExceededError) as exc:
+                    code = exc.code.name if exc.code is not None else type(exc).__name__
+                    log("retry", sequence=sequence, code=code, seconds=time.monotonic() - started)
+                    if stop_file is not None and os.path.exists(stop_file):
+                        break  # abort policy: the others may have left, the round cannot fill
+                    continue
+                log(
+                    "ack",
+                    sequence=sequence,
+                    base=weights.version,
+                    version=result.version,
+                    duplicate=result.duplicate,
+                    contributors=result.contributors,
+                    seconds=time.monotonic() - started,
+                )
+                break
+            time.sleep(step_sleep_s)
+    log("done")
+    log.close()
+
+
+def _push_for(
+    address: str,
+    worker_id: str,
+    events: str,
+    start_at: float,
+    duration_s: float,
+    resend_fraction: float,
+) -> None:
+    log = EventLog(events)
+    rng = np.random.default_rng(zlib.crc32(worker_id.encode()))
+    with Client(address, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S) as client:
+        time.sleep(max(0.0, start_at - time.time()))
+        end = time.monotonic() + duration_s
+        sequence = 0
+        while time.monotonic() < end:
+            sequence += 1
+            grads = gradients(worker_id, sequence)
+            # A simulated lost reply: the push is sent again with the same sequence.
+            sends = 1 + int(rng.random() < resend_fraction)
+            lost = 0
+            while sends > 0:
+                try:
+                    result = client.push(grads, sequence=sequence)
+                except (DeadlineExceededError, UnavailableError) as exc:
+                    # A reply really lost: resend (it may have been applied meanwhile).
+                    lost += 1
+                    log("lost", worker_id=worker_id, sequence=sequence, error=type(exc).__name__)
+                    if lost > 3:
+                        raise
+                    continue
+                sends -= 1
+                log(
+                    "ack",
+                    worker_id=worker_id,
+                    sequence=sequence,
+                    duplicate=result.duplicate,
+                    version=result.version,
+                )
+    log("done", worker_id=worker_id, pushes=sequence)
+    log.close()
+
+
+def load_pusher(
+    address: str,
+    worker_ids: list[str],
+    events_dir: str,
+    start_at: float,
+    duration_s: float,
+    resend_fraction: float = 0.1,
+) -> None:
+    """One thread (and Client) per worker id, pushing as fast as the server takes them."""
+    errors: list[BaseException] = []
+
+    def run(worker_id: str) -> None:
+        try:
+            path = os.path.join(events_dir, f"{worker_id}.jsonl")
+            _push_for(address, worker_id, path, start_at, duration_s, resend_fraction)
+        except BaseException as exc:
+            errors.append(exc)
+            raise
+
+    threads = [threading.Thread(target=run, args=(w,)) for w in worker_ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
+if __name__ == "__main__":
+    name, arguments = sys.argv[1], json.loads(sys.argv[2])
+    {"sync_trainer": sync_trainer, "load_pusher": load_pusher}[name](**arguments)

@@ -9,7 +9,7 @@ as a duplicate, not applied twice.
 
 gRPC can only replay what it still holds: a call is retried while everything it sent fits
 in the per-call retry buffer (``retry_buffer_bytes``, default :data:`RETRY_BUFFER_BYTES`:
-a header plus one 4 MiB chunk, so small pushes and every Step RemoteOptimizer sends). A
+a header plus one 2 MiB chunk, so small pushes and every Step RemoteOptimizer sends). A
 larger push is committed to its first attempt once it outgrows the buffer, and gRPC lets
 each chunk go as soon as it is sent instead of keeping the whole push in memory (at 16M
 floats that held 64 MiB per push and cost the worker ~13 ms of CPU per step). Such a push

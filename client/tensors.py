@@ -1,4 +1,4 @@
-"""Tensors on the wire: headers plus ~4 MiB raw chunks, both ways, with strict validation.
+"""Tensors on the wire: headers plus ~2 MiB raw chunks, both ways, with strict validation.
 
 Shared by the SDK and the daemon. Sending slices the caller's array without copying;
 receiving copies each chunk once into a preallocated buffer. Any malformed stream
@@ -22,7 +22,10 @@ import numpy as np
 
 from paramserve.v1 import tensor_pb2 as tpb
 
-CHUNK_BYTES = 4 << 20
+# Payload bytes per chunk message. 2 MiB beat 4 MiB (and 1 MiB, 512 KiB) in repeated whole-step
+# runs on 2 vCPUs: 16M floats 122 vs 135 ms/step, 1M floats 11.9 vs 13.1 ms; smaller pieces
+# pipeline better and stay in the L2 cache while they are copied.
+CHUNK_BYTES = 2 << 20
 INDEX_DTYPE = np.dtype("<i8")
 
 _DTYPES: dict[int, np.dtype] = {
@@ -50,7 +53,7 @@ def tune_malloc(*, arena_max: int | None = 1) -> bool:
 
     By default glibc serves large allocations with fresh ``mmap``s and gives freed memory
     back to the kernel early, and threads allocate from their own arenas whose heaps top
-    out at 64 MiB; so every 4 MiB message and every tensor-sized buffer of a step is
+    out at 64 MiB; so every chunk message and every tensor-sized buffer of a step is
     page-faulted (zero-filled by the kernel) afresh. Measured on 2 vCPUs, encoding 64 MiB
     into 4 MiB messages took 41 ms of CPU by default and 5 ms with these settings. This
     raises the mmap threshold to :data:`MALLOC_MMAP_THRESHOLD_BYTES`, the trim threshold to

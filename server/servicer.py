@@ -50,7 +50,7 @@ from .store import ModelStore
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-# Payload per outgoing message: 4 MiB less headroom for framing, so that clients with gRPC's
+# Payload per outgoing message: a chunk less headroom for framing, so that clients with gRPC's
 # default 4 MiB receive limit can read every message (and never above max_message_bytes).
 _FRAMING_HEADROOM_BYTES = 16 << 10
 OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES

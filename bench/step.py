@@ -31,6 +31,12 @@ getrusage: on a shared machine they move far less than wall-clock figures. Befor
 weights each server returns after the warm-up are checked bit for bit against a local
 optim_core Adam replay. A SIGALRM limit (--time-limit) bounds the run; server processes are
 terminated on every exit path and also leave when our end of their stdin closes.
+
+Alike for all: grpc-raw moves the same chunk size as paramserve (``CHUNK_BYTES``), and with
+``--malloc tuned`` (the default) every server process and this worker process run with the
+glibc allocator settings the paramserve daemon applies to itself (``tune_malloc``), which
+the SDK offers workers as an opt-in; ``--malloc default`` leaves glibc's defaults everywhere
+but in the paramserve daemon.
 """
 
 from __future__ import annotations
@@ -59,12 +65,14 @@ sys.path.insert(0, str(BENCH_DIR))
 from step_systems import (  # noqa: E402
     SERVER_SCRIPTS,
     SYSTEMS,
+    TUNED_MALLOC_ENV,
     Model,
     Runner,
     ServerProcess,
     make_runner,
     parse_size,
     reference_weights,
+    server_args,
     systems_for,
 )
 
@@ -148,7 +156,11 @@ def measure_size(
         runners: list[Runner] = []
         servers: dict[str, ServerProcess] = {}
         for system in systems_for(model, systems):
-            server = stack.enter_context(_closing(ServerProcess(SERVER_SCRIPTS[system])))
+            env = TUNED_MALLOC_ENV if args.malloc == "tuned" else {}
+            script = SERVER_SCRIPTS[system]
+            server = stack.enter_context(
+                _closing(ServerProcess(script, *server_args(system), env=env))
+            )
             runner = _guard(server, lambda s=server, name=system: make_runner(name, s.port, model))
             stack.callback(runner.close)
             runners.append(runner)
@@ -335,6 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of %(default)s")
     parser.add_argument("--time-limit", type=int, default=180, help="seconds for the whole run")
+    parser.add_argument(
+        "--malloc",
+        choices=("tuned", "default"),
+        default="tuned",
+        help="tuned: every server and this worker process with paramserve's glibc allocator "
+        "settings (tune_malloc); default: glibc's defaults, except that the paramserve daemon "
+        "always tunes itself (default: %(default)s)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     try:
@@ -350,6 +370,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
+
+    if args.malloc == "tuned":
+        from paramserve.client.tensors import tune_malloc
+
+        if not tune_malloc():
+            log("note: glibc allocator settings not applied here (not glibc, or MALLOC_* set)")
 
     load_before = os.getloadavg()[0]
     if load_before > 0.5:

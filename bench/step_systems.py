@@ -50,6 +50,22 @@ SMALL_MODEL = {
     "out/bias": (10,),
 }
 START_TIMEOUT_S = 90.0  # first start may compile the numba kernels
+# glibc allocator settings of paramserve.client.tensors.tune_malloc, as environment variables
+# for server processes (--malloc tuned gives them to every server, so all compare alike).
+TUNED_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 30),
+    "MALLOC_ARENA_MAX": "1",
+}
+
+
+def server_args(system: str) -> tuple[str, ...]:
+    """Command-line arguments of a system's server script."""
+    if system == "grpc-raw":  # the same chunk size as paramserve, so the floor compares alike
+        from paramserve.client.tensors import CHUNK_BYTES
+
+        return ("--chunk-bytes", str(CHUNK_BYTES))
+    return ()
 
 
 # --- model definitions ------------------------------------------------------------------
@@ -109,11 +125,12 @@ def reference_weights(model: Model, steps: int) -> np.ndarray:
 class ServerProcess:
     """A server script in a subprocess that prints ``PORT <n>``; stopped on close()."""
 
-    def __init__(self, script: str, *args: str) -> None:
+    def __init__(self, script: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.name = script
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in close())
         self.proc = subprocess.Popen(
             [sys.executable, str(BENCH_DIR / script), "--port", "0", *args],
+            env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self.log,
@@ -206,7 +223,9 @@ class GrpcRawRunner(Runner):
     def __init__(self, port: int, model: Model) -> None:
         from grpc_floor import GrpcRawClient
 
-        self.client = GrpcRawClient(port)
+        from paramserve.client.tensors import CHUNK_BYTES
+
+        self.client = GrpcRawClient(port, chunk_bytes=CHUNK_BYTES)
         self.client.init(model.flat(model.init))
         self.grad = model.flat(model.grads)
         self.out = np.empty_like(self.grad)

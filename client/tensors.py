@@ -289,6 +289,10 @@ class TensorAssembler:
         self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
         self._received[tensor] = end
 
+    def buffer(self, tensor: int) -> np.ndarray:
+        """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived)."""
+        return self._buffers[tensor]
+
     def finish(self) -> dict[str, TensorValue]:
         """All tensors by name; WireError if any payload is incomplete."""
         out: dict[str, TensorValue] = {}

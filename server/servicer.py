@@ -43,6 +43,7 @@ from .errors import (
     ResourceExhausted,
     Unavailable,
 )
+from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
 from .store import ModelStore
@@ -403,10 +404,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 )
 
     def _assemble(
-        self, headers: list[tpb.TensorHeader], requests: Iterator[Any], *, method: str
+        self,
+        headers: list[tpb.TensorHeader],
+        requests: Iterator[Any],
+        *,
+        method: str,
+        scan_finite: bool = False,
     ) -> dict[str, wire.TensorValue]:
-        """Receive the chunks that follow a validated header, in strict order."""
+        """Receive the chunks that follow a validated header, in strict order.
+
+        ``scan_finite``: check dense gradients for NaN/Inf chunk by chunk as they arrive
+        (overlapping the transfer), and return them as ``FiniteChecked`` so the store's
+        check does not read them again.
+        """
         assembler = wire.TensorAssembler(headers)
+        scan = FiniteScan(headers) if scan_finite else None
         received = 0
         for item in requests:
             if isinstance(item, tuple):
@@ -416,9 +428,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             else:
                 raise InvalidArgument(f"{method}: only chunks may follow the header")
             assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
+            if scan is not None:
+                scan.update(tensor, assembler.buffer(tensor), offset + len(data))
             received += len(data)
         self._metrics.bytes_received.labels(method=method).inc(received)
-        return assembler.finish()
+        tensors = assembler.finish()
+        return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors
 
     def _variable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtype names and shapes of the variables, cached per model generation."""
@@ -623,7 +638,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         headers = list(header.tensors)
         self._check_sizes(headers, dense_only=False)
         self._check_against(headers, self._variable_specs(), what="variable", unknown=NotFound)
-        grads = self._assemble(headers, request_iterator, method="Push")
+        grads = self._assemble(
+            headers,
+            request_iterator,
+            method="Push",
+            scan_finite=self._store.nonfinite != "allow",
+        )
         return _push_response(self._aggregate(header, grads, context))
 
     @_rpc("Pull")

@@ -1,4 +1,5 @@
-"""gradients.all_finite: the blocked non-finite check agrees with np.isfinite(x).all()."""
+"""Non-finite checks: gradients.all_finite (blocked) agrees with np.isfinite(x).all(), and
+FiniteScan (while receiving) with a check of the whole tensor."""
 
 from __future__ import annotations
 
@@ -6,7 +7,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from paramserve.server.gradients import FINITE_BLOCK_ELEMENTS, all_finite
+from paramserve.client import tensors as wire
+from paramserve.client.tensors import SparseRows
+from paramserve.server.errors import InvalidArgument
+from paramserve.server.gradients import (
+    FINITE_BLOCK_ELEMENTS,
+    FiniteChecked,
+    FiniteScan,
+    all_finite,
+    check_push,
+)
 
 N = 2 * FINITE_BLOCK_ELEMENTS + 5  # two full blocks and a short one
 
@@ -36,3 +46,44 @@ def test_small_empty_and_strided_arrays(x):
     if x.size:
         x[(0,) * x.ndim] = np.nan
         assert not all_finite(x)
+
+
+def _scan(values: np.ndarray, piece_bytes: int) -> frozenset[str]:
+    """FiniteScan over ``values`` delivered in ``piece_bytes`` pieces, as the servicer does."""
+    header = wire.header_for("g", values)
+    scan = FiniteScan([header])
+    payload = values.reshape(-1).view(np.uint8)
+    for start in range(0, payload.size, piece_bytes):
+        end = min(start + piece_bytes, payload.size)
+        scan.update(0, payload, end)
+    return scan.finite()
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 6, 4096, 1 << 20])
+def test_scan_while_receiving_finds_values_split_across_pieces(piece_bytes):
+    x = np.ones(1000, np.float64)
+    assert _scan(x, piece_bytes) == {"g"}
+    for where in (0, 1, 499, 999):
+        y = x.copy()
+        y[where] = np.inf
+        assert _scan(y, piece_bytes) == frozenset()
+
+
+def test_scan_skips_sparse_rows_and_check_push_rechecks_the_rest():
+    rows = SparseRows(np.array([0], np.int64), np.array([[np.nan, 1.0]], np.float32))
+    headers = [wire.header_for("d", np.ones(2, np.float32)), wire.sparse_header("s", rows, (3, 2))]
+    scan = FiniteScan(headers)
+    scan.update(0, np.ones(2, np.float32).view(np.uint8), 8)
+    assert scan.finite() == {"d"}
+    specs = {"d": (np.dtype(np.float32), (2,)), "s": (np.dtype(np.float32), (3, 2))}
+    # A name the scan vouched for is not read again; the others still are.
+    grads = FiniteChecked({"d": np.array([np.nan, 0], np.float32)}, finite=frozenset({"d"}))
+    assert check_push(grads, specs, nonfinite="reject", device="cpu", max_tensor_bytes=1 << 20)
+    with pytest.raises(InvalidArgument, match="'s' contains NaN"):
+        check_push(
+            FiniteChecked({"s": rows}, finite=scan.finite()),
+            specs,
+            nonfinite="reject",
+            device="cpu",
+            max_tensor_bytes=1 << 20,
+        )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -72,7 +73,11 @@ class ModelDescription:
 
     def spec(self, name: str) -> TensorSpec | None:
         """The spec of variable ``name``, or None if the model has no such variable."""
-        return next((v for v in self.variables if v.name == name), None)
+        return self._specs_by_name.get(name)
+
+    @functools.cached_property
+    def _specs_by_name(self) -> dict[str, TensorSpec]:
+        return {v.name: v for v in self.variables}
 
     @classmethod
     def from_proto(cls, r: pb.DescribeResponse) -> ModelDescription:

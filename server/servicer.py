@@ -342,6 +342,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
         self._optimizer_specs_cache: tuple[Any, dict[str, tuple[str, tuple[int, ...]]]] = (None, {})
         self._variable_specs_cache: tuple[int, dict[str, tuple[str, tuple[int, ...]]]] = (-1, {})
+        # Step's own counters, bound once (labels() costs microseconds per call).
+        self._step_received_bytes = self._metrics.bytes_received.labels(method="Step")
+        self._step_sent_bytes = self._metrics.bytes_sent.labels(method="Step")
+        self._step_pulled = self._metrics.pulls.labels(outcome="ok")
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -518,7 +522,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 f"max_message_bytes={limit}; use Push and Pull (streamed) for this model"
             )
 
-    def _step_push(self, request: pb.StepRequest, context: grpc.ServicerContext):
+    def _step_push(
+        self,
+        request: pb.StepRequest,
+        selection: tuple[list[str] | None, dict[str, np.ndarray] | None],
+        context: grpc.ServicerContext,
+    ):
         """Everything Push does, for a Step's inline gradients; returns the aggregator's result.
 
         Validation (the reply's selection and size, headers, limits, names, dtypes, shapes,
@@ -530,7 +539,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 f"a Step returns weights only (pull.scope {request.pull.scope} is not "
                 "PULL_SCOPE_WEIGHTS); pull the optimizer state with Pull"
             )
-        self._check_step_reply(*_weights_selection(request.pull))
+        self._check_step_reply(*selection)
         headers = list(push.tensors)
         if len(request.gradients) != len(headers):
             raise InvalidArgument(
@@ -556,7 +565,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             assembler.add(i, 0, data)
             received += len(data)
         grads = assembler.finish()
-        self._metrics.bytes_received.labels(method="Step").inc(received)
+        self._step_received_bytes.inc(received)
         return self._aggregate(push, grads, context)
 
     def _aggregate(self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context):
@@ -682,19 +691,19 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def Step(self, request, context):  # noqa: N802
         self._require_accepting()
         try:
-            result = self._step_push(request, context)
+            selection = _weights_selection(request.pull)
+            result = self._step_push(request, selection, context)
         except Exception as exc:
             self._metrics.pushes.labels(outcome=_outcome(exc)).inc()
             raise
         version, headers, payloads = self._read_weights(
-            *_weights_selection(request.pull),
-            lambda values: [b"".join(wire.payload_views(v)) for v in values],
+            *selection, lambda values: [b"".join(wire.payload_views(v)) for v in values]
         )
         weights = [
             pb.InlineTensor(header=h, data=data) for h, data in zip(headers, payloads, strict=True)
         ]
-        self._metrics.pulls.labels(outcome="ok").inc()
-        self._metrics.bytes_sent.labels(method="Step").inc(sum(h.byte_length for h in headers))
+        self._step_pulled.inc()
+        self._step_sent_bytes.inc(sum(h.byte_length for h in headers))
         return pb.StepResponse(push=_push_response(result), version=version, weights=weights)
 
     @_rpc("SetOptimizerState")

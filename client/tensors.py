@@ -169,8 +169,10 @@ def sparse_header(name: str, rows: SparseRows, variable_shape: Sequence[int]) ->
 def payload_views(value: TensorValue) -> list[memoryview]:
     """The byte views that make up a tensor's payload, in wire order, without copying."""
     if isinstance(value, SparseRows):
-        idx = _le(np.asarray(value.indices, dtype=INDEX_DTYPE))
-        return [memoryview(idx).cast("B"), memoryview(_le(value.values).view(np.uint8)).cast("B")]
+        idx = _le(np.asarray(value.indices, dtype=INDEX_DTYPE)).reshape(-1)
+        # 1-D views: memoryview cannot cast an N-d view with a zero in its shape (no rows).
+        values = _le(value.values).reshape(-1).view(np.uint8)
+        return [memoryview(idx).cast("B"), memoryview(values).cast("B")]
     return [memoryview(_le(value).reshape(-1).view(np.uint8)).cast("B")]
 
 

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 
 from paramserve.client import tensors as wire
 from paramserve.v1 import parameter_server_pb2 as pb
@@ -170,7 +171,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             @functools.wraps(fn)
             def stream_handler(self, request, context):
                 try:
-                    yield from fn(self, request, context)
+                    yield from fn(self, _decoded(request), context)
                 except Exception as exc:
                     fail(self, context, exc)
                 else:
@@ -181,7 +182,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(fn)
         def handler(self, request, context):
             try:
-                response = fn(self, request, context)
+                response = fn(self, _decoded(request), context)
             except Exception as exc:
                 fail(self, context, exc)
             self._metrics.record_rpc(method, "OK")
@@ -190,6 +191,43 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         return handler
 
     return decorate
+
+
+class _Undecodable:
+    """A request message that protobuf could not parse: answered INVALID_ARGUMENT.
+
+    gRPC answers a deserializer exception with INTERNAL, so the deserializers return this
+    instead and :func:`_decoded` raises in the handler.
+    """
+
+    def __init__(self, message_cls: Any, error: Exception) -> None:
+        self.message = f"malformed {message_cls.DESCRIPTOR.name} message: {error}"
+
+
+def _tolerant(deserialize: Callable[[bytes], Any], message_cls: Any) -> Callable[[bytes], Any]:
+    def tolerant(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except DecodeError as exc:
+            return _Undecodable(message_cls, exc)
+
+    return tolerant
+
+
+def _decoded(request: Any) -> Any:
+    """The request, or its stream with each item checked; InvalidArgument if one was malformed."""
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(request.message)
+    if isinstance(request, Iterator):
+        return _decoded_items(request)
+    return request
+
+
+def _decoded_items(items: Iterator[Any]) -> Iterator[Any]:
+    for item in items:
+        if isinstance(item, _Undecodable):
+            raise InvalidArgument(item.message)
+        yield item
 
 
 # A client-stream item after deserialization: a chunk decoded straight from the received
@@ -244,7 +282,9 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
         raw_in, raw_out = method.name in _RAW_CHUNKS_IN, method.name in _RAW_CHUNKS_OUT
         handlers[method.name] = kinds[method.client_streaming, method.server_streaming](
             getattr(servicer, method.name),
-            request_deserializer=_chunk_or(request_cls) if raw_in else request_cls.FromString,
+            request_deserializer=_tolerant(
+                _chunk_or(request_cls) if raw_in else request_cls.FromString, request_cls
+            ),
             response_serializer=_message_or_bytes if raw_out else response_cls.SerializeToString,
         )
     server.add_generic_rpc_handlers(
@@ -471,7 +511,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             return text
         try:
             value = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
             raise InvalidArgument(f"optimizer_json is not valid JSON: {exc}") from None
         if not isinstance(value, dict | str):
             raise InvalidArgument(

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
 DEFAULT_LIMITS = Limits()
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 T = TypeVar("T")
 _INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
@@ -237,6 +238,11 @@ class ModelStore:
                     )
                 if not math.isfinite(value):
                     raise InvalidArgument(f"hyperparameter {key!r} must be finite; got {value}")
+                if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
+                    raise InvalidArgument(
+                        f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
+                        f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}"
+                    )
             config = optim_core.serialize(model.optimizer)
             if "learning_rate" in values and lr_is_schedule(config["config"]):
                 raise FailedPrecondition(
@@ -249,7 +255,13 @@ class ModelStore:
                 config["config"].update(others)
                 rebuilt = make_optimizer(config)
                 rebuilt.build(list(model.variables.values()))
-                rebuilt.load_state_dict(model.optimizer.state_dict())
+                try:
+                    rebuilt.load_state_dict(model.optimizer.state_dict())
+                except ValueError as exc:  # e.g. SGD momentum to or from 0 adds or drops slots
+                    raise FailedPrecondition(
+                        f"cannot change {sorted(others)} of a live model: the new values change "
+                        f"the optimizer's state variables ({exc})"
+                    ) from None
                 model.optimizer = rebuilt
             if "learning_rate" in values:
                 model.optimizer.learning_rate = float(values["learning_rate"])
@@ -402,6 +414,7 @@ class ModelStore:
                 raise InvalidArgument(
                     f"optimizer state {key!r} must be a NumPy array; got {type(value).__name__}"
                 )
+            _check_state_entry(key, value)
         with self.lock:
             opt = self._require_model().optimizer
             try:
@@ -434,6 +447,20 @@ def _selection(
             f"unknown variable(s) {unknown[:10]}; the model has {len(model.variables)} variables"
         )
     return wanted, {n: _check_rows(n, idx, model.specs[n][1]) for n, idx in rows.items()}
+
+
+def _check_state_entry(key: str, value: np.ndarray) -> None:
+    """Step counters stay in [0, max) (the version is >= 0 and can take one more step) and
+    learning rates are finite, as SetHyperparameters requires."""
+    if value.dtype.kind in "iu" and value.size:
+        high = np.iinfo(value.dtype).max
+        if int(value.min()) < 0 or int(value.max()) >= high:
+            raise InvalidArgument(
+                f"optimizer state {key!r} is a step counter and must be in [0, {high}); "
+                f"got {value.min()}..{value.max()}"
+            )
+    if key.rsplit("/", 1)[-1] == "learning_rate" and not np.isfinite(value).all():
+        raise InvalidArgument(f"optimizer state {key!r} must be finite; got {value}")
 
 
 def _check_rows(name: str, rows: Any, shape: tuple[int, ...]) -> np.ndarray:

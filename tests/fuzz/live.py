@@ -1,0 +1,257 @@
+"""A live daemon in a subprocess, raw stubs to it, and a fingerprint of its whole state.
+
+The server runs as ``python -m paramserve.server serve --port 0`` so that a crash, a hang or
+a traceback on its stderr is observable; requests go through the raw generated stub (or as raw
+bytes), never the SDK, so anything can be sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
+from paramserve.v1 import tensor_pb2 as tpb
+
+from . import spec
+
+TIMEOUT_S = 10.0
+SERVICE = "paramserve.v1.ParameterServer"
+
+# Generated cases per family, for the summary line (see conftest.pytest_terminal_summary).
+CASES: Counter[str] = Counter()
+REJECTED: Counter[str] = Counter()
+CODES: Counter[str] = Counter()
+# Outcomes allowed by a documented known limitation, counted so the summary shows them.
+KNOWN: Counter[str] = Counter()
+
+
+def record(family: str, code: grpc.StatusCode) -> None:
+    CASES[family] += 1
+    CODES[code.name] += 1
+    if code is not grpc.StatusCode.OK:
+        REJECTED[family] += 1
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything a request could change, compared bit for bit."""
+
+    version: int
+    weights: dict[str, np.ndarray]
+    optimizer_state: dict[str, np.ndarray]
+    # worker_id -> (last_sequence, pushes); workers only seen (never recorded) are left out.
+    workers: dict[str, tuple[int, int]]
+    hyperparameters: dict[str, float]
+    optimizer_json: str
+    # Snapshot ids and every file in the checkpoint directory (no leftover temp files).
+    snapshots: tuple[str, ...] = ()
+    files: tuple[str, ...] = ()
+
+    def differences(self, other: State) -> list[str]:
+        out = []
+        for name in ("version", "workers", "snapshots", "files"):
+            if getattr(self, name) != getattr(other, name):
+                out.append(f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}")
+        if not _same_floats(self.hyperparameters, other.hyperparameters):
+            out.append(f"hyperparameters: {self.hyperparameters} != {other.hyperparameters}")
+        if json.loads(self.optimizer_json) != json.loads(other.optimizer_json):
+            out.append("optimizer_json differs")
+        for name in ("weights", "optimizer_state"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine.keys() != theirs.keys():
+                out.append(f"{name} keys: {sorted(mine)} != {sorted(theirs)}")
+                continue
+            out += [f"{name}[{k!r}] differs" for k in mine if not _same_array(mine[k], theirs[k])]
+        return out
+
+    def evolve(self, **changes: Any) -> State:
+        return replace(self, **changes)
+
+
+def _same_array(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _same_floats(a: dict[str, float], b: dict[str, float]) -> bool:
+    return a.keys() == b.keys() and all(
+        np.float64(a[k]).tobytes() == np.float64(b[k]).tobytes() for k in a
+    )
+
+
+def read_tensor_stream(items: Iterable[tpb.TensorStreamItem]) -> tuple[int, dict[str, Any]]:
+    """Decode a Pull reply (header then chunks) without the SDK's assembler."""
+    it = iter(items)
+    first = next(it)
+    headers = list(first.header.tensors)
+    payloads = [bytearray() for _ in headers]
+    for item in it:
+        assert item.chunk.offset == len(payloads[item.chunk.tensor])
+        payloads[item.chunk.tensor] += item.chunk.data
+    out = {h.name: spec.decode(h, bytes(p)) for h, p in zip(headers, payloads, strict=True)}
+    return first.header.version, out
+
+
+@dataclass(repr=False)
+class LiveServer:
+    """One ``paramserve serve`` subprocess with a raw stub to it."""
+
+    name: str
+    nonfinite: str
+    process: subprocess.Popen
+    stderr_path: Path
+    checkpoint_dir: Path | None
+    address: str = ""
+    # The state after the last checked case (saves one read per case), and the last sequence
+    # number handed out for pushes.
+    cached_state: State | None = None
+    sequence: int = 0
+    channel: grpc.Channel = field(init=False)
+    stub: pb_grpc.ParameterServerStub = field(init=False)
+
+    def __repr__(self) -> str:  # short: hypothesis prints the fixture in failure reports
+        return f"<LiveServer {self.name} at {self.address}>"
+
+    @classmethod
+    def start(cls, name: str, tmp: Path, *, nonfinite: str, snapshots: bool) -> LiveServer:
+        stderr_path = tmp / f"{name}.stderr"
+        checkpoint_dir = tmp / f"{name}-checkpoints" if snapshots else None
+        args = [sys.executable, "-m", "paramserve.server", "serve", "--port", "0"]
+        args += ["--mode", "async", "--nonfinite", nonfinite, "--grace-s", "2"]
+        args += ["--no-snapshot-on-exit", "--log-format", "json", *spec.LIMIT_FLAGS]
+        if checkpoint_dir is not None:
+            args += ["--checkpoint-dir", str(checkpoint_dir)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVE_")}
+        with open(stderr_path, "wb") as stderr:
+            process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
+            )
+        return cls(name, nonfinite, process, stderr_path, checkpoint_dir)
+
+    def connect(self, timeout_s: float = 60.0) -> None:
+        """Wait for the 'listening on' log line, then open the channel."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            match = re.search(r"listening on (127\.0\.0\.1:\d+)", self.stderr())
+            if match:
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server {self.name} did not start:\n{self.stderr()}")
+            time.sleep(0.02)
+        self.address = match.group(1)
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = pb_grpc.ParameterServerStub(self.channel)
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    # -- raw calls -------------------------------------------------------------------------
+
+    def raw(self, method: str, kind: str):
+        """A callable sending bytes as they are (no serializer) to ``method``."""
+        path = f"/{SERVICE}/{method}"
+        factory = {
+            "unary_unary": self.channel.unary_unary,
+            "unary_stream": self.channel.unary_stream,
+            "stream_unary": self.channel.stream_unary,
+        }[kind]
+        return factory(path, request_serializer=None, response_deserializer=None)
+
+    def create_model(self) -> None:
+        self.stub.CreateModel(iter(spec.create_messages()), timeout=TIMEOUT_S)
+
+    # -- state -----------------------------------------------------------------------------
+
+    def state(self) -> State:
+        version, weights = read_tensor_stream(self.stub.Pull(pb.PullRequest(), timeout=TIMEOUT_S))
+        state_version, optimizer_state = read_tensor_stream(
+            self.stub.Pull(pb.PullRequest(scope=pb.PULL_SCOPE_OPTIMIZER_STATE), timeout=TIMEOUT_S)
+        )
+        assert state_version == version
+        status = self.stub.GetStatus(pb.GetStatusRequest(), timeout=TIMEOUT_S)
+        assert status.version == version
+        workers = {
+            w.worker_id: (w.last_sequence, w.pushes)
+            for w in status.workers
+            if w.last_sequence or w.pushes
+        }
+        described = self.stub.Describe(pb.DescribeRequest(), timeout=TIMEOUT_S)
+        snapshots: tuple[str, ...] = ()
+        files: tuple[str, ...] = ()
+        if self.checkpoint_dir is not None:
+            listed = self.stub.ListSnapshots(pb.ListSnapshotsRequest(), timeout=TIMEOUT_S)
+            snapshots = tuple(s.id for s in listed.snapshots)
+            files = tuple(sorted(os.listdir(self.checkpoint_dir)))
+        return State(
+            version=version,
+            weights=weights,
+            optimizer_state=optimizer_state,
+            workers=workers,
+            hyperparameters=dict(described.hyperparameters),
+            optimizer_json=described.optimizer_json,
+            snapshots=snapshots,
+            files=files,
+        )
+
+    # -- health ----------------------------------------------------------------------------
+
+    def assert_healthy(self) -> None:
+        """Alive, health SERVING, and no traceback or ERROR line on stderr so far."""
+        assert self.process.poll() is None, f"server {self.name} died:\n{self.stderr()[-4000:]}"
+        health = health_pb2_grpc.HealthStub(self.channel)
+        for service in ("", SERVICE):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        assert not self.problems(), "\n".join(self.problems())[-4000:]
+
+    def problems(self) -> list[str]:
+        """Log lines with an error, a warning or a traceback (the log is one JSON object a line)."""
+        out = []
+        for line in self.stderr().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                entry = {"level": "unstructured", "message": line}
+            if entry.get("level") not in ("debug", "info") or "traceback" in entry:
+                out.append(line)
+        return out
+
+    def stop(self) -> int:
+        """SIGTERM, then the exit status (the process must exit 0 within a bounded time)."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return -9
+        finally:
+            if hasattr(self, "channel"):
+                self.channel.close()
+
+
+def call_code(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str, Any]:
+    """``(code, details, reply)``; a server-streaming reply is drained into a list."""
+    try:
+        reply = fn(*args, **kwargs)
+        if isinstance(reply, grpc.Call) and hasattr(reply, "__iter__"):
+            reply = list(reply)
+        return grpc.StatusCode.OK, "", reply
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or "", None

@@ -2,7 +2,8 @@
 
 Retries are gRPC's own (``grpc.enable_retries`` plus a ``retryPolicy`` in the service
 config), never a hand-written loop: gRPC replays the buffered request on a fresh
-transport when a call fails with UNAVAILABLE before the server answered. Only calls that
+transport when a call fails with UNAVAILABLE (or is cancelled by a server that is shutting
+down) before the server answered. Only calls that
 are safe to repeat are listed. Push is among them because the server deduplicates by
 ``(worker_id, sequence)``; a retried push whose first attempt took effect is acknowledged
 as a duplicate, not applied twice.
@@ -79,7 +80,9 @@ class ChannelSettings:
             "initialBackoff": f"{self.retry_initial_backoff_s}s",
             "maxBackoff": f"{self.retry_max_backoff_s}s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED: a server that is shutting down cancels calls arriving at that
+            # moment; calls this client cancels itself are never retried by gRPC.
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
         names = [{"service": SERVICE, "method": m} for m in RETRYABLE_METHODS]
         return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})

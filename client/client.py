@@ -57,14 +57,13 @@ from .streams import (
     as_host_array,
     check_out_array,
     decode_stream_item,
-    inline_payload,
     named_values,
     receive_inline,
     receive_tensors,
     request_stream,
     tensor_headers,
 )
-from .tensors import CHUNK_BYTES
+from .tensors import CHUNK_BYTES, whole_payload
 from .transfer import progress_bar, upload_requests, write_download
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -388,7 +387,7 @@ class Client:
                 base_version=self._base_version if base_version is None else base_version,
                 tensors=headers,
             ),
-            gradients=[pb.InlineTensor(data=inline_payload(v)) for v in values],
+            gradients=[pb.InlineTensor(data=whole_payload(v)) for v in values],
             pull=pull,
         )
         response = self._call(self._stub.Step, request, timeout_s)

@@ -26,10 +26,10 @@ from .tensors import (
     WireError,
     check_headers,
     decode_chunk_item,
+    decode_whole,
     dtype_from_proto,
     encoded_chunk_items,
     header_for,
-    payload_views,
     sparse_header,
 )
 
@@ -173,17 +173,10 @@ def receive_inline(tensors: Sequence[Any], *, version: int) -> Tensors:
     try:
         headers = [t.header for t in tensors]
         check_headers(headers)
-        assembler = TensorAssembler(headers)
-        for i, tensor in enumerate(tensors):
-            assembler.add(i, 0, tensor.data)
-        return Tensors(assembler.finish(), version=version)
+        values = {h.name: decode_whole(h, t.data) for h, t in zip(headers, tensors, strict=True)}
+        return Tensors(values, version=version)
     except WireError as e:
         raise DataLossError(f"malformed step reply: {e}") from None
-
-
-def inline_payload(value: TensorValue) -> bytes:
-    """A tensor's whole wire payload as one ``bytes`` (for an ``InlineTensor``)."""
-    return b"".join(payload_views(value))
 
 
 def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue]]:

@@ -176,6 +176,13 @@ def payload_views(value: TensorValue) -> list[memoryview]:
     return [memoryview(_le(value).reshape(-1).view(np.uint8)).cast("B")]
 
 
+def whole_payload(value: TensorValue) -> bytes:
+    """A tensor's whole wire payload as one ``bytes`` (one copy), e.g. for an ``InlineTensor``."""
+    if isinstance(value, np.ndarray) and value.dtype.byteorder != ">":
+        return value.tobytes()  # little-endian already; tobytes writes C order
+    return b"".join(payload_views(value))
+
+
 def iter_chunks(
     values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[tuple[int, int, memoryview]]:
@@ -307,6 +314,20 @@ class TensorAssembler:
                 )
             out[h.name] = decode_payload(h, buf)
         return out
+
+
+def decode_whole(header: tpb.TensorHeader, data: bytes) -> TensorValue:
+    """A fresh, writable tensor from its whole payload (one message, e.g. ``InlineTensor``).
+
+    The header must have passed :func:`check_headers`; WireError if ``data`` has the wrong
+    size.
+    """
+    if len(data) != header.byte_length:
+        raise WireError(
+            f"tensor {header.name!r}: {len(data)} bytes sent, its header declared "
+            f"byte_length {header.byte_length}"
+        )
+    return decode_payload(header, np.frombuffer(data, dtype=np.uint8).copy())
 
 
 def decode_payload(header: tpb.TensorHeader, payload: np.ndarray) -> TensorValue:

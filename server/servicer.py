@@ -381,7 +381,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             1, min(OUT_CHUNK_BYTES, self._limits.max_message_bytes - _FRAMING_HEADROOM_BYTES)
         )
         self._optimizer_specs_cache: tuple[Any, dict[str, tuple[str, tuple[int, ...]]]] = (None, {})
-        self._variable_specs_cache: tuple[int, dict[str, tuple[str, tuple[int, ...]]]] = (-1, {})
+        self._variable_specs_cache: tuple[
+            int, dict[str, tuple[str, tuple[int, ...]]], dict[str, tpb.TensorHeader]
+        ] = (-1, {}, {})
         # Step's own counters, bound once (labels() costs microseconds per call).
         self._step_received_bytes = self._metrics.bytes_received.labels(method="Step")
         self._step_sent_bytes = self._metrics.bytes_sent.labels(method="Step")
@@ -481,13 +483,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _variable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtype names and shapes of the variables, cached per model generation."""
+        return self._variable_cache()[1]
+
+    def _variable_cache(
+        self,
+    ) -> tuple[int, dict[str, tuple[str, tuple[int, ...]]], dict[str, tpb.TensorHeader]]:
+        """``(generation, specs, dense headers)`` of the variables, rebuilt per generation."""
         with self._store.lock:
             self._require_model()
             generation = self._store.generation
             if self._variable_specs_cache[0] != generation:
                 specs = {s.name: (s.dtype, tuple(s.shape)) for s in self._store.specs()}
-                self._variable_specs_cache = (generation, specs)
-            return self._variable_specs_cache[1]
+                headers = {n: _dense_header(n, d, shape) for n, (d, shape) in specs.items()}
+                self._variable_specs_cache = (generation, specs, headers)
+            return self._variable_specs_cache
 
     def _optimizer_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
         """Names, dtypes and shapes of the optimizer state, cached per model definition."""
@@ -534,15 +543,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         def headers_and(tensors: dict[str, wire.TensorValue]) -> tuple[list, T]:
             headers = [
-                wire.sparse_header(n, v, shapes[n])
+                wire.sparse_header(n, v, specs[n][1])
                 if isinstance(v, wire.SparseRows)
-                else wire.header_for(n, v)
+                else dense[n]
                 for n, v in tensors.items()
             ]
             return headers, encode(list(tensors.values()))
 
         with self._store.lock:
-            shapes = {n: shape for n, (_, shape) in self._variable_specs().items()}
+            _, specs, dense = self._variable_cache()
             version, (headers, encoded) = self._store.read_with(headers_and, names, rows)
         return version, headers, encoded
 
@@ -588,24 +597,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         self._check_sizes(headers, dense_only=False)
         self._check_against(headers, self._variable_specs(), what="variable", unknown=NotFound)
-        assembler = wire.TensorAssembler(headers)
-        received = 0
+        grads: dict[str, wire.TensorValue] = {}
         for i, (header, gradient) in enumerate(zip(headers, request.gradients, strict=True)):
             if gradient.HasField("header") and gradient.header != header:
                 raise InvalidArgument(
                     f"gradient #{i}: its inline header ({gradient.header.name!r}) differs from "
                     f"push.tensors[{i}] ({header.name!r}); leave it unset or make them equal"
                 )
-            data = gradient.data
-            if len(data) != header.byte_length:
-                raise InvalidArgument(
-                    f"gradient {header.name!r}: {len(data)} bytes sent, its header declared "
-                    f"byte_length {header.byte_length}"
-                )
-            assembler.add(i, 0, data)
-            received += len(data)
-        grads = assembler.finish()
-        self._step_received_bytes.inc(received)
+            grads[header.name] = wire.decode_whole(header, gradient.data)
+        self._step_received_bytes.inc(sum(h.byte_length for h in headers))
         return self._aggregate(push, grads, context)
 
     def _aggregate(self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context):
@@ -737,7 +737,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             self._metrics.pushes.labels(outcome=_outcome(exc)).inc()
             raise
         version, headers, payloads = self._read_weights(
-            *selection, lambda values: [b"".join(wire.payload_views(v)) for v in values]
+            *selection, lambda values: [wire.whole_payload(v) for v in values]
         )
         weights = [
             pb.InlineTensor(header=h, data=data) for h, data in zip(headers, payloads, strict=True)

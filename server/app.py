@@ -45,7 +45,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-
 class _TimedStore(ModelStore):
     """A ModelStore that reports the latency of every optimizer apply to the metrics."""
 

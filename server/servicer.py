@@ -47,7 +47,7 @@ from .errors import (
 from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
-from .store import ModelStore
+from .store import ModelState, ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,38 @@ class ServerCore:
             )
             self.metrics.snapshot_size_bytes.set(info.size_bytes)
         logger.info(
-            "snapshot %s written (version %d, %d bytes)", info.id, info.version, info.size_bytes
+            "snapshot %s written (version %d, %d bytes)",
+            info.id,
+            info.version,
+            info.size_bytes,
+            extra={
+                "event": "snapshot_written",
+                "snapshot_id": info.id,
+                "version": info.version,
+                "size_bytes": info.size_bytes,
+                "trigger": trigger,
+            },
         )
         return info
+
+    def _check_same_definition(self, model: ModelState) -> None:
+        """Refuse to replace a live model with a snapshot of a different model definition.
+
+        Workers of the live model would otherwise find their variables gone or reshaped;
+        an empty server accepts any valid snapshot, and hyperparameter changes still restore.
+        """
+        if not self.store.has_model:
+            return
+        live = [(s.name, s.dtype, tuple(s.shape)) for s in self.store.specs()]
+        snap = [(n, a.dtype.name, tuple(a.shape)) for n, a in model.variables.items()]
+        if model.model_name != self.store.model_name or live != snap:
+            raise FailedPrecondition(
+                "the snapshot holds a different model definition: model "
+                f"{model.model_name!r} with variables "
+                f"{[f'{n} {d}{list(sh)}' for n, d, sh in snap]}; this server holds model "
+                f"{self.store.model_name!r} with {[f'{n} {d}{list(sh)}' for n, d, sh in live]}: "
+                "delete the model first (DeleteModel) to load a different one"
+            )
 
     def restore_snapshot(self, snapshot_id: str) -> SnapshotInfo:
         """Load and fully validate a snapshot, then swap it in under the lock."""
@@ -123,10 +152,20 @@ class ServerCore:
         state = snapshots.load(snapshot_id)  # validates everything before we touch live state
         path = snapshots.path(snapshot_id)
         with self.store.lock:
+            self._check_same_definition(state.model)
             self.store.import_state(state.model)
             self.aggregator.import_state(state.aggregation)
         self.metrics.model_version.set(state.model.version)
-        logger.info("restored snapshot %s (version %d)", snapshot_id, state.model.version)
+        logger.info(
+            "restored snapshot %s (version %d)",
+            snapshot_id,
+            state.model.version,
+            extra={
+                "event": "snapshot_restored",
+                "snapshot_id": snapshot_id,
+                "version": state.model.version,
+            },
+        )
         return SnapshotInfo(
             id=snapshot_id,
             version=state.model.version,
@@ -612,14 +651,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         """Hand a validated push to the aggregator (exactly once, sync rounds), with metrics."""
         self._metrics.staleness.observe(max(0, self._store.version - header.base_version))
         start = time.perf_counter()
-        result = self._aggregator.push(
-            header.worker_id,
-            header.sequence,
-            header.base_version,
-            grads,
-            timeout_s=_remaining_s(context),
-        )
-        self._metrics.round_wait_seconds.observe(time.perf_counter() - start)
+        try:
+            result = self._aggregator.push(
+                header.worker_id,
+                header.sequence,
+                header.base_version,
+                grads,
+                timeout_s=_remaining_s(context),
+            )
+        finally:  # aborted and timed-out waits count too
+            self._metrics.round_wait_seconds.observe(time.perf_counter() - start)
         self._metrics.record_push(
             duplicate=result.duplicate, applied=result.applied, version=result.version
         )
@@ -729,8 +770,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_rpc("Step")
     def Step(self, request, context):  # noqa: N802
-        self._require_accepting()
         try:
+            self._require_accepting()
             selection = _weights_selection(request.pull)
             result = self._step_push(request, selection, context)
         except Exception as exc:

@@ -48,7 +48,7 @@ def test_retry_policy_names_only_real_idempotent_methods():
     assert all(n["service"] == SERVICE for n in method_config["name"])
     assert names == set(RETRYABLE_METHODS) <= {m.name for m in service.methods}
     assert not names & {"CreateModel", "RestoreSnapshot", "UploadSnapshot", "SetOptimizerState"}
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
     options = dict(ChannelSettings().options())
     assert options["grpc.enable_retries"] == 1 and options["grpc.keepalive_time_ms"] > 0
 

@@ -208,11 +208,6 @@ def _live_at_snapshot(path: Path) -> dict[str, np.ndarray]:
         return {e["name"]: f.get_tensor(e["tensor"]) for e in manifest["variables"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="restore replaces a live model with a snapshot of another definition; "
-    "see the fault-test report (proposed: FAILED_PRECONDITION, delete the model first)",
-)
 def test_snapshot_of_another_model_definition_is_refused(trained, procs, tmp_path):
     client = trained.client
     other = procs.server("--mode", "async", "--checkpoint-dir", tmp_path / "other")

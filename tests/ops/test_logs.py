@@ -47,7 +47,9 @@ def test_json_logs_are_one_object_per_line_with_event_fields(start_process, tmp_
         assert datetime.fromisoformat(entry["time"]).tzinfo is not None
         entries.append(entry)
     events = [e["event"] for e in entries if "event" in e]
-    assert events[0] == "listening" and events[-3:] == ["signal", "shutdown_started", "stopped"]
+    assert events[0] == "listening" and events[-1] == "stopped"
+    tail = events[events.index("signal") :]
+    assert tail[:2] == ["signal", "shutdown_started"], events
     listening = entries[0]
     assert listening["address"] == server.address and listening["version"] == 0
     assert next(e for e in entries if e.get("event") == "signal")["signal"] == "SIGTERM"
@@ -55,6 +57,8 @@ def test_json_logs_are_one_object_per_line_with_event_fields(start_process, tmp_
     # Both snapshots (the RPC's, then the final one at exit) are named in the log.
     written = [e for e in entries if "written" in e["message"] and "snap-" in e["message"]]
     assert len(written) == 2 and snapshot_id in written[0]["message"]
+    assert [e.get("event") for e in written] == ["snapshot_written"] * 2
+    assert written[0]["snapshot_id"] == snapshot_id and written[1]["trigger"] == "exit"
 
 
 def test_text_logs_are_one_event_per_line(start_process, tmp_path):

@@ -163,8 +163,8 @@ class LearningRateSchedule:
         return cls(**config)
 
 
-class ExponentialDecay(LearningRateSchedule):
-    """``lr0 * decay_rate ** (step / decay_steps)``; the exponent is floored if ``staircase``."""
+class _TimeDecay(LearningRateSchedule):
+    """Shared by the two schedules of ``(initial_learning_rate, decay_steps, decay_rate)``."""
 
     def __init__(
         self,
@@ -172,24 +172,26 @@ class ExponentialDecay(LearningRateSchedule):
         decay_steps: int,
         decay_rate: float,
         staircase: bool = False,
-        name: str = "ExponentialDecay",
+        name: str | None = None,
     ) -> None:
         self.initial_learning_rate = initial_learning_rate
         self.decay_steps = decay_steps
         self.decay_rate = decay_rate
         self.staircase = staircase
-        self.name = name
+        self.name = type(self).__name__ if name is None else name
         _check_positive("decay_steps", decay_steps)
 
-    def __call__(self, step: int) -> np.float32:
+    def _operands(self, step: int) -> tuple[Any, Any, Any, Any]:
+        """``(lr0, dtype, decay_rate, step / decay_steps)`` in Keras's dtypes, floored if
+        ``staircase``."""
         lr0 = _kr_tensor(self.initial_learning_rate)
         dtype = lr0.dtype
         decay_steps = _kr_tensor(self.decay_steps, dtype)
         decay_rate = _kr_tensor(self.decay_rate, dtype)
-        exponent = _kr_tensor(step, dtype) / decay_steps
+        ratio = _kr_tensor(step, dtype) / decay_steps
         if self.staircase:
-            exponent = _kr_floor(exponent)
-        return _scalar(_kr_multiply(lr0, _kr_power(decay_rate, exponent)))
+            ratio = _kr_floor(ratio)
+        return lr0, dtype, decay_rate, ratio
 
     def get_config(self) -> dict[str, Any]:
         return {
@@ -199,6 +201,14 @@ class ExponentialDecay(LearningRateSchedule):
             "staircase": self.staircase,
             "name": self.name,
         }
+
+
+class ExponentialDecay(_TimeDecay):
+    """``lr0 * decay_rate ** (step / decay_steps)``; the exponent is floored if ``staircase``."""
+
+    def __call__(self, step: int) -> np.float32:
+        lr0, _, decay_rate, exponent = self._operands(step)
+        return _scalar(_kr_multiply(lr0, _kr_power(decay_rate, exponent)))
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
@@ -289,43 +299,13 @@ class PolynomialDecay(LearningRateSchedule):
         }
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_TimeDecay):
     """``lr0 / (1 + decay_rate * step / decay_steps)``; the ratio is floored if ``staircase``."""
 
-    def __init__(
-        self,
-        initial_learning_rate: float,
-        decay_steps: int,
-        decay_rate: float,
-        staircase: bool = False,
-        name: str = "InverseTimeDecay",
-    ) -> None:
-        self.initial_learning_rate = initial_learning_rate
-        self.decay_steps = decay_steps
-        self.decay_rate = decay_rate
-        self.staircase = staircase
-        self.name = name
-        _check_positive("decay_steps", decay_steps)
-
     def __call__(self, step: int) -> np.float32:
-        lr0 = _kr_tensor(self.initial_learning_rate)
-        dtype = lr0.dtype
-        decay_steps = _kr_tensor(self.decay_steps, dtype)
-        decay_rate = _kr_tensor(self.decay_rate, dtype)
-        ratio = _kr_tensor(step, dtype) / decay_steps
-        if self.staircase:
-            ratio = _kr_floor(ratio)
+        lr0, dtype, decay_rate, ratio = self._operands(step)
         one = _kr_tensor(_kr_tensor(1), dtype)
         return _scalar(_kr_divide(lr0, _kr_add(one, _kr_multiply(decay_rate, ratio))))
-
-    def get_config(self) -> dict[str, Any]:
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
 
 
 class CosineDecay(LearningRateSchedule):

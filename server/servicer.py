@@ -10,6 +10,7 @@ model) before any payload buffer is allocated.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import importlib.metadata
 import inspect
@@ -34,7 +35,7 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
-from .aggregator import Aggregator
+from .aggregator import AggregationConfig, Aggregator
 from .config import ServerConfig
 from .errors import (
     FailedPrecondition,
@@ -332,15 +333,9 @@ def add_to_server(servicer: ParameterServerServicer, server: grpc.Server) -> Non
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-def _aggregation_info(config: ServerConfig) -> pb.AggregationInfo:
-    return pb.AggregationInfo(
-        mode=config.mode,
-        replicas=config.replicas,
-        reduction=config.reduction,
-        round_timeout_s=config.round_timeout_s,
-        deadline_policy=config.deadline_policy,
-        max_staleness=config.max_staleness,
-    )
+def _aggregation_info(config: AggregationConfig) -> pb.AggregationInfo:
+    """The aggregator's settings on the wire (the proto fields mirror the dataclass)."""
+    return pb.AggregationInfo(**dataclasses.asdict(config))
 
 
 def _snapshot_pb(info: SnapshotInfo) -> pb.SnapshotInfo:
@@ -701,7 +696,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 optimizer_json=json.dumps(config, default=_json_default),
                 hyperparameters=self._store.hyperparameters(),
                 version=self._store.version,
-                aggregation=_aggregation_info(self._core.config),
+                aggregation=_aggregation_info(self._aggregator.config),
             )
             optimizer_specs = self._optimizer_specs()
         response.optimizer_variables.extend(
@@ -823,7 +818,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             rounds_partial=status.rounds_partial,
             workers=workers,
             pending_pushes=status.pending_pushes,
-            aggregation=_aggregation_info(self._core.config),
+            aggregation=_aggregation_info(self._aggregator.config),
             device=self._store.device,
             uptime_s=time.monotonic() - self._core.started_at,
             serving=self._core.accepting.is_set(),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -45,14 +45,7 @@ class AggregationInfo:
 
     @classmethod
     def from_proto(cls, info: pb.AggregationInfo) -> AggregationInfo:
-        return cls(
-            mode=info.mode,
-            replicas=info.replicas,
-            reduction=info.reduction,
-            round_timeout_s=info.round_timeout_s,
-            deadline_policy=info.deadline_policy,
-            max_staleness=info.max_staleness,
-        )
+        return cls(**{f.name: getattr(info, f.name) for f in fields(cls)})
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -194,14 +194,8 @@ def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
     )
     aggregator = Aggregator(
         store,
-        AggregationConfig(
-            mode=config.mode,
-            replicas=config.replicas,
-            reduction=config.reduction,
-            round_timeout_s=config.round_timeout_s,
-            deadline_policy=config.deadline_policy,
-            max_staleness=config.max_staleness,
-        ),
+        # ServerConfig carries every AggregationConfig field under the same name.
+        AggregationConfig(**{f.name: getattr(config, f.name) for f in fields(AggregationConfig)}),
         push_log=PushLog(config.push_log) if config.push_log is not None else None,
         on_round_closed=metrics.record_round,
     )

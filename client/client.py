@@ -195,6 +195,9 @@ class Client:
             response_deserializer=decode_stream_item,
         )
         self._lock = threading.Lock()
+        # This client instance: its resends carry it, so the server tells them apart from
+        # another client reusing the worker's sequences.
+        self.session = secrets.token_hex(8)
         self._sequence = 0
         # An explicit worker_id may have pushed before (a restarted worker): continue
         # after the server's last_sequence for it, read before the first push.
@@ -348,6 +351,7 @@ class Client:
             sequence=seq,
             base_version=self._base_version if base_version is None else base_version,
             tensors=headers,
+            session=self.session,
         )
         first = pb.PushRequest(header=header).SerializeToString()
         stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
@@ -386,6 +390,7 @@ class Client:
                 sequence=seq,
                 base_version=self._base_version if base_version is None else base_version,
                 tensors=headers,
+                session=self.session,
             ),
             gradients=[pb.InlineTensor(data=whole_payload(v)) for v in values],
             pull=pull,

@@ -19,6 +19,7 @@ from paramserve.v1 import tensor_pb2 as tpb
 from .errors import DataLossError
 from .results import Tensors
 from .tensors import (
+    END_ITEM,
     INDEX_DTYPE,
     SparseRows,
     TensorAssembler,
@@ -83,9 +84,14 @@ def tensor_headers(
 def request_stream(
     header: bytes, values: Sequence[TensorValue], *, chunk_bytes: int
 ) -> Iterator[bytes]:
-    """A serialized header message, then every chunk of ``values`` pre-encoded."""
+    """A serialized header message, every chunk of ``values`` pre-encoded, then the end item.
+
+    The server acts only on a stream that ends with the end item, so a stream cut short
+    changes nothing on the server.
+    """
     yield header
     yield from encoded_chunk_items(values, chunk_bytes=chunk_bytes)
+    yield END_ITEM
 
 
 def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorStreamItem:

@@ -352,6 +352,10 @@ def decode_payload(header: tpb.TensorHeader, payload: np.ndarray) -> TensorValue
 # 4.5 GB/s to decode into a TensorAssembler.
 
 _WRAPPER_CHUNK_TAG = 0x12  # field 2, wire type 2 (length-delimited)
+# The last item of every client stream: ``end`` (an empty StreamEnd) is field 3 of each
+# wrapper (TensorStreamItem, PushRequest, CreateModelRequest, UploadSnapshotRequest), so
+# one encoding serves them all.
+END_ITEM = tpb.TensorStreamItem(end=tpb.StreamEnd()).SerializeToString()
 _TENSOR_TAG, _OFFSET_TAG, _DATA_TAG = 0x08, 0x10, 0x1A  # TensorChunk fields 1, 2, 3
 
 

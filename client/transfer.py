@@ -12,6 +12,7 @@ from typing import Any
 from tqdm import tqdm
 
 from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import tensor_pb2 as tpb
 
 from .errors import DataLossError
 
@@ -57,6 +58,7 @@ def upload_requests(
             bar.update(len(piece))
     if offset != size:
         raise DataLossError(f"{path} changed while it was uploaded: {offset} of {size} bytes")
+    yield pb.UploadSnapshotRequest(end=tpb.StreamEnd())
 
 
 def write_download(

@@ -16,7 +16,14 @@ from .errors import InvalidArgument
 MODES = ("sync", "async", "stale")
 REDUCTIONS = ("sum", "mean")
 DEADLINE_POLICIES = ("partial", "abort")
-STATE_FORMAT_VERSION = 1
+# 2: per worker also the session of its newest push and the recent sequences that took
+# effect (ranges with their session). A format-1 state is read as if every sequence within
+# RECENT_SEQUENCES of the last one took effect from an unknown session.
+STATE_FORMAT_VERSION = 2
+# How far below a worker's last sequence the server still knows which sequences took effect
+# (and from which client session): a resend or an out-of-order push within it is told apart
+# from a reused sequence; below it, a push is refused.
+RECENT_SEQUENCES = 1024
 
 
 @dataclass(frozen=True)
@@ -78,15 +85,80 @@ class AggregatorStatus:
     workers: list[WorkerInfo]
 
 
-def check_aggregation_state(state: Any) -> dict[str, Any]:
-    """Validate an ``export_state()`` dict; returns it normalized, InvalidArgument if bad."""
+def recent_to_ranges(recent: Mapping[int, str | None]) -> list[list[Any]]:
+    """``{sequence: session}`` as sorted ``[first, last, session]`` runs (compact JSON)."""
+    out: list[list[Any]] = []
+    for sequence in sorted(recent):
+        session = recent[sequence]
+        if out and out[-1][1] == sequence - 1 and out[-1][2] == session:
+            out[-1][1] = sequence
+        else:
+            out.append([sequence, sequence, session])
+    return out
 
-    def count(value: Any, what: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+
+def recent_from_ranges(ranges: list[list[Any]]) -> dict[int, str | None]:
+    """The inverse of :func:`recent_to_ranges` (ranges already checked)."""
+    return {q: session for first, last, session in ranges for q in range(first, last + 1)}
+
+
+def _check_worker(worker_id: Any, info: Any, version: int) -> dict[str, Any]:
+    """One worker's entry, normalized to format 2; InvalidArgument if malformed."""
+    if not isinstance(worker_id, str) or not worker_id:
+        raise InvalidArgument(f"aggregation state: bad worker id {worker_id!r}")
+    keys = {"last_sequence", "pushes", "clock"} | ({"session", "recent"} if version >= 2 else set())
+    if not isinstance(info, Mapping) or set(info) != keys:
+        raise InvalidArgument(
+            f"aggregation state: worker {worker_id!r} needs exactly {', '.join(sorted(keys))}"
+        )
+    out: dict[str, Any] = {
+        k: _count(info[k], f"{k} of worker {worker_id!r}")
+        for k in ("last_sequence", "pushes", "clock")
+    }
+    last = out["last_sequence"]
+    if version < 2:
+        low = max(1, last - RECENT_SEQUENCES + 1)
+        out["session"] = None
+        out["recent"] = [[low, last, None]] if last else []
+        return out
+    session = info["session"]
+    if session is not None and not isinstance(session, str):
+        raise InvalidArgument(f"aggregation state: session of worker {worker_id!r} must be text")
+    out["session"] = session
+    ranges = info["recent"]
+    previous = 0
+    checked = []
+    for run in ranges if isinstance(ranges, list) else [None]:
+        ok = (
+            isinstance(run, list)
+            and len(run) == 3
+            and all(isinstance(q, int) and not isinstance(q, bool) for q in run[:2])
+            and previous < run[0] <= run[1] <= last
+            and run[1] - run[0] < 2 * RECENT_SEQUENCES
+            and (run[2] is None or isinstance(run[2], str))
+        )
+        if not ok:
             raise InvalidArgument(
-                f"aggregation state: {what} must be an integer >= 0; got {value!r}"
+                f"aggregation state: recent sequences of worker {worker_id!r} must be sorted "
+                f"[first, last, session] runs within [1, {last}]; got {run!r:.100}"
             )
-        return value
+        previous = run[1]
+        checked.append(list(run))
+    out["recent"] = checked
+    return out
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"aggregation state: {what} must be an integer >= 0; got {value!r}")
+    return value
+
+
+def check_aggregation_state(state: Any) -> dict[str, Any]:
+    """Validate an ``export_state()`` dict (format 1 or 2); returns it as format 2.
+
+    InvalidArgument if anything is malformed.
+    """
 
     if not isinstance(state, Mapping):
         raise InvalidArgument(f"aggregation state must be a mapping; got {type(state).__name__}")
@@ -95,26 +167,14 @@ def check_aggregation_state(state: Any) -> dict[str, Any]:
         raise InvalidArgument(
             f"aggregation state has keys {sorted(state)}, expected {sorted(expected)}"
         )
-    if state["format_version"] != STATE_FORMAT_VERSION:
+    version = state["format_version"]
+    if version not in (1, STATE_FORMAT_VERSION) or isinstance(version, bool):
         raise InvalidArgument(
-            f"aggregation state format_version is {state['format_version']!r}, "
-            f"expected {STATE_FORMAT_VERSION}"
+            f"aggregation state format_version is {version!r}, expected 1 or {STATE_FORMAT_VERSION}"
         )
     workers = state["workers"]
     if not isinstance(workers, Mapping):
         raise InvalidArgument("aggregation state: workers must be a mapping")
-    out_workers = {}
-    for worker_id, info in workers.items():
-        if not isinstance(worker_id, str) or not worker_id:
-            raise InvalidArgument(f"aggregation state: bad worker id {worker_id!r}")
-        if not isinstance(info, Mapping) or set(info) != {"last_sequence", "pushes", "clock"}:
-            raise InvalidArgument(
-                f"aggregation state: worker {worker_id!r} needs exactly "
-                "last_sequence, pushes and clock"
-            )
-        out_workers[worker_id] = {
-            k: count(info[k], f"{k} of worker {worker_id!r}")
-            for k in ("last_sequence", "pushes", "clock")
-        }
-    out = {k: count(state[k], k) for k in ("rounds_completed", "rounds_aborted", "rounds_partial")}
+    out_workers = {wid: _check_worker(wid, info, version) for wid, info in workers.items()}
+    out = {k: _count(state[k], k) for k in ("rounds_completed", "rounds_aborted", "rounds_partial")}
     return {"format_version": STATE_FORMAT_VERSION, "workers": out_workers, **out}

@@ -21,12 +21,15 @@ import numpy as np
 from paramserve.client.tensors import SparseRows
 
 from .aggregation import (
+    RECENT_SEQUENCES,
     STATE_FORMAT_VERSION,
     AggregationConfig,
     AggregatorStatus,
     PushResult,
     WorkerInfo,
     check_aggregation_state,
+    recent_from_ranges,
+    recent_to_ranges,
 )
 from .errors import (
     Aborted,
@@ -35,6 +38,7 @@ from .errors import (
     InvalidArgument,
     NotFound,
     ParamServeError,
+    SequenceRegressed,
     Unavailable,
 )
 from .store import ModelStore
@@ -52,12 +56,19 @@ __all__ = [
 ]
 
 
+_UNSEEN = object()
+
+
 @dataclass
 class _Worker:
     last_sequence: int = 0
     pushes: int = 0
     clock: int = 0  # bounded staleness: pushes that took effect (floored on rejoin)
     last_seen: float | None = None
+    # Sequences in (last_sequence - RECENT_SEQUENCES, last_sequence] that took effect, with
+    # the session that sent each (None: unknown, restored from a format-1 snapshot).
+    recent: dict[int, str | None] = field(default_factory=dict)
+    session: str | None = None  # the session of the newest push that took effect
 
 
 @dataclass
@@ -65,8 +76,8 @@ class _Round:
     version: int
     generation: int
     opened_at: float
-    # worker_id -> (sequence, prepared gradients or None when skipped as non-finite)
-    contributions: dict[str, tuple[int, dict[str, Any] | None]] = field(default_factory=dict)
+    # worker_id -> (sequence, session, prepared gradients or None when skipped as non-finite)
+    contributions: dict[str, tuple[int, str, dict[str, Any] | None]] = field(default_factory=dict)
     done: bool = False
     applied_workers: set[str] = field(default_factory=set)  # whose gradients were applied
     version_after: int = 0
@@ -147,6 +158,7 @@ class Aggregator:
         base_version: int,
         grads: dict[str, np.ndarray | SparseRows],
         *,
+        session: str = "",
         timeout_s: float | None = None,
     ) -> PushResult:
         """Apply (or join a round with) one push, exactly once per ``(worker_id, sequence)``.
@@ -154,7 +166,9 @@ class Aggregator:
         Blocks in sync mode until the round closes, and in stale mode while the worker
         is too far ahead. ``timeout_s`` bounds the wait (DeadlineExceeded); a push left
         in an open round may still take effect, and a retry with the same sequence
-        then reports it as a duplicate.
+        then reports it as a duplicate. ``session`` identifies the client instance: a
+        sequence at or below the worker's last one is a duplicate only if this session
+        sent it (see :meth:`_duplicate`); ``base_version`` must be in [0, version].
         """
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidArgument("a push needs a non-empty worker_id")
@@ -162,6 +176,13 @@ class Aggregator:
             raise InvalidArgument(f"a push needs a sequence >= 1; got {sequence!r}")
         if isinstance(base_version, bool) or not isinstance(base_version, int):
             raise InvalidArgument(f"base_version must be an integer; got {base_version!r}")
+        if base_version < 0:
+            raise InvalidArgument(
+                f"base_version must be >= 0 (the model version the gradients were computed "
+                f"from); got {base_version}"
+            )
+        if not isinstance(session, str):
+            raise InvalidArgument(f"session must be a string; got {type(session).__name__}")
         deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
         store = self._store
         while True:
@@ -171,22 +192,32 @@ class Aggregator:
                 if not store.has_model:
                     raise NotFound("no model exists on this server; create one first")
                 self._see(worker_id)
-                early = self._duplicate(worker_id, sequence)
+                early = self._duplicate(worker_id, sequence, session)
                 if early is not None:
                     return early
                 if self.config.mode == "sync":
-                    pending = self._pending_round(worker_id, sequence, base_version)
+                    pending = self._pending_round(worker_id, sequence, session, base_version)
                     if pending is not None:
                         return self._await_round(pending, worker_id, deadline, duplicate=True)
+                else:
+                    self._check_base_version(base_version)
                 generation = store.generation
             prepared = store.validate_push(grads)
             try:
                 with store.lock:
                     if self.config.mode == "sync":
                         return self._join_round(
-                            worker_id, sequence, base_version, prepared, generation, deadline
+                            worker_id,
+                            sequence,
+                            session,
+                            base_version,
+                            prepared,
+                            generation,
+                            deadline,
                         )
-                    return self._apply_now(worker_id, sequence, prepared, generation, deadline)
+                    return self._apply_now(
+                        worker_id, sequence, session, base_version, prepared, generation, deadline
+                    )
             except _Revalidate:
                 continue
 
@@ -218,16 +249,59 @@ class Aggregator:
             if wid != exclude and w.last_seen is not None and now - w.last_seen <= timeout
         }
 
-    def _duplicate(self, worker_id: str, sequence: int) -> PushResult | None:
-        if sequence <= self._worker(worker_id).last_sequence:
+    def _duplicate(self, worker_id: str, sequence: int, session: str) -> PushResult | None:
+        """The reply to a push seen before, None for a new one; FailedPrecondition otherwise.
+
+        A sequence above the worker's last is new. At or below it, a sequence this session
+        sent that took effect is a duplicate (a resend), and one it never sent within
+        :data:`RECENT_SEQUENCES` is new (pushes of one client arriving out of order). Any
+        other is refused, naming the last sequence: another client reusing the worker's
+        sequences (a restarted worker counting from 1 again) would otherwise lose every push
+        as a "duplicate".
+        """
+        worker = self._worker(worker_id)
+        last = worker.last_sequence
+        if sequence > last:
+            return None
+        sent_by = worker.recent.get(sequence, _UNSEEN)
+        if sent_by is None or (sent_by is not _UNSEEN and sent_by == session):
             return PushResult(
                 duplicate=True, applied=False, version=self._store.version, contributors=0
             )
-        return None
+        recent = sequence > last - RECENT_SEQUENCES
+        if sent_by is _UNSEEN and session and session == worker.session and recent:
+            return None
+        if sent_by is _UNSEEN:
+            what = "never took effect" if recent else f"is more than {RECENT_SEQUENCES} below it"
+            cause = f"sequence {sequence} {what}"
+        else:
+            cause = f"sequence {sequence} was already used by another client session"
+        raise SequenceRegressed(
+            f"worker {worker_id!r} has pushed up to sequence {last}, and {cause}: "
+            "a restarted worker that counts from 1 again, or two clients sharing one "
+            f"worker_id? Continue from sequence {last + 1} (the SDK does this itself)",
+            last_sequence=last,
+        )
 
-    def _record(self, worker_id: str, sequence: int) -> None:
+    def _check_base_version(self, base_version: int) -> None:
+        """Refuse gradients computed from a version this server never had (every mode)."""
+        version = self._store.version
+        if base_version > version:
+            raise FailedPrecondition(
+                f"the gradients were computed from version {base_version}, but the model is "
+                f"at version {version} (the server restarted from an older snapshot, or the "
+                "weights came from another server): pull and recompute"
+            )
+
+    def _record(self, worker_id: str, sequence: int, session: str) -> None:
         worker = self._worker(worker_id)
+        if sequence >= worker.last_sequence:
+            worker.session = session
         worker.last_sequence = max(worker.last_sequence, sequence)
+        worker.recent[sequence] = session
+        if len(worker.recent) > 2 * RECENT_SEQUENCES:
+            floor = worker.last_sequence - RECENT_SEQUENCES
+            worker.recent = {q: s for q, s in worker.recent.items() if q > floor}
         worker.pushes += 1
         worker.clock += 1
         self._store.changed.notify_all()
@@ -242,7 +316,9 @@ class Aggregator:
         round_ = self._round
         return round_ if round_ is not None and not round_.done else None
 
-    def _pending_round(self, worker_id: str, sequence: int, base_version: int) -> _Round | None:
+    def _pending_round(
+        self, worker_id: str, sequence: int, session: str, base_version: int
+    ) -> _Round | None:
         """The open round already holding this exact push (a concurrent retry), else None.
 
         Raises FailedPrecondition for a stale base version or a second push in the round.
@@ -255,8 +331,8 @@ class Aggregator:
                 f"for version {expected}: pull and recompute"
             )
         if round_ is not None and worker_id in round_.contributions:
-            pending_sequence = round_.contributions[worker_id][0]
-            if pending_sequence == sequence:
+            pending_sequence, pending_session, _ = round_.contributions[worker_id]
+            if pending_sequence == sequence and pending_session == session:
                 return round_
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed sequence {pending_sequence} into the open "
@@ -268,6 +344,7 @@ class Aggregator:
         self,
         worker_id: str,
         sequence: int,
+        session: str,
         base_version: int,
         prepared: dict[str, Any] | None,
         generation: int,
@@ -275,17 +352,17 @@ class Aggregator:
     ) -> PushResult:
         self._check_generation(generation)
         self._check_round_deadline()
-        duplicate = self._duplicate(worker_id, sequence)
+        duplicate = self._duplicate(worker_id, sequence, session)
         if duplicate is not None:
             return duplicate
-        pending = self._pending_round(worker_id, sequence, base_version)
+        pending = self._pending_round(worker_id, sequence, session, base_version)
         if pending is not None:
             return self._await_round(pending, worker_id, deadline, duplicate=True)
         round_ = self._open_round()
         if round_ is None:
             store = self._store
             round_ = self._round = _Round(store.version, store.generation, self._clock())
-        round_.contributions[worker_id] = (sequence, prepared)
+        round_.contributions[worker_id] = (sequence, session, prepared)
         self._store.changed.notify_all()  # status() shows the pending push
         if len(round_.contributions) >= self.config.replicas:
             self._close_round(round_, partial=False)
@@ -370,7 +447,7 @@ class Aggregator:
         """Combine the contributions (sorted by worker_id), apply once, record sequences."""
         store, cfg = self._store, self.config
         valid = sorted(
-            ((wid, p) for wid, (_, p) in round_.contributions.items() if p is not None),
+            ((wid, p) for wid, (_, _, p) in round_.contributions.items() if p is not None),
             key=lambda item: item[0],
         )
         try:
@@ -391,12 +468,12 @@ class Aggregator:
                 round_, Aborted("the round could not be applied (server error); retry the push")
             )
             raise
-        for worker_id, (sequence, _) in round_.contributions.items():
-            self._record(worker_id, sequence)
+        for worker_id, (sequence, session, _) in round_.contributions.items():
+            self._record(worker_id, sequence, session)
         if self._push_log is not None:
             self._push_log.write(
                 _push_entry(wid, sequence, version, applied=prepared is not None)
-                for wid, (sequence, prepared) in sorted(round_.contributions.items())
+                for wid, (sequence, _, prepared) in sorted(round_.contributions.items())
             )
         self._rounds_completed += 1
         self._rounds_partial += int(partial)
@@ -410,7 +487,9 @@ class Aggregator:
     def _finish(self, round_: _Round) -> None:
         round_.done = True
         # Waiters only need the outcome: let the gradients go now, not when the last returns.
-        round_.contributions = {w: (s, None) for w, (s, _) in round_.contributions.items()}
+        round_.contributions = {
+            w: (seq, session, None) for w, (seq, session, _) in round_.contributions.items()
+        }
         if self._round is round_:
             self._round = None
         self._store.changed.notify_all()
@@ -430,6 +509,8 @@ class Aggregator:
         self,
         worker_id: str,
         sequence: int,
+        session: str,
+        base_version: int,
         prepared: dict[str, Any] | None,
         generation: int,
         deadline: float | None,
@@ -438,9 +519,10 @@ class Aggregator:
         started = self._clock()
         while True:
             self._check_generation(generation)
-            duplicate = self._duplicate(worker_id, sequence)
+            duplicate = self._duplicate(worker_id, sequence, session)
             if duplicate is not None:
                 return duplicate
+            self._check_base_version(base_version)
             if self.config.mode != "stale":
                 break
             now = self._clock()
@@ -471,7 +553,7 @@ class Aggregator:
                 if not self._stale_waiting[worker_id]:
                     del self._stale_waiting[worker_id]
         version = store.apply(prepared) if prepared is not None else store.version
-        self._record(worker_id, sequence)
+        self._record(worker_id, sequence, session)
         applied = prepared is not None
         if self._push_log is not None:
             self._push_log.write([_push_entry(worker_id, sequence, version, applied=applied)])
@@ -526,7 +608,13 @@ class Aggregator:
             return {
                 "format_version": STATE_FORMAT_VERSION,
                 "workers": {
-                    wid: {"last_sequence": w.last_sequence, "pushes": w.pushes, "clock": w.clock}
+                    wid: {
+                        "last_sequence": w.last_sequence,
+                        "pushes": w.pushes,
+                        "clock": w.clock,
+                        "session": w.session,
+                        "recent": recent_to_ranges(w.recent),
+                    }
                     for wid, w in sorted(self._workers.items())
                 },
                 "rounds_completed": self._rounds_completed,
@@ -544,7 +632,14 @@ class Aggregator:
                     round_, Aborted("the server state was restored; pull and push again")
                 )
             self._workers = {
-                wid: _Worker(info["last_sequence"], info["pushes"], info["clock"], None)
+                wid: _Worker(
+                    info["last_sequence"],
+                    info["pushes"],
+                    info["clock"],
+                    None,
+                    recent_from_ranges(info["recent"]),
+                    info["session"],
+                )
                 for wid, info in checked["workers"].items()
             }
             self._rounds_completed = checked["rounds_completed"]

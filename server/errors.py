@@ -38,6 +38,14 @@ class FailedPrecondition(ParamServeError):
     code = "FAILED_PRECONDITION"
 
 
+class SequenceRegressed(FailedPrecondition):
+    """A push reused a sequence at or below the worker's last one that its session never sent."""
+
+    def __init__(self, message: str, *, last_sequence: int) -> None:
+        super().__init__(message)
+        self.last_sequence = last_sequence
+
+
 class Aborted(ParamServeError):
     """The round was aborted (deadline policy ``abort``); retry the push."""
 
@@ -68,3 +76,9 @@ class DeadlineExceeded(ParamServeError):
     """A wait (e.g. pull for a version) ran out of time."""
 
     code = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(ParamServeError):
+    """The call ended (client gone, or a message refused by the transport) before it acted."""
+
+    code = "CANCELLED"

@@ -38,6 +38,7 @@ from paramserve.v1 import tensor_pb2 as tpb
 from .aggregator import AggregationConfig, Aggregator
 from .config import ServerConfig
 from .errors import (
+    Cancelled,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -369,6 +370,23 @@ def _weights_selection(
     return wanted, rows or None
 
 
+def _require_end(ended: bool, method: str, context: grpc.ServicerContext) -> None:
+    """Refuse a client stream that did not end with its end item, or whose call has ended.
+
+    gRPC Python ends the request iterator normally when the transport refuses a message
+    (one over ``max_message_bytes``) or the client goes away; the end item and the call
+    still being active together prove the client sent everything, so only then does a
+    request change state.
+    """
+    if not ended:
+        raise InvalidArgument(
+            f"{method}: the stream ended without its end item (StreamEnd), so the request "
+            "may be incomplete; nothing was changed. Send the header, the chunks, then `end`"
+        )
+    if not context.is_active():
+        raise Cancelled(f"{method}: the call ended before the request was acted on")
+
+
 def _drain(items: collections.deque[bytes]) -> Iterator[bytes]:
     """Yield and forget ``items`` one by one, so each can be freed once it is sent."""
     while items:
@@ -487,11 +505,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self,
         headers: list[tpb.TensorHeader],
         requests: Iterator[Any],
+        context: grpc.ServicerContext,
         *,
         method: str,
         scan_finite: bool = False,
     ) -> dict[str, wire.TensorValue]:
-        """Receive the chunks that follow a validated header, in strict order.
+        """Receive the chunks that follow a validated header, in strict order, then the end.
 
         ``scan_finite``: check dense gradients for NaN/Inf chunk by chunk as they arrive
         (overlapping the transfer), and return them as ``FiniteChecked`` so the store's
@@ -500,19 +519,28 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         assembler = wire.TensorAssembler(headers)
         scan = FiniteScan(headers) if scan_finite else None
         received = 0
+        ended = False
         for item in requests:
+            if ended:
+                raise InvalidArgument(f"{method}: nothing may follow the end item")
             if isinstance(item, tuple):
                 tensor, offset, data = item
             elif item.WhichOneof("item") == "chunk":
                 tensor, offset, data = item.chunk.tensor, item.chunk.offset, item.chunk.data
+            elif item.WhichOneof("item") == "end":
+                ended = True
+                continue
             else:
-                raise InvalidArgument(f"{method}: only chunks may follow the header")
+                raise InvalidArgument(
+                    f"{method}: only chunks and the end item may follow the header"
+                )
             assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
             if scan is not None:
                 scan.update(tensor, assembler.buffer(tensor), offset + len(data))
             received += len(data)
         self._metrics.bytes_received.labels(method=method).inc(received)
         tensors = assembler.finish()
+        _require_end(ended, method, context)
         return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors
 
     def _variable_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -652,6 +680,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 header.sequence,
                 header.base_version,
                 grads,
+                session=header.session,
                 timeout_s=_remaining_s(context),
             )
         finally:  # aborted and timed-out waits count too
@@ -670,7 +699,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         headers = list(header.variables)
         self._check_sizes(headers, dense_only=True)
         optimizer = self._parse_optimizer(header.optimizer_json)
-        variables = self._assemble(headers, request_iterator, method="CreateModel")
+        variables = self._assemble(headers, request_iterator, context, method="CreateModel")
         created = self._store.create_model(header.model_name or "model", optimizer, variables)
         version = self._store.version
         self._metrics.model_version.set(version)
@@ -726,6 +755,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         grads = self._assemble(
             headers,
             request_iterator,
+            context,
             method="Push",
             scan_finite=self._store.nonfinite != "allow",
         )
@@ -791,7 +821,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._check_against(
             headers, self._optimizer_specs(), what="optimizer variable", unknown=InvalidArgument
         )
-        arrays = self._assemble(headers, request_iterator, method="SetOptimizerState")
+        arrays = self._assemble(headers, request_iterator, context, method="SetOptimizerState")
         version = self._store.set_optimizer_state(arrays)
         self._metrics.model_version.set(version)
         return pb.SetOptimizerStateResponse(version=version)
@@ -873,9 +903,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
         def chunks() -> Iterator[bytes]:
             nonlocal received
+            ended = False
             for item in request_iterator:
+                if ended:
+                    raise InvalidArgument("UploadSnapshot: nothing may follow the end item")
+                if item.WhichOneof("item") == "end":
+                    ended = True
+                    continue
                 if item.WhichOneof("item") != "chunk":
-                    raise InvalidArgument("UploadSnapshot: only chunks may follow the header")
+                    raise InvalidArgument(
+                        "UploadSnapshot: only chunks and the end item may follow the header"
+                    )
                 if item.chunk.offset != received:
                     raise InvalidArgument(
                         f"snapshot chunk at offset {item.chunk.offset}, expected {received}"
@@ -887,6 +925,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 yield data
             if received != size:
                 raise InvalidArgument(f"upload ended early: {received} of {size} bytes")
+            _require_end(ended, "UploadSnapshot", context)
 
         info = snapshots.import_file(chunks(), size_bytes=size)
         self._metrics.bytes_received.labels(method="UploadSnapshot").inc(received)

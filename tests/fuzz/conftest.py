@@ -12,7 +12,7 @@ import pytest
 
 from paramserve.v1 import parameter_server_pb2 as pb
 
-from .live import CASES, CODES, KNOWN, REJECTED, TIMEOUT_S, LiveServer, State
+from .live import CASES, CODES, REJECTED, TIMEOUT_S, LiveServer, State
 
 POLICIES = ("reject", "skip", "allow")
 
@@ -94,5 +94,3 @@ def pytest_terminal_summary(terminalreporter) -> None:
         f"fuzz: {total} generated requests ({rejected} rejected), "
         f"{CODES.get('INTERNAL', 0)} INTERNAL; by family: {families}; by code: {codes}"
     )
-    for what, count in KNOWN.items():
-        terminalreporter.write_line(f"fuzz: known limitation, {count}x: {what}")

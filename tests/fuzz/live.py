@@ -37,8 +37,6 @@ SERVICE = "paramserve.v1.ParameterServer"
 CASES: Counter[str] = Counter()
 REJECTED: Counter[str] = Counter()
 CODES: Counter[str] = Counter()
-# Outcomes allowed by a documented known limitation, counted so the summary shows them.
-KNOWN: Counter[str] = Counter()
 
 
 def record(family: str, code: grpc.StatusCode) -> None:

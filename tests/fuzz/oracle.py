@@ -47,10 +47,6 @@ class Verdict:
     codes: frozenset[grpc.StatusCode] = frozenset()
     expect: Callable[[State], State] | None = None
     check_reply: Callable[[Any], None] | None = None
-    # Known gRPC limitation (see tensor_stream): a stream whose payload was complete before a
-    # message over max_message_bytes is refused with RESOURCE_EXHAUSTED, but gRPC Python
-    # hands the handler a clean end of stream, so the request may take effect anyway.
-    maybe: Callable[[State], State] | None = None
 
     @property
     def accepts(self) -> bool:
@@ -82,8 +78,6 @@ class Stream:
     header: Any = None
     headers: list[tpb.TensorHeader] = field(default_factory=list)
     tensors: dict[str, Any] | None = None
-    # Every payload was complete when a message over max_message_bytes arrived.
-    complete_before_oversized: bool = False
 
 
 def tensor_stream(
@@ -144,10 +138,14 @@ def tensor_stream(
         return out
     received = [b""] * len(headers)
     current = 0
+    ended = False
     for m in messages[1:]:
-        if m.WhichOneof("item") != "chunk":
-            out.codes.add(INVALID)
+        if ended or m.WhichOneof("item") not in ("chunk", "end"):
+            out.codes.add(INVALID)  # a second header, an empty item, or an item after the end
             return out
+        if m.WhichOneof("item") == "end":
+            ended = True
+            continue
         c = m.chunk
         if c.tensor >= len(headers) or c.tensor < current:
             out.codes.add(INVALID)
@@ -167,7 +165,11 @@ def tensor_stream(
         if complete:
             out.codes.add(INVALID)  # the stream ended early
         return out
-    out.complete_before_oversized = not complete
+    if not complete:
+        return out  # cut by the refused message before its end item: nothing changes
+    if not ended:
+        out.codes.add(INVALID)  # no end item: the server cannot know it got everything
+        return out
     out.tensors = {h.name: spec.decode(h, r) for h, r in zip(headers, received, strict=True)}
     return out
 
@@ -203,17 +205,10 @@ def push_verdict(messages: Sequence[pb.PushRequest], state: State, nonfinite: st
         unknown_code=NOT_FOUND,
         dense_only=False,
     )
-    if stream.complete_before_oversized:
-        return oversized(push_content(stream.header, stream.tensors, state, nonfinite))
     if stream.codes:
         return fail(*stream.codes)
     assert stream.tensors is not None
     return push_content(stream.header, stream.tensors, state, nonfinite)
-
-
-def oversized(verdict: Verdict) -> Verdict:
-    """RESOURCE_EXHAUSTED for a complete stream followed by an oversized message."""
-    return Verdict(codes=frozenset({EXHAUSTED}), maybe=verdict.expect if verdict.accepts else None)
 
 
 def push_content(header: Any, grads: dict[str, Any], state: State, nonfinite: str) -> Verdict:
@@ -348,6 +343,7 @@ def step_verdict(request: pb.StepRequest, state: State, nonfinite: str) -> Verdi
         pb.PushRequest(chunk=tpb.TensorChunk(tensor=i, data=g.data))
         for i, g in enumerate(gradients[: len(headers)])
     ]
+    messages.append(pb.PushRequest(end=tpb.StreamEnd()))  # the inline tensors are complete
     stream = tensor_stream(
         messages,
         lambda header: header.tensors,

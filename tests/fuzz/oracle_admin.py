@@ -28,7 +28,6 @@ from .oracle import (
     bad_name,
     fail,
     ok,
-    oversized,
     tensor_stream,
 )
 
@@ -78,7 +77,7 @@ def create_verdict(messages: Sequence[pb.CreateModelRequest], state: State) -> V
         dense_only=True,
         header_codes=parse_optimizer,
     )
-    if stream.codes:  # includes a complete stream before an oversized message: a no-op
+    if stream.codes:
         return fail(*stream.codes)
     assert stream.tensors is not None
     codes: set[grpc.StatusCode] = set()
@@ -130,8 +129,6 @@ def set_state_verdict(messages: Sequence[tpb.TensorStreamItem], state: State) ->
         unknown_code=INVALID,
         dense_only=True,
     )
-    if stream.complete_before_oversized:
-        return oversized(_set_state(stream.tensors, known))
     if stream.codes:
         return fail(*stream.codes)
     assert stream.tensors is not None
@@ -225,10 +222,8 @@ def upload_verdict(
         return _upload(messages, valid_files, complete=True)
     if over == 0:
         return fail(EXHAUSTED)
-    prefix = _upload(messages[:over], valid_files, complete=False)
-    if prefix.accepts:
-        return Verdict(codes=frozenset({EXHAUSTED}), maybe=prefix.expect or (lambda s: s))
-    return fail(EXHAUSTED, *prefix.codes)
+    # Cut by the refused message, the stream never reaches its end item: nothing changes.
+    return fail(EXHAUSTED, *_upload(messages[:over], valid_files, complete=False).codes)
 
 
 def _upload(messages: Sequence[Any], valid_files: dict[bytes, State], *, complete: bool) -> Verdict:
@@ -238,14 +233,22 @@ def _upload(messages: Sequence[Any], valid_files: dict[bytes, State], *, complet
     if header.size_bytes > spec.MAX_STATE_BYTES:
         return fail(EXHAUSTED)
     data = b""
+    ended = False
     for m in messages[1:]:
+        if ended:
+            return fail(INVALID)  # nothing may follow the end item
+        if m.WhichOneof("item") == "end":
+            ended = True
+            continue
         if m.WhichOneof("item") != "chunk" or m.chunk.offset != len(data):
             return fail(INVALID)
         data += m.chunk.data
         if len(data) > header.size_bytes:
             return fail(INVALID)
-    if len(data) != header.size_bytes or data not in valid_files:
-        return fail(INVALID) if complete else Verdict(codes=frozenset({EXHAUSTED}))
+    if not complete:
+        return Verdict()  # no defect before the cut
+    if len(data) != header.size_bytes or not ended or data not in valid_files:
+        return fail(INVALID)
     if not header.restore:
         return ok()  # the very same snapshot is already stored: nothing changes
     restored = valid_files[data]

@@ -141,4 +141,4 @@ def create_messages() -> list[pb.CreateModelRequest]:
     items = [pb.CreateModelRequest(header=header)]
     payloads = [payload_bytes(v) for v in values.values()]
     items += [pb.CreateModelRequest(chunk=c) for c in chunks(payloads, 1 << 14)]
-    return items
+    return [*items, pb.CreateModelRequest(end=tpb.StreamEnd())]

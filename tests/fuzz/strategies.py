@@ -168,7 +168,7 @@ class UploadCase:
     chunk_bytes: int
     restore: bool
     chunk_mutation: str  # "none", "offset", "drop", "repeat", "extra", "oversized"
-    plan: str  # "ok", "no header", "second header", "empty"
+    plan: str  # "ok", "no header", "second header", "empty", "no end", "early end"
 
 
 @st.composite
@@ -182,5 +182,9 @@ def upload_cases(draw) -> UploadCase:
         chunk_mutation=draw(
             st.sampled_from(["none"] * 6 + ["offset", "drop", "repeat", "extra", "oversized"])
         ),
-        plan=draw(st.sampled_from(["ok"] * 6 + ["no header", "second header", "empty"])),
+        plan=draw(
+            st.sampled_from(
+                ["ok"] * 6 + ["no header", "second header", "empty", "no end", "early end"]
+            )
+        ),
     )

@@ -4,7 +4,8 @@ Tensor streams (Push, CreateModel, SetOptimizerState) share one generator: a lis
 headers with their payloads, mutated at the header level (dtype, shape, layout, num_rows,
 byte_length, names, count, sizes), cut into chunks, mutated at the chunk level (dropped,
 repeated, swapped, wrong tensor index or offset, longer or shorter data) and at the message
-level (no header, a second header, an empty item, an oversized chunk, no messages at all).
+level (no header, a second header, an empty item, an oversized chunk, no messages at all, no
+end item or one before the last chunk).
 """
 
 from __future__ import annotations
@@ -297,13 +298,17 @@ class StreamPlan:
     empty_item_at: int | None = None
     oversized_at: int | None = None
     no_messages: bool = False
+    # "last" (the protocol), "missing", or "early": before the last item.
+    end: str = "last"
 
 
 @st.composite
 def stream_plan(draw) -> StreamPlan:
     plan = StreamPlan()
     if chance(draw, 0.25):
-        how = draw(st.sampled_from(["drop", "second", "empty", "oversized", "none"]))
+        how = draw(
+            st.sampled_from(["drop", "second", "empty", "oversized", "none", "no end", "early end"])
+        )
         at = draw(st.integers(0, 6))
         if how == "drop":
             plan.drop_header = True
@@ -313,6 +318,10 @@ def stream_plan(draw) -> StreamPlan:
             plan.empty_item_at = at + 1
         elif how == "oversized":
             plan.oversized_at = at
+        elif how == "no end":
+            plan.end = "missing"
+        elif how == "early end":
+            plan.end = "early"
         else:
             plan.no_messages = True
     return plan
@@ -352,4 +361,9 @@ def assemble(wrapper: Any, header: Any, chunks: list[tpb.TensorChunk], plan: Str
     if plan.oversized_at is not None:
         big = tpb.TensorChunk(tensor=0, offset=0, data=b"\0" * OVERSIZED)
         items.insert(min(plan.oversized_at, len(items)), wrapper(chunk=big))
+    end = wrapper(end=tpb.StreamEnd())
+    if plan.end == "last":
+        items.append(end)
+    elif plan.end == "early" and items:
+        items.insert(len(items) - 1, end)
     return items

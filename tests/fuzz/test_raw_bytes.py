@@ -31,7 +31,11 @@ METHODS = {
     "Push": (
         "stream_unary",
         pb.PushRequest,
-        [pb.PushRequest(header=_PUSH_HEADER), pb.PushRequest(chunk=_CHUNK)],
+        [
+            pb.PushRequest(header=_PUSH_HEADER),
+            pb.PushRequest(chunk=_CHUNK),
+            pb.PushRequest(end=tpb.StreamEnd()),
+        ],
     ),
     "CreateModel": ("stream_unary", pb.CreateModelRequest, spec.create_messages()[:2]),
     "SetOptimizerState": (
@@ -126,6 +130,17 @@ def verdict_for(method: str, parsed: list, state: State, servers) -> oracle.Verd
     return oracle.ok()  # Describe, GetStatus, ListSnapshots: unknown fields are ignored
 
 
+def _decodable_prefix(messages: list[bytes], message_cls) -> list:
+    """The parsed messages before the first one protobuf cannot decode."""
+    out = []
+    for raw in messages:
+        parsed = oracle.parse_all([raw], message_cls)
+        if parsed is None:
+            break
+        out += parsed
+    return out
+
+
 def _drain(reply):
     return list(reply) if not isinstance(reply, bytes) else reply
 
@@ -142,6 +157,11 @@ def test_raw_bytes(servers, request):
     def prepare(state: State):
         if parsed is None:
             verdict = oracle.fail(oracle.INVALID)  # undecodable: malformed, not internal
+            decodable = _decodable_prefix(messages, message_cls)
+            if kind == "stream_unary" and decodable:
+                # The server may refuse the messages before the undecodable one first.
+                before = verdict_for(method, decodable, state, servers)
+                verdict = oracle.fail(oracle.INVALID, *before.codes)
         else:
             verdict = verdict_for(method, parsed, state, servers)
             if verdict.check_reply is not None:

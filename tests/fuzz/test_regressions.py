@@ -22,7 +22,11 @@ pytestmark = pytest.mark.slow
 def _state_stream(arrays: dict[str, np.ndarray]) -> list[tpb.TensorStreamItem]:
     header = tpb.TensorStreamHeader(tensors=[spec.dense_header(k, v) for k, v in arrays.items()])
     chunks = spec.chunks([spec.payload_bytes(v) for v in arrays.values()], 1 << 14)
-    return [tpb.TensorStreamItem(header=header)] + [tpb.TensorStreamItem(chunk=c) for c in chunks]
+    return [
+        tpb.TensorStreamItem(header=header),
+        *(tpb.TensorStreamItem(chunk=c) for c in chunks),
+        tpb.TensorStreamItem(end=tpb.StreamEnd()),
+    ]
 
 
 def test_empty_row_selection_is_served():
@@ -108,7 +112,10 @@ def test_create_model_with_an_int64_overflowing_shape(servers):
     """[2**32, 2**32] float32 wraps to 0 bytes in int64 arithmetic: the header must not pass."""
     server = servers["reject"]
     header = tpb.TensorHeader(name="x", dtype=tpb.FLOAT32, shape=[2**32, 2**32], byte_length=0)
-    messages = [pb.CreateModelRequest(header=pb.CreateModelHeader(variables=[header]))]
+    messages = [
+        pb.CreateModelRequest(header=pb.CreateModelHeader(variables=[header])),
+        pb.CreateModelRequest(end=tpb.StreamEnd()),
+    ]
 
     def prepare(state: State):
         verdict = oracle_admin.create_verdict(messages, state)

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import tensor_pb2 as tpb
 
 from . import oracle, oracle_admin, strategies
 from .live import TIMEOUT_S, State
@@ -72,13 +73,18 @@ def upload_messages(case: strategies.UploadCase, reference: bytes) -> list:
         header=pb.UploadSnapshotHeader(size_bytes=size, restore=case.restore)
     )
     items = [pb.UploadSnapshotRequest(chunk=c) for c in chunks]
+    end = pb.UploadSnapshotRequest(end=tpb.StreamEnd())
     if case.plan == "no header":
-        return items
+        return [*items, end]
     if case.plan == "second header":
-        return [header, *items[:1], header, *items[1:]]
+        return [header, *items[:1], header, *items[1:], end]
     if case.plan == "empty":
-        return [header, pb.UploadSnapshotRequest(), *items]
-    return [header, *items]
+        return [header, pb.UploadSnapshotRequest(), *items, end]
+    if case.plan == "no end":
+        return [header, *items]
+    if case.plan == "early end":
+        return [header, *items[:1], end, *items[1:]]
+    return [header, *items, end]
 
 
 @fuzz(max_examples=50)

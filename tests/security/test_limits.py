@@ -35,6 +35,7 @@ def _create_requests(variables: dict[str, np.ndarray], optimizer_json: str = SGD
     yield pb.CreateModelRequest(header=header)
     for chunk in wire.chunk_messages(list(variables.values()), chunk_bytes=16 << 10):
         yield pb.CreateModelRequest(chunk=chunk)
+    yield pb.CreateModelRequest(end=tpb.StreamEnd())
 
 
 def _expect(code: grpc.StatusCode, call, *, match: str) -> str:
@@ -86,7 +87,8 @@ def test_message_size_limit(raw):
     before = r.weights()
     header = pb.PushHeader(worker_id="x", sequence=1, tensors=[wire.header_for("w", w)])
     oversized = tpb.TensorChunk(tensor=0, offset=0, data=bytes(w.nbytes))  # one 256 KiB message
-    push = [pb.PushRequest(header=header), pb.PushRequest(chunk=oversized)]
+    end = pb.PushRequest(end=tpb.StreamEnd())
+    push = [pb.PushRequest(header=header), pb.PushRequest(chunk=oversized), end]
     _expect(EXHAUSTED, lambda: r.stub.Push(iter(push), timeout=TIMEOUT_S), match="larger than max")
     big_unary = pb.PullRequest(names=[f"n{i:07d}" for i in range(20_000)])
     _expect(EXHAUSTED, lambda: list(r.stub.Pull(big_unary, timeout=TIMEOUT_S)), match="max")

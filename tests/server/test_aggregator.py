@@ -450,7 +450,9 @@ def test_export_import_state_keeps_dedupe() -> None:
     ("mutate", "needle"),
     [
         (lambda s: s.pop("workers"), "keys"),
-        (lambda s: s.update(format_version=2), "format_version"),
+        (lambda s: s.update(format_version=3), "format_version"),
+        (lambda s: s["workers"]["a"].update(recent=[[5, 9, None]]), "recent"),
+        (lambda s: s["workers"]["a"].update(session=7), "session"),
         (lambda s: s["workers"]["a"].update(last_sequence=-1), "last_sequence"),
         (lambda s: s["workers"].update({"": {"last_sequence": 1, "pushes": 1, "clock": 1}}), "id"),
         (lambda s: s.update(rounds_completed="many"), "rounds_completed"),

@@ -49,6 +49,7 @@ def create_model_requests(
     )
     for chunk in wire.chunk_messages(list(variables.values()), chunk_bytes=chunk_bytes):
         yield pb.CreateModelRequest(chunk=chunk)
+    yield pb.CreateModelRequest(end=tpb.StreamEnd())
 
 
 def push_requests(
@@ -69,7 +70,7 @@ def push_requests(
         )
     ]
     items += [pb.PushRequest(chunk=c) for c in wire.chunk_messages(list(grads.values()))]
-    return items
+    return [*items, pb.PushRequest(end=tpb.StreamEnd())]
 
 
 def read_stream(items) -> tuple[int, dict[str, wire.TensorValue]]:

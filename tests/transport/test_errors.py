@@ -160,6 +160,7 @@ def _upload(h, size_bytes: int, pieces: list[tuple[int, bytes]]):
         pb.UploadSnapshotRequest(chunk=pb.FileChunk(offset=offset, data=data))
         for offset, data in pieces
     ]
+    items.append(pb.UploadSnapshotRequest(end=tpb.StreamEnd()))
     return lambda: h.stub.UploadSnapshot(iter(items), timeout=TIMEOUT_S)
 
 
@@ -352,7 +353,7 @@ def test_message_over_limit(start_server):
     before = h.state()
     # One 2 MiB chunk in a single message: refused by gRPC's receive limit.
     items = push_requests(big)
-    items = [items[0], pb.PushRequest(chunk=tpb.TensorChunk(data=big["big"].tobytes()))]
+    items = [items[0], pb.PushRequest(chunk=tpb.TensorChunk(data=big["big"].tobytes())), items[-1]]
     expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, _raw_push(h, items))
     h.assert_unchanged(before)
 

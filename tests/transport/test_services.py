@@ -297,6 +297,7 @@ def test_optimizer_state_round_trip(harness):
     headers = [wire.header_for(n, v) for n, v in state.items()]
     items = [tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))]
     items += [tpb.TensorStreamItem(chunk=c) for c in wire.chunk_messages(list(state.values()))]
+    items.append(tpb.TensorStreamItem(end=tpb.StreamEnd()))
     harness.push(grads_for())
     assert harness.stub.SetOptimizerState(iter(items), timeout=TIMEOUT_S).version == 0
     assert harness.pull(scope=pb.PULL_SCOPE_OPTIMIZER_STATE)[0] == 0
@@ -338,6 +339,7 @@ def test_snapshot_create_restore_download_upload(start_server, tmp_path):
         pb.UploadSnapshotRequest(chunk=pb.FileChunk(offset=i * 1000, data=p))
         for i, p in enumerate(pieces)
     ]
+    items.append(pb.UploadSnapshotRequest(end=tpb.StreamEnd()))
     uploaded = other.stub.UploadSnapshot(iter(items), timeout=TIMEOUT_S)
     assert uploaded.restored and uploaded.snapshot.version == 1
     other.assert_unchanged(at_v1)

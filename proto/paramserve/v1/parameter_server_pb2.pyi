@@ -26,20 +26,24 @@ class CreateModelHeader(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., optimizer_json: _Optional[str] = ..., variables: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: CreateModelHeader
     chunk: _tensor_pb2.TensorChunk
-    def __init__(self, header: _Optional[_Union[CreateModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    end: _tensor_pb2.StreamEnd
+    def __init__(self, header: _Optional[_Union[CreateModelHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
-    __slots__ = ("created", "version")
+    __slots__ = ("created", "version", "values_match")
     CREATED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALUES_MATCH_FIELD_NUMBER: _ClassVar[int]
     created: bool
     version: int
-    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    values_match: bool
+    def __init__(self, created: _Optional[bool] = ..., version: _Optional[int] = ..., values_match: _Optional[bool] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ()
@@ -95,24 +99,28 @@ class AggregationInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., replicas: _Optional[int] = ..., reduction: _Optional[str] = ..., round_timeout_s: _Optional[float] = ..., deadline_policy: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "sequence", "base_version", "tensors")
+    __slots__ = ("worker_id", "sequence", "base_version", "tensors", "session")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     sequence: int
     base_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
-    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ...) -> None: ...
+    session: str
+    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: _tensor_pb2.TensorChunk
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ...) -> None: ...
+    end: _tensor_pb2.StreamEnd
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
     __slots__ = ("duplicate", "version", "contributors", "applied")
@@ -319,12 +327,14 @@ class UploadSnapshotHeader(_message.Message):
     def __init__(self, size_bytes: _Optional[int] = ..., restore: _Optional[bool] = ...) -> None: ...
 
 class UploadSnapshotRequest(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
     header: UploadSnapshotHeader
     chunk: FileChunk
-    def __init__(self, header: _Optional[_Union[UploadSnapshotHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
+    end: _tensor_pb2.StreamEnd
+    def __init__(self, header: _Optional[_Union[UploadSnapshotHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ..., end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
 
 class UploadSnapshotResponse(_message.Message):
     __slots__ = ("snapshot", "restored")

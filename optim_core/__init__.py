@@ -15,6 +15,8 @@ from .adamw import AdamW
 from .backend import array_module, gpu_available, resolve_device, to_device, to_numpy
 from .base import Optimizer
 from .ftrl import Ftrl
+from .fused import prepare as prepare_kernels
+from .fused import prepared as kernels_prepared
 from .lamb import Lamb
 from .lion import Lion
 from .loss_scale_optimizer import LossScaleOptimizer
@@ -71,6 +73,8 @@ __all__ = [
     "deserialize",
     "get",
     "gpu_available",
+    "kernels_prepared",
+    "prepare_kernels",
     "register_optimizer",
     "registered_optimizers",
     "resolve_device",

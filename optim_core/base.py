@@ -122,6 +122,9 @@ class Optimizer:
         self._trainable_variables: list[Variable] = []
         self._index_by_key: dict[int, int] = {}
         self._exclude_ids: set[int] = set()
+        self._exclude_vars: list[Any] = []  # what var_list held (to name it in a config)
+        self._exclude_paths: set[str] = set()
+        self._exclude_names: list[str] = []
         self._exclude_pattern: re.Pattern[str] | None = None
         self._model_variables_moving_average: list[Variable] = []
         self._accumulated_gradients: list[Variable] = []
@@ -442,20 +445,63 @@ class Optimizer:
         return [g * scale for g in grads]
 
     def exclude_from_weight_decay(
-        self, var_list: Iterable[Any] | None = None, var_names: Iterable[str] | None = None
+        self,
+        var_list: Iterable[Any] | None = None,
+        var_names: Iterable[str] | None = None,
+        *,
+        var_paths: Iterable[str] | None = None,
     ) -> None:
-        """Exclude variables (by identity, or by regex search of their ``name``) from decay."""
+        """Exclude variables from decay: by identity (``var_list``), by regex search of their
+        ``name`` (``var_names``), or by exact ``path`` (``var_paths``, an extension of Keras's
+        API: how exclusions by variable travel in a config, see
+        :meth:`weight_decay_exclusions`)."""
         if self.built:
             raise ValueError(
                 "`exclude_from_weight_decay()` can only be configured before the optimizer is "
                 "built."
             )
-        self._exclude_ids = {self._key(v) for v in var_list} if var_list else set()
+        self._exclude_vars = list(var_list or [])
+        self._exclude_ids = {self._key(v) for v in self._exclude_vars}
+        self._exclude_paths = set(var_paths or [])
         names = list(var_names or [])
-        self._exclude_pattern = re.compile("|".join(sorted(set(names)))) if names else None
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"`var_names` must be strings. Received: {name!r}")
+        self._exclude_names = sorted(set(names))
+        self._exclude_pattern = re.compile("|".join(self._exclude_names)) if names else None
+
+    def weight_decay_exclusions(
+        self, paths_by_id: dict[int, str] | None = None, *, strict: bool = True
+    ) -> dict[str, list[str]] | None:
+        """The weight-decay exclusions by name: ``{"var_names": [...], "var_paths": [...]}``.
+
+        ``var_list`` entries become paths: a Variable's own, a built optimizer's variable's,
+        or ``paths_by_id[id(array)]``; an unnamed array raises ValueError (is left out when
+        not ``strict``). None when nothing is excluded. :func:`~paramserve.optim_core.serialize`
+        includes this, so exclusions survive a config round trip (Keras's config drops them).
+        """
+        paths = set(self._exclude_paths)
+        for v in self._exclude_vars:
+            if isinstance(v, Variable):
+                paths.add(v.path)
+                continue
+            index = self._index_by_key.get(self._key(v))
+            if index is not None:
+                paths.add(self._trainable_variables[index].path)
+            elif paths_by_id is not None and id(v) in paths_by_id:
+                paths.add(paths_by_id[id(v)])
+            elif strict:
+                raise ValueError(
+                    "A variable excluded from weight decay is an unnamed array of shape "
+                    f"{np.shape(v)}, so the exclusion cannot be written into a config: pass "
+                    "`Variable`s (with a path) or `var_names` to `exclude_from_weight_decay()`."
+                )
+        if not paths and not self._exclude_names:
+            return None
+        return {"var_names": list(self._exclude_names), "var_paths": sorted(paths)}
 
     def _use_weight_decay(self, variable: Variable) -> bool:
-        if self._key(variable) in self._exclude_ids:
+        if self._key(variable) in self._exclude_ids or variable.path in self._exclude_paths:
             return False
         return not (
             self._exclude_pattern is not None

@@ -10,13 +10,16 @@
 # are bit-identical to NumPy's (tests/optim/test_fused.py checks it). error_model="numpy"
 # gives IEEE division (inf/nan, no ZeroDivisionError check) and lets LLVM vectorise.
 #
-# numba is imported lazily, on the first can_fuse() call, never at package import. If it
-# is missing or fails to compile, can_fuse() answers False and the xp rules run.
+# numba is imported lazily, on the first can_fuse() call (or prepare()), never at package
+# import. If it is missing or fails to compile, can_fuse() answers False and the xp rules run.
+# The compiled kernels are cached per user (cache_dir()), never inside the installed package.
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -104,9 +107,23 @@ _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
 
+def cache_dir() -> Path:
+    """Where compiled kernels are cached: ``$NUMBA_CACHE_DIR`` if set, else the user's
+    cache directory (``$XDG_CACHE_HOME`` or ``~/.cache``) under ``paramserve/numba``."""
+    configured = os.environ.get("NUMBA_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "paramserve" / "numba"
+
+
 def _compile(cache: bool) -> SimpleNamespace:
     import numba
     from numba import types
+
+    if cache and not numba.config.CACHE_DIR:
+        # numba's default is a __pycache__ beside this file, inside the installed package.
+        numba.config.CACHE_DIR = str(cache_dir())
 
     compiled = {}
     for name, (func, kinds) in _SIGNATURES.items():
@@ -157,6 +174,17 @@ def _load() -> SimpleNamespace | None:
 def available() -> bool:
     """True when numba imports and the kernels compiled (compiles them on first call)."""
     return _load() is not None
+
+
+def prepare() -> bool:
+    """Compile the kernels now, or load them from the cache (seconds on a first call), so
+    no optimizer step pays for it later; True when they are available. Thread-safe."""
+    return _load() is not None
+
+
+def prepared() -> bool:
+    """True once the kernels were compiled or loaded (never compiles)."""
+    return _state.get("kernels") is not None
 
 
 def can_fuse(optimizer: Any, *arrays: Any) -> bool:

@@ -138,7 +138,8 @@ class LossScaleOptimizer(Optimizer):
 
         return {
             "name": self.name,
-            "inner_optimizer": serialize(self.inner_optimizer),
+            # Not strict: get_config never raises; serialize(self) names what it can.
+            "inner_optimizer": serialize(self.inner_optimizer, strict=False),
             "initial_scale": self.initial_scale,
             "dynamic_growth_steps": self.dynamic_growth_steps,
         }

@@ -114,10 +114,12 @@ def _worker_main(address: str, index: int, workers: int, seed: int, batch_size: 
     try:
         x, labels = spirals(seed)
         x, labels = x[index::workers], labels[index::workers]
-        params = list(init_params(seed).values())
+        named = init_params(seed)
+        params = list(named.values())
         with Client(address, worker_id=f"demo-worker-{index}", timeout_s=60.0) as client:
             optimizer = RemoteOptimizer(client)  # was: optim_core.Adam(...)
-            optimizer.pull(params)
+            # Paired by name (two biases share a shape), then the server's weights first.
+            optimizer.pull(named)
             while (command := commands.get()) is not None:
                 kind, steps = command
                 if kind == "pull":
@@ -357,15 +359,16 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     x, labels = spirals(args.seed)
     data = (x[args.rank :: args.workers], labels[args.rank :: args.workers])
-    params = list(init_params(args.seed).values())
+    named = init_params(args.seed)
+    params = list(named.values())
     worker_id = f"demo-worker-{args.rank}"
     with Client(args.address, worker_id=worker_id, timeout_s=args.timeout_s) as client:
         config = _optimizer_config(args.optimizer, args.lr)
-        created = client.create_model(init_params(args.seed), config).created
+        created = client.create_model(named, config).created
         print(f"{worker_id}: model {'created' if created else 'already there'} on "
               f"{args.address}", flush=True)  # fmt: skip
         optimizer = RemoteOptimizer(client)
-        optimizer.pull(params)
+        optimizer.pull(named)  # paired by name; train from the server's weights
         losses: list[float] = []
 
         def report(version: int, loss: float, accuracy: float) -> None:

@@ -8,6 +8,8 @@ words how two definitions differ, so create/import fail before touching live sta
 from __future__ import annotations
 
 import json
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,8 @@ from paramserve import optim_core
 from paramserve.optim_core import Optimizer, Variable
 
 from .errors import InvalidArgument, ResourceExhausted
+
+logger = logging.getLogger(__name__)
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NAME_CHARS = 1024
@@ -192,7 +196,24 @@ def build_model(
         )
     specs = {n: (v.dtype, v.shape) for n, v in variables.items()}
     config = config_json(optim_core.serialize(optimizer))
+    if device == "cpu":
+        _prepare_kernels()
     return Model(name, optimizer, variables, specs, {config})
+
+
+def _prepare_kernels() -> None:
+    """Compile or load the fused CPU kernels now, outside the model lock and before the
+    model serves, so the first push does not pay seconds for it (logged the first time)."""
+    if optim_core.kernels_prepared():
+        return
+    started = time.perf_counter()
+    available = optim_core.prepare_kernels()
+    logger.info(
+        "fused optimizer kernels %s in %.2f s",
+        "ready" if available else "unavailable (NumPy rules run instead)",
+        time.perf_counter() - started,
+        extra={"event": "kernels_ready", "available": available},
+    )
 
 
 def describe_difference(model: Model, name: str, specs: list[VariableSpec], config: str) -> str:

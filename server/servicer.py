@@ -700,11 +700,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._check_sizes(headers, dense_only=True)
         optimizer = self._parse_optimizer(header.optimizer_json)
         variables = self._assemble(headers, request_iterator, context, method="CreateModel")
-        created = self._store.create_model(header.model_name or "model", optimizer, variables)
+        outcome = self._store.create_model(header.model_name or "model", optimizer, variables)
         version = self._store.version
         self._metrics.model_version.set(version)
-        logger.info("model %r %s", header.model_name, "created" if created else "already existed")
-        return pb.CreateModelResponse(created=created, version=version)
+        logger.info(
+            "model %r %s",
+            header.model_name,
+            "created" if outcome.created else "already existed",
+        )
+        return pb.CreateModelResponse(
+            created=outcome.created, version=version, values_match=outcome.values_match
+        )
 
     @_rpc("DeleteModel")
     def DeleteModel(self, request, context):  # noqa: N802

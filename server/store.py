@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
@@ -59,6 +60,14 @@ def _host_copy(value: Any) -> np.ndarray:
     """One copy of a device or host array, on the host."""
     host = optim_core.to_numpy(value)
     return np.array(host, copy=True) if host is value else host
+
+
+@dataclass(frozen=True)
+class CreateOutcome:
+    """``created``: a new model; ``values_match``: its weights equal the values sent."""
+
+    created: bool
+    values_match: bool
 
 
 class ModelStore:
@@ -123,11 +132,13 @@ class ModelStore:
     # --- creating and replacing the model ------------------------------------------------
     def create_model(
         self, name: str, optimizer: dict[str, Any] | str, variables: dict[str, np.ndarray]
-    ) -> bool:
-        """Create the model; False if an identical definition exists (idempotent retry).
+    ) -> CreateOutcome:
+        """Create the model, or find an identical definition (an idempotent retry).
 
         Identical means the same model name, variable names, dtypes and shapes in order,
-        and the same optimizer config; initial values are not compared.
+        and the same optimizer config. The outcome says whether it was created, and whether
+        the model's weights now equal ``variables`` (False when it already existed with
+        other values: the caller must pull before computing gradients).
         """
         check_name("the model name", name, allow_empty=True)
         arrays = check_variables(variables, self.limits)
@@ -135,30 +146,36 @@ class ModelStore:
         config = config_json(optim_core.serialize(candidate))
         specs = [VariableSpec(n, v.dtype.name, tuple(int(d) for d in v.shape)) for n, v in arrays]
 
-        def existing_matches() -> bool | None:
+        def existing() -> CreateOutcome | None:
             model = self._model
             if model is None:
                 return None
             same = model.name == name and specs_of(model) == specs
             if same and (config in model.definitions or config == current_config(model)):
-                return True
+                equal = all(
+                    np.array_equal(optim_core.to_numpy(model.variables[n].value), v)
+                    for n, v in arrays
+                )
+                return CreateOutcome(created=False, values_match=equal)
             raise AlreadyExists(
                 f"a model already exists with another definition: "
                 f"{describe_difference(model, name, specs, config)}"
             )
 
         with self.lock:
-            if existing_matches():
-                return False
+            found = existing()
+            if found is not None:
+                return found
         model = build_model(name, candidate, arrays, device=self.device, limits=self.limits)
         with self.lock:
-            if existing_matches():  # created concurrently while we were building
-                return False
+            found = existing()  # created concurrently while we were building
+            if found is not None:
+                return found
             self._install(model)
         logger.info(
             "created model %r: %d variables, %s", name, len(arrays), type(candidate).__name__
         )
-        return True
+        return CreateOutcome(created=True, values_match=True)
 
     def delete_model(self) -> None:
         """Drop the model and its optimizer state; NotFound when there is none."""

@@ -446,6 +446,58 @@ def test_export_import_state_keeps_dedupe() -> None:
     assert fresh.export_state()["workers"]["a"]["pushes"] == 1
 
 
+def test_the_recent_sequences_and_their_sessions_survive_export_and_import() -> None:
+    store, agg = make(mode="async")
+    for sequence, session in [(1, "s1"), (2, "s1"), (3, "s2"), (7, "s2"), (5, "s2")]:
+        agg.push("a", sequence, store.version, grads_for(model_vars(), 0), session=session)
+    state = agg.export_state()
+    assert state["workers"]["a"]["recent"] == [
+        [1, 2, "s1"],
+        [3, 3, "s2"],
+        [5, 5, "s2"],
+        [7, 7, "s2"],
+    ]
+    assert state["workers"]["a"]["session"] == "s2"
+    fresh = Aggregator(store, AggregationConfig(mode="async"))
+    fresh.import_state(state)
+    version = store.version
+    assert fresh.push("a", 2, version, grads_for(model_vars(), 0), session="s1").duplicate
+    with pytest.raises(FailedPrecondition, match="already used by another client session"):
+        fresh.push("a", 2, version, grads_for(model_vars(), 0), session="s2")
+    # 6 was never sent; s2 (the newest session) may still send it, anyone else may not.
+    with pytest.raises(FailedPrecondition, match="never took effect"):
+        fresh.push("a", 6, version, grads_for(model_vars(), 0), session="s1")
+    assert fresh.push("a", 6, version, grads_for(model_vars(), 0), session="s2").applied
+
+
+def test_a_format_1_state_counts_every_recent_sequence_as_seen_by_anyone() -> None:
+    _, agg = make(mode="async")
+    old = {
+        "format_version": 1,
+        "workers": {"a": {"last_sequence": 2000, "pushes": 2000, "clock": 2000}},
+        "rounds_completed": 0,
+        "rounds_aborted": 0,
+        "rounds_partial": 0,
+    }
+    agg.import_state(old)
+    assert agg.export_state()["workers"]["a"]["recent"] == [[977, 2000, None]]
+    grads = grads_for(model_vars(), 0)
+    assert agg.push("a", 2000, 0, grads, session="new").duplicate  # a resend, as before
+    with pytest.raises(FailedPrecondition, match="more than 1024 below"):
+        agg.push("a", 976, 0, grads, session="new")
+    assert agg.push("a", 2001, 0, grads, session="new").applied
+
+
+def test_the_recent_table_stays_bounded() -> None:
+    store, agg = make("sgd", mode="async")
+    grads = grads_for(model_vars(), 0)
+    for sequence in range(1, 3 * 1024):
+        agg.push("a", sequence, store.version, grads, session="s")
+    ranges = agg.export_state()["workers"]["a"]["recent"]
+    assert len(ranges) == 1 and ranges[0][1] == 3 * 1024 - 1
+    assert ranges[0][1] - ranges[0][0] < 2 * 1024
+
+
 @pytest.mark.parametrize(
     ("mutate", "needle"),
     [

@@ -38,7 +38,7 @@ from .helpers import (
 @pytest.fixture
 def store() -> ModelStore:
     s = ModelStore()
-    assert s.create_model("m", "adam", model_vars())
+    assert s.create_model("m", "adam", model_vars()).created
     return s
 
 
@@ -56,9 +56,11 @@ def assert_unchanged(store: ModelStore, before: tuple) -> None:
 
 
 # --- creation ---------------------------------------------------------------------------
-def test_create_is_idempotent_and_ignores_initial_values(store: ModelStore) -> None:
+def test_create_is_idempotent_and_reports_other_initial_values(store: ModelStore) -> None:
     assert store.has_model and store.model_name == "m" and store.version == 0
-    assert store.create_model("m", "adam", model_vars(seed=5)) is False
+    outcome = store.create_model("m", "adam", model_vars(seed=5))
+    assert not outcome.created and not outcome.values_match  # other initial values
+    assert store.create_model("m", "adam", model_vars()).values_match
     assert store.specs() == [
         VariableSpec("dense/kernel", "float32", (4, 3)),
         VariableSpec("dense/bias", "float32", (3,)),
@@ -103,9 +105,9 @@ def test_create_conflicting_definition(store, name, optimizer, change, needle) -
 
 def test_create_still_idempotent_after_hyperparameter_change(store: ModelStore) -> None:
     store.set_hyperparameters({"learning_rate": 0.1})
-    assert store.create_model("m", "adam", model_vars()) is False
+    assert store.create_model("m", "adam", model_vars()).created is False
     current = store.optimizer_config()
-    assert store.create_model("m", current, model_vars()) is False
+    assert store.create_model("m", current, model_vars()).created is False
 
 
 @pytest.mark.parametrize(
@@ -169,7 +171,7 @@ def test_concurrent_creates_make_one_model() -> None:
     results: list[bool] = []
     threads = [
         threading.Thread(
-            target=lambda: results.append(store.create_model("m", "adam", model_vars()))
+            target=lambda: results.append(store.create_model("m", "adam", model_vars()).created)
         )
         for _ in range(6)
     ]

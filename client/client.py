@@ -31,6 +31,7 @@ import os
 import secrets
 import socket
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,7 +45,7 @@ from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
-from .errors import NotFoundError, from_rpc_error
+from .errors import FailedPreconditionError, NotFoundError, from_rpc_error
 from .results import (
     CreateModelResult,
     ModelDescription,
@@ -95,22 +96,64 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
-def optimizer_json(optimizer: str | dict[str, Any] | optim_core.Optimizer | None) -> str:
+def optimizer_json(
+    optimizer: str | dict[str, Any] | optim_core.Optimizer | None,
+    variables: Mapping[str, Any] | None = None,
+) -> str:
     """The wire form of an optimizer: a Keras serialization dict as JSON ("" = server default).
 
-    Names and instances are serialized with optim_core, so the server receives the full
-    config; dicts (ours or from ``keras.optimizers.serialize``) travel as given.
+    Names and instances are serialized with optim_core, so the server receives every
+    setting, weight-decay exclusions included (arrays excluded by identity are named after
+    the entry of ``variables`` they are); dicts (ours or from ``keras.optimizers.serialize``)
+    travel as given. A callable learning rate cannot travel: TypeError, before anything is
+    sent.
     """
     if optimizer is None:
         return ""
     if isinstance(optimizer, dict):
         return json.dumps(optimizer, default=_json_default)
     if isinstance(optimizer, str | optim_core.Optimizer):
-        return json.dumps(optim_core.serialize(optim_core.get(optimizer)), default=_json_default)
+        instance = optim_core.get(optimizer)
+        paths_by_id = {id(_array_of(v)): name for name, v in (variables or {}).items()}
+        config = optim_core.serialize(instance, paths_by_id=paths_by_id)
+        _check_sendable(config)
+        return json.dumps(config, default=_json_default)
     raise TypeError(
         "optimizer must be a name, a Keras serialization dict or an optim_core optimizer. "
         f"Received: {optimizer!r}"
     )
+
+
+def _snapshot_id(snapshot: str | SnapshotInfo) -> str:
+    """The id of a snapshot given as its id or as a SnapshotInfo; TypeError otherwise."""
+    if isinstance(snapshot, SnapshotInfo):
+        return snapshot.id
+    if isinstance(snapshot, str):
+        return snapshot
+    raise TypeError(
+        "A snapshot is named by its id (a str such as 'snap-000000000042-...Z') or by the "
+        f"SnapshotInfo that snapshot() and list_snapshots() return. Received: {snapshot!r}"
+    )
+
+
+def _array_of(value: Any) -> Any:
+    return value.value if isinstance(value, optim_core.Variable) else value
+
+
+def _check_sendable(config: dict[str, Any]) -> None:
+    """TypeError for settings that cannot be rebuilt on the server (a callable learning rate)."""
+    options = config.get("config") or {}
+    inner = options.get("inner_optimizer")
+    if isinstance(inner, dict):
+        _check_sendable(inner)
+    lr = options.get("learning_rate")
+    if isinstance(lr, dict) and lr.get("class_name") == "function":
+        raise TypeError(
+            f"The optimizer's learning rate is a Python callable ({lr.get('config')}), which "
+            "cannot be sent to the server. Use a learning-rate schedule "
+            "(paramserve.optim_core.schedules) or a float, and change it live with "
+            "Client.set_hyperparameters(learning_rate=...)."
+        )
 
 
 class Client:
@@ -279,7 +322,7 @@ class Client:
         arrays = [as_host_array(variables[n]) for n in names]
         header = pb.CreateModelHeader(
             model_name=name,
-            optimizer_json=optimizer_json(optimizer),
+            optimizer_json=optimizer_json(optimizer, variables),
             variables=tensor_headers(names, arrays),
         )
         first = pb.CreateModelRequest(header=header).SerializeToString()
@@ -288,7 +331,15 @@ class Client:
         self._description = None
         if response.created:
             self._base_version = response.version
-        return CreateModelResult(response.created, response.version)
+        elif not response.values_match:
+            warnings.warn(
+                f"The model {name!r} already exists on {self.address} (version "
+                f"{response.version}) with other weights than the values passed to "
+                "create_model(); pull() them before computing gradients, or the first push "
+                "trains from this worker's own weights.",
+                stacklevel=2,
+            )
+        return CreateModelResult(response.created, response.version, response.values_match)
 
     def delete_model(self, *, timeout_s: float | None = None) -> None:
         """Drop the model and its optimizer state (snapshots on disk stay)."""
@@ -328,6 +379,34 @@ class Client:
             self._sequence += 1
             return self._sequence
 
+    def _sequenced(self, forced: int | None, send: Callable[[int], R]) -> tuple[int, R]:
+        """``send(sequence)`` with the next sequence (or ``forced``), and that sequence.
+
+        If the server refuses an automatic sequence because this worker_id already pushed
+        that far (another client with the same worker_id took those numbers, or the counter
+        was read before a restore moved the table forward), the counter resynchronises from
+        the server's ``last_sequence`` and the push is sent once more with the next number.
+        A ``forced`` sequence is the caller's to manage: its refusal is raised.
+        """
+        seq = self._next_sequence(forced)
+        try:
+            return seq, send(seq)
+        except FailedPreconditionError:
+            if forced is not None or not self._resync(seq):
+                raise
+        seq = self._next_sequence(None)
+        return seq, send(seq)
+
+    def _resync(self, sequence: int) -> bool:
+        """True, with the counter moved past the server's last sequence for this worker,
+        when the server has recorded ``sequence`` or a later one for it."""
+        worker = self.status().worker(self.worker_id)
+        if worker is None or worker.last_sequence < sequence:
+            return False
+        with self._lock:
+            self._sequence = max(self._sequence, worker.last_sequence)
+        return True
+
     def push(
         self,
         grads: Mapping[str, Any],
@@ -345,17 +424,21 @@ class Client:
         """
         names, values = named_values(grads)
         headers = tensor_headers(names, values, self._variable_shape)
-        seq = self._next_sequence(sequence)
-        header = pb.PushHeader(
-            worker_id=self.worker_id,
-            sequence=seq,
-            base_version=self._base_version if base_version is None else base_version,
-            tensors=headers,
-            session=self.session,
-        )
-        first = pb.PushRequest(header=header).SerializeToString()
-        stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
-        response = self._call(self._push, stream, timeout_s)
+        base = self._base_version if base_version is None else base_version
+
+        def send(seq: int) -> pb.PushResponse:
+            header = pb.PushHeader(
+                worker_id=self.worker_id,
+                sequence=seq,
+                base_version=base,
+                tensors=headers,
+                session=self.session,
+            )
+            first = pb.PushRequest(header=header).SerializeToString()
+            stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
+            return self._call(self._push, stream, timeout_s)
+
+        seq, response = self._sequenced(sequence, send)
         return _push_result(response, seq)
 
     def step(
@@ -383,19 +466,24 @@ class Client:
         headers = tensor_headers(grad_names, values, self._variable_shape)
         pull = self._weights_request(names, rows, min_version=None)
         self._check_step_fits(headers, pull)
-        seq = self._next_sequence(sequence)
-        request = pb.StepRequest(
-            push=pb.PushHeader(
-                worker_id=self.worker_id,
-                sequence=seq,
-                base_version=self._base_version if base_version is None else base_version,
-                tensors=headers,
-                session=self.session,
-            ),
-            gradients=[pb.InlineTensor(data=whole_payload(v)) for v in values],
-            pull=pull,
-        )
-        response = self._call(self._stub.Step, request, timeout_s)
+        base = self._base_version if base_version is None else base_version
+        gradients = [pb.InlineTensor(data=whole_payload(v)) for v in values]
+
+        def send(seq: int) -> pb.StepResponse:
+            request = pb.StepRequest(
+                push=pb.PushHeader(
+                    worker_id=self.worker_id,
+                    sequence=seq,
+                    base_version=base,
+                    tensors=headers,
+                    session=self.session,
+                ),
+                gradients=gradients,
+                pull=pull,
+            )
+            return self._call(self._stub.Step, request, timeout_s)
+
+        seq, response = self._sequenced(sequence, send)
         weights = receive_inline(response.weights, version=response.version)
         weights.push_result = _push_result(response.push, seq)
         self._base_version = weights.version
@@ -464,6 +552,11 @@ class Client:
         *,
         min_version: int | None,
     ) -> pb.PullRequest:
+        if isinstance(names, str):
+            raise TypeError(
+                f"names is a list of variable names; received the string {names!r} "
+                f"(pass [{names!r}])"
+            )
         if names is None and rows:
             names = list(rows)
         selections = [
@@ -518,26 +611,32 @@ class Client:
         response = self._call(self._stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout_s)
         return [SnapshotInfo.from_proto(s) for s in response.snapshots]
 
-    def restore(self, snapshot_id: str, *, timeout_s: float | None = None) -> SnapshotInfo:
-        """Validate snapshot ``snapshot_id`` completely, then replace the live state with it."""
-        request = pb.RestoreSnapshotRequest(id=snapshot_id)
+    def restore(
+        self, snapshot: str | SnapshotInfo, *, timeout_s: float | None = None
+    ) -> SnapshotInfo:
+        """Validate a snapshot (its id, or the :class:`SnapshotInfo` that :meth:`snapshot`
+        or :meth:`list_snapshots` returned) completely, then replace the live state with it.
+        Returns the restored snapshot's info; its ``version`` is the model's version now."""
+        request = pb.RestoreSnapshotRequest(id=_snapshot_id(snapshot))
         response = self._call(self._stub.RestoreSnapshot, request, timeout_s)
         self._description = None
         return SnapshotInfo.from_proto(response.snapshot)
 
     def download_snapshot(
         self,
-        snapshot_id: str,
+        snapshot: str | SnapshotInfo,
         path: str | os.PathLike[str],
         *,
         progress: bool | None = None,
         timeout_s: float | None = None,
     ) -> Path:
-        """Save snapshot ``snapshot_id`` to ``path`` (atomically); returns the path.
+        """Save a snapshot (id or :class:`SnapshotInfo`) to ``path`` (atomically); returns
+        the path.
 
         ``progress``: a tqdm bar on stderr; None shows it for > 32 MiB on a terminal.
         """
         path = Path(path)
+        snapshot_id = _snapshot_id(snapshot)
         request = pb.DownloadSnapshotRequest(id=snapshot_id)
         chunks = self._stream(self._stub.DownloadSnapshot, request, timeout_s)
         write_download(chunks, path, description=f"download {snapshot_id}", progress=progress)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,28 +46,44 @@ def _key(variable: Any) -> int:
     return id(variable.value) if isinstance(variable, optim_core.Variable) else id(variable)
 
 
+def _writable(variable: Any, name: str) -> Any:
+    """The array the new weights of ``name`` are written into; TypeError/ValueError if it
+    cannot be written in place (checked before anything is pushed)."""
+    target = variable.value if isinstance(variable, optim_core.Variable) else variable
+    if isinstance(target, np.ndarray):
+        if not target.flags.writeable:
+            raise ValueError(
+                f"The array for {name!r} is read-only; RemoteOptimizer writes the new weights "
+                "into the variables in place. Pass a writable array."
+            )
+        return target
+    if hasattr(target, "__cuda_array_interface__"):
+        return target
+    raise TypeError(
+        "RemoteOptimizer writes the new weights into the variables in place, so they must be "
+        f"NumPy/CuPy arrays or optim_core Variables. Received for {name!r}: {type(variable)}"
+    )
+
+
 def _assign(target: Any, value: np.ndarray) -> None:
-    """Overwrite ``target`` in place with ``value`` (host to device where needed)."""
-    if isinstance(target, optim_core.Variable):
-        target = target.value
+    """Overwrite ``target`` (checked by :func:`_writable`) in place with ``value``."""
     if isinstance(target, np.ndarray):
         np.copyto(target, value)
-    elif hasattr(target, "__cuda_array_interface__"):
-        target[...] = optim_core.array_module("gpu").asarray(value)
     else:
-        raise TypeError(
-            "RemoteOptimizer writes the new weights into the variables in place, so they "
-            f"must be NumPy/CuPy arrays or optim_core Variables. Received: {type(target)}"
-        )
+        target[...] = optim_core.array_module("gpu").asarray(value)
 
 
 class RemoteOptimizer:
     """Mirrors :class:`paramserve.optim_core.Optimizer`'s API against a server's model.
 
-    Variables are matched to the server's variables by ``Variable.path`` when it names a
-    server variable, otherwise by position in the model's variable order (pass all of
-    them the first time, as Keras builds on all trainable variables). Later calls may
-    pass any subset of the same objects.
+    Variables are matched to the server's variables by name, never by position: an
+    optim_core ``Variable``'s ``path``, or the keys of a ``{server name: array}`` mapping
+    given to :meth:`build`. A plain array is matched only when its shape and dtype identify
+    exactly one server variable; when several share them, :meth:`build` refuses (pass
+    Variables or a mapping). Later calls may pass any subset of the same objects.
+
+    Before the first step, write the server's weights into the variables with
+    :meth:`pull`, so that the first gradients are computed from them.
     """
 
     def __init__(self, client: Client, *, step_max_bytes: int = STEP_MAX_BYTES) -> None:
@@ -84,23 +100,30 @@ class RemoteOptimizer:
         self._specs: dict[str, TensorSpec] = {}
 
     # --- building -----------------------------------------------------------------------
-    def build(self, variables: Iterable[Any]) -> None:
-        """Match ``variables`` to the server model's variables and check shapes/dtypes."""
-        variables = list(variables)
+    def build(self, variables: Iterable[Any] | Mapping[str, Any]) -> None:
+        """Match ``variables`` to the server model's variables by name; check shapes, dtypes
+        and that each can be written in place.
+
+        ``variables``: optim_core Variables (matched by ``path``), a ``{server name: array}``
+        mapping, or arrays whose shape and dtype each identify one server variable.
+        """
         description = self.client.describe()
-        self._specs = {s.name: s for s in description.variables}
-        model_order = description.variable_names
-        positional = len(variables) == len(model_order)
+        specs = {s.name: s for s in description.variables}
+        if isinstance(variables, Mapping):
+            pairs = list(variables.items())
+            variables = [v for _, v in pairs]
+            named = [(i, name, var) for i, (name, var) in enumerate(pairs)]
+        else:
+            variables = list(variables)
+            named = _match_by_name(variables, specs)
         names: dict[int, str] = {}
-        for i, var in enumerate(variables):
-            path = var.path if isinstance(var, optim_core.Variable) else None
-            name = path if path in self._specs else model_order[i] if positional else None
-            if name is None:
+        for i, name, var in named:
+            spec = specs.get(name)
+            if spec is None:
                 raise ValueError(
-                    f"Cannot match variable #{i} to the server's model {model_order}: pass all "
-                    "model variables in model order, or Variables whose path is a server name."
+                    f"Variable #{i} is named {name!r}, which the server's model does not have; "
+                    f"its variables are {description.variable_names}"
                 )
-            spec = self._specs[name]
             if tuple(var.shape) != spec.shape or np.dtype(var.dtype) != spec.numpy_dtype:
                 raise ValueError(
                     f"Variable #{i} does not match server variable {name!r}: expected "
@@ -109,14 +132,17 @@ class RemoteOptimizer:
                 )
             if name in names.values():
                 raise ValueError(f"Two variables were matched to server variable {name!r}")
+            _writable(var, name)
             names[_key(var)] = name
+        self._specs = specs
         self._variables = variables
         self._names_by_key = names
         self.built = True
 
     def _name(self, variable: Any) -> str:
-        path = variable.path if isinstance(variable, optim_core.Variable) else None
-        name = path if path in self._specs else self._names_by_key.get(_key(variable))
+        name = self._names_by_key.get(_key(variable))
+        if name is None and isinstance(variable, optim_core.Variable):
+            name = variable.path if variable.path in self._specs else None
         if name is None:
             raise ValueError(
                 f"Unknown variable of shape {np.shape(variable)}. This optimizer can only be "
@@ -165,6 +191,10 @@ class RemoteOptimizer:
                 "they must be paired one to one."
             )
         names = [self._name(v) for v in variables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"A variable was passed twice: {names}")
+        # Everything that can fail is checked before the push changes the server.
+        targets = [_writable(v, n) for v, n in zip(variables, names, strict=True)]
         payload = {
             n: self._prepare(g, n) for g, n in zip(grads, names, strict=True) if g is not None
         }
@@ -178,11 +208,11 @@ class RemoteOptimizer:
             )
         if self._fits_one_step(payload, names):
             weights = self.client.step(payload, names=names)
-            for var, name in zip(variables, names, strict=True):
-                _assign(var, weights[name])
+            for target, name in zip(targets, names, strict=True):
+                _assign(target, weights[name])
             return weights.version
         result = self.client.push(payload)
-        return self._write_back(variables, names, min_version=result.version)
+        return self._write_back(targets, names, min_version=result.version)
 
     def _fits_one_step(self, payload: dict[str, Any], names: list[str]) -> bool:
         """Small enough both ways for one Step (one round trip instead of push + pull)."""
@@ -195,11 +225,10 @@ class RemoteOptimizer:
         )
         return max(sent, returned) <= self.step_max_bytes
 
-    def _write_back(self, variables: list[Any], names: list[str], *, min_version: int) -> int:
+    def _write_back(self, targets: list[Any], names: list[str], *, min_version: int) -> int:
         # Host arrays that fit are received into directly (no temporary, no extra copy).
         direct = {}
-        for var, name in zip(variables, names, strict=True):
-            target = var.value if isinstance(var, optim_core.Variable) else var
+        for target, name in zip(targets, names, strict=True):
             spec = self._specs[name]
             if (
                 isinstance(target, np.ndarray)
@@ -210,18 +239,23 @@ class RemoteOptimizer:
             ):
                 direct[name] = target
         weights = self.client.pull(names, min_version=min_version, out=direct)
-        for var, name in zip(variables, names, strict=True):
+        for target, name in zip(targets, names, strict=True):
             if name not in direct:
-                _assign(var, weights[name])
+                _assign(target, weights[name])
         return weights.version
 
-    def pull(self, variables: Iterable[Any] | None = None) -> int:
-        """Overwrite the variables with the server's current weights (e.g. when joining a
-        run, or after a restore); returns their version."""
+    def pull(self, variables: Iterable[Any] | Mapping[str, Any] | None = None) -> int:
+        """Overwrite the variables with the server's current weights (before the first step
+        of a worker, after a restore); returns their version. Builds on ``variables`` first
+        when not built yet (same forms as :meth:`build`)."""
         if variables is not None and not self.built:
             self.build(variables)
+        if isinstance(variables, Mapping):
+            variables = list(variables.values())
         variables = list(self._variables if variables is None else variables)
-        return self._write_back(variables, [self._name(v) for v in variables], min_version=0)
+        names = [self._name(v) for v in variables]
+        targets = [_writable(v, n) for v, n in zip(variables, names, strict=True)]
+        return self._write_back(targets, names, min_version=0)
 
     # --- server-side state ---------------------------------------------------------------
     def _describe(self) -> ModelDescription:
@@ -273,3 +307,30 @@ class RemoteOptimizer:
 
     def __repr__(self) -> str:
         return f"<RemoteOptimizer {self.client.address} worker_id={self.client.worker_id!r}>"
+
+
+def _match_by_name(
+    variables: list[Any], specs: dict[str, TensorSpec]
+) -> list[tuple[int, str, Any]]:
+    """``(index, server name, variable)`` for a list: Variables by ``path``; arrays by a shape
+    and dtype that only one server variable has (ValueError when several share them)."""
+    out = []
+    by_kind: dict[tuple[tuple[int, ...], np.dtype], list[str]] = {}
+    for spec in specs.values():
+        by_kind.setdefault((spec.shape, spec.numpy_dtype), []).append(spec.name)
+    for i, var in enumerate(variables):
+        if isinstance(var, optim_core.Variable):
+            out.append((i, var.path, var))
+            continue
+        kind = (tuple(np.shape(var)), np.dtype(var.dtype))
+        candidates = by_kind.get(kind, [])
+        if len(candidates) != 1:
+            found = "no" if not candidates else f"{len(candidates)} ({candidates})"
+            raise ValueError(
+                f"Cannot match variable #{i} ({kind[1].name} {list(kind[0])}) by name: it is a "
+                f"plain array, and {found} server variables have its shape and dtype. Pass "
+                "optim_core Variables whose path is the server's name, or a {server name: "
+                "array} mapping, e.g. optimizer.build({'dense/kernel': w, ...})."
+            )
+        out.append((i, candidates[0], var))
+    return out

@@ -87,10 +87,13 @@ class ModelDescription:
 
 @dataclass(frozen=True)
 class CreateModelResult:
-    """``created`` is False when an identical model already existed (a no-op)."""
+    """``created`` is False when an identical model already existed (a no-op);
+    ``values_match`` is False when the server's weights differ from the values sent (pull
+    them before computing gradients)."""
 
     created: bool
     version: int
+    values_match: bool = True
 
 
 @dataclass(frozen=True)

@@ -187,5 +187,14 @@ def receive_inline(tensors: Sequence[Any], *, version: int) -> Tensors:
 
 def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue]]:
     """Names and wire values of a ``{name: array-like or sparse rows}`` mapping, in order."""
+    if not isinstance(values, Mapping):
+        raise TypeError(
+            "Tensors are passed as a {variable name: array} mapping, e.g. "
+            "dict(zip(client.describe().variable_names, grads)). "
+            f"Received: {type(values).__name__}"
+        )
     names = list(values)
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"Variable names must be strings. Received: {name!r}")
     return names, [as_wire_value(values[n]) for n in names]

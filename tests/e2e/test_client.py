@@ -50,9 +50,16 @@ def test_duplicate_push_is_acknowledged_not_reapplied(server, admin, connect):
     assert first.push({"dense/bias": ones("dense/bias")}).version == 1
     after_one = admin.pull()
 
-    resend = connect(server, worker_id="dup")  # e.g. the same worker after a lost reply
-    result = resend.push({"dense/bias": 5 * ones("dense/bias")}, sequence=first.last_sequence)
+    # The same client resending after a lost reply: acknowledged, not applied again.
+    result = first.push({"dense/bias": 5 * ones("dense/bias")}, sequence=first.last_sequence)
     assert result.duplicate and result.version == 1
+    assert_same(admin.pull(), after_one)
+
+    # Another client (a restarted worker) reusing the sequence is refused, naming the last
+    # sequence, instead of being silently taken for a duplicate.
+    other = connect(server, worker_id="dup")
+    with pytest.raises(FailedPreconditionError, match="pushed up to sequence 1"):
+        other.push({"dense/bias": 5 * ones("dense/bias")}, sequence=1)
     assert_same(admin.pull(), after_one)
 
     # A restarted worker with the same id continues after the server's last_sequence.
@@ -197,3 +204,23 @@ def test_push_is_retried_across_a_server_restart(start_server, tmp_path):
         result = client.push({"dense/bias": ones("dense/bias")})
         restart.join()
         assert (result.duplicate, result.version, result.sequence) == (False, 2, 2)
+
+
+def test_restore_takes_a_snapshot_info_or_an_id_and_wrong_types_say_what_is_expected(
+    start_server, connect, tmp_path
+):
+    server = start_server(mode="async", checkpoint_dir=tmp_path / "ckpt")
+    client = connect(server)
+    client.create_model(initial_weights(), SGD)
+    info = client.snapshot()
+    client.push({"dense/bias": ones("dense/bias")})
+    restored = client.restore(info)  # what snapshot() returned
+    assert restored.id == info.id and restored.version == 0 == client.status().version
+    assert client.restore(info.id).version == 0
+    client.download_snapshot(info, tmp_path / "copy.safetensors")
+    with pytest.raises(TypeError, match="named by its id"):
+        client.restore(42)
+    with pytest.raises(TypeError, match="mapping"):
+        client.push([ones("dense/bias")])
+    with pytest.raises(TypeError, match="pass \\['dense/bias'\\]"):
+        client.pull("dense/bias")

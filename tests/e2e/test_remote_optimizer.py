@@ -44,7 +44,10 @@ def pair(start_server, connect):
     local_vars = [optim_core.Variable(w.copy(), path=n) for n, w in weights.items()]
     local = optim_core.deserialize(OPTIMIZER)
     local.build(local_vars)
-    return RemoteOptimizer(client), remote_params, local, local_vars
+    remote = RemoteOptimizer(client)
+    # Two biases share a shape: plain arrays are paired by an explicit {name: array} mapping.
+    remote.build(dict(zip(weights, remote_params, strict=True)))
+    return remote, remote_params, local, local_vars
 
 
 def test_training_matches_local_optim_core_bit_for_bit(pair):
@@ -105,3 +108,66 @@ def test_variables_match_by_path_and_subsets_work(pair):
         assert p.tobytes() == v.value.tobytes()
     with pytest.raises(ValueError, match="Unknown variable"):
         remote.apply([np.ones(3, np.float32)], [np.zeros(3, np.float32)])
+
+
+def test_plain_arrays_that_share_a_shape_are_refused_before_anything_is_pushed(
+    start_server, connect
+):
+    server = start_server(mode="async")
+    client = connect(server)
+    weights = init_params(5)  # dense_1/bias and dense_2/bias are both float32 [64]
+    client.create_model(weights, OPTIMIZER)
+    before = client.pull()
+    arrays = [w.copy() for w in weights.values()]
+    remote = RemoteOptimizer(client)
+    with pytest.raises(ValueError, match="2 \\(\\['dense_1/bias', 'dense_2/bias'\\]\\) server"):
+        remote.apply_gradients(zip([np.ones_like(a) for a in arrays], arrays, strict=True))
+    assert client.status().version == 0
+    assert_same(client.pull(), before)
+    # In another order, but Variables named by their path: each gradient reaches its own.
+    names = list(weights)[::-1]
+    variables = [optim_core.Variable(weights[n].copy(), path=n) for n in names]
+    grads = [np.full_like(v.value, i + 1) for i, v in enumerate(variables)]
+    RemoteOptimizer(client).apply(grads, variables)
+    local_vars = [optim_core.Variable(weights[n].copy(), path=n) for n in names]
+    local = optim_core.deserialize(OPTIMIZER)
+    local.apply([np.full_like(v.value, i + 1) for i, v in enumerate(local_vars)], local_vars)
+    assert_same({v.path: v.value for v in variables}, {v.path: v.value for v in local_vars})
+    assert_same(client.pull(names), {v.path: v.value for v in local_vars})
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        lambda w: np.frombuffer(w.tobytes(), w.dtype).reshape(w.shape),  # read-only
+        lambda w: _ArrayLike(w),  # array-like, but not writable in place (e.g. keras.Variable)
+    ],
+    ids=["read-only", "array-like"],
+)
+def test_variables_that_cannot_be_written_are_refused_before_the_push(start_server, connect, bad):
+    server = start_server(mode="async")
+    client = connect(server)
+    weights = {"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    client.create_model(weights, OPTIMIZER)
+    variables = [weights["w"].copy(), bad(weights["b"])]
+    grads = [np.ones(np.shape(v), np.float32) for v in variables]
+    with pytest.raises((TypeError, ValueError), match="in place"):
+        RemoteOptimizer(client).build(dict(zip(weights, variables, strict=True)))
+    with pytest.raises((TypeError, ValueError), match="in place"):
+        RemoteOptimizer(client).apply(grads, variables)  # builds, then applies
+    built = RemoteOptimizer(client)
+    built.build(variables[:1])
+    with pytest.raises(ValueError, match="Unknown variable"):
+        built.apply(grads, variables)
+    assert client.status().version == 0  # nothing was pushed
+
+
+class _ArrayLike:
+    """Has a shape and a dtype (so it pairs), but no writable NumPy/CuPy storage."""
+
+    def __init__(self, value: np.ndarray) -> None:
+        self._value = value
+        self.shape, self.dtype = value.shape, value.dtype
+
+    def __array__(self, dtype=None, copy=None):
+        return np.array(self._value, dtype=dtype)

@@ -131,6 +131,20 @@ def test_stream_ends_early(harness):
     harness.assert_unchanged(before)
 
 
+def test_a_stream_without_its_end_item_changes_nothing(harness):
+    """Every payload byte arrived, but not the end item: the client may not be done."""
+    before = harness.state()
+    items = push_requests(grads_for())
+    assert items[-1].WhichOneof("item") == "end"
+    expect_error(INVALID, _raw_push(harness, items[:-1]), match="without its end item")
+    expect_error(INVALID, _raw_push(harness, [*items, items[1]]), match="follow the end item")
+    early = [items[0], items[-1], *items[1:-1]]
+    expect_error(INVALID, _raw_push(harness, early), match="follow the end item")
+    harness.assert_unchanged(before)
+    harness.stub.Push(iter(items), timeout=TIMEOUT_S)  # the whole stream is applied
+    assert harness.state()[0] == before[0] + 1
+
+
 def test_nonfinite_gradient_rejected(harness):
     before = harness.state()
     grads = grads_for()
@@ -343,6 +357,21 @@ def test_request_over_limit(start_server):
         match="max_request_bytes",
     )
     assert "48" in details
+    h.assert_unchanged(before)
+
+
+def test_a_complete_push_cut_by_an_oversized_message_changes_nothing(start_server):
+    """gRPC ends the handler's stream cleanly when it refuses a message over the limit: the
+    missing end item is what keeps the complete payload before it from being applied."""
+    h = start_server(max_message_bytes=1 << 20)
+    small = {"w": np.zeros(4, np.float32)}
+    h.create(small)
+    before = h.state()
+    items = push_requests({"w": np.ones(4, np.float32)})
+    oversized = pb.PushRequest(chunk=tpb.TensorChunk(data=bytes(2 << 20)))
+    for _ in range(10):  # the refusal races the handler's read; no outcome may apply it
+        stream = [*items[:-1], oversized, items[-1]]
+        expect_error(grpc.StatusCode.RESOURCE_EXHAUSTED, _raw_push(h, stream))
     h.assert_unchanged(before)
 
 

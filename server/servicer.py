@@ -49,6 +49,7 @@ from .errors import (
 from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
+from .status import grpc_status, status_code
 from .store import ModelState, ModelStore
 
 logger = logging.getLogger(__name__)
@@ -183,16 +184,12 @@ def _remaining_s(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > 1e8 else remaining
 
 
-def _classify(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status code and message for an exception (the one place errors are mapped)."""
-    if isinstance(exc, ParamServeError):
-        code = getattr(grpc.StatusCode, exc.code, None)
-        if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-            return code, str(exc) or type(exc).__name__
-    elif isinstance(exc, wire.WireError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    logger.error("%s failed unexpectedly", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error"
+def _classify(exc: BaseException, method: str) -> grpc.Status:
+    """The status (code, message, google.rpc.Status details) for an exception.
+
+    The one place errors are mapped: see :func:`paramserve.server.status.grpc_status`.
+    """
+    return grpc_status(exc, method)
 
 
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -203,9 +200,9 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             if isinstance(exc, grpc.RpcError) and not context.is_active():
                 self._metrics.record_rpc(method, "CANCELLED")  # the client went away
                 raise exc
-            code, message = _classify(exc, method)
-            self._metrics.record_rpc(method, code.name)
-            context.abort(code, message)
+            status = _classify(exc, method)
+            self._metrics.record_rpc(method, status.code.name)
+            context.abort_with_status(status)
 
         if inspect.isgeneratorfunction(fn):
 
@@ -411,13 +408,7 @@ def _push_response(result: Any) -> pb.PushResponse:
 
 def _outcome(exc: BaseException) -> str:
     """The push-outcome label of a failed push: its status code in lower case."""
-    if isinstance(exc, ParamServeError):
-        code = getattr(grpc.StatusCode, exc.code, None)
-        if isinstance(code, grpc.StatusCode):
-            return code.name.lower()
-    elif isinstance(exc, wire.WireError):
-        return "invalid_argument"
-    return "internal"
+    return status_code(exc).name.lower()
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):

@@ -45,6 +45,7 @@ from .errors import (
     ParamServeError,
     ResourceExhausted,
     Unavailable,
+    limit_exceeded,
 )
 from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
@@ -440,30 +441,45 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _require_model(self) -> None:
         if not self._store.has_model:
-            raise NotFound("no model on this server: create one with CreateModel first")
+            raise NotFound(
+                "no model on this server: create one with CreateModel first", reason="NO_MODEL"
+            )
 
     def _check_sizes(self, headers: list[tpb.TensorHeader], *, dense_only: bool) -> None:
         """Headers well formed, every tensor and the request within the configured limits."""
         if len(headers) > self._limits.max_variables:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"{len(headers)} tensors in one request, over the server's limit of "
-                f"max_variables={self._limits.max_variables}"
+                f"max_variables={self._limits.max_variables}",
+                limit="max_variables",
+                limit_value=self._limits.max_variables,
+                requested=len(headers),
             )
         wire.check_headers(headers)
         total = 0
         for h in headers:
             if dense_only and h.layout != tpb.LAYOUT_DENSE:
-                raise InvalidArgument(f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here")
+                raise InvalidArgument(
+                    f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here",
+                    violations=[(f"tensors[{h.name}].layout", "must be LAYOUT_DENSE")],
+                )
             if h.byte_length > self._limits.max_tensor_bytes:
-                raise ResourceExhausted(
+                raise limit_exceeded(
                     f"tensor {h.name!r} is {h.byte_length} bytes, over the server's limit of "
-                    f"max_tensor_bytes={self._limits.max_tensor_bytes}"
+                    f"max_tensor_bytes={self._limits.max_tensor_bytes}",
+                    limit="max_tensor_bytes",
+                    limit_value=self._limits.max_tensor_bytes,
+                    requested=h.byte_length,
+                    variable=h.name,
                 )
             total += h.byte_length
         if total > self._limits.max_request_bytes:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"request carries {total} payload bytes, over the server's limit of "
-                f"max_request_bytes={self._limits.max_request_bytes}"
+                f"max_request_bytes={self._limits.max_request_bytes}",
+                limit="max_request_bytes",
+                limit_value=self._limits.max_request_bytes,
+                requested=total,
             )
 
     @staticmethod
@@ -479,17 +495,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if h.name not in expected:
                 known = sorted(expected)
                 listed = ", ".join(map(repr, known[:20])) + (" ..." if len(known) > 20 else "")
-                raise unknown(f"unknown {what} {h.name!r}; expected one of: {listed}")
+                raise unknown(
+                    f"unknown {what} {h.name!r}; expected one of: {listed}",
+                    reason="UNKNOWN_VARIABLE",
+                    metadata={"variable": h.name},
+                )
             dtype, shape = expected[h.name]
             got_dtype = wire.dtype_name(h.dtype)
             if got_dtype != dtype:
                 raise InvalidArgument(
-                    f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}"
+                    f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}",
+                    reason="DTYPE_MISMATCH",
+                    metadata={"variable": h.name, "expected": dtype, "got": got_dtype},
+                    violations=[(f"tensors[{h.name}].dtype", f"expected {dtype}")],
                 )
             if tuple(h.shape) != tuple(shape):
                 raise InvalidArgument(
                     f"{what} {h.name!r}: shape {list(h.shape)} does not match the expected "
-                    f"{list(shape)}"
+                    f"{list(shape)}",
+                    reason="SHAPE_MISMATCH",
+                    metadata={"variable": h.name, "expected": list(shape), "got": list(h.shape)},
+                    violations=[(f"tensors[{h.name}].shape", f"expected {list(shape)}")],
                 )
 
     def _assemble(
@@ -619,9 +645,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
         limit = self._limits.max_message_bytes
         if total > limit:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"the Step reply would carry about {total} bytes, over the server's limit of "
-                f"max_message_bytes={limit}; use Push and Pull (streamed) for this model"
+                f"max_message_bytes={limit}; use Push and Pull (streamed) for this model",
+                limit="max_message_bytes",
+                limit_value=limit,
+                requested=total,
             )
 
     def _step_push(

@@ -424,7 +424,7 @@ class Aggregator:
                 wait_s = min(wait_s, deadline - now)
             store.changed.wait(wait_s)
         if round_.error is not None:
-            raise type(round_.error)(str(round_.error))
+            raise round_.error.copy()
         return PushResult(
             duplicate=duplicate,
             applied=not duplicate and worker_id in round_.applied_workers,

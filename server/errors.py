@@ -117,6 +117,16 @@ class ParamServeError(Exception):
         self.violations += [(str(f), _short(d)) for f, d in violations]
         return self
 
+    def copy(self) -> ParamServeError:
+        """A new exception of the same class, message and details (to raise in another
+        thread without sharing a traceback)."""
+        error = type(self).__new__(type(self))
+        Exception.__init__(error, *self.args)
+        error.__dict__.update(self.__dict__)
+        error.metadata = dict(self.metadata)
+        error.violations = list(self.violations)
+        return error
+
 
 class InvalidArgument(ParamServeError):
     """Malformed tensor, shape, dtype, size, unknown option, non-finite gradient."""

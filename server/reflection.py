@@ -13,6 +13,7 @@ dependencies, so the process-wide default pool is left as it is.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
@@ -80,11 +81,37 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
     return pool
 
 
+class _MethodResolvingPool:
+    """A descriptor pool that also finds the file of ``package.Service.Method`` (protobuf's
+    upb pool resolves services, messages and fields, not methods)."""
+
+    def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
+        self._pool = pool
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pool, name)
+
+    def FindFileContainingSymbol(self, symbol: str) -> descriptor.FileDescriptor:  # noqa: N802
+        """The file declaring ``symbol``; KeyError when there is none."""
+        try:
+            return self._pool.FindFileContainingSymbol(symbol)
+        except KeyError:
+            service_name, _, method = symbol.rpartition(".")
+            try:
+                service = self._pool.FindServiceByName(service_name)
+            except KeyError:
+                service = None
+            if service is None or method not in service.methods_by_name:
+                raise
+            return service.file
+
+
 def enable_server_reflection(service_names: Iterable[str], server: grpc.Server) -> None:
     """Serve reflection v1 and v1alpha on ``server``, listing ``service_names`` and both
     reflection services (the names must be in the default descriptor pool)."""
     names = list(dict.fromkeys([*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]))
-    servicer = reflection.ReflectionServicer(names, pool=reflection_pool(names))
+    pool = _MethodResolvingPool(reflection_pool(names))
+    servicer = reflection.ReflectionServicer(names, pool=pool)
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
     # v1's messages are v1alpha's on the wire: the same (de)serializers serve both.
     handlers = {

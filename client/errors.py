@@ -170,8 +170,7 @@ def error_for(
 
 
 def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
-    """The ``google.rpc.Status`` a failed call carries; None when it has none, or one that
-    does not match the call's code and message."""
+    """The ``google.rpc.Status`` a failed call carries; None if absent or inconsistent."""
     try:
         return rpc_status.from_call(error)  # type: ignore[arg-type]
     except (AttributeError, TypeError, ValueError, DecodeError):  # not a Call, or a bad Status
@@ -179,8 +178,7 @@ def rich_status(error: grpc.RpcError) -> status_pb2.Status | None:
 
 
 def from_rpc_error(error: grpc.RpcError) -> ParamServeError:
-    """Convert a failed call's ``grpc.RpcError`` into the matching :class:`ParamServeError`,
-    with the ErrorInfo and BadRequest details of its ``google.rpc.Status`` when it has one."""
+    """Convert a failed call's ``grpc.RpcError`` into a :class:`ParamServeError` with details."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else None
     info: error_details_pb2.ErrorInfo | None = None

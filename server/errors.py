@@ -118,8 +118,7 @@ class ParamServeError(Exception):
         return self
 
     def copy(self) -> ParamServeError:
-        """A new exception of the same class, message and details (to raise in another
-        thread without sharing a traceback)."""
+        """A new exception with this class, message and details (for another thread)."""
         error = type(self).__new__(type(self))
         Exception.__init__(error, *self.args)
         error.__dict__.update(self.__dict__)

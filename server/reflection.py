@@ -56,8 +56,7 @@ def v1_file_descriptor_proto() -> descriptor_pb2.FileDescriptorProto:
 
 
 def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorPool:
-    """A pool with the services' files, the v1 and v1alpha reflection files, the
-    ``google.rpc`` error details files, and every file they import."""
+    """A private pool: the services' files, both reflection files, google.rpc, and imports."""
     default = descriptor_pool.Default()
     pool = descriptor_pool.DescriptorPool()
     added: set[str] = set()
@@ -82,8 +81,7 @@ def reflection_pool(service_names: Iterable[str]) -> descriptor_pool.DescriptorP
 
 
 class _MethodResolvingPool:
-    """A descriptor pool that also finds the file of ``package.Service.Method`` (protobuf's
-    upb pool resolves services, messages and fields, not methods)."""
+    """A pool that also finds ``package.Service.Method`` (upb's pool does not resolve methods)."""
 
     def __init__(self, pool: descriptor_pool.DescriptorPool) -> None:
         self._pool = pool
@@ -107,8 +105,7 @@ class _MethodResolvingPool:
 
 
 def enable_server_reflection(service_names: Iterable[str], server: grpc.Server) -> None:
-    """Serve reflection v1 and v1alpha on ``server``, listing ``service_names`` and both
-    reflection services (the names must be in the default descriptor pool)."""
+    """Serve reflection v1 and v1alpha on ``server`` for ``service_names`` (and themselves)."""
     names = list(dict.fromkeys([*service_names, V1_SERVICE_NAME, V1ALPHA_SERVICE_NAME]))
     pool = _MethodResolvingPool(reflection_pool(names))
     servicer = reflection.ReflectionServicer(names, pool=pool)

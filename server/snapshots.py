@@ -215,6 +215,7 @@ def _invalid_snapshot(
         except InvalidArgument as exc:
             if exc.reason == InvalidArgument.reason:
                 exc.add_details(reason="SNAPSHOT_INVALID")
+            exc.violations.clear()  # the file is at fault, not a field of the request
             stored = path.name.endswith(SUFFIX) and _ID_RE.fullmatch(path.name[: -len(SUFFIX)])
             if stored:
                 exc.add_details(metadata={"snapshot_id": path.name[: -len(SUFFIX)]})

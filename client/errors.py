@@ -28,8 +28,7 @@ DOMAIN = "paramserve.v1"
 
 
 class ParamServeError(Exception):
-    """A call to the parameter server failed; ``code`` says how, ``message`` says why,
-    ``reason``, ``metadata`` and ``violations`` say it for programs."""
+    """A failed call: ``code`` says how, ``message`` why, ``reason`` and the rest for programs."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 

@@ -171,18 +171,31 @@ class Aggregator:
         sent it (see :meth:`_duplicate`); ``base_version`` must be in [0, version].
         """
         if not isinstance(worker_id, str) or not worker_id:
-            raise InvalidArgument("a push needs a non-empty worker_id")
+            raise InvalidArgument(
+                "a push needs a non-empty worker_id",
+                violations=[("worker_id", "must be a non-empty string")],
+            )
         if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 1:
-            raise InvalidArgument(f"a push needs a sequence >= 1; got {sequence!r}")
+            raise InvalidArgument(
+                f"a push needs a sequence >= 1; got {sequence!r}",
+                violations=[("sequence", "must be an integer >= 1")],
+            )
         if isinstance(base_version, bool) or not isinstance(base_version, int):
-            raise InvalidArgument(f"base_version must be an integer; got {base_version!r}")
+            raise InvalidArgument(
+                f"base_version must be an integer; got {base_version!r}",
+                violations=[("base_version", "must be an integer")],
+            )
         if base_version < 0:
             raise InvalidArgument(
                 f"base_version must be >= 0 (the model version the gradients were computed "
-                f"from); got {base_version}"
+                f"from); got {base_version}",
+                violations=[("base_version", "must be >= 0")],
             )
         if not isinstance(session, str):
-            raise InvalidArgument(f"session must be a string; got {type(session).__name__}")
+            raise InvalidArgument(
+                f"session must be a string; got {type(session).__name__}",
+                violations=[("session", "must be a string")],
+            )
         deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
         store = self._store
         while True:
@@ -190,7 +203,9 @@ class Aggregator:
                 self._check_open()
                 self._check_round_deadline()
                 if not store.has_model:
-                    raise NotFound("no model exists on this server; create one first")
+                    raise NotFound(
+                        "no model exists on this server; create one first", reason="NO_MODEL"
+                    )
                 self._see(worker_id)
                 early = self._duplicate(worker_id, sequence, session)
                 if early is not None:
@@ -281,6 +296,7 @@ class Aggregator:
             "a restarted worker that counts from 1 again, or two clients sharing one "
             f"worker_id? Continue from sequence {last + 1} (the SDK does this itself)",
             last_sequence=last,
+            metadata={"worker_id": worker_id, "sequence": sequence},
         )
 
     def _check_base_version(self, base_version: int) -> None:
@@ -290,7 +306,9 @@ class Aggregator:
             raise FailedPrecondition(
                 f"the gradients were computed from version {base_version}, but the model is "
                 f"at version {version} (the server restarted from an older snapshot, or the "
-                "weights came from another server): pull and recompute"
+                "weights came from another server): pull and recompute",
+                reason="STALE_BASE_VERSION",
+                metadata={"base_version": base_version, "version": version},
             )
 
     def _record(self, worker_id: str, sequence: int, session: str) -> None:
@@ -328,7 +346,9 @@ class Aggregator:
         if base_version != expected:
             raise FailedPrecondition(
                 f"the gradients were computed from version {base_version}; the open round is "
-                f"for version {expected}: pull and recompute"
+                f"for version {expected}: pull and recompute",
+                reason="STALE_BASE_VERSION",
+                metadata={"base_version": base_version, "version": expected},
             )
         if round_ is not None and worker_id in round_.contributions:
             pending_sequence, pending_session, _ = round_.contributions[worker_id]
@@ -336,7 +356,13 @@ class Aggregator:
                 return round_
             raise FailedPrecondition(
                 f"worker {worker_id!r} already pushed sequence {pending_sequence} into the open "
-                f"round for version {round_.version}; wait for that round to close"
+                f"round for version {round_.version}; wait for that round to close",
+                reason="ALREADY_IN_ROUND",
+                metadata={
+                    "worker_id": worker_id,
+                    "sequence": pending_sequence,
+                    "version": round_.version,
+                },
             )
         return None
 
@@ -398,7 +424,7 @@ class Aggregator:
                 wait_s = min(wait_s, deadline - now)
             store.changed.wait(wait_s)
         if round_.error is not None:
-            raise type(round_.error)(str(round_.error))
+            raise round_.error.copy()
         return PushResult(
             duplicate=duplicate,
             applied=not duplicate and worker_id in round_.applied_workers,
@@ -439,7 +465,8 @@ class Aggregator:
             Aborted(
                 f"the round for version {round_.version} was aborted: {len(received)} of "
                 f"{cfg.replicas} workers pushed within round_timeout_s={cfg.round_timeout_s:g}; "
-                "retry the push with the same sequence"
+                "retry the push with the same sequence",
+                metadata={"version": round_.version, "round_timeout_s": cfg.round_timeout_s},
             ),
         )
 

@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, fields
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from paramserve.client.tensors import tune_malloc
 
@@ -28,6 +27,7 @@ from .aggregator import AggregationConfig, Aggregator, PushLog
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
 from .metrics import ServerMetrics
+from .reflection import enable_server_reflection
 from .servicer import SERVICE_NAME, ParameterServerServicer, ServerCore, add_to_server
 from .snapshots import SnapshotStore
 from .store import Limits, ModelStore
@@ -307,9 +307,7 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     add_to_server(ParameterServerServicer(core), server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
     try:
         port = _bind(server, config.address, credentials)
         _warn_if_exposed(config, tls=credentials is not None, tokens=tokens.enabled)

@@ -29,6 +29,8 @@ from typing import Any
 import grpc
 
 from .config import ConfigError
+from .errors import ParamServeError, PermissionDenied, Unauthenticated
+from .status import grpc_status
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -184,13 +186,13 @@ def _digest(token: str) -> bytes:
 
 
 def _denying_handler(
-    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, log: Callable[..., None]
+    handler: grpc.RpcMethodHandler, status: grpc.Status, log: Callable[..., None]
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as ``handler`` that ends the call with ``code``."""
+    """A handler of the same kind as ``handler`` that ends the call with ``status``."""
 
     def deny(_request: Any, context: grpc.ServicerContext) -> Any:
         log(context.peer())
-        context.abort(code, message)
+        context.abort_with_status(status)
 
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(deny)
@@ -214,15 +216,22 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         self._roles += [(_digest(t), WORKER) for t in tokens.worker]
         self._on_denied = on_denied
 
-    def _role_of(self, metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-        """The role of the presented token; None when there is none or it is unknown."""
+    @staticmethod
+    def _bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+        """The bearer token the call presents; None when it sends none."""
         value = next((v for k, v in metadata or () if k == "authorization"), None)
         if not isinstance(value, str):
             return None
         scheme, _, token = value.strip().partition(" ")
         if scheme.lower() != _SCHEME or not token.strip():
             return None
-        presented = _digest(token.strip())
+        return token.strip()
+
+    def _role_of(self, token: str | None) -> str | None:
+        """The role of the presented token; None when there is none or it is unknown."""
+        if token is None:
+            return None
+        presented = _digest(token)
         role = None
         for digest, candidate in self._roles:  # no early exit: time does not depend on a match
             if hmac.compare_digest(digest, presented) and role is None:
@@ -240,22 +249,28 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
         if needed is None or handler is None:
             return handler  # open service, or an unknown method (UNIMPLEMENTED)
         name = method.rsplit("/", 1)[-1]
-        role = self._role_of(handler_call_details.invocation_metadata)
+        token = self._bearer_token(handler_call_details.invocation_metadata)
+        role = self._role_of(token)
+        error: ParamServeError
         if role is None:
-            code = grpc.StatusCode.UNAUTHENTICATED
-            message = (
+            error = Unauthenticated(
                 f"{name} needs a valid bearer token: send `authorization: Bearer <token>` "
                 "metadata (Client(token=...), $PARAMSERVE_TOKEN or `--token-file`); the token "
-                "was missing or is not one of this server's tokens"
+                "was missing or is not one of this server's tokens",
+                reason="MISSING_TOKEN" if token is None else "UNKNOWN_TOKEN",
+                metadata={"method": name},
             )
         elif needed == ADMIN and role != ADMIN:
-            code = grpc.StatusCode.PERMISSION_DENIED
-            message = (
+            error = PermissionDenied(
                 f"{name} needs an admin token; this is a worker token, which may call only "
-                f"{', '.join(sorted(WORKER_METHODS))}"
+                f"{', '.join(sorted(WORKER_METHODS))}",
+                reason="ADMIN_ONLY",
+                metadata={"method": name, "role": role},
             )
         else:
             return handler
+        status = grpc_status(error, name)
+        code = status.code
 
         def log(peer: str) -> None:
             logger.warning(
@@ -268,7 +283,7 @@ class TokenAuthInterceptor(grpc.ServerInterceptor):
             if self._on_denied is not None:
                 self._on_denied(name, code.name)
 
-        return _denying_handler(handler, code, message, log)
+        return _denying_handler(handler, status, log)
 
 
 def server_credentials(

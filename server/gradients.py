@@ -17,7 +17,7 @@ from paramserve.client.tensors import SparseRows, dtype_from_proto
 from paramserve.optim_core import IndexedSlices, array_module, to_device
 from paramserve.v1 import tensor_pb2 as tpb
 
-from .errors import InvalidArgument, NotFound, ResourceExhausted
+from .errors import InvalidArgument, NotFound, limit_exceeded
 
 NONFINITE_POLICIES = ("reject", "skip", "allow")
 REDUCTIONS = ("sum", "mean")
@@ -114,11 +114,22 @@ def _describe_names(names: Sequence[str], limit: int = 10) -> str:
     return f"{shown}{more}"
 
 
+def _dtype_mismatch(name: str, got: np.dtype, expected: np.dtype) -> InvalidArgument:
+    return InvalidArgument(
+        f"gradient for {name!r} has dtype {got.name}, expected {expected.name}",
+        reason="DTYPE_MISMATCH",
+        metadata={"variable": name, "expected": expected.name, "got": got.name},
+        violations=[(f"tensors[{name}].dtype", f"expected {expected.name}")],
+    )
+
+
 def _check_sparse(name: str, rows: SparseRows, dtype: np.dtype, shape: tuple[int, ...]) -> None:
     if not shape:
         raise InvalidArgument(
             f"gradient for {name!r} has sparse rows, but the variable is a scalar "
-            "(sparse rows need a variable of rank >= 1)"
+            "(sparse rows need a variable of rank >= 1)",
+            metadata={"variable": name},
+            violations=[(f"tensors[{name}].layout", "sparse rows need a variable of rank >= 1")],
         )
     indices, values = rows.indices, rows.values
     if not isinstance(indices, np.ndarray) or not isinstance(values, np.ndarray):
@@ -129,24 +140,29 @@ def _check_sparse(name: str, rows: SparseRows, dtype: np.dtype, shape: tuple[int
     if indices.ndim != 1 or indices.dtype.kind not in "iu":
         raise InvalidArgument(
             f"sparse gradient for {name!r} needs 1-D integer indices; got dtype "
-            f"{indices.dtype.name} with shape {tuple(indices.shape)}"
+            f"{indices.dtype.name} with shape {tuple(indices.shape)}",
+            metadata={"variable": name},
+            violations=[(f"tensors[{name}]", "row indices must be 1-D integers")],
         )
     if not _same_dtype(values.dtype, dtype):
-        raise InvalidArgument(
-            f"gradient for {name!r} has dtype {values.dtype.name}, expected {dtype.name}"
-        )
+        raise _dtype_mismatch(name, values.dtype, dtype)
     expected = (int(indices.shape[0]), *shape[1:])
     if tuple(values.shape) != expected:
         raise InvalidArgument(
             f"sparse gradient for {name!r} has values of shape {tuple(values.shape)}, "
-            f"expected {expected} (one row of the variable's shape {shape} per index)"
+            f"expected {expected} (one row of the variable's shape {shape} per index)",
+            reason="SHAPE_MISMATCH",
+            metadata={"variable": name, "expected": list(expected), "got": list(values.shape)},
+            violations=[(f"tensors[{name}].shape", f"expected {list(expected)} for these rows")],
         )
     if indices.size:
         low, high = int(indices.min()), int(indices.max())
         if low < 0 or high >= shape[0]:
             raise InvalidArgument(
                 f"sparse gradient for {name!r} has row indices in [{low}, {high}], "
-                f"expected indices in [0, {shape[0]})"
+                f"expected indices in [0, {shape[0]})",
+                metadata={"variable": name},
+                violations=[(f"tensors[{name}]", f"row indices must be in [0, {shape[0]})")],
             )
 
 
@@ -165,13 +181,18 @@ def check_push(
     None when a gradient is non-finite under the ``skip`` policy.
     """
     if not isinstance(grads, Mapping) or not grads:
-        raise InvalidArgument("a push needs at least one gradient; got none")
+        raise InvalidArgument(
+            "a push needs at least one gradient; got none",
+            violations=[("tensors", "must not be empty")],
+        )
     known_finite = grads.finite if isinstance(grads, FiniteChecked) else frozenset()
     unknown = [n for n in grads if n not in specs]
     if unknown:
         raise NotFound(
             f"unknown variable(s) {_describe_names(unknown)}; the model has "
-            f"{len(specs)} variables: {_describe_names(list(specs))}"
+            f"{len(specs)} variables: {_describe_names(list(specs))}",
+            reason="UNKNOWN_VARIABLE",
+            metadata={"variable": unknown[0]},
         )
     # NumPy scalars (a gradient of a 0-d variable computed locally) become 0-d arrays.
     grads = {n: np.asarray(g) if isinstance(g, np.generic) else g for n, g in grads.items()}
@@ -182,12 +203,13 @@ def check_push(
             size = grad.values.nbytes + grad.indices.nbytes
         elif isinstance(grad, np.ndarray):
             if not _same_dtype(grad.dtype, dtype):
-                raise InvalidArgument(
-                    f"gradient for {name!r} has dtype {grad.dtype.name}, expected {dtype.name}"
-                )
+                raise _dtype_mismatch(name, grad.dtype, dtype)
             if tuple(grad.shape) != shape:
                 raise InvalidArgument(
-                    f"gradient for {name!r} has shape {tuple(grad.shape)}, expected {shape}"
+                    f"gradient for {name!r} has shape {tuple(grad.shape)}, expected {shape}",
+                    reason="SHAPE_MISMATCH",
+                    metadata={"variable": name, "expected": list(shape), "got": list(grad.shape)},
+                    violations=[(f"tensors[{name}].shape", f"expected {list(shape)}")],
                 )
             size = grad.nbytes
         else:
@@ -196,9 +218,13 @@ def check_push(
                 f"got {type(grad).__name__}"
             )
         if size > max_tensor_bytes:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"gradient for {name!r} is {size} bytes, over the limit of "
-                f"{max_tensor_bytes} bytes (max_tensor_bytes)"
+                f"{max_tensor_bytes} bytes (max_tensor_bytes)",
+                limit="max_tensor_bytes",
+                limit_value=max_tensor_bytes,
+                requested=size,
+                variable=name,
             )
     if nonfinite != "allow":
         for name, grad in grads.items():
@@ -210,7 +236,9 @@ def check_push(
                     return None
                 raise InvalidArgument(
                     f"gradient for {name!r} contains NaN or Inf values "
-                    "(the server's non-finite policy is 'reject')"
+                    "(the server's non-finite policy is 'reject')",
+                    reason="NONFINITE_GRADIENT",
+                    metadata={"variable": name, "policy": nonfinite},
                 )
     prepared: dict[str, Any] = {}
     for name, grad in grads.items():

@@ -19,7 +19,7 @@ import numpy as np
 from paramserve import optim_core
 from paramserve.optim_core import Optimizer, Variable
 
-from .errors import InvalidArgument, ResourceExhausted
+from .errors import InvalidArgument, limit_exceeded
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +121,12 @@ def check_variables(variables: Any, limits: Limits) -> list[tuple[str, np.ndarra
     if not isinstance(variables, Mapping) or not variables:
         raise InvalidArgument("a model needs at least one variable; got none")
     if len(variables) > limits.max_variables:
-        raise ResourceExhausted(
+        raise limit_exceeded(
             f"the model has {len(variables)} variables, over the limit of "
-            f"{limits.max_variables} (max_variables)"
+            f"{limits.max_variables} (max_variables)",
+            limit="max_variables",
+            limit_value=limits.max_variables,
+            requested=len(variables),
         )
     slot_prefixes: dict[str, str] = {}
     total = 0
@@ -145,19 +148,28 @@ def check_variables(variables: Any, limits: Limits) -> list[tuple[str, np.ndarra
         if value.dtype.name not in FLOAT_DTYPES:
             raise InvalidArgument(
                 f"variable {name!r} has dtype {value.dtype.name}, expected a floating "
-                f"dtype ({', '.join(FLOAT_DTYPES)})"
+                f"dtype ({', '.join(FLOAT_DTYPES)})",
+                metadata={"variable": name},
+                violations=[(f"tensors[{name}].dtype", "must be a floating dtype")],
             )
         if value.nbytes > limits.max_tensor_bytes:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"variable {name!r} is {value.nbytes} bytes, over the limit of "
-                f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)"
+                f"{limits.max_tensor_bytes} bytes (max_tensor_bytes)",
+                limit="max_tensor_bytes",
+                limit_value=limits.max_tensor_bytes,
+                requested=value.nbytes,
+                variable=name,
             )
         total += value.nbytes
         out.append((name, value))
     if total > limits.max_state_bytes:
-        raise ResourceExhausted(
+        raise limit_exceeded(
             f"the variables take {total} bytes, over the limit of "
-            f"{limits.max_state_bytes} bytes (max_state_bytes)"
+            f"{limits.max_state_bytes} bytes (max_state_bytes)",
+            limit="max_state_bytes",
+            limit_value=limits.max_state_bytes,
+            requested=total,
         )
     return out
 
@@ -190,9 +202,12 @@ def build_model(
     state_bytes = sum(int(v.value.nbytes) for v in variables.values())
     state_bytes += sum(int(v.value.nbytes) for v in optimizer.variables)
     if state_bytes > limits.max_state_bytes:
-        raise ResourceExhausted(
+        raise limit_exceeded(
             f"variables and optimizer state take {state_bytes} bytes, over the limit of "
-            f"{limits.max_state_bytes} bytes (max_state_bytes)"
+            f"{limits.max_state_bytes} bytes (max_state_bytes)",
+            limit="max_state_bytes",
+            limit_value=limits.max_state_bytes,
+            requested=state_bytes,
         )
     specs = {n: (v.dtype, v.shape) for n, v in variables.items()}
     config = config_json(optim_core.serialize(optimizer))

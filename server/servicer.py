@@ -45,10 +45,12 @@ from .errors import (
     ParamServeError,
     ResourceExhausted,
     Unavailable,
+    limit_exceeded,
 )
 from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
+from .status import grpc_status, status_code
 from .store import ModelState, ModelStore
 
 logger = logging.getLogger(__name__)
@@ -183,16 +185,12 @@ def _remaining_s(context: grpc.ServicerContext) -> float | None:
     return None if remaining is None or remaining > 1e8 else remaining
 
 
-def _classify(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The status code and message for an exception (the one place errors are mapped)."""
-    if isinstance(exc, ParamServeError):
-        code = getattr(grpc.StatusCode, exc.code, None)
-        if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-            return code, str(exc) or type(exc).__name__
-    elif isinstance(exc, wire.WireError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    logger.error("%s failed unexpectedly", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, "internal error"
+def _classify(exc: BaseException, method: str) -> grpc.Status:
+    """The status (code, message, google.rpc.Status details) for an exception.
+
+    The one place errors are mapped: see :func:`paramserve.server.status.grpc_status`.
+    """
+    return grpc_status(exc, method)
 
 
 def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -203,9 +201,9 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             if isinstance(exc, grpc.RpcError) and not context.is_active():
                 self._metrics.record_rpc(method, "CANCELLED")  # the client went away
                 raise exc
-            code, message = _classify(exc, method)
-            self._metrics.record_rpc(method, code.name)
-            context.abort(code, message)
+            status = _classify(exc, method)
+            self._metrics.record_rpc(method, status.code.name)
+            context.abort_with_status(status)
 
         if inspect.isgeneratorfunction(fn):
 
@@ -411,13 +409,7 @@ def _push_response(result: Any) -> pb.PushResponse:
 
 def _outcome(exc: BaseException) -> str:
     """The push-outcome label of a failed push: its status code in lower case."""
-    if isinstance(exc, ParamServeError):
-        code = getattr(grpc.StatusCode, exc.code, None)
-        if isinstance(code, grpc.StatusCode):
-            return code.name.lower()
-    elif isinstance(exc, wire.WireError):
-        return "invalid_argument"
-    return "internal"
+    return status_code(exc).name.lower()
 
 
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
@@ -449,30 +441,45 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     def _require_model(self) -> None:
         if not self._store.has_model:
-            raise NotFound("no model on this server: create one with CreateModel first")
+            raise NotFound(
+                "no model on this server: create one with CreateModel first", reason="NO_MODEL"
+            )
 
     def _check_sizes(self, headers: list[tpb.TensorHeader], *, dense_only: bool) -> None:
         """Headers well formed, every tensor and the request within the configured limits."""
         if len(headers) > self._limits.max_variables:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"{len(headers)} tensors in one request, over the server's limit of "
-                f"max_variables={self._limits.max_variables}"
+                f"max_variables={self._limits.max_variables}",
+                limit="max_variables",
+                limit_value=self._limits.max_variables,
+                requested=len(headers),
             )
         wire.check_headers(headers)
         total = 0
         for h in headers:
             if dense_only and h.layout != tpb.LAYOUT_DENSE:
-                raise InvalidArgument(f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here")
+                raise InvalidArgument(
+                    f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here",
+                    violations=[(f"tensors[{h.name}].layout", "must be LAYOUT_DENSE")],
+                )
             if h.byte_length > self._limits.max_tensor_bytes:
-                raise ResourceExhausted(
+                raise limit_exceeded(
                     f"tensor {h.name!r} is {h.byte_length} bytes, over the server's limit of "
-                    f"max_tensor_bytes={self._limits.max_tensor_bytes}"
+                    f"max_tensor_bytes={self._limits.max_tensor_bytes}",
+                    limit="max_tensor_bytes",
+                    limit_value=self._limits.max_tensor_bytes,
+                    requested=h.byte_length,
+                    variable=h.name,
                 )
             total += h.byte_length
         if total > self._limits.max_request_bytes:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"request carries {total} payload bytes, over the server's limit of "
-                f"max_request_bytes={self._limits.max_request_bytes}"
+                f"max_request_bytes={self._limits.max_request_bytes}",
+                limit="max_request_bytes",
+                limit_value=self._limits.max_request_bytes,
+                requested=total,
             )
 
     @staticmethod
@@ -488,17 +495,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if h.name not in expected:
                 known = sorted(expected)
                 listed = ", ".join(map(repr, known[:20])) + (" ..." if len(known) > 20 else "")
-                raise unknown(f"unknown {what} {h.name!r}; expected one of: {listed}")
+                raise unknown(
+                    f"unknown {what} {h.name!r}; expected one of: {listed}",
+                    reason="UNKNOWN_VARIABLE",
+                    metadata={"variable": h.name},
+                )
             dtype, shape = expected[h.name]
             got_dtype = wire.dtype_name(h.dtype)
             if got_dtype != dtype:
                 raise InvalidArgument(
-                    f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}"
+                    f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}",
+                    reason="DTYPE_MISMATCH",
+                    metadata={"variable": h.name, "expected": dtype, "got": got_dtype},
+                    violations=[(f"tensors[{h.name}].dtype", f"expected {dtype}")],
                 )
             if tuple(h.shape) != tuple(shape):
                 raise InvalidArgument(
                     f"{what} {h.name!r}: shape {list(h.shape)} does not match the expected "
-                    f"{list(shape)}"
+                    f"{list(shape)}",
+                    reason="SHAPE_MISMATCH",
+                    metadata={"variable": h.name, "expected": list(shape), "got": list(h.shape)},
+                    violations=[(f"tensors[{h.name}].shape", f"expected {list(shape)}")],
                 )
 
     def _assemble(
@@ -628,9 +645,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
         limit = self._limits.max_message_bytes
         if total > limit:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"the Step reply would carry about {total} bytes, over the server's limit of "
-                f"max_message_bytes={limit}; use Push and Pull (streamed) for this model"
+                f"max_message_bytes={limit}; use Push and Pull (streamed) for this model",
+                limit="max_message_bytes",
+                limit_value=limit,
+                requested=total,
             )
 
     def _step_push(

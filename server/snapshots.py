@@ -10,6 +10,7 @@ that the optimizer state fits an optimizer rebuilt from the config before return
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -202,6 +203,27 @@ def check_model_state(model: ModelState, label: str) -> None:
         )
 
 
+def _invalid_snapshot(
+    read: Callable[[SnapshotStore, Path, str], SnapshotState],
+) -> Callable[[SnapshotStore, Path, str], SnapshotState]:
+    """``read`` whose InvalidArgument errors (a defective file) say SNAPSHOT_INVALID."""
+
+    @functools.wraps(read)
+    def checked(store: SnapshotStore, path: Path, label: str) -> SnapshotState:
+        try:
+            return read(store, path, label)
+        except InvalidArgument as exc:
+            if exc.reason == InvalidArgument.reason:
+                exc.add_details(reason="SNAPSHOT_INVALID")
+            exc.violations.clear()  # the file is at fault, not a field of the request
+            stored = path.name.endswith(SUFFIX) and _ID_RE.fullmatch(path.name[: -len(SUFFIX)])
+            if stored:
+                exc.add_details(metadata={"snapshot_id": path.name[: -len(SUFFIX)]})
+            raise
+
+    return checked
+
+
 class SnapshotStore:
     """A directory of snapshot files: save, list, load, import, and retention."""
 
@@ -229,11 +251,16 @@ class SnapshotStore:
         if not isinstance(snapshot_id, str) or not _ID_RE.fullmatch(snapshot_id):
             raise InvalidArgument(
                 f"snapshot id {str(snapshot_id)[:80]!r} is not of the form "
-                "snap-<12-digit version>-<yyyymmddThhmmssffffff>Z"
+                "snap-<12-digit version>-<yyyymmddThhmmssffffff>Z",
+                violations=[("id", "must be snap-<12-digit version>-<yyyymmddThhmmssffffff>Z")],
             )
         path = self.directory / (snapshot_id + SUFFIX)
         if not path.is_file():
-            raise NotFound(f"snapshot {snapshot_id!r} does not exist")
+            raise NotFound(
+                f"snapshot {snapshot_id!r} does not exist",
+                reason="SNAPSHOT_NOT_FOUND",
+                metadata={"snapshot_id": snapshot_id},
+            )
         return path
 
     def _new_id(self, version: int, created: datetime) -> str:
@@ -393,6 +420,7 @@ class SnapshotStore:
             return info
         return None
 
+    @_invalid_snapshot
     def _read(self, path: Path, label: str) -> SnapshotState:
         try:
             with safetensors.safe_open(path, framework="np") as handle:
@@ -428,7 +456,7 @@ class SnapshotStore:
                 f"{label}: not a readable safetensors file (truncated or corrupt): {exc}"
             ) from exc
         except FileNotFoundError as exc:
-            raise NotFound(f"{label} does not exist") from exc
+            raise NotFound(f"{label} does not exist", reason="SNAPSHOT_NOT_FOUND") from exc
         version = manifest.get("version")
         if isinstance(version, bool) or not isinstance(version, int) or version < 0:
             raise InvalidArgument(f"{label}: manifest version must be an integer >= 0")

@@ -120,7 +120,7 @@ class ModelStore:
 
     def _require_model(self) -> Model:
         if self._model is None:
-            raise NotFound("no model exists on this server; create one first")
+            raise NotFound("no model exists on this server; create one first", reason="NO_MODEL")
         return self._model
 
     def _install(self, model: Model | None) -> None:
@@ -159,7 +159,8 @@ class ModelStore:
                 return CreateOutcome(created=False, values_match=equal)
             raise AlreadyExists(
                 f"a model already exists with another definition: "
-                f"{describe_difference(model, name, specs, config)}"
+                f"{describe_difference(model, name, specs, config)}",
+                metadata={"model_name": model.name},
             )
 
         with self.lock:
@@ -247,18 +248,24 @@ class ModelStore:
             for key, value in values.items():
                 if key not in allowed:
                     raise InvalidArgument(
-                        f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}"
+                        f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}",
+                        violations=[(f"values[{key}]", "not a hyperparameter of this optimizer")],
                     )
                 if isinstance(value, bool) or not isinstance(value, int | float):
                     raise InvalidArgument(
-                        f"hyperparameter {key!r} must be a number; got {type(value).__name__}"
+                        f"hyperparameter {key!r} must be a number; got {type(value).__name__}",
+                        violations=[(f"values[{key}]", "must be a number")],
                     )
                 if not math.isfinite(value):
-                    raise InvalidArgument(f"hyperparameter {key!r} must be finite; got {value}")
+                    raise InvalidArgument(
+                        f"hyperparameter {key!r} must be finite; got {value}",
+                        violations=[(f"values[{key}]", "must be finite")],
+                    )
                 if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
                     raise InvalidArgument(
                         f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
-                        f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}"
+                        f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}",
+                        violations=[(f"values[{key}]", "must fit float32")],
                     )
             config = optim_core.serialize(model.optimizer)
             if "learning_rate" in values and lr_is_schedule(config["config"]):
@@ -461,7 +468,9 @@ def _selection(
     unknown = [n for n in wanted if n not in model.variables]
     if unknown:
         raise NotFound(
-            f"unknown variable(s) {unknown[:10]}; the model has {len(model.variables)} variables"
+            f"unknown variable(s) {unknown[:10]}; the model has {len(model.variables)} variables",
+            reason="UNKNOWN_VARIABLE",
+            metadata={"variable": unknown[0]},
         )
     return wanted, {n: _check_rows(n, idx, model.specs[n][1]) for n, idx in rows.items()}
 
@@ -482,17 +491,25 @@ def _check_state_entry(key: str, value: np.ndarray) -> None:
 
 def _check_rows(name: str, rows: Any, shape: tuple[int, ...]) -> np.ndarray:
     if not shape:
-        raise InvalidArgument(f"rows were requested of {name!r}, but it is a scalar")
+        raise InvalidArgument(
+            f"rows were requested of {name!r}, but it is a scalar",
+            metadata={"variable": name},
+            violations=[(f"rows[{name}]", "the variable is a scalar")],
+        )
     idx = np.asarray(rows)
     if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "iu"):
         raise InvalidArgument(
             f"rows of {name!r} must be a 1-D list of integers; got dtype {idx.dtype.name} "
-            f"with shape {tuple(idx.shape)}"
+            f"with shape {tuple(idx.shape)}",
+            metadata={"variable": name},
+            violations=[(f"rows[{name}]", "must be a 1-D list of integers")],
         )
     idx = idx.astype(np.int64, copy=True)
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= shape[0]):
         raise InvalidArgument(
             f"rows of {name!r} must be in [0, {shape[0]}); got rows in "
-            f"[{int(idx.min())}, {int(idx.max())}]"
+            f"[{int(idx.min())}, {int(idx.max())}]",
+            metadata={"variable": name},
+            violations=[(f"rows[{name}]", f"must be in [0, {shape[0]})")],
         )
     return idx

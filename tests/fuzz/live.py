@@ -22,7 +22,9 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
@@ -244,12 +246,42 @@ class LiveServer:
                 self.channel.close()
 
 
+# Codes only the daemon answers with: each must carry a google.rpc.Status with an ErrorInfo.
+# (gRPC itself may end a call with RESOURCE_EXHAUSTED, DEADLINE_EXCEEDED, CANCELLED or
+# UNAVAILABLE, without details.)
+DAEMON_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+    }
+)
+
+
+def check_details(exc: grpc.RpcError) -> None:
+    """A failed call's google.rpc.Status, if any, matches it and holds one paramserve ErrorInfo."""
+    status = rpc_status.from_call(exc)  # raises ValueError if its code or message differ
+    if status is None:
+        assert exc.code() not in DAEMON_CODES, f"{exc.code()} without details: {exc.details()}"
+        return
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, status
+    info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(info)
+    assert info.domain == "paramserve.v1" and re.fullmatch(r"[A-Z][A-Z0-9_]*", info.reason), info
+
+
 def call_code(fn, *args, **kwargs) -> tuple[grpc.StatusCode, str, Any]:
-    """``(code, details, reply)``; a server-streaming reply is drained into a list."""
+    """``(code, details, reply)``; a server-streaming reply is drained into a list. A failure's
+    error details are checked (:func:`check_details`)."""
     try:
         reply = fn(*args, **kwargs)
         if isinstance(reply, grpc.Call) and hasattr(reply, "__iter__"):
             reply = list(reply)
         return grpc.StatusCode.OK, "", reply
     except grpc.RpcError as exc:
+        check_details(exc)
         return exc.code(), exc.details() or "", None

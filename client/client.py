@@ -391,21 +391,14 @@ class Client:
         seq = self._next_sequence(forced)
         try:
             return seq, send(seq)
-        except FailedPreconditionError:
-            if forced is not None or not self._resync(seq):
+        except FailedPreconditionError as exc:
+            if forced is not None or exc.reason != "SEQUENCE_REGRESSED":
                 raise
+            last = int(exc.metadata.get("last_sequence", seq))
+        with self._lock:
+            self._sequence = max(self._sequence, last)
         seq = self._next_sequence(None)
         return seq, send(seq)
-
-    def _resync(self, sequence: int) -> bool:
-        """True, with the counter moved past the server's last sequence for this worker,
-        when the server has recorded ``sequence`` or a later one for it."""
-        worker = self.status().worker(self.worker_id)
-        if worker is None or worker.last_sequence < sequence:
-            return False
-        with self._lock:
-            self._sequence = max(self._sequence, worker.last_sequence)
-        return True
 
     def push(
         self,

@@ -82,3 +82,10 @@ class Cancelled(ParamServeError):
     """The call ended (client gone, or a message refused by the transport) before it acted."""
 
     code = "CANCELLED"
+
+
+class StartupRefused(Exception):
+    """The daemon must not start (not an RPC error): the message says why and what to do.
+
+    ``paramserve serve`` prints it and exits with status 1, without a traceback.
+    """

@@ -174,7 +174,7 @@ def test_the_record_follows_every_change_of_the_model(core: ServerCore, tmp_path
     assert modes(ckpt)[RECORD_NAME] == 0o600
     # An idempotent create, a snapshot and a restore of the same model change nothing.
     before = (ckpt / RECORD_NAME).read_bytes()
-    assert not core.store.create_model("first", ADAM, FIRST)
+    assert not core.store.create_model("first", ADAM, FIRST).created
     info = core.take_snapshot(trigger="rpc")
     core.restore_snapshot(info.id)
     assert (ckpt / RECORD_NAME).read_bytes() == before

@@ -143,6 +143,8 @@ class RunningServer:
             self._health.end_watches()
             stopped.wait()
             self.core.metrics.stop_http()
+            if self.core.snapshots is not None:
+                self.core.snapshots.close()  # another daemon may have the directory now
             self._stopped.set()
             seconds = time.monotonic() - started
             logger.info("stopped", extra={"event": "stopped", "shutdown_s": round(seconds, 3)})
@@ -182,6 +184,12 @@ class RunningServer:
 
 def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
     limits = config.limits
+    snapshots = None
+    if config.checkpoint_dir is not None:
+        # First: it locks the directory (or refuses to start) and removes crash leftovers.
+        snapshots = SnapshotStore(
+            config.checkpoint_dir, keep_last=config.keep_snapshots, exclusive=True
+        )
     store = _TimedStore(
         metrics,
         device=config.device,
@@ -199,26 +207,23 @@ def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
         push_log=PushLog(config.push_log) if config.push_log is not None else None,
         on_round_closed=metrics.record_round,
     )
-    snapshots = None
-    if config.checkpoint_dir is not None:
-        config.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        snapshots = SnapshotStore(config.checkpoint_dir, keep_last=config.keep_snapshots)
     return ServerCore(
         store=store, aggregator=aggregator, snapshots=snapshots, config=config, metrics=metrics
     )
 
 
 def _resume(core: ServerCore) -> None:
+    """Restore the snapshot the checkpoint directory's rules pick (StartupRefused: none may)."""
     assert core.snapshots is not None
-    info = core.snapshots.latest_valid()
-    if info is None:
+    chosen = core.snapshots.resume_candidate()
+    if chosen is None:
         logger.info(
-            "resume: no valid snapshot in %s; starting empty",
+            "resume: no snapshot to resume in %s; starting empty",
             core.config.checkpoint_dir,
             extra={"event": "resume_empty"},
         )
         return
-    core.restore_snapshot(info.id)
+    info = core.restore_loaded(*chosen)
     logger.info(
         "resumed from snapshot %s at version %d",
         info.id,
@@ -278,6 +283,8 @@ def create_server(config: ServerConfig) -> RunningServer:
         core.aggregator.close()
         core.store.close()
         metrics.stop_http()
+        if core.snapshots is not None:
+            core.snapshots.close()
         raise
 
 

@@ -32,6 +32,7 @@ from .config import (
     load_config,
     parse_bytes,
 )
+from .errors import StartupRefused
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # SDK errors carry the gRPC code and the server's message: no traceback.
             print(f"paramserve {args.command}: {exc}", file=sys.stderr)
             return 1
-        if isinstance(exc, OSError):  # e.g. the port is taken
+        if isinstance(exc, (OSError, StartupRefused)):  # the port or directory is taken
             print(f"paramserve {args.command}: {exc}", file=sys.stderr)
             return 1
         raise

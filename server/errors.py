@@ -224,3 +224,10 @@ def limit_exceeded(
         message,
         metadata={"limit": limit, "limit_value": limit_value, "requested": requested, **metadata},
     )
+
+
+class StartupRefused(Exception):
+    """The daemon must not start (not an RPC error): the message says why and what to do.
+
+    ``paramserve serve`` prints it and exits with status 1, without a traceback.
+    """

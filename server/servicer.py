@@ -36,6 +36,7 @@ from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .aggregator import AggregationConfig, Aggregator
+from .checkpoint_dir import ModelIdentity
 from .config import ServerConfig
 from .errors import (
     Cancelled,
@@ -49,6 +50,7 @@ from .errors import (
 )
 from .gradients import FiniteChecked, FiniteScan
 from .metrics import ServerMetrics
+from .model import Model
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore
 from .status import grpc_status, status_code
 from .store import ModelState, ModelStore
@@ -95,6 +97,15 @@ class ServerCore:
 
     def __post_init__(self) -> None:
         self.accepting.set()
+        if self.snapshots is not None:
+            # The checkpoint directory records every change of the model before it happens,
+            # so --resume only resumes snapshots of the model served at the time.
+            self.store.on_model_change = self._record_model
+
+    def _record_model(self, model: Model | None, reason: str) -> None:
+        assert self.snapshots is not None
+        identity = None if model is None else ModelIdentity.of_model(model)
+        self.snapshots.record_model(identity, reason=reason)
 
     def require_snapshots(self) -> SnapshotStore:
         if self.snapshots is None:
@@ -112,6 +123,8 @@ class ServerCore:
                     raise NotFound("no model to snapshot: create one with CreateModel first")
                 model = self.store.export_state()
                 aggregation = self.aggregator.export_state()
+                # A no-op unless the record is missing (a directory of an older paramserve).
+                snapshots.record_model(ModelIdentity.of_state(model), reason="snapshot")
             info = snapshots.save(
                 SnapshotState(model=model, aggregation=aggregation, created_at=_utc_now_rfc3339())
             )
@@ -155,6 +168,11 @@ class ServerCore:
         snapshots = self.require_snapshots()
         state = snapshots.load(snapshot_id)  # validates everything before we touch live state
         path = snapshots.path(snapshot_id)
+        info = SnapshotInfo(snapshot_id, state.model.version, path.stat().st_size, "", path)
+        return self.restore_loaded(info, state)
+
+    def restore_loaded(self, info: SnapshotInfo, state: SnapshotState) -> SnapshotInfo:
+        """Swap in a snapshot already loaded and validated (``state``, read from ``info``)."""
         with self.store.lock:
             self._check_same_definition(state.model)
             self.store.import_state(state.model)
@@ -162,21 +180,34 @@ class ServerCore:
         self.metrics.model_version.set(state.model.version)
         logger.info(
             "restored snapshot %s (version %d)",
-            snapshot_id,
+            info.id,
             state.model.version,
             extra={
                 "event": "snapshot_restored",
-                "snapshot_id": snapshot_id,
+                "snapshot_id": info.id,
                 "version": state.model.version,
             },
         )
-        return SnapshotInfo(
-            id=snapshot_id,
-            version=state.model.version,
-            size_bytes=path.stat().st_size,
-            created_at=state.created_at,
-            path=path,
-        )
+        return dataclasses.replace(info, version=state.model.version, created_at=state.created_at)
+
+    def upload_snapshot(
+        self, chunks: Iterator[bytes], *, size_bytes: int, restore: bool
+    ) -> tuple[SnapshotInfo, bool]:
+        """Store an uploaded snapshot and, if asked, restore it: ``(info, restored)``.
+
+        A refused restore (another model definition, a state the store refuses, shutdown)
+        removes the file again, unless an identical one was there before the upload.
+        """
+        snapshots = self.require_snapshots()
+        with snapshots.importing(chunks, size_bytes=size_bytes) as upload:
+            if not restore:
+                return upload.info, False
+            if not self.accepting.is_set():
+                raise Unavailable(
+                    "the server began shutting down during the upload: the snapshot was "
+                    "neither restored nor kept; upload it again to the next server"
+                )
+            return self.restore_loaded(upload.info, upload.state), True
 
 
 def _remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -917,7 +948,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_rpc("UploadSnapshot")
     def UploadSnapshot(self, request_iterator, context):  # noqa: N802
         self._require_accepting()
-        snapshots = self._core.require_snapshots()
+        self._core.require_snapshots()
         header = _first_item(request_iterator, "header", "UploadSnapshotHeader")
         size = header.size_bytes
         if size > self._limits.max_state_bytes:
@@ -953,11 +984,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise InvalidArgument(f"upload ended early: {received} of {size} bytes")
             _require_end(ended, "UploadSnapshot", context)
 
-        info = snapshots.import_file(chunks(), size_bytes=size)
+        info, restored = self._core.upload_snapshot(
+            chunks(), size_bytes=size, restore=header.restore
+        )
         self._metrics.bytes_received.labels(method="UploadSnapshot").inc(received)
         logger.info("snapshot %s uploaded (%d bytes)", info.id, info.size_bytes)
-        restored = False
-        if header.restore:
-            info = self._core.restore_snapshot(info.id)
-            restored = True
         return pb.UploadSnapshotResponse(snapshot=_snapshot_pb(info), restored=restored)

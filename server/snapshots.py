@@ -5,6 +5,9 @@ metadata ``{"format", "format_version", "manifest"}``; the manifest (JSON) carri
 model name, optimizer config, version, aggregation state, creation time, tensor order,
 dtypes and a sha256 per tensor. Nothing is ever pickled. Loading checks every byte and
 that the optimizer state fits an optimizer rebuilt from the config before returning.
+
+The directory around the files (its lock, its record of the model it serves, start-up
+cleanup) is :mod:`.checkpoint_dir`'s; a daemon opens its store with ``exclusive=True``.
 """
 
 from __future__ import annotations
@@ -16,11 +19,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -33,8 +36,16 @@ import safetensors.numpy
 
 from paramserve.optim_core import Variable
 
+from . import checkpoint_dir
 from .aggregator import check_aggregation_state
-from .errors import InvalidArgument, NotFound
+from .checkpoint_dir import (
+    FILE_MODE,
+    TEMP_PREFIX,
+    CheckpointDirError,
+    ModelIdentity,
+    ServingRecord,
+)
+from .errors import InvalidArgument, NotFound, StartupRefused
 from .model import Limits, ModelState, check_variables, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -42,8 +53,6 @@ logger = logging.getLogger(__name__)
 FORMAT = "paramserve.snapshot"
 FORMAT_VERSION = "1"
 SUFFIX = ".safetensors"
-TEMP_PREFIX = ".tmp-"
-STALE_TEMP_AGE_S = 3600.0
 _ID_RE = re.compile(r"snap-(\d{12,})-(\d{8}T\d{12})Z")
 _ID_TIME = "%Y%m%dT%H%M%S%f"
 # Stored dtypes safetensors.numpy reads back; bfloat16 travels as a uint16 view.
@@ -111,12 +120,7 @@ def _sha256(array: np.ndarray) -> str:
     return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_fsync_dir = checkpoint_dir.fsync_dir
 
 
 def _header_bytes(path: Path) -> bytes:
@@ -147,6 +151,31 @@ def _entries(manifest: dict[str, Any], section: str, label: str) -> list[dict[st
     if len(set(names)) != len(names):
         raise InvalidArgument(f"{label}: manifest {section!r} repeats a name")
     return entries
+
+
+def _manifest(metadata: dict[str, str], label: str) -> dict[str, Any]:
+    """The manifest of a file's safetensors metadata, after the format checks."""
+    if metadata.get("format") != FORMAT:
+        raise InvalidArgument(
+            f"{label}: not a paramserve snapshot (format {metadata.get('format')!r})"
+        )
+    if metadata.get("format_version") != FORMAT_VERSION:
+        raise InvalidArgument(
+            f"{label}: format_version {metadata.get('format_version')!r} is not "
+            f"supported (expected {FORMAT_VERSION!r})"
+        )
+    try:
+        manifest = json.loads(metadata.get("manifest", ""))
+    except ValueError as exc:
+        raise InvalidArgument(f"{label}: the manifest is not valid JSON") from exc
+    if not isinstance(manifest, dict):
+        raise InvalidArgument(f"{label}: the manifest must be a JSON object")
+    return manifest
+
+
+def _newest(identified: list[tuple[SnapshotInfo, ModelIdentity]], model: ModelIdentity) -> str:
+    """The id of the newest snapshot of ``model`` (``identified`` is newest first)."""
+    return next(info.id for info, identity in identified if identity == model)
 
 
 def _read_tensors(
@@ -224,26 +253,48 @@ def _invalid_snapshot(
     return checked
 
 
-class SnapshotStore:
-    """A directory of snapshot files: save, list, load, import, and retention."""
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded snapshot, stored and validated: see :meth:`SnapshotStore.importing`."""
 
-    def __init__(self, directory: Path, *, keep_last: int | None = None) -> None:
+    info: SnapshotInfo
+    state: SnapshotState
+    added: bool  # False: an identical file was already there (the upload was deduplicated)
+
+
+class SnapshotStore:
+    """A directory of snapshot files: save, list, load, import, and retention.
+
+    ``exclusive=True`` (the daemon) locks the directory for the store's life (a second
+    exclusive store refuses with :class:`StartupRefused`), removes every leftover temporary
+    name of an earlier run, and enables the record of the served model (:meth:`record_model`,
+    :meth:`resume_candidate`). Without it (tools, tests) nothing is locked or removed.
+    """
+
+    def __init__(
+        self, directory: Path, *, keep_last: int | None = None, exclusive: bool = False
+    ) -> None:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"`keep_last` must be >= 1 or None. Received: {keep_last!r}")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
         self._lock = threading.Lock()
-        self._remove_stale_temps()
+        self._record_lock = threading.Lock()  # a leaf: taken under the model store's lock
+        self._pending: set[str] = set()  # uploads stored, but whose restore is undecided
+        self._dir_lock: checkpoint_dir.DirectoryLock | None = None
+        if exclusive:
+            self._dir_lock = checkpoint_dir.DirectoryLock(self.directory)
+            try:
+                checkpoint_dir.remove_leftovers(self.directory)
+            except BaseException:
+                self.close()
+                raise
 
-    def _remove_stale_temps(self) -> None:
-        """Delete temp files an earlier crash left behind (old ones only: not in use)."""
-        now = time.time()
-        for path in self.directory.glob(TEMP_PREFIX + "*"):
-            with contextlib.suppress(OSError):
-                if now - path.stat().st_mtime > STALE_TEMP_AGE_S:
-                    path.unlink()
-                    logger.info("removed stale temporary snapshot file %s", path)
+    def close(self) -> None:
+        """Release the directory's lock (exclusive stores); safe to call twice."""
+        if self._dir_lock is not None:
+            self._dir_lock.release()
 
     # --- naming --------------------------------------------------------------------------
     def path(self, snapshot_id: str) -> Path:
@@ -289,9 +340,75 @@ class SnapshotStore:
         infos = [i for p in self.directory.iterdir() if (i := self._info(p)) is not None]
         return sorted(infos, key=lambda i: (i.created_at, i.version, i.id))
 
+    # --- the record of the served model ----------------------------------------------------
+    def serving(self) -> ServingRecord | None:
+        """The directory's record of the model it serves (None without one: a new directory,
+        or one written before records existed); ValueError if it cannot be read."""
+        return checkpoint_dir.read_record(self.directory)
+
+    def record_model(self, model: ModelIdentity | None, *, reason: str) -> None:
+        """Record that the directory now serves ``model`` (None: no model), atomically.
+
+        Called before the change it records; a no-op when the record already says so. On
+        failure raises :class:`CheckpointDirError` (the caller must not make the change).
+        """
+        with self._record_lock:
+            try:
+                current = self.serving()
+            except ValueError as exc:  # the running daemon knows better: overwrite it
+                logger.warning("replacing the record of the served model: %s", exc)
+                current = None
+            if current is not None and current.model == model:
+                return
+            record = ServingRecord(model=model, changed_at=utc_now(), reason=reason)
+            try:
+                checkpoint_dir.write_record(self.directory, record)
+            except OSError as exc:
+                path = checkpoint_dir.record_path(self.directory)
+                logger.error(
+                    "cannot record the served model in %s: %s",
+                    path,
+                    exc,
+                    extra={"event": "record_failed", "path": str(path)},
+                )
+                raise CheckpointDirError(
+                    f"cannot record the model this server serves in {path} ({exc}), so "
+                    f"nothing was changed (reason: {reason}): without that record a restart "
+                    f"with --resume could load another model. Make {self.directory} writable "
+                    "(free space, permissions) and retry"
+                ) from exc
+        logger.info(
+            "checkpoint directory now serves %s (%s)",
+            record.describe(),
+            reason,
+            extra={"event": "serving_model_recorded", "reason": reason},
+        )
+
+    def identity(self, info: SnapshotInfo) -> ModelIdentity:
+        """The model a snapshot holds, from its header only (cheap; not a full check)."""
+        label = f"snapshot {info.id}"
+        try:
+            with safetensors.safe_open(info.path, framework="np") as handle:
+                manifest = _manifest(handle.metadata() or {}, label)
+        except safetensors.SafetensorError as exc:
+            raise InvalidArgument(
+                f"{label}: not a readable safetensors file (truncated or corrupt): {exc}"
+            ) from exc
+        except FileNotFoundError as exc:
+            raise NotFound(f"{label} does not exist") from exc
+        if not isinstance(manifest.get("model_name"), str):
+            raise InvalidArgument(f"{label}: manifest model_name must be a string")
+        return ModelIdentity.of_entries(
+            manifest["model_name"], _entries(manifest, "variables", label)
+        )
+
     # --- writing -------------------------------------------------------------------------
     def save(self, state: SnapshotState) -> SnapshotInfo:
-        """Write ``state`` atomically (temp file, fsync, rename, fsync dir); apply retention."""
+        """Write ``state`` atomically (temp file, fsync, rename, fsync dir); apply retention.
+
+        The file is written in a private temporary folder, so that safetensors' own
+        temporary file lands there too, never loose in the directory.
+        """
         model = state.model
         aggregation = check_aggregation_state(state.aggregation)
         created = _parse_time(state.created_at)
@@ -329,17 +446,17 @@ class SnapshotStore:
         with self._lock:
             snapshot_id = self._new_id(model.version, created)
             final = self.directory / (snapshot_id + SUFFIX)
-            temp = self.directory / f"{TEMP_PREFIX}{snapshot_id}-{uuid.uuid4().hex}{SUFFIX}"
+            workdir = checkpoint_dir.make_private_dir(self.directory, snapshot_id)
             try:
+                temp = workdir / (snapshot_id + SUFFIX)
                 safetensors.numpy.save_file(tensors, temp, metadata=metadata)
                 with open(temp, "rb+") as f:
+                    os.fchmod(f.fileno(), FILE_MODE)
                     os.fsync(f.fileno())
                 os.replace(temp, final)
                 _fsync_dir(self.directory)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    temp.unlink()
-                raise
+            finally:
+                shutil.rmtree(workdir, ignore_errors=True)
             info = self._info(final)
             assert info is not None
             self._retain(keep=snapshot_id)
@@ -348,10 +465,47 @@ class SnapshotStore:
 
     def import_file(self, chunks: Iterable[bytes], *, size_bytes: int) -> SnapshotInfo:
         """Store an uploaded snapshot file: write a temp file, validate it fully, rename."""
+        with self.importing(chunks, size_bytes=size_bytes) as upload:
+            return upload.info
+
+    @contextlib.contextmanager
+    def importing(self, chunks: Iterable[bytes], *, size_bytes: int) -> Iterator[Upload]:
+        """Store an uploaded snapshot for the ``with`` body to use (restore it, say).
+
+        The file is written under a 0600 temporary name, validated fully and renamed into
+        place before the body runs. If the body raises, the file the upload added is removed
+        again (one that was already there, identical, stays): the directory is as it was.
+        Retention runs only once the body has succeeded.
+        """
+        upload = self._import(chunks, size_bytes)
+        try:
+            yield upload
+        except BaseException:
+            with self._lock:
+                self._pending.discard(upload.info.id)
+                if upload.added:
+                    self._remove_refused(upload.info)
+            raise
+        with self._lock:
+            self._pending.discard(upload.info.id)
+            self._retain(keep=upload.info.id)
+
+    def _remove_refused(self, info: SnapshotInfo) -> None:
+        try:
+            info.path.unlink()
+            _fsync_dir(self.directory)
+        except FileNotFoundError:
+            return
+        except OSError as exc:  # the refusal is what the caller must see, not this
+            logger.warning("cannot remove uploaded snapshot %s: %s", info.id, exc)
+            return
+        logger.info("removed uploaded snapshot %s: its restore was refused", info.id)
+
+    def _import(self, chunks: Iterable[bytes], size_bytes: int) -> Upload:
         temp = self.directory / f"{TEMP_PREFIX}upload-{uuid.uuid4().hex}{SUFFIX}"
         try:
             written = 0
-            with open(temp, "wb") as f:
+            with checkpoint_dir.open_private(temp) as f:
                 for chunk in chunks:
                     written += len(chunk)
                     if written > size_bytes:
@@ -371,28 +525,36 @@ class SnapshotStore:
                 version = state.model.version
                 same_id = f"snap-{version:012d}-{created.strftime(_ID_TIME)}Z"
                 same = self.directory / (same_id + SUFFIX)
-                if same.is_file() and _header_bytes(same) == _header_bytes(temp):
-                    temp.unlink()  # the very same snapshot is already here
-                    final = same
-                else:
+                added = not (same.is_file() and _header_bytes(same) == _header_bytes(temp))
+                if added:
                     final = self.directory / (self._new_id(version, created) + SUFFIX)
                     os.replace(temp, final)
                     _fsync_dir(self.directory)
+                else:
+                    temp.unlink()  # the very same snapshot is already here
+                    final = same
                 info = self._info(final)
                 assert info is not None
-                self._retain(keep=info.id)
+                if added:
+                    self._pending.add(info.id)
         except BaseException:
             with contextlib.suppress(OSError):
                 temp.unlink()
             raise
-        logger.info("imported snapshot %s (%d bytes)", info.id, info.size_bytes)
-        return info
+        logger.info(
+            "imported snapshot %s (%d bytes)%s",
+            info.id,
+            info.size_bytes,
+            "" if added else ": identical to the one already stored",
+        )
+        return Upload(info=info, state=state, added=added)
 
     def _retain(self, *, keep: str) -> None:
-        """Delete the oldest snapshots beyond ``keep_last`` (never ``keep``)."""
+        """Delete the oldest snapshots beyond ``keep_last`` (never ``keep``, nor an upload
+        whose restore is still undecided: it may be removed again)."""
         if self.keep_last is None:
             return
-        infos = self.list()
+        infos = [i for i in self.list() if i.id not in self._pending]
         excess = len(infos) - self.keep_last
         for info in infos:
             if excess <= 0:
@@ -410,7 +572,7 @@ class SnapshotStore:
         return self._read(self.path(snapshot_id), f"snapshot {snapshot_id}")
 
     def latest_valid(self) -> SnapshotInfo | None:
-        """The newest snapshot that loads cleanly (for ``--resume``), skipping corrupt ones."""
+        """The newest snapshot that loads cleanly, of any model, skipping corrupt ones."""
         for info in reversed(self.list()):
             try:
                 self._read(info.path, f"snapshot {info.id}")
@@ -420,26 +582,112 @@ class SnapshotStore:
             return info
         return None
 
+    def resume_candidate(self) -> tuple[SnapshotInfo, SnapshotState] | None:
+        """The snapshot ``--resume`` restores, loaded and checked; None: start empty.
+
+        - The record names a model: the newest valid snapshot of that model. Snapshots of
+          other models are skipped with a warning naming both; if there are some and none of
+          the served model is valid, :class:`StartupRefused` (never switch models silently).
+        - The record says the model was deleted: None (the deleted model stays deleted).
+        - No record (a new directory, or one of a paramserve before records): the newest
+          valid snapshot if they are all of one model; :class:`StartupRefused` if they hold
+          several models, since nothing says which one was served.
+        - An unreadable record: :class:`StartupRefused`.
+        """
+        record_file = checkpoint_dir.record_path(self.directory)
+        try:
+            record = self.serving()
+        except ValueError as exc:
+            raise StartupRefused(
+                f"--resume: {exc}. It says which model {self.directory} serves; without it "
+                f"the daemon cannot tell which snapshots to resume. Delete {record_file} to "
+                "resume as for a directory without a record (the newest valid snapshot, if "
+                "all snapshots hold one model), or start without --resume"
+            ) from exc
+        infos = list(reversed(self.list()))
+        if record is not None and record.model is None:
+            newest = f" (newest: {infos[0].id})" if infos else ""
+            logger.info(
+                "resume: the model was deleted (%s at %s); starting with no model. %d "
+                "snapshot(s) in %s are not loaded%s: restore one with `paramserve restore <id>`",
+                record_file.name,
+                record.changed_at,
+                len(infos),
+                self.directory,
+                newest,
+                extra={"event": "resume_deleted_model"},
+            )
+            return None
+        identified: list[tuple[SnapshotInfo, ModelIdentity]] = []
+        for info in infos:
+            try:
+                identified.append((info, self.identity(info)))
+            except (InvalidArgument, NotFound) as exc:
+                logger.warning("skipping snapshot %s: %s", info.id, exc)
+        if record is None:
+            models = dict.fromkeys(identity for _, identity in identified)
+            if len(models) > 1:
+                raise StartupRefused(
+                    f"--resume: {self.directory} has no {record_file.name} (it was written by "
+                    "a paramserve that did not record the model it serves) and holds "
+                    f"snapshots of {len(models)} models: "
+                    + "; ".join(
+                        f"{m.describe()} (newest: {_newest(identified, m)})" for m in models
+                    )
+                    + ". Refusing to guess which one to resume: move the snapshots of the "
+                    "models you do not want out of the directory, or start without --resume "
+                    "and restore one with `paramserve restore <id>`"
+                )
+            wanted = next(iter(models), None)
+        else:
+            wanted = record.model
+        others: dict[ModelIdentity, str] = {}
+        for info, identity in identified:
+            if identity != wanted:
+                others.setdefault(identity, info.id)
+                logger.warning(
+                    "skipping snapshot %s: it holds %s, but %s serves %s (%s)",
+                    info.id,
+                    identity.describe(),
+                    self.directory,
+                    wanted.describe() if wanted is not None else "no model",
+                    record_file.name,
+                    extra={"event": "resume_skipped_other_model", "snapshot_id": info.id},
+                )
+                continue
+            try:
+                state = self._read(info.path, f"snapshot {info.id}")
+            except (InvalidArgument, NotFound) as exc:
+                logger.warning("skipping snapshot %s: %s", info.id, exc)
+                continue
+            if record is None:
+                logger.info(
+                    "resume: %s has no %s (written by an older paramserve); its snapshots "
+                    "all hold %s, so that is the model it serves",
+                    self.directory,
+                    record_file.name,
+                    identity.describe(),
+                    extra={"event": "resume_adopted_model"},
+                )
+            return info, state
+        if others and record is not None and record.model is not None:
+            raise StartupRefused(
+                f"--resume: {self.directory} serves {record.model.describe()} (recorded in "
+                f"{record_file} at {record.changed_at}, {record.reason}), but holds no valid "
+                "snapshot of it, only snapshots of "
+                + "; ".join(f"{m.describe()} (newest: {i})" for m, i in others.items())
+                + ". Refusing to start with another model. To start the served model afresh, "
+                "start without --resume; to resume another model, start without --resume "
+                "and restore its snapshot with `paramserve restore <id>` (or delete "
+                f"{record_file} and move the snapshots you do not want out of the directory)"
+            )
+        return None
+
     @_invalid_snapshot
     def _read(self, path: Path, label: str) -> SnapshotState:
         try:
             with safetensors.safe_open(path, framework="np") as handle:
-                metadata = handle.metadata() or {}
-                if metadata.get("format") != FORMAT:
-                    raise InvalidArgument(
-                        f"{label}: not a paramserve snapshot (format {metadata.get('format')!r})"
-                    )
-                if metadata.get("format_version") != FORMAT_VERSION:
-                    raise InvalidArgument(
-                        f"{label}: format_version {metadata.get('format_version')!r} is not "
-                        f"supported (expected {FORMAT_VERSION!r})"
-                    )
-                try:
-                    manifest = json.loads(metadata.get("manifest", ""))
-                except ValueError as exc:
-                    raise InvalidArgument(f"{label}: the manifest is not valid JSON") from exc
-                if not isinstance(manifest, dict):
-                    raise InvalidArgument(f"{label}: the manifest must be a JSON object")
+                manifest = _manifest(handle.metadata() or {}, label)
                 var_entries = _entries(manifest, "variables", label)
                 opt_entries = _entries(manifest, "optimizer_state", label)
                 listed = {e["tensor"] for e in var_entries + opt_entries}

@@ -89,6 +89,11 @@ class ModelStore:
         self._model: Model | None = None
         self._generation = 0
         self._closed = False
+        # Called under the lock before every change of the model, with the new model (None:
+        # deleted) and the reason ("created", "deleted", "restored"); if it raises, the model
+        # is not changed. The daemon records there which model its checkpoint directory
+        # serves (see checkpoint_dir.py).
+        self.on_model_change: Callable[[Model | None, str], None] | None = None
 
     # --- properties ----------------------------------------------------------------------
     @property
@@ -123,8 +128,10 @@ class ModelStore:
             raise NotFound("no model exists on this server; create one first", reason="NO_MODEL")
         return self._model
 
-    def _install(self, model: Model | None) -> None:
+    def _install(self, model: Model | None, reason: str) -> None:
         with self.lock:
+            if self.on_model_change is not None:
+                self.on_model_change(model, reason)
             self._model = model
             self._generation += 1
             self.changed.notify_all()
@@ -172,7 +179,7 @@ class ModelStore:
             found = existing()  # created concurrently while we were building
             if found is not None:
                 return found
-            self._install(model)
+            self._install(model, "created")
         logger.info(
             "created model %r: %d variables, %s", name, len(arrays), type(candidate).__name__
         )
@@ -182,7 +189,7 @@ class ModelStore:
         """Drop the model and its optimizer state; NotFound when there is none."""
         with self.lock:
             self._require_model()
-            self._install(None)
+            self._install(None, "deleted")
 
     def import_state(self, state: ModelState) -> None:
         """Replace the model with ``state``; everything is built and checked before the swap."""
@@ -205,7 +212,7 @@ class ModelStore:
                 f"the state says version {state.version}, but its optimizer state has "
                 f"{model.optimizer.iterations} iterations"
             )
-        self._install(model)
+        self._install(model, "restored")
         logger.info("imported model %r at version %d", state.model_name, state.version)
 
     def export_state(self) -> ModelState:

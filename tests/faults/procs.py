@@ -147,6 +147,30 @@ class Processes:
         self._procs.append(server.proc)
         return server
 
+    def refused_server(self, *args: str | Path) -> tuple[int, str]:
+        """A daemon that must refuse to start: its exit status and stderr (fails if it serves)."""
+        argv = [str(a) for a in args]
+        if "--port" not in argv:
+            argv = ["--port", "0", *argv]
+        command = [sys.executable, "-m", "paramserve.server", "serve", "--log-format", "json"]
+        proc = subprocess.Popen(
+            [*command, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=clean_env(),
+            cwd=self.directory,
+        )
+        self._procs.append(proc)
+        try:
+            _, stderr = proc.communicate(timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, stderr = proc.communicate()
+            raise AssertionError(f"the server did not refuse to start:\n{stderr[-4000:]}") from None
+        return proc.returncode, stderr
+
     def worker(self, function: str, **kwargs: Any) -> subprocess.Popen:
         """``tests.faults.workers.<function>(**kwargs)`` in a fresh Python process."""
         self._count += 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -219,8 +220,7 @@ def test_snapshot_of_another_model_definition_is_refused(trained, procs, tmp_pat
         client.upload_snapshot(path, restore=True)
     assert err.value.code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS)
     assert "definition" in str(err.value)
-    before["snapshots"] = [s.id for s in client.list_snapshots()]  # stored, not restored
-    _assert_unchanged(client, before, trained.ckpt)
+    _assert_unchanged(client, before, trained.ckpt)  # not restored, and not stored either
 
 
 def test_corrupt_newest_snapshot_resume_uses_the_previous_one(trained, procs, tmp_path):
@@ -270,33 +270,65 @@ def test_kill_9_while_writing_a_snapshot_leaves_the_previous_one_for_resume(
         writer = threading.Thread(target=snapshot)
         started = time.monotonic()
         writer.start()
-        temp = wait_for(
-            lambda: next(iter(ckpt.glob(".tmp-snap-000000000002-*")), None),
+        # Killed while safetensors writes its own temporary file (.tmpXXXXXX, next to the
+        # name it was given): that file must land in a temporary name the daemon owns.
+        library_temp = wait_for(
+            lambda: next((p for p in _library_temps(ckpt) if _size(p) > 0), None),
             timeout_s=60,
-            what="the snapshot's temporary file",
+            what="safetensors' temporary file of the snapshot",
         )
         server.kill()
         killed_after_s = time.monotonic() - started
         writer.join(timeout=60)
         assert errors and not writer.is_alive()
 
-    # Killed mid-write: the new snapshot never got its name, the previous one is intact.
+    # Killed mid-write: the new snapshot never got its name, the previous one is intact, and
+    # the library's temporary file is inside the daemon's own temporary directory.
     assert [p.name for p in ckpt.glob("snap-*")] == [f"{first.id}.safetensors"]
-    assert temp.exists()
-    aged = temp.with_name(".tmp-snap-000000000001-old.safetensors")
-    aged.write_bytes(b"\0" * 4096)
-    os.utime(aged, (time.time() - 7200, time.time() - 7200))  # left by a crash hours ago
+    assert library_temp.parent != ckpt, library_temp
+    assert library_temp.parent.name.startswith(".tmp-snap-000000000002-")
+    assert library_temp.parent.is_dir()  # left behind by the kill
+    # Every other kind of leftover a crash can leave, old and new.
+    leftovers = [
+        ckpt / ".tmp-snap-000000000001-20200101T000000000000Z-old.safetensors",
+        ckpt / ".tmp-upload-0123456789abcdef.safetensors",
+        ckpt / ".tmpAb12Cd",
+        ckpt / ".tmp-record-0123456789abcdef.json",
+    ]
+    for path in leftovers:
+        path.write_bytes(b"\0" * 4096)
+    os.utime(leftovers[0], (time.time() - 7200, time.time() - 7200))  # left hours ago
+    (ckpt / ".tmp-snap-000000000003-x").mkdir()
+    (ckpt / ".tmp-snap-000000000003-x" / ".tmpZz99Yy").write_bytes(b"\0" * 4096)
 
     resumed = procs.server("--port", str(server.port), *flags, "--resume")
     resumed.wait_for_message(rf"resumed from snapshot {first.id} at version 1", 60)
-    resumed.wait_for_message(
-        r"removed stale temporary snapshot file .*tmp-snap-000000000001-old", 5
-    )
+    resumed.wait_for_message(rf"removed leftover .*{library_temp.parent.name}", 5)
     with Client(resumed.address, timeout_s=60.0) as client:
-        assert [s.id for s in client.list_snapshots()] == [first.id]  # the temp file is ignored
+        assert [s.id for s in client.list_snapshots()] == [first.id]
         weights = client.pull()
     assert weights.version == 1
     np.testing.assert_array_equal(weights["small"], small - np.float32(0.5))
     assert not weights["big"].any()
-    assert temp.exists() and not aged.exists()  # a fresh temp file may be in use: kept
-    print(f"killed {killed_after_s:.2f} s into writing a {temp.stat().st_size >> 20} MiB snapshot")
+    # Start-up removed every leftover (the directory is locked: none can be in use).
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        [f"{first.id}.safetensors", ".paramserve.lock", "serving-model.json"]
+    )
+    print(f"killed {killed_after_s:.2f} s into writing a {BIG_ELEMENTS >> 18} MiB snapshot")
+
+
+def _library_temps(directory: Path) -> list[Path]:
+    """safetensors' temporary files (``.tmp`` and six characters) in or below ``directory``."""
+    return [
+        Path(root, name)
+        for root, _, names in os.walk(directory)  # os.walk ignores folders that vanish
+        for name in names
+        if re.fullmatch(r"\.tmp[A-Za-z0-9]{6}", name)
+    ]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # renamed by now
+        return 0

@@ -256,24 +256,40 @@ def test_crash_before_rename_leaves_previous_snapshot(tmp_path, monkeypatch) -> 
     assert snaps.latest_valid() == before
 
 
-def test_partial_temp_files_are_ignored(tmp_path: Path) -> None:
+def test_partial_temp_files_are_ignored_and_removed_by_the_daemons_store(tmp_path: Path) -> None:
     snaps = SnapshotStore(tmp_path)
     save_trained(snaps, 1)
     (good,) = snaps.list()
-    # What a crash in the middle of a write leaves: a partial temp file, and foreign files.
-    partial = tmp_path / f".tmp-snap-000000000009-20300101T000000000000Z-{'a' * 32}.safetensors"
-    partial.write_bytes(good.path.read_bytes()[:100])
+    # What crashes in the middle of writes leave, fresh or old, and foreign files.
+    leftovers = [
+        tmp_path / f".tmp-snap-000000000009-20300101T000000000000Z-{'a' * 32}.safetensors",
+        tmp_path / ".tmp-upload-fresh.safetensors",  # the old naming of an upload
+        tmp_path / ".tmpAbC123",  # safetensors' own temporary file, written loose before
+        tmp_path / ".tmp-record-0123.json",
+    ]
+    for path in leftovers:
+        path.write_bytes(good.path.read_bytes()[:100])
+    workdir = tmp_path / ".tmp-snap-000000000009-20300101T000000000000Z-0123"
+    workdir.mkdir()
+    (workdir / ".tmpXyZ789").write_bytes(b"x" * 100)  # a kill during the library's write
+    old = time.time() - 2 * 3600
+    os.utime(leftovers[0], (old, old))
     (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / "snap-bad.safetensors").write_text("x")
     assert snaps.list() == [good]
     assert snaps.latest_valid() == good
-    # A restarted server removes old temp files, but not fresh ones (maybe in use).
-    fresh = tmp_path / ".tmp-upload-fresh.safetensors"
-    fresh.write_bytes(b"x")
-    old = time.time() - 2 * 3600
-    os.utime(partial, (old, old))
+    # A store that does not lock the directory removes nothing (a daemon may be writing).
     SnapshotStore(tmp_path)
-    assert not partial.exists() and fresh.exists()
+    assert all(p.exists() for p in [*leftovers, workdir])
+    # The daemon's store locks the directory, so every leftover is debris, whatever its age.
+    daemons = SnapshotStore(tmp_path, exclusive=True)
+    try:
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [good.path.name, ".paramserve.lock", "notes.txt", "snap-bad.safetensors"]
+        )
+        assert daemons.list() == [good]
+    finally:
+        daemons.close()
 
 
 def test_retention_keeps_the_newest(tmp_path: Path) -> None:

@@ -120,7 +120,10 @@ class ServerCore:
         with self._snapshot_lock, self.metrics.time_snapshot(trigger):
             with self.store.lock:
                 if not self.store.has_model:
-                    raise NotFound("no model to snapshot: create one with CreateModel first")
+                    raise NotFound(
+                        "no model to snapshot: create one with CreateModel first",
+                        reason="NO_MODEL",
+                    )
                 model = self.store.export_state()
                 aggregation = self.aggregator.export_state()
                 # A no-op unless the record is missing (a directory of an older paramserve).
@@ -952,9 +955,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = _first_item(request_iterator, "header", "UploadSnapshotHeader")
         size = header.size_bytes
         if size > self._limits.max_state_bytes:
-            raise ResourceExhausted(
+            raise limit_exceeded(
                 f"snapshot of {size} bytes is over the server's limit of "
-                f"max_state_bytes={self._limits.max_state_bytes}"
+                f"max_state_bytes={self._limits.max_state_bytes}",
+                limit="max_state_bytes",
+                limit_value=self._limits.max_state_bytes,
+                requested=size,
             )
         received = 0
 

@@ -44,7 +44,6 @@ from .errors import (
     InvalidArgument,
     NotFound,
     ParamServeError,
-    ResourceExhausted,
     Unavailable,
     limit_exceeded,
 )

@@ -384,6 +384,12 @@ class SnapshotStore:
             extra={"event": "serving_model_recorded", "reason": reason},
         )
 
+    def _identity_or_none(self, info: SnapshotInfo) -> ModelIdentity | None:
+        try:
+            return self.identity(info)
+        except (InvalidArgument, NotFound):
+            return None
+
     def identity(self, info: SnapshotInfo) -> ModelIdentity:
         """The model a snapshot holds, from its header only (cheap; not a full check)."""
         label = f"snapshot {info.id}"
@@ -550,11 +556,21 @@ class SnapshotStore:
         return Upload(info=info, state=state, added=added)
 
     def _retain(self, *, keep: str) -> None:
-        """Delete the oldest snapshots beyond ``keep_last`` (never ``keep``, nor an upload
-        whose restore is still undecided: it may be removed again)."""
+        """Delete the oldest snapshots of ``keep``'s model beyond ``keep_last`` (never
+        ``keep``, nor an upload whose restore is still undecided: it may be removed again).
+
+        Retention counts one model at a time: snapshots of other models (uploads kept on
+        purpose) and unreadable files are never deleted by it, so uploading snapshots of
+        another model cannot push the served model's snapshots out.
+        """
         if self.keep_last is None:
             return
         infos = [i for i in self.list() if i.id not in self._pending]
+        kept = next((i for i in infos if i.id == keep), None)
+        if kept is None:
+            return
+        model = self._identity_or_none(kept)
+        infos = [i for i in infos if i.id == keep or self._identity_or_none(i) == model]
         excess = len(infos) - self.keep_last
         for info in infos:
             if excess <= 0:

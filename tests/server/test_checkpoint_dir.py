@@ -254,6 +254,22 @@ def test_retention_counts_an_upload_only_once_its_restore_succeeded(core, tmp_pa
     assert not first.path.exists()
 
 
+def test_uploads_of_another_model_never_push_the_served_models_snapshots_out(core, tmp_path):
+    """Retention counts per model (keep_last=2 here): snapshots of the served model stay."""
+    served = [core.take_snapshot(trigger="rpc") for _ in range(2)]
+    others = []
+    for steps in range(3):
+        data = snapshot_bytes(tmp_path, "other", OTHER, steps)
+        info, restored = core.upload_snapshot(chunks(data), size_bytes=len(data), restore=False)
+        assert not restored
+        others.append(info)
+    assert all(s.path.exists() for s in served)
+    assert [i.path.exists() for i in others] == [False, True, True]  # 2 of the other model
+    third = core.take_snapshot(trigger="rpc")
+    assert [s.path.exists() for s in [*served, third]] == [False, True, True]
+    assert all(i.path.exists() for i in others[1:])
+
+
 # --- what --resume picks ----------------------------------------------------------------
 def store_with(tmp_path: Path, *files: bytes) -> SnapshotStore:
     snaps = SnapshotStore(tmp_path / "ckpt")

@@ -57,8 +57,8 @@ class StreamCuts:
     A stream that ends before that many bytes passes uncut."""
 
     key: str
-    up_probability: float = 0.3
-    down_probability: float = 0.5
+    up_probability: float = 0.25
+    down_probability: float = 0.4
     up_max: int = 8 << 20
     down_max: int = 128 << 10
 

@@ -6,22 +6,25 @@ method that is safe to repeat (:mod:`paramserve.client.resend`): it builds each 
 request anew from the caller's arrays, so a push of any size is resent whole, with the same
 ``(worker_id, sequence, session)``, and nothing holds a copy of it.
 
-Why not gRPC's retries: with them on, gRPC (grpcio 1.85.3, the legacy retry filter) replays
-a client-streaming call (Push, CreateModel, ...) on a new attempt after a connection is lost,
-and two faults of that replay were reproduced through a lossy TCP proxy
-(``tests/faults/lossy_proxy.py``), both only with retries on:
+Why not gRPC's retries: with them on, gRPC (grpcio 1.85.3, its retry filter) replays a
+client-streaming call (Push, CreateModel, ...) on a new attempt after the connection is lost,
+and ``GRPC_TRACE=retry`` runs through a lossy TCP proxy (``tests/faults/lossy_proxy.py``,
+``tests/faults/lossy_soak.py``) showed two faults of that replay, neither of them with
+retries off:
 
-- a stream that outgrows the retry buffer while the retry waits out its backoff is committed
-  between attempts; the new attempt then starts the next message while it still replays the
-  earlier ones, two send operations are in flight at once, and the process aborts
-  (``promise_based_filter.cc] ILLEGAL STATE: FORWARDED_BATCH``, SIGABRT; 7 of 7 worker runs
-  with 4 MiB pushes);
-- a stream that fits the buffer loses a message that the caller hands over while the replay
-  is under way: the attempt half-closes without it, and the server refuses the truncated
-  stream (INVALID_ARGUMENT "ended without its end item" or "tensor ... ended early").
+- a push that outgrows the retry buffer while the retry waits out its backoff is committed
+  between attempts; the next attempt then starts that new message at once and, when its
+  headers are sent, also replays the buffered ones: two send operations in flight on one
+  call, and the process aborts (``promise_based_filter.cc:452] ILLEGAL STATE:
+  FORWARDED_BATCH``, SIGABRT), in 9 of 10 worker runs of 4 MiB pushes;
+- a push that fits the buffer loses the message the caller hands over while the replay is
+  under way: the attempt half-closes without it, and the server refuses the truncated
+  stream (INVALID_ARGUMENT, "ended without its end item" or "tensor ... ended early").
 
-Transparent retries (on by default in gRPC) replay streams through the same code, so the
-channel turns retries off altogether rather than only dropping the retry policy.
+Without a retry policy (transparent retries only) 7 runs showed neither fault, but
+transparent retries are made by the same filter, so the channel turns retries off
+altogether: with ``grpc.enable_retries`` 0 the filter is not in the channel at all (its
+``GRPC_TRACE=retry`` log, one line per call and attempt otherwise, stays empty).
 """
 
 from __future__ import annotations

@@ -238,7 +238,6 @@ class LossyProxy:
         self.cuts: list[Cut] = []
         self.connections = 0
         self.upstream_failures = 0
-        self._lock = threading.Lock()
         self._live: dict[int, _Connection] = {}
         self._selector = selectors.DefaultSelector()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -250,30 +249,12 @@ class LossyProxy:
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._running = True
-        self._requests: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._loop, name="lossy-proxy", daemon=True)
         self._thread.start()
 
     def plan_for(self, number: int) -> CutPlan:
         """The plan of connection ``number`` (the same for the same seed, every time)."""
         return self._plan(random.Random(f"{self.seed}:{number}"))
-
-    def cut_all(self, *, reset: bool = True) -> int:
-        """Cut every open connection now; returns how many were open."""
-        done = threading.Event()
-        count = [0]
-
-        def request() -> None:
-            for conn in list(self._live.values()):
-                self._cut(conn, "now", conn.up.data_bytes, reset=reset)
-                count[0] += 1
-            done.set()
-
-        with self._lock:
-            self._requests.append(request)
-        self._wake_w.send(b"x")
-        done.wait(10)
-        return count[0]
 
     def close(self) -> None:
         if not self._running:
@@ -300,13 +281,9 @@ class LossyProxy:
             for key, events in self._selector.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
-                elif key.data == "wake":
+                elif key.data == "wake":  # close() wants the loop to look at _running
                     with contextlib.suppress(BlockingIOError):
                         self._wake_r.recv(4096)
-                    with self._lock:
-                        requests, self._requests = self._requests, []
-                    for request in requests:
-                        request()
                 else:
                     conn, side = key.data
                     if conn.closed:

@@ -7,7 +7,10 @@ gradients (and a Step every ``--step-every`` pushes) through the proxy, one afte
 and prints one JSON line per run: the worker's exit status (-6 is SIGABRT), the errors it
 saw (code and message, each push tried once), the cuts, and any ``ILLEGAL STATE`` line
 from gRPC's C core. ``--client-dir DIR`` loads ``paramserve.client`` from another checkout
-(e.g. ``git archive main client | tar -x -C /tmp/old``) to measure an older SDK.
+(e.g. ``git archive main client | tar -x -C /tmp/old``) to measure an older SDK;
+``--variant`` overrides channel arguments of the SDK under test (gRPC retries off, no retry
+policy, another retry buffer size), and ``GRPC_TRACE=retry GRPC_VERBOSITY=debug`` with
+``--save-stderr DIR`` keeps each worker's trace of gRPC's retry filter.
 """
 
 from __future__ import annotations

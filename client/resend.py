@@ -14,9 +14,10 @@ The SDK resends a call itself (gRPC's own retries are off, see
 Attempts follow one another with exponential backoff and jitter (:class:`ResendPolicy`), all
 within the call's deadline: each attempt gets what is left of it. The caller sees an exception
 only when the deadline is spent (:class:`~paramserve.client.DeadlineExceededError`), when the
-next backoff would not end before it, or after ``max_attempts`` (the last
-:class:`~paramserve.client.UnavailableError`); its message names the method, the server
-address, the attempts and the last transport error.
+next backoff would not end before it, or after ``max_attempts`` (then the last transport
+error itself, usually an :class:`~paramserve.client.UnavailableError`); its message names the
+method, the server address, the attempts and the last transport error, and its ``attempts``
+attribute counts them.
 
 What a cut connection looks like (grpcio 1.85, retries off, measured through
 ``tests/faults/lossy_proxy.py`` with cuts in both directions, anywhere in the byte stream):

@@ -1,28 +1,34 @@
-"""The SDK's gRPC channel: message limits, keepalive, and retries through the service config.
+"""The SDK's gRPC channel: message limits, keepalive, reconnects; gRPC's own retries off.
 
-Retries are gRPC's own (``grpc.enable_retries`` plus a ``retryPolicy`` in the service
-config), never a hand-written loop: gRPC replays the buffered request on a fresh
-transport when a call fails with UNAVAILABLE (or is cancelled by a server that is shutting
-down) before the server answered. Only calls that
-are safe to repeat are listed. Push is among them because the server deduplicates by
-``(worker_id, sequence)``; a retried push whose first attempt took effect is acknowledged
-as a duplicate, not applied twice.
+gRPC's retries are off (``grpc.enable_retries`` 0: no retry policy, no transparent retries,
+no per-call retry buffer). The SDK resends calls itself instead, with one loop for every
+method that is safe to repeat (:mod:`paramserve.client.resend`): it builds each attempt's
+request anew from the caller's arrays, so a push of any size is resent whole, with the same
+``(worker_id, sequence, session)``, and nothing holds a copy of it.
 
-gRPC can only replay what it still holds: a call is retried while everything it sent fits
-in the per-call retry buffer (``retry_buffer_bytes``, default :data:`RETRY_BUFFER_BYTES`:
-a header plus one 2 MiB chunk, so small pushes and every Step RemoteOptimizer sends). A
-larger push is committed to its first attempt once it outgrows the buffer, and gRPC lets
-each chunk go as soon as it is sent instead of keeping the whole push in memory (at 16M
-floats that held 64 MiB per push and cost the worker ~13 ms of CPU per step). Such a push
-is not retried automatically: if it fails with
-:class:`~paramserve.client.UnavailableError`, re-send it with the same sequence
-(``client.push(grads, sequence=client.last_sequence)``); the server applies it at most
-once and acknowledges a repeat as a duplicate.
+Why not gRPC's retries: with them on, gRPC (grpcio 1.85.3, its retry filter) replays a
+client-streaming call (Push, CreateModel, ...) on a new attempt after the connection is lost,
+and ``GRPC_TRACE=retry`` runs through a lossy TCP proxy (``tests/faults/lossy_proxy.py``,
+``tests/faults/lossy_soak.py``) showed two faults of that replay, neither of them with
+retries off:
+
+- a push that outgrows the retry buffer while the retry waits out its backoff is committed
+  between attempts; the next attempt then starts that new message at once and, when its
+  headers are sent, also replays the buffered ones: two send operations in flight on one
+  call, and the process aborts (``promise_based_filter.cc:452] ILLEGAL STATE:
+  FORWARDED_BATCH``, SIGABRT), in 9 of 10 worker runs of 4 MiB pushes;
+- a push that fits the buffer loses the message the caller hands over while the replay is
+  under way: the attempt half-closes without it, and the server refuses the truncated
+  stream (INVALID_ARGUMENT, "ended without its end item" or "tensor ... ended early").
+
+Without a retry policy (transparent retries only) 7 runs showed neither fault, but
+transparent retries are made by the same filter, so the channel turns retries off
+altogether: with ``grpc.enable_retries`` 0 the filter is not in the channel at all (its
+``GRPC_TRACE=retry`` log, one line per call and attempt otherwise, stays empty).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,25 +37,7 @@ import grpc
 
 from paramserve.v1 import parameter_server_pb2 as pb
 
-from .tensors import CHUNK_BYTES
-
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
-
-# Calls whose repetition cannot change the outcome (Push and Step: deduplicated server-side;
-# a repeated Step answers with the current weights).
-RETRYABLE_METHODS = (
-    "Describe",
-    "Pull",
-    "GetStatus",
-    "ListSnapshots",
-    "DownloadSnapshot",
-    "Push",
-    "Step",
-)
-
-
-# What gRPC may hold of one call's request for replaying it (see the module docstring).
-RETRY_BUFFER_BYTES = CHUNK_BYTES + (64 << 10)
 
 
 def method_path(method: str) -> str:
@@ -64,28 +52,10 @@ class ChannelSettings:
     max_message_bytes: int = 64 << 20
     keepalive_time_s: float = 30.0
     keepalive_timeout_s: float = 20.0
-    retry_max_attempts: int = 5
-    retry_initial_backoff_s: float = 0.2
-    retry_max_backoff_s: float = 5.0
-    retry_buffer_bytes: int = RETRY_BUFFER_BYTES
     # Reconnect soon after a server restarts (gRPC's default waits 1 s, then longer).
     initial_reconnect_backoff_s: float = 0.2
     max_reconnect_backoff_s: float = 5.0
     user_agent: str = "paramserve-client"
-
-    def service_config(self) -> str:
-        """The JSON service config: a retry policy on UNAVAILABLE for the idempotent calls."""
-        policy = {
-            "maxAttempts": self.retry_max_attempts,
-            "initialBackoff": f"{self.retry_initial_backoff_s}s",
-            "maxBackoff": f"{self.retry_max_backoff_s}s",
-            "backoffMultiplier": 2,
-            # CANCELLED: a server that is shutting down cancels calls arriving at that
-            # moment; calls this client cancels itself are never retried by gRPC.
-            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
-        }
-        names = [{"service": SERVICE, "method": m} for m in RETRYABLE_METHODS]
-        return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
     def options(self) -> list[tuple[str, int | str]]:
         """Channel arguments (see grpc_types.h for their meaning)."""
@@ -98,9 +68,8 @@ class ChannelSettings:
             ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
             ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
             ("grpc.keepalive_permit_without_calls", 0),
-            ("grpc.enable_retries", 1),
-            ("grpc.service_config", self.service_config()),
-            ("grpc.per_rpc_retry_buffer_size", self.retry_buffer_bytes),
+            # The SDK resends calls itself (see the module docstring): no retry filter.
+            ("grpc.enable_retries", 0),
             ("grpc.initial_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
             ("grpc.primary_user_agent", self.user_agent),

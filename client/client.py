@@ -6,8 +6,16 @@
 ...     ps.push({"w": grad})                   # base_version = the last pull's version
 
 Every call has a deadline (``timeout_s``, per client and per call). Calls that are safe to
-repeat are retried by gRPC itself on UNAVAILABLE (see :mod:`paramserve.client.channel`).
-Failures raise :class:`~paramserve.client.ParamServeError` subclasses.
+repeat (pulls, status and other reads, and pushes and steps, which the server deduplicates)
+are resent by the SDK when they fail in transit: a lost or reset connection, a server that is
+unreachable, restarting or draining (UNAVAILABLE, a CANCELLED this client did not cause, a
+stream reset without a status), with exponential backoff and jitter, until they succeed or
+the deadline is spent (:mod:`paramserve.client.resend`; gRPC's own retries are off, see
+:mod:`paramserve.client.channel` for why). A push is resent whole, re-read from the caller's
+arrays, with the same ``(worker_id, sequence, session)`` and ``base_version``, so the server
+applies it exactly once whatever the link does. Failures raise
+:class:`~paramserve.client.ParamServeError` subclasses; one that gave up on resending names
+the server address, the attempts and the last transport error.
 
 Small models: :meth:`Client.step` pushes and pulls in one round trip (RemoteOptimizer uses
 it by itself below 1 MiB each way). Large tensors: ``pull(out=...)`` receives into the
@@ -45,7 +53,8 @@ from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
-from .errors import FailedPreconditionError, NotFoundError, from_rpc_error
+from .errors import FailedPreconditionError, NotFoundError
+from .resend import RESENT_METHODS, ResendPolicy, call_with_resends
 from .results import (
     CreateModelResult,
     ModelDescription,
@@ -168,7 +177,7 @@ class Client:
         chunk_bytes: int = CHUNK_BYTES,
         max_message_bytes: int = 64 << 20,
         keepalive_time_s: float = 30.0,
-        retry_max_attempts: int = 5,
+        retry_max_attempts: int | None = None,
         wait_for_ready: bool = True,
         credentials: grpc.ChannelCredentials | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
@@ -183,6 +192,10 @@ class Client:
         server that is not up yet or is restarting, so a worker rides out a daemon restart;
         pass False to fail fast (admin tools do).
 
+        Resending (see the module docstring): ``retry_max_attempts`` caps the attempts of one
+        call, the first included; None (default) resends until the deadline is spent with
+        ``wait_for_ready``, and makes at most 5 attempts without it (fail fast).
+
         Security: ``token`` (default ``$PARAMSERVE_TOKEN``) is sent as ``authorization: Bearer``
         metadata. Any of ``tls_ca`` (PEM file of the CA that signed the server's certificate;
         None with a client certificate: the system's roots), ``tls_cert`` and ``tls_key`` (this
@@ -196,6 +209,9 @@ class Client:
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0. Received: timeout_s={timeout_s}")
+        if retry_max_attempts is None:
+            retry_max_attempts = None if wait_for_ready else 5
+        self._resend_policy = ResendPolicy(max_attempts=retry_max_attempts)
         self.address = address
         self.timeout_s = timeout_s
         self.chunk_bytes = chunk_bytes
@@ -210,9 +226,7 @@ class Client:
         if token is not None:
             self._metadata += (("authorization", f"Bearer {token}"),)
         settings = ChannelSettings(
-            max_message_bytes=max_message_bytes,
-            keepalive_time_s=keepalive_time_s,
-            retry_max_attempts=retry_max_attempts,
+            max_message_bytes=max_message_bytes, keepalive_time_s=keepalive_time_s
         )
         if tls_ca is not None or tls_cert is not None or tls_key is not None:
             if credentials is not None:
@@ -238,6 +252,9 @@ class Client:
             response_deserializer=decode_stream_item,
         )
         self._lock = threading.Lock()
+        self._closed = False
+        self._resends = 0
+        self._resends_lock = threading.Lock()
         # This client instance: its resends carry it, so the server tells them apart from
         # another client reusing the worker's sequences.
         self.session = secrets.token_hex(8)
@@ -250,7 +267,8 @@ class Client:
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
-        """Close the channel; calls in flight are cancelled."""
+        """Close the channel; calls in flight are cancelled (and not resent)."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -266,32 +284,72 @@ class Client:
     def _deadline(self, timeout_s: float | None) -> float:
         return self.timeout_s if timeout_s is None else timeout_s
 
-    def _call(self, method: Callable[..., R], request: Any, timeout_s: float | None) -> R:
-        """Run one call with deadline and metadata; map failures to ParamServeError."""
-        try:
-            return method(
-                request,
-                timeout=self._deadline(timeout_s),
-                metadata=self._metadata,
-                wait_for_ready=self._wait_for_ready,
-            )
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
+    @property
+    def resends(self) -> int:
+        """Attempts this client made again after a call failed in transit (all calls)."""
+        return self._resends
 
-    def _stream(
-        self, method: Callable[..., Iterable[R]], request: Any, timeout_s: float | None
-    ) -> Iterator[R]:
-        """Iterate a server stream, mapping failures (which surface mid-iteration).
+    def _count_resend(self) -> None:
+        with self._resends_lock:
+            self._resends += 1
 
-        A consumer that stops early (a malformed stream, a failed write) cancels the call.
-        """
-        responses: Any = self._call(method, request, timeout_s)
-        try:
-            yield from responses
-        except grpc.RpcError as e:
-            raise from_rpc_error(e) from None
-        finally:
-            responses.cancel()
+    def _run(self, method: str, attempt: Callable[[float], R], timeout_s: float | None) -> R:
+        """The one place calls are made: ``attempt(seconds_left)`` through the resend loop
+        (resent only for :data:`~paramserve.client.resend.RESENT_METHODS`), failures mapped
+        to :class:`~paramserve.client.ParamServeError`."""
+        return call_with_resends(
+            method,
+            attempt,
+            timeout_s=self._deadline(timeout_s),
+            address=self.address,
+            policy=self._resend_policy,
+            resend=method in RESENT_METHODS,
+            closed=lambda: self._closed,
+            on_resend=self._count_resend,
+        )
+
+    def _options(self, seconds_left: float) -> dict[str, Any]:
+        return {
+            "timeout": seconds_left,
+            "metadata": self._metadata,
+            "wait_for_ready": self._wait_for_ready,
+        }
+
+    def _call(
+        self, method: str, stub: Callable[..., R], request: Any, timeout_s: float | None
+    ) -> R:
+        """A unary call (or a client stream a method will not resend) with one request."""
+        return self._run(method, lambda left: stub(request, **self._options(left)), timeout_s)
+
+    def _send_stream(
+        self,
+        method: str,
+        stub: Callable[..., R],
+        requests: Callable[[], Iterator[Any]],
+        timeout_s: float | None,
+    ) -> R:
+        """A client-streaming call: ``requests()`` builds each attempt's stream anew."""
+        return self._run(method, lambda left: stub(requests(), **self._options(left)), timeout_s)
+
+    def _receive_stream(
+        self,
+        method: str,
+        stub: Callable[..., Iterable[Any]],
+        request: Any,
+        consume: Callable[[Iterator[Any]], R],
+        timeout_s: float | None,
+    ) -> R:
+        """A server-streaming call, ``consume``-d whole by each attempt (a resend starts
+        over). A consumer that stops early (a malformed stream, a failed write) cancels it."""
+
+        def attempt(left: float) -> R:
+            responses: Any = stub(request, **self._options(left))
+            try:
+                return consume(responses)
+            finally:
+                responses.cancel()
+
+        return self._run(method, attempt, timeout_s)
 
     def _variable_shape(self, name: str) -> tuple[int, ...]:
         """Shape of a model variable, for sparse-row headers (described once, then cached)."""
@@ -326,8 +384,12 @@ class Client:
             variables=tensor_headers(names, arrays),
         )
         first = pb.CreateModelRequest(header=header).SerializeToString()
-        stream = request_stream(first, arrays, chunk_bytes=self.chunk_bytes)
-        response = self._call(self._create_model, stream, timeout_s)
+        response = self._send_stream(
+            "CreateModel",
+            self._create_model,
+            lambda: request_stream(first, arrays, chunk_bytes=self.chunk_bytes),
+            timeout_s,
+        )
         self._description = None
         if response.created:
             self._base_version = response.version
@@ -343,12 +405,12 @@ class Client:
 
     def delete_model(self, *, timeout_s: float | None = None) -> None:
         """Drop the model and its optimizer state (snapshots on disk stay)."""
-        self._call(self._stub.DeleteModel, pb.DeleteModelRequest(), timeout_s)
+        self._call("DeleteModel", self._stub.DeleteModel, pb.DeleteModelRequest(), timeout_s)
         self._description = None
 
     def describe(self, *, timeout_s: float | None = None) -> ModelDescription:
         """Variables (model order), optimizer config, hyperparameters, version, aggregation."""
-        response = self._call(self._stub.Describe, pb.DescribeRequest(), timeout_s)
+        response = self._call("Describe", self._stub.Describe, pb.DescribeRequest(), timeout_s)
         self._description = ModelDescription.from_proto(response)
         return self._description
 
@@ -414,6 +476,10 @@ class Client:
         ``SparseRows``, ``IndexedSlices`` or an ``(indices, values)`` tuple. In sync mode
         the call blocks until the round closes. ``sequence`` resends an earlier push
         (the server acknowledges it as a duplicate if it already took effect).
+
+        A push that fails in transit is resent by the SDK itself, within the deadline, with
+        the same sequence, session and base version; each attempt reads the arrays in
+        ``grads`` again (no copy of them is kept), so they must not change until this returns.
         """
         names, values = named_values(grads)
         headers = tensor_headers(names, values, self._variable_shape)
@@ -428,8 +494,12 @@ class Client:
                 session=self.session,
             )
             first = pb.PushRequest(header=header).SerializeToString()
-            stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
-            return self._call(self._push, stream, timeout_s)
+            return self._send_stream(
+                "Push",
+                self._push,
+                lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
+                timeout_s,
+            )
 
         seq, response = self._sequenced(sequence, send)
         return _push_result(response, seq)
@@ -474,7 +544,7 @@ class Client:
                 gradients=gradients,
                 pull=pull,
             )
-            return self._call(self._stub.Step, request, timeout_s)
+            return self._call("Step", self._stub.Step, request, timeout_s)
 
         seq, response = self._sequenced(sequence, send)
         weights = receive_inline(response.weights, version=response.version)
@@ -534,7 +604,9 @@ class Client:
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version)
-        tensors = receive_tensors(self._stream(self._pull, request, timeout_s), out=out)
+        tensors = self._receive_stream(
+            "Pull", self._pull, request, lambda items: receive_tensors(items, out=out), timeout_s
+        )
         self._base_version = tensors.version
         return tensors
 
@@ -568,14 +640,14 @@ class Client:
     def set_hyperparameters(self, **values: float) -> dict[str, float]:
         """Change numeric hyperparameters live (e.g. ``learning_rate=1e-4``); returns all."""
         request = pb.SetHyperparametersRequest(values={k: float(v) for k, v in values.items()})
-        response = self._call(self._stub.SetHyperparameters, request, None)
+        response = self._call("SetHyperparameters", self._stub.SetHyperparameters, request, None)
         self._description = None
         return dict(response.hyperparameters)
 
     def optimizer_state(self, *, timeout_s: float | None = None) -> Tensors:
         """The server-side optimizer variables in optim_core (Keras 3) order, by name."""
         request = pb.PullRequest(scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id)
-        return receive_tensors(self._stream(self._pull, request, timeout_s))
+        return self._receive_stream("Pull", self._pull, request, receive_tensors, timeout_s)
 
     def set_optimizer_state(
         self, state: Mapping[str, Any], *, timeout_s: float | None = None
@@ -585,23 +657,30 @@ class Client:
         names, values = named_values(state)
         header = tpb.TensorStreamHeader(tensors=tensor_headers(names, values))
         first = tpb.TensorStreamItem(header=header).SerializeToString()
-        stream = request_stream(first, values, chunk_bytes=self.chunk_bytes)
-        return self._call(self._set_optimizer_state, stream, timeout_s).version
+        response = self._send_stream(
+            "SetOptimizerState",
+            self._set_optimizer_state,
+            lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
+            timeout_s,
+        )
+        return response.version
 
     # --- status and snapshots -----------------------------------------------------------
     def status(self, *, timeout_s: float | None = None) -> ServerStatus:
         """Version, round counters, workers (with their last sequence), mode, device."""
-        response = self._call(self._stub.GetStatus, pb.GetStatusRequest(), timeout_s)
+        response = self._call("GetStatus", self._stub.GetStatus, pb.GetStatusRequest(), timeout_s)
         return ServerStatus.from_proto(response)
 
     def snapshot(self, *, timeout_s: float | None = None) -> SnapshotInfo:
         """Take a consistent snapshot on the server's disk."""
-        response = self._call(self._stub.CreateSnapshot, pb.CreateSnapshotRequest(), timeout_s)
+        request = pb.CreateSnapshotRequest()
+        response = self._call("CreateSnapshot", self._stub.CreateSnapshot, request, timeout_s)
         return SnapshotInfo.from_proto(response)
 
     def list_snapshots(self, *, timeout_s: float | None = None) -> list[SnapshotInfo]:
         """Snapshots on the server's disk, oldest first."""
-        response = self._call(self._stub.ListSnapshots, pb.ListSnapshotsRequest(), timeout_s)
+        request = pb.ListSnapshotsRequest()
+        response = self._call("ListSnapshots", self._stub.ListSnapshots, request, timeout_s)
         return [SnapshotInfo.from_proto(s) for s in response.snapshots]
 
     def restore(
@@ -611,7 +690,7 @@ class Client:
         or :meth:`list_snapshots` returned) completely, then replace the live state with it.
         Returns the restored snapshot's info; its ``version`` is the model's version now."""
         request = pb.RestoreSnapshotRequest(id=_snapshot_id(snapshot))
-        response = self._call(self._stub.RestoreSnapshot, request, timeout_s)
+        response = self._call("RestoreSnapshot", self._stub.RestoreSnapshot, request, timeout_s)
         self._description = None
         return SnapshotInfo.from_proto(response.snapshot)
 
@@ -631,8 +710,15 @@ class Client:
         path = Path(path)
         snapshot_id = _snapshot_id(snapshot)
         request = pb.DownloadSnapshotRequest(id=snapshot_id)
-        chunks = self._stream(self._stub.DownloadSnapshot, request, timeout_s)
-        write_download(chunks, path, description=f"download {snapshot_id}", progress=progress)
+        self._receive_stream(
+            "DownloadSnapshot",
+            self._stub.DownloadSnapshot,
+            request,
+            lambda chunks: write_download(
+                chunks, path, description=f"download {snapshot_id}", progress=progress
+            ),
+            timeout_s,
+        )
         return path
 
     def upload_snapshot(
@@ -647,7 +733,7 @@ class Client:
         path = Path(path)
         with progress_bar(path.stat().st_size, f"upload {path.name}", progress) as bar:
             requests = upload_requests(path, restore=restore, chunk_bytes=self.chunk_bytes, bar=bar)
-            response = self._call(self._stub.UploadSnapshot, requests, timeout_s)
+            response = self._call("UploadSnapshot", self._stub.UploadSnapshot, requests, timeout_s)
         if restore:
             self._description = None
         return SnapshotInfo.from_proto(response.snapshot)

@@ -31,6 +31,8 @@ class ParamServeError(Exception):
     """A failed call: ``code`` says how, ``message`` why, ``reason`` and the rest for programs."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    # Attempts the SDK made for this call (more than 1 when it resent it; see resend.py).
+    attempts: int = 1
 
     def __init__(
         self,
@@ -110,7 +112,7 @@ class InternalError(ParamServeError):
 
 
 class UnavailableError(ParamServeError, ConnectionError):
-    """The server is unreachable, shutting down or restoring (after the automatic retries)."""
+    """The server is unreachable, shutting down or restoring (after the SDK's resends)."""
 
     code = grpc.StatusCode.UNAVAILABLE
 

@@ -1,14 +1,13 @@
-"""The SDK's wire details: pre-encoded chunks equal protobuf's bytes; the retry config."""
+"""The SDK's wire details: pre-encoded chunks equal protobuf's bytes; no gRPC retries."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 
 from paramserve.client import Client, tensors
-from paramserve.client.channel import RETRYABLE_METHODS, SERVICE, ChannelSettings
+from paramserve.client.channel import SERVICE, ChannelSettings, method_path
+from paramserve.client.resend import RESENT_METHODS
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 
@@ -40,17 +39,20 @@ def test_decoder_leaves_anything_else_to_protobuf():
     assert tensors.decode_chunk_item(b"") is None
 
 
-def test_retry_policy_names_only_real_idempotent_methods():
-    config = json.loads(ChannelSettings().service_config())
-    (method_config,) = config["methodConfig"]
+def test_grpc_retries_are_off_and_only_safe_methods_are_resent():
+    """gRPC's retry filter is not in the channel (it aborts the process or truncates client
+    streams when it replays them; see channel.py): the SDK resends, for these methods only."""
     service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
-    names = {n["method"] for n in method_config["name"]}
-    assert all(n["service"] == SERVICE for n in method_config["name"])
-    assert names == set(RETRYABLE_METHODS) <= {m.name for m in service.methods}
-    assert not names & {"CreateModel", "RestoreSnapshot", "UploadSnapshot", "SetOptimizerState"}
-    assert method_config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "CANCELLED"]
+    assert RESENT_METHODS.issubset(m.name for m in service.methods)
+    assert not RESENT_METHODS & {
+        "CreateModel", "DeleteModel", "SetHyperparameters", "SetOptimizerState",
+        "CreateSnapshot", "RestoreSnapshot", "UploadSnapshot",
+    }  # fmt: skip
     options = dict(ChannelSettings().options())
-    assert options["grpc.enable_retries"] == 1 and options["grpc.keepalive_time_ms"] > 0
+    assert options["grpc.enable_retries"] == 0 and options["grpc.keepalive_time_ms"] > 0
+    assert "grpc.service_config" not in options
+    assert "grpc.per_rpc_retry_buffer_size" not in options
+    assert method_path("Push") == f"/{SERVICE}/Push"
 
 
 def test_multi_chunk_tensors_travel_both_ways(start_server, connect):

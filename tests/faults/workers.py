@@ -81,6 +81,7 @@ def sync_trainer(
     pause_file: str | None = None,
     stop_file: str | None = None,
     max_runtime_s: float = 120.0,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Pull, push gradients of the pulled weights, until the model reaches ``until_version``.
 
@@ -91,7 +92,7 @@ def sync_trainer(
     """
     log = EventLog(events)
     give_up_at = time.monotonic() + max_runtime_s
-    with Client(address, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S) as client:
+    with Client(address, worker_id=worker_id, timeout_s=call_timeout_s) as client:
         worker = client.status().worker(worker_id)
         sequence = worker.last_sequence if worker is not None else 0
         log("start", sequence=sequence)

@@ -79,6 +79,7 @@ def sync_trainer(
     *,
     step_sleep_s: float = 0.0,
     pause_file: str | None = None,
+    pause_at_versions: list[int] | None = None,
     stop_file: str | None = None,
     max_runtime_s: float = 120.0,
     call_timeout_s: float = CALL_TIMEOUT_S,
@@ -88,7 +89,9 @@ def sync_trainer(
     A stale push (FAILED_PRECONDITION: the server moved on, was restored or restarted)
     re-pulls and pushes anew with the next sequence; an aborted, unavailable or timed-out
     push is resent with the same sequence. With ``pause_file`` present, the worker stops
-    itself (SIGSTOP) once, right after a pull: its next push is then stale.
+    itself (SIGSTOP) once, right after a pull: its next push is then stale. With
+    ``pause_at_versions``, it stops itself right after the first pull of each of these
+    versions (or a later one), in order, until the test sends SIGCONT.
     """
     log = EventLog(events)
     give_up_at = time.monotonic() + max_runtime_s
@@ -109,6 +112,11 @@ def sync_trainer(
             log("pull", version=weights.version, seconds=time.monotonic() - started)
             if weights.version >= until_version:
                 break
+            if pause_at_versions and weights.version >= pause_at_versions[0]:
+                pause_at_versions = pause_at_versions[1:]
+                log("paused", version=weights.version)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                log("continued", version=weights.version)
             if pause_file is not None and not paused and os.path.exists(pause_file):
                 paused = True
                 log("paused", version=weights.version)

@@ -31,7 +31,7 @@ from paramserve.client import (
 SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 CALL_TIMEOUT_S = 10.0
-GO_TIMEOUT_S = 120.0  # load_pusher: how long a client waits for the start signal
+GO_TIMEOUT_S = 300.0  # load_pusher: a client waits this long for the start signal (a hang guard)
 
 
 def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -23,6 +23,7 @@ from paramserve.client import (
     default_worker_id,
 )
 
+from ..server.helpers import count_waiters, wait_until
 from .replay import assert_same
 from .workers import initial_weights
 
@@ -94,14 +95,16 @@ def test_pull_rows_of_a_2d_variable(admin):
 
 
 def test_pull_min_version_waits_for_the_push(server, admin, connect):
+    waiting = count_waiters(server.core.store)
     pusher = connect(server)
-    timer = threading.Timer(0.3, lambda: pusher.push({"dense/bias": ones("dense/bias")}))
-    started = time.monotonic()
-    timer.start()
-    weights = admin.pull(min_version=1, timeout_s=10)
-    assert weights.version == 1 and time.monotonic() - started >= 0.25
+    with ThreadPoolExecutor(1) as pool:
+        pulled = pool.submit(admin.pull, min_version=1, timeout_s=60)
+        wait_until(lambda: waiting() == 1)  # the pull waits on the server for version 1
+        assert not pulled.done()
+        pusher.push({"dense/bias": ones("dense/bias")})
+        weights = pulled.result(60)
+    assert weights.version == 1
     assert admin.base_version == 1
-    timer.join()
     with pytest.raises(DeadlineExceededError) as info:
         admin.pull(min_version=5, timeout_s=0.3)
     assert isinstance(info.value, TimeoutError)

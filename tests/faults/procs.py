@@ -63,10 +63,18 @@ def process_state(pid: int) -> str:
 
 
 class ServerProcess:
-    """`python -m paramserve.server serve ...` with JSON logs read on a background thread."""
+    """`python -m paramserve.server serve ...` with JSON logs read on a background thread.
 
-    def __init__(self, args: list[str], *, cwd: Path) -> None:
+    ``preamble``: Python code run in the server process before the CLI starts (a test hook,
+    e.g. to hold the process at a chosen point); the CLI then runs exactly as with ``-m``.
+    """
+
+    def __init__(self, args: list[str], *, cwd: Path, preamble: str | None = None) -> None:
         command = [sys.executable, "-m", "paramserve.server", "serve", "--log-format", "json"]
+        if preamble is not None:
+            code = f"{preamble}\nimport sys\nfrom paramserve.server.cli import main\n"
+            code += "sys.exit(main(sys.argv[1:]))\n"
+            command = [sys.executable, "-c", code, "serve", "--log-format", "json"]
         self.args = args
         self.proc = subprocess.Popen(
             [*command, *args],
@@ -138,12 +146,12 @@ class Processes:
         self._procs: list[subprocess.Popen] = []
         self._count = 0
 
-    def server(self, *args: str | Path) -> ServerProcess:
+    def server(self, *args: str | Path, preamble: str | None = None) -> ServerProcess:
         """A daemon on a free port (``--port 0`` unless ``args`` names one)."""
         argv = [str(a) for a in args]
         if "--port" not in argv:
             argv = ["--port", "0", *argv]
-        server = ServerProcess(argv, cwd=self.directory)
+        server = ServerProcess(argv, cwd=self.directory, preamble=preamble)
         self._procs.append(server.proc)
         return server
 

@@ -1,27 +1,34 @@
 """Fault 1: the server is killed with kill -9 mid-training and resumed from its last snapshot.
 
-Three worker processes train in sync mode against a daemon that snapshots every 0.2 s. The
-daemon is SIGKILLed mid-training and restarted with ``--resume`` on the same port; the
-workers (whose calls wait for the server) carry on to the end. The resumed server's push
-log says which pushes it applied; replaying exactly those, in that order, into a fresh
-daemon that restored the same snapshot file, and locally with optim_core, gives the same
-weights and optimizer state, bit for bit.
+Three worker processes train in sync mode. Worker-c stops itself (SIGSTOP) right after
+pulling version 10, where the test takes a snapshot, and again after pulling version 20,
+where the test SIGKILLs the daemon while the two others wait in the open round: no round
+can close without worker-c, so these points do not depend on how fast anything runs. The
+daemon is restarted with ``--resume`` on the same port from the snapshot of version 10, ten
+rounds behind; the workers (whose calls wait for the server) carry on to the end, and each
+has a push refused as stale (computed from a version the restored server never had). The
+resumed server's push log says which pushes it applied; replaying exactly those, in that
+order, into a fresh daemon that restored the same snapshot file, and locally with
+optim_core, gives the same weights and optimizer state, bit for bit.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 
 import pytest
 
 from paramserve.client import Client
 
-from .procs import Processes, read_jsonl, wait_for
+from .procs import Processes, process_state, read_jsonl, wait_for
 from .replay import assert_same, local_model_of, rounds, sync_replay
 from .workers import ADAM, gradients, initial_weights
 
 WORKERS = ("worker-c", "worker-a", "worker-b")  # not in sorted order: the server sorts
 UNTIL_VERSION = 50
+SNAPSHOT_AT_VERSION = 10
 KILL_AT_VERSION = 20
 
 
@@ -34,14 +41,14 @@ def test_kill_9_mid_training_resume_equals_uninterrupted_run_from_the_snapshot(
     procs: Processes, tmp_path
 ):
     ckpt = tmp_path / "ckpt"
-    flags = ["--mode", "sync", "--replicas", "3", "--round-timeout-s", "20"]
-    flags += ["--checkpoint-dir", ckpt, "--snapshot-every-s", "0.2", "--no-snapshot-on-exit"]
+    # Rounds are full: the round deadline (a hang guard) outlasts every wait of the test.
+    flags = ["--mode", "sync", "--replicas", "3", "--round-timeout-s", "120"]
+    flags += ["--checkpoint-dir", ckpt, "--no-snapshot-on-exit"]
     first_log, resumed_log = tmp_path / "first-push-log.jsonl", tmp_path / "resumed-push-log.jsonl"
     first = procs.server(*flags, "--push-log", first_log)
     with Client(first.address, timeout_s=30.0) as admin:
         admin.create_model(initial_weights(), ADAM)
     events = {w: tmp_path / f"{w}.jsonl" for w in WORKERS}
-    # worker-c is slow, so the others are mostly waiting in an open round when the kill hits.
     workers = [
         procs.worker(
             "sync_trainer",
@@ -49,37 +56,46 @@ def test_kill_9_mid_training_resume_equals_uninterrupted_run_from_the_snapshot(
             worker_id=w,
             events=str(events[w]),
             until_version=UNTIL_VERSION,
-            step_sleep_s=0.03 if w == "worker-c" else 0.0,
+            pause_at_versions=[SNAPSHOT_AT_VERSION, KILL_AT_VERSION] if w == "worker-c" else None,
         )
         for w in WORKERS
     ]
+    worker_c = workers[WORKERS.index("worker-c")].pid
 
     def applied_version() -> int:
         lines = read_jsonl(first_log)
         return lines[-1]["version"] if lines else 0
 
-    with Client(first.address, timeout_s=5.0) as admin:
+    with Client(first.address, timeout_s=30.0) as admin:
 
-        def mid_round() -> bool:
-            if applied_version() < KILL_AT_VERSION or _snapshot_versions(ckpt)[-1:] < [5]:
+        def held_at(version: int) -> bool:
+            """Worker-c stopped after pulling ``version``; the others wait in its round."""
+            if process_state(worker_c) != "T":
                 return False
-            return admin.status().pending_pushes > 0
+            status = admin.status()
+            return status.version == version and status.pending_pushes == 2
 
-        wait_for(mid_round, timeout_s=60, what=f"an open round after version {KILL_AT_VERSION}")
+        wait_for(lambda: held_at(SNAPSHOT_AT_VERSION), timeout_s=60, what="worker-c at v10")
+        taken = admin.snapshot()
+        assert taken.version == SNAPSHOT_AT_VERSION
+        os.kill(worker_c, signal.SIGCONT)
+        wait_for(lambda: held_at(KILL_AT_VERSION), timeout_s=60, what="worker-c at v20")
         first.kill()
     crashed_at = applied_version()
-    assert crashed_at < UNTIL_VERSION, "the run ended before the kill"
+    assert crashed_at == KILL_AT_VERSION
     newest = sorted(ckpt.glob("snap-*.safetensors"))[-1]
     snapshot_file = shutil.copy(newest, tmp_path / "taken-snapshot.safetensors")
 
     resumed = procs.server(
         "--port", str(first.port), *flags, "--resume", "--push-log", resumed_log
     )  # fmt: skip
-    match = resumed.wait_for_message(r"resumed from snapshot (\S+) at version (\d+)", 30)
+    match = resumed.wait_for_message(r"resumed from snapshot (\S+) at version (\d+)", 60)
     snapshot_version = int(match.group(2))
-    assert match.group(1) == newest.name.removesuffix(".safetensors")
+    assert match.group(1) == newest.name.removesuffix(".safetensors") == taken.id
+    assert snapshot_version == SNAPSHOT_AT_VERSION
+    os.kill(worker_c, signal.SIGCONT)
     for worker in workers:
-        procs.join(worker, timeout_s=90)
+        procs.join(worker, timeout_s=150)
 
     with Client(resumed.address, timeout_s=30.0) as admin:
         final = admin.pull()
@@ -94,6 +110,8 @@ def test_kill_9_mid_training_resume_equals_uninterrupted_run_from_the_snapshot(
     for entries in logs.values():
         assert entries[-2]["event"] == "pull" and entries[-2]["version"] == UNTIL_VERSION
     stale = sum(e["event"] == "stale" for entries in logs.values() for e in entries)
+    for worker_id, entries in logs.items():  # every worker's push of round 20 was stale
+        assert any(e["event"] == "stale" for e in entries), worker_id
 
     # Exactly the pushes the resumed server applied, round by round, nothing else.
     log = read_jsonl(resumed_log)

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ import safetensors.numpy
 
 from paramserve.client import Client, InvalidArgumentError, ParamServeError, SnapshotInfo
 
-from .procs import Processes, ServerProcess, wait_for
+from .procs import Processes, ServerProcess
 from .replay import assert_same
 from .workers import ADAM, gradients, initial_weights
 
@@ -241,7 +242,29 @@ def test_corrupt_newest_snapshot_resume_uses_the_previous_one(trained, procs, tm
     assert_same(client.pull(), _live_at_snapshot(good))
 
 
-BIG_ELEMENTS = 56 << 20  # one float32 variable of 224 MiB: a snapshot write takes a while
+BIG_ELEMENTS = 4 << 20  # one float32 variable of 16 MiB
+# Run in the daemon: once safetensors writes the snapshot of version 2, the process dies as
+# soon as the library tries to grow its temporary file past 1 MiB (RLIMIT_FSIZE, with
+# SIGXFSZ's default action, which Python otherwise ignores): abruptly, like kill -9, inside the
+# library's own write, whatever the machine's speed. (A kill the test sends when it sees the
+# library's temporary file must land within that write: tens of milliseconds, a window a busy
+# machine can let the test miss.)
+DIE_MID_WRITE_OF_SNAPSHOT_2 = """
+import resource, signal
+import safetensors.numpy
+
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # here: only the main thread may set it
+_save_file = safetensors.numpy.save_file
+
+def _save_file_dying_mid_write(tensors, filename, metadata=None):
+    if "snap-000000000002-" in str(filename):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    return _save_file(tensors, filename, metadata=metadata)
+
+safetensors.numpy.save_file = _save_file_dying_mid_write
+"""
 
 
 @pytest.mark.slow
@@ -250,7 +273,7 @@ def test_kill_9_while_writing_a_snapshot_leaves_the_previous_one_for_resume(
 ):
     ckpt = tmp_path / "ckpt"
     flags = ["--mode", "async", "--checkpoint-dir", ckpt, "--no-snapshot-on-exit"]
-    server = procs.server(*flags)
+    server = procs.server(*flags, preamble=DIE_MID_WRITE_OF_SNAPSHOT_2)
     small = np.arange(4, dtype=np.float32)
     sgd = {"class_name": "SGD", "config": {"learning_rate": 0.5}}
     with Client(server.address, worker_id="worker-0", timeout_s=120.0) as client:
@@ -268,19 +291,15 @@ def test_kill_9_while_writing_a_snapshot_leaves_the_previous_one_for_resume(
                 errors.append(exc)
 
         writer = threading.Thread(target=snapshot)
-        started = time.monotonic()
         writer.start()
         # Killed while safetensors writes its own temporary file (.tmpXXXXXX, next to the
         # name it was given): that file must land in a temporary name the daemon owns.
-        library_temp = wait_for(
-            lambda: next((p for p in _library_temps(ckpt) if _size(p) > 0), None),
-            timeout_s=60,
-            what="safetensors' temporary file of the snapshot",
-        )
-        server.kill()
-        killed_after_s = time.monotonic() - started
+        assert server.proc.wait(timeout=60) == -signal.SIGXFSZ, server.log()
         writer.join(timeout=60)
         assert errors and not writer.is_alive()
+    (library_temp,) = _library_temps(ckpt)
+    written = _size(library_temp)
+    assert written < BIG_ELEMENTS * 4  # cut off before the write completed
 
     # Killed mid-write: the new snapshot never got its name, the previous one is intact, and
     # the library's temporary file is inside the daemon's own temporary directory.
@@ -303,7 +322,7 @@ def test_kill_9_while_writing_a_snapshot_leaves_the_previous_one_for_resume(
 
     resumed = procs.server("--port", str(server.port), *flags, "--resume")
     resumed.wait_for_message(rf"resumed from snapshot {first.id} at version 1", 60)
-    resumed.wait_for_message(rf"removed leftover .*{library_temp.parent.name}", 5)
+    resumed.wait_for_message(rf"removed leftover .*{library_temp.parent.name}", 60)
     with Client(resumed.address, timeout_s=60.0) as client:
         assert [s.id for s in client.list_snapshots()] == [first.id]
         weights = client.pull()
@@ -314,7 +333,7 @@ def test_kill_9_while_writing_a_snapshot_leaves_the_previous_one_for_resume(
     assert sorted(p.name for p in ckpt.iterdir()) == sorted(
         [f"{first.id}.safetensors", ".paramserve.lock", "serving-model.json"]
     )
-    print(f"killed {killed_after_s:.2f} s into writing a {BIG_ELEMENTS >> 18} MiB snapshot")
+    print(f"died writing a {BIG_ELEMENTS >> 18} MiB snapshot ({written} bytes in the file)")
 
 
 def _library_temps(directory: Path) -> list[Path]:

@@ -31,6 +31,7 @@ from paramserve.client import (
 SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 CALL_TIMEOUT_S = 10.0
+GO_TIMEOUT_S = 300.0  # load_pusher: a client waits this long for the start signal (a hang guard)
 
 
 def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -78,19 +79,23 @@ def sync_trainer(
     *,
     step_sleep_s: float = 0.0,
     pause_file: str | None = None,
+    pause_at_versions: list[int] | None = None,
     stop_file: str | None = None,
     max_runtime_s: float = 120.0,
+    call_timeout_s: float = CALL_TIMEOUT_S,
 ) -> None:
     """Pull, push gradients of the pulled weights, until the model reaches ``until_version``.
 
     A stale push (FAILED_PRECONDITION: the server moved on, was restored or restarted)
     re-pulls and pushes anew with the next sequence; an aborted, unavailable or timed-out
     push is resent with the same sequence. With ``pause_file`` present, the worker stops
-    itself (SIGSTOP) once, right after a pull: its next push is then stale.
+    itself (SIGSTOP) once, right after a pull: its next push is then stale. With
+    ``pause_at_versions``, it stops itself right after the first pull of each of these
+    versions (or a later one), in order, until the test sends SIGCONT.
     """
     log = EventLog(events)
     give_up_at = time.monotonic() + max_runtime_s
-    with Client(address, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S) as client:
+    with Client(address, worker_id=worker_id, timeout_s=call_timeout_s) as client:
         worker = client.status().worker(worker_id)
         sequence = worker.last_sequence if worker is not None else 0
         log("start", sequence=sequence)
@@ -107,6 +112,11 @@ def sync_trainer(
             log("pull", version=weights.version, seconds=time.monotonic() - started)
             if weights.version >= until_version:
                 break
+            if pause_at_versions and weights.version >= pause_at_versions[0]:
+                pause_at_versions = pause_at_versions[1:]
+                log("paused", version=weights.version)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                log("continued", version=weights.version)
             if pause_file is not None and not paused and os.path.exists(pause_file):
                 paused = True
                 log("paused", version=weights.version)
@@ -146,21 +156,28 @@ def _push_for(
     address: str,
     worker_id: str,
     events: str,
-    start_at: float,
-    duration_s: float,
-    resend_fraction: float,
+    go_file: str,
+    pushes: int,
+    resend_every: int,
 ) -> None:
+    """Push sequences 1..``pushes``; every ``resend_every``-th is sent twice (a lost reply).
+
+    The schedule is fixed, so the number of resends is known in advance whatever the speed of
+    the machine. The pushes start once ``go_file`` exists (after every client said "ready").
+    """
     log = EventLog(events)
-    rng = np.random.default_rng(zlib.crc32(worker_id.encode()))
     with Client(address, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S) as client:
-        time.sleep(max(0.0, start_at - time.time()))
-        end = time.monotonic() + duration_s
-        sequence = 0
-        while time.monotonic() < end:
-            sequence += 1
+        client.status()  # connected
+        log("ready", worker_id=worker_id)
+        give_up_at = time.monotonic() + GO_TIMEOUT_S
+        while not os.path.exists(go_file):
+            if time.monotonic() > give_up_at:
+                raise TimeoutError(f"{go_file} never appeared")
+            time.sleep(0.005)
+        for sequence in range(1, pushes + 1):
             grads = gradients(worker_id, sequence)
             # A simulated lost reply: the push is sent again with the same sequence.
-            sends = 1 + int(rng.random() < resend_fraction)
+            sends = 2 if sequence % resend_every == 0 else 1
             lost = 0
             while sends > 0:
                 try:
@@ -180,7 +197,7 @@ def _push_for(
                     duplicate=result.duplicate,
                     version=result.version,
                 )
-    log("done", worker_id=worker_id, pushes=sequence)
+    log("done", worker_id=worker_id, pushes=pushes)
     log.close()
 
 
@@ -188,17 +205,18 @@ def load_pusher(
     address: str,
     worker_ids: list[str],
     events_dir: str,
-    start_at: float,
-    duration_s: float,
-    resend_fraction: float = 0.1,
+    go_file: str,
+    pushes: int,
+    resend_every: int,
 ) -> None:
-    """One thread (and Client) per worker id, pushing as fast as the server takes them."""
+    """One thread (and Client) per worker id, each pushing ``pushes`` times as fast as the
+    server takes them (see :func:`_push_for`)."""
     errors: list[BaseException] = []
 
     def run(worker_id: str) -> None:
         try:
             path = os.path.join(events_dir, f"{worker_id}.jsonl")
-            _push_for(address, worker_id, path, start_at, duration_s, resend_fraction)
+            _push_for(address, worker_id, path, go_file, pushes, resend_every)
         except BaseException as exc:
             errors.append(exc)
             raise

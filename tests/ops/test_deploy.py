@@ -392,9 +392,10 @@ def test_health_probe_speaks_tls_and_mutual_tls_and_needs_no_token(pki):  # noqa
 
 def test_health_probe_fails_fast_on_a_dead_address():
     address = f"127.0.0.1:{free_port()}"
-    code, out, seconds = _probe("--address", address, "--timeout-s", "2")
+    # UNAVAILABLE, not DEADLINE_EXCEEDED: the probe gave up at the refused connection instead
+    # of waiting for a server until its (long) deadline. No wall-clock bound needed.
+    code, out, _ = _probe("--address", address, "--timeout-s", "50")
     assert (code, out.strip()) == (1, f"{address}: UNAVAILABLE")
-    assert seconds < 10  # interpreter start-up included; no waiting for the server
 
 
 def test_health_probe_imports_only_grpc():

@@ -31,7 +31,7 @@ def _lifecycle(server) -> str:
         stub.Push(iter(push_requests(grads_for())), timeout=20)
         snapshot_id = stub.CreateSnapshot(pb.CreateSnapshotRequest(), timeout=20).id
     server.send_signal(signal.SIGTERM)
-    assert server.wait(20) == 0, server.stderr
+    assert server.wait(60) == 0, server.stderr
     return snapshot_id
 
 
@@ -78,7 +78,7 @@ def _lifecycle_text(server) -> None:
         assert time.monotonic() < deadline and server.proc.poll() is None, server.stderr
         time.sleep(0.05)
     server.send_signal(signal.SIGINT)
-    assert server.wait(20) == 0, server.stderr
+    assert server.wait(60) == 0, server.stderr
 
 
 def _record(exc_info=None, **extra) -> logging.LogRecord:

@@ -19,9 +19,11 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
 
+from ..server.helpers import count_waiters, wait_until
 from .conftest import TIMEOUT_S
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+HOLD_DEADLINE_S = 120.0  # calls held in flight end when the test lets them, not by deadline
 SGD = json.dumps({"class_name": "SGD", "config": {"learning_rate": 0.5}})
 GIB = 1 << 30
 
@@ -50,6 +52,7 @@ class Raw:
     """A raw stub to a server (no SDK: requests the SDK would never build)."""
 
     def __init__(self, server) -> None:
+        self.server = server
         self.address = server.address
         self.channel = grpc.insecure_channel(server.address)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
@@ -165,25 +168,29 @@ def test_concurrent_call_limit(raw):
     """Calls in flight past max_concurrent_streams are refused, not queued without end."""
     r = raw(max_concurrent_streams=2)
     r.create({"w": np.zeros(2, np.float32)})
-    hold_s = 4.0
-    held: list[grpc.StatusCode] = []
+    waiting = count_waiters(r.server.core.store)
+    held: list[object] = []
 
     def hold() -> None:
         with grpc.insecure_channel(r.address) as channel:
             stub = pb_grpc.ParameterServerStub(channel)
-            try:  # waits for a version that never comes, until its deadline
-                list(stub.Pull(pb.PullRequest(min_version=10**6), timeout=hold_s))
+            try:  # waits for version 1, which only the test makes (below)
+                items = list(stub.Pull(pb.PullRequest(min_version=1), timeout=HOLD_DEADLINE_S))
+                held.append(items[0].header.version)
             except grpc.RpcError as err:
                 held.append(err.code())
 
     threads = [threading.Thread(target=hold) for _ in range(2)]
     for t in threads:
         t.start()
-    time.sleep(1.0)  # both holders are in flight (they take milliseconds to start)
+    wait_until(lambda: waiting() == 2)  # both holders are in flight, parked on the server
     _expect(EXHAUSTED, r.status, match="Concurrent RPC limit exceeded")
+    # Version 1, applied in-process (an RPC would be refused now): the holders get it.
+    store = r.server.core.store
+    store.apply(store.validate_push({"w": np.ones(2, np.float32)}))
     for t in threads:
         t.join(TIMEOUT_S)
-    assert held == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2  # they were the two in flight
+    assert held == [1, 1]  # they were the two in flight, and were answered
     # The slots free up once the server has ended the holders' calls: it answers again.
     deadline = time.monotonic() + TIMEOUT_S
     while True:

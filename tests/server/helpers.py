@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -10,6 +11,10 @@ import numpy as np
 
 from paramserve import optim_core
 from paramserve.optim_core import Variable
+from paramserve.server.store import ModelStore
+
+# How long a test waits for something that takes milliseconds: only a hang runs into it.
+WAIT_S = 60.0
 
 
 def model_vars(seed: int = 0) -> dict[str, np.ndarray]:
@@ -65,9 +70,63 @@ def assert_state_equal(a: tuple[int, list], b: tuple[int, list]) -> None:
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 5.0) -> None:
+def wait_until(predicate: Callable[[], bool], timeout_s: float = WAIT_S) -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         time.sleep(0.002)
+
+
+class _CountingCondition(threading.Condition):
+    """A Condition that counts the threads blocked in :meth:`wait` (read it under the lock)."""
+
+    def __init__(self, lock: Any) -> None:
+        super().__init__(lock)
+        self.waiting = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waiting += 1  # under the lock, before wait() releases it
+        try:
+            return super().wait(timeout)
+        finally:
+            self.waiting -= 1  # the lock is held again
+
+
+def count_waiters(store: ModelStore) -> Callable[[], int]:
+    """Make ``store.changed`` count its waiters; returns a function giving that count.
+
+    Every wait of the store and the aggregator sleeps on ``store.changed`` with the lock
+    released, so a count read under the lock says exactly how many threads are parked there:
+    a test waits for that instead of sleeping and hoping the other thread got that far.
+    Call it before any thread uses the store.
+    """
+    changed = _CountingCondition(store.lock)
+    store.changed = changed
+
+    def waiting() -> int:
+        with store.lock:
+            return changed.waiting
+
+    return waiting
+
+
+class ManualClock:
+    """The aggregator's clock, moved only by :meth:`advance`: deadlines without real time.
+
+    Waits still sleep on ``store.changed`` (for the time left by this clock), and
+    :meth:`advance` wakes them, so a deadline passes exactly when the test says so, however
+    slow the machine.
+    """
+
+    def __init__(self, store: ModelStore, start: float = 1000.0) -> None:
+        self._store = store
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        with self._store.lock:
+            self.now += seconds
+            self._store.changed.notify_all()

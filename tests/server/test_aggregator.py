@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -27,7 +26,16 @@ from paramserve.server.errors import (
 )
 from paramserve.server.store import ModelStore
 
-from .helpers import LocalReplay, assert_bitwise_equal, grads_for, model_vars, wait_until
+from .helpers import (
+    WAIT_S,
+    LocalReplay,
+    ManualClock,
+    assert_bitwise_equal,
+    count_waiters,
+    grads_for,
+    model_vars,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -43,6 +51,15 @@ def make(
     store = ModelStore(nonfinite=nonfinite)
     store.create_model("m", optimizer, model_vars())
     return store, Aggregator(store, AggregationConfig(**config))
+
+
+def make_timed(optimizer: str = "adam", **config) -> tuple[ModelStore, Aggregator, ManualClock]:
+    """Like :func:`make`, with a clock the test moves: round deadlines, staleness waits and
+    push deadlines pass when the test advances it, never because the machine is slow."""
+    store = ModelStore()
+    store.create_model("m", optimizer, model_vars())
+    clock = ManualClock(store)
+    return store, Aggregator(store, AggregationConfig(**config), clock=clock), clock
 
 
 def pending(agg: Aggregator) -> int:
@@ -104,7 +121,7 @@ def test_concurrent_retries_apply_once(pool: ThreadPoolExecutor) -> None:
         barrier.wait()
         return agg.push("w", 1, 0, grads)
 
-    results = [f.result(10) for f in [pool.submit(retry) for _ in range(6)]]
+    results = [f.result(WAIT_S) for f in [pool.submit(retry) for _ in range(6)]]
     assert sorted(r.duplicate for r in results) == [False] + [True] * 5
     assert store.version == 1
     replay = LocalReplay("adam", model_vars())
@@ -159,7 +176,7 @@ def test_sync_round_is_bit_exact_in_worker_id_order(pool, reduction) -> None:
     futures = push_in_order(
         pool, agg, [("w2", 1, 0, grads["w2"]), ("w0", 1, 0, grads["w0"]), ("w1", 1, 0, grads["w1"])]
     )
-    results = [f.result(10) for f in futures]
+    results = [f.result(WAIT_S) for f in futures]
     assert all(r == PushResult(False, True, 1, 3) for r in results)
     replay = LocalReplay("adam", model_vars())
     combined = {}
@@ -195,7 +212,7 @@ def test_sync_training_loop_three_workers(pool: ThreadPoolExecutor) -> None:
             versions.append(version)
         return versions
 
-    results = [f.result(20) for f in [pool.submit(worker, i) for i in range(3)]]
+    results = [f.result(WAIT_S) for f in [pool.submit(worker, i) for i in range(3)]]
     assert results == [[1, 2, 3, 4]] * 3
     replay = LocalReplay("sgd", model_vars())
     for step in range(steps):
@@ -214,13 +231,13 @@ def test_sync_rounds_with_concurrent_retries_apply_each_push_once(pool) -> None:
         for step in range(steps):
             grads = grads_for(model_vars(), 10 * step + index)
             twins = [pool.submit(agg.push, f"w{index}", step + 1, version, grads) for _ in "ab"]
-            results = [t.result(10) for t in twins]
+            results = [t.result(WAIT_S) for t in twins]
             assert sorted(r.duplicate for r in results) == [False, True]
             assert len({r.version for r in results}) == 1
             version = results[0].version
 
     for future in [pool.submit(worker, i) for i in range(3)]:
-        future.result(30)  # re-raises a failed assertion of the worker
+        future.result(WAIT_S)  # re-raises a failed assertion of the worker
     assert store.version == steps
     replay = LocalReplay("sgd", model_vars())
     for step in range(steps):
@@ -241,7 +258,7 @@ def test_sync_stale_base_version_and_second_push(pool: ThreadPoolExecutor) -> No
     ):
         agg.push("b", 1, 3, grads_for(model_vars(), 1))
     assert agg.push("b", 1, 0, grads_for(model_vars(), 1)).version == 1
-    assert a.result(5).version == 1
+    assert a.result(WAIT_S).version == 1
     with pytest.raises(
         FailedPrecondition,
         match="computed from version 0; the open round is for version 1: pull and recompute",
@@ -250,20 +267,21 @@ def test_sync_stale_base_version_and_second_push(pool: ThreadPoolExecutor) -> No
     # The refused push was not recorded: the same sequence with a fresh base is accepted.
     b = pool.submit(agg.push, "b", 2, 1, grads_for(model_vars(), 3))
     assert not agg.push("a", 2, 1, grads_for(model_vars(), 2)).duplicate
-    assert b.result(5).version == 2
+    assert b.result(WAIT_S).version == 2
 
 
 def test_sync_concurrent_retry_joins_the_pending_push(pool: ThreadPoolExecutor) -> None:
-    store, agg = make(mode="sync", replicas=2, round_timeout_s=10)
+    store, agg, _clock = make_timed(mode="sync", replicas=2, round_timeout_s=10)
+    waiting = count_waiters(store)
     ga, gb = grads_for(model_vars(), 0), grads_for(model_vars(), 1)
     first = pool.submit(agg.push, "a", 1, 0, ga)
     wait_until(lambda: pending(agg) == 1)
     retry = pool.submit(agg.push, "a", 1, 0, ga)  # e.g. the client's deadline fired and it retried
-    time.sleep(0.05)
+    wait_until(lambda: waiting() == 2)  # the retry waits on the open round too
     assert not retry.done()
     assert agg.push("b", 1, 0, gb).version == 1
-    assert first.result(5) == PushResult(False, True, 1, 2)
-    assert retry.result(5) == PushResult(True, False, 1, 2)
+    assert first.result(WAIT_S) == PushResult(False, True, 1, 2)
+    assert retry.result(WAIT_S) == PushResult(True, False, 1, 2)
     replay = LocalReplay("adam", model_vars())
     replay.apply({n: ga[n] + gb[n] for n in ga})
     assert_bitwise_equal(store.read()[1], replay.weights())
@@ -272,12 +290,17 @@ def test_sync_concurrent_retry_joins_the_pending_push(pool: ThreadPoolExecutor) 
 
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 def test_deadline_partial_round_scales(pool, reduction) -> None:
-    store, agg = make(mode="sync", replicas=3, reduction=reduction, round_timeout_s=0.2)
+    store, agg, clock = make_timed(
+        mode="sync", replicas=3, reduction=reduction, round_timeout_s=0.2
+    )
     ga, gb = grads_for(model_vars(), 0), grads_for(model_vars(), 1)
-    started = time.monotonic()
     futures = push_in_order(pool, agg, [("b", 1, 0, gb), ("a", 1, 0, ga)])
-    results = [f.result(5) for f in futures]
-    assert 0.15 <= time.monotonic() - started < 3
+    wait_until(lambda: pending(agg) == 2)
+    clock.advance(0.1)
+    assert pending(agg) == 2  # status() closes a round past its deadline: not yet
+    assert not any(f.done() for f in futures)
+    clock.advance(0.2)  # past the deadline: the round closes with 2 of 3 workers
+    results = [f.result(WAIT_S) for f in futures]
     assert all(r == PushResult(False, True, 1, 2) for r in results)
     replay = LocalReplay("adam", model_vars())
     if reduction == "sum":
@@ -291,31 +314,41 @@ def test_deadline_partial_round_scales(pool, reduction) -> None:
     with pytest.raises(FailedPrecondition, match="computed from version 0"):
         agg.push("c", 1, 0, grads_for(model_vars(), 2))
     late = pool.submit(agg.push, "c", 1, 1, grads_for(model_vars(), 2))
-    assert late.result(5).version == 2
+    wait_until(lambda: pending(agg) == 1)
+    clock.advance(0.3)  # c alone: the round closes at its deadline
+    assert late.result(WAIT_S).version == 2
 
 
 def test_deadline_abort_then_retry_with_same_sequence(pool: ThreadPoolExecutor) -> None:
-    store, agg = make(mode="sync", replicas=2, deadline_policy="abort", round_timeout_s=0.2)
+    store, agg, clock = make_timed(
+        mode="sync", replicas=2, deadline_policy="abort", round_timeout_s=0.2
+    )
     ga, gb = grads_for(model_vars(), 0), grads_for(model_vars(), 1)
+    alone = pool.submit(agg.push, "a", 1, 0, ga)
+    wait_until(lambda: pending(agg) == 1)
+    clock.advance(0.3)
     with pytest.raises(Aborted, match=r"1 of 2 workers pushed within round_timeout_s=0\.2"):
-        agg.push("a", 1, 0, ga)
+        alone.result(WAIT_S)
     assert store.version == 0 and agg.status().rounds_aborted == 1
     assert agg.export_state()["workers"]["a"]["last_sequence"] == 0
     a = pool.submit(agg.push, "a", 1, 0, ga)
     b = agg.push("b", 1, 0, gb)
-    assert not a.result(5).duplicate and a.result(5).applied and b.version == 1
+    assert not a.result(WAIT_S).duplicate and a.result(WAIT_S).applied and b.version == 1
     replay = LocalReplay("adam", model_vars())
     replay.apply({n: ga[n] + gb[n] for n in ga})
     assert_bitwise_equal(store.read()[1], replay.weights())
 
 
-def test_round_deadline_holds_when_the_pusher_gave_up() -> None:
-    store, agg = make(mode="sync", replicas=2, round_timeout_s=0.2)
+def test_round_deadline_holds_when_the_pusher_gave_up(pool: ThreadPoolExecutor) -> None:
+    store, agg, clock = make_timed(mode="sync", replicas=2, round_timeout_s=0.2)
     ga = grads_for(model_vars(), 0)
+    gives_up = pool.submit(agg.push, "a", 1, 0, ga, timeout_s=0.05)
+    wait_until(lambda: pending(agg) == 1)
+    clock.advance(0.1)  # past the push's own deadline, not the round's
     with pytest.raises(DeadlineExceeded, match="retry with the same sequence"):
-        agg.push("a", 1, 0, ga, timeout_s=0.05)
+        gives_up.result(WAIT_S)
     assert pending(agg) == 1
-    time.sleep(0.25)
+    clock.advance(0.2)  # past the round's deadline
     status = agg.status()  # nobody waits on the round: its deadline is still enforced
     assert status.pending_pushes == 0 and status.rounds_partial == 1
     assert store.version == 1
@@ -330,7 +363,7 @@ def test_sync_skipped_nonfinite_push_takes_part_without_gradient(pool) -> None:
     a = pool.submit(agg.push, "a", 1, 0, bad)
     wait_until(lambda: pending(agg) == 1)
     assert agg.push("b", 1, 0, good) == PushResult(False, True, 1, 1)
-    assert a.result(5) == PushResult(False, False, 1, 1)
+    assert a.result(WAIT_S) == PushResult(False, False, 1, 1)
     replay = LocalReplay("sgd", model_vars())
     replay.apply({n: good[n] * np.float32(2) for n in good})  # one of two: scaled like partial
     assert_bitwise_equal(store.read()[1], replay.weights())
@@ -343,73 +376,78 @@ def test_model_replaced_while_round_open_aborts_it(pool: ThreadPoolExecutor) -> 
     wait_until(lambda: pending(agg) == 1)
     store.import_state(store.export_state())
     with pytest.raises(Aborted, match="model was replaced"):
-        a.result(5)
+        a.result(WAIT_S)
     assert agg.export_state()["workers"]["a"]["last_sequence"] == 0
 
 
 # --- bounded staleness ------------------------------------------------------------------
 def test_stale_mode_blocks_the_fast_worker_until_the_slow_one_pushes(pool) -> None:
-    store, agg = make("sgd", mode="stale", max_staleness=1, round_timeout_s=5)
+    store, agg, _clock = make_timed("sgd", mode="stale", max_staleness=1, round_timeout_s=5)
     g = grads_for(model_vars(), 0)
     agg.push("slow", 1, 0, g)
     agg.push("fast", 1, 0, g)
     agg.push("fast", 2, 0, g)  # fast is 1 ahead: allowed
     blocked = pool.submit(agg.push, "fast", 3, 0, g)  # 2 ahead: waits
-    time.sleep(0.1)
+    wait_until(lambda: pending(agg) == 1)
     assert not blocked.done()
     status = agg.status()
     assert status.pending_pushes == 1
     assert {w.worker_id: w.pending for w in status.workers} == {"fast": True, "slow": False}
     assert store.version == 3
     agg.push("slow", 2, 0, g)
-    assert blocked.result(5).applied
+    assert blocked.result(WAIT_S).applied
     assert store.version == 5
 
 
-def test_stale_mode_treats_a_silent_worker_as_dead() -> None:
-    _store, agg = make("sgd", mode="stale", max_staleness=0, round_timeout_s=0.2)
+def test_stale_mode_treats_a_silent_worker_as_dead(pool: ThreadPoolExecutor) -> None:
+    _store, agg, clock = make_timed("sgd", mode="stale", max_staleness=0, round_timeout_s=0.2)
     g = grads_for(model_vars(), 0)
     agg.push("slow", 1, 0, g)
     agg.push("fast", 1, 0, g)
-    started = time.monotonic()
-    assert agg.push("fast", 2, 0, g).applied
-    assert 0.1 <= time.monotonic() - started < 3
-    # Once slow counts as dead, fast runs freely.
-    started = time.monotonic()
-    agg.push("fast", 3, 0, g)
-    assert time.monotonic() - started < 0.1
+    blocked = pool.submit(agg.push, "fast", 2, 0, g)
+    wait_until(lambda: pending(agg) == 1)  # waiting for slow
+    clock.advance(0.1)
+    assert pending(agg) == 1 and not blocked.done()  # slow was seen 0.1 s ago: alive
+    clock.advance(0.2)  # slow silent for longer than round_timeout_s: dead
+    assert blocked.result(WAIT_S).applied
+    # Once slow counts as dead, fast runs freely: the clock no longer moves, so a push that
+    # waited for slow would never return.
+    assert pool.submit(agg.push, "fast", 3, 0, g).result(WAIT_S).applied
+    assert pending(agg) == 0
 
 
-def test_stale_wait_deadline_does_not_apply() -> None:
-    store, agg = make("sgd", mode="stale", max_staleness=0, round_timeout_s=5)
+def test_stale_wait_deadline_does_not_apply(pool: ThreadPoolExecutor) -> None:
+    store, agg, clock = make_timed("sgd", mode="stale", max_staleness=0, round_timeout_s=5)
     g = grads_for(model_vars(), 0)
     agg.push("slow", 1, 0, g)
     agg.push("fast", 1, 0, g)
+    waits = pool.submit(agg.push, "fast", 2, 0, g, timeout_s=0.05)
+    wait_until(lambda: pending(agg) == 1)
+    clock.advance(0.1)  # past the push's deadline, long before slow counts as dead
     with pytest.raises(DeadlineExceeded, match="not applied"):
-        agg.push("fast", 2, 0, g, timeout_s=0.05)
+        waits.result(WAIT_S)
     assert store.version == 2
     assert agg.export_state()["workers"]["fast"]["last_sequence"] == 1
 
 
 # --- shutdown, status, state ------------------------------------------------------------
 def test_close_wakes_round_and_staleness_waiters(pool: ThreadPoolExecutor) -> None:
-    store, agg = make(mode="sync", replicas=2, round_timeout_s=30)
+    # Clocks that never move: only close() can end these waits.
+    store, agg, _clock = make_timed(mode="sync", replicas=2, round_timeout_s=30)
     waiter = pool.submit(agg.push, "a", 1, 0, grads_for(model_vars(), 0))
     wait_until(lambda: pending(agg) == 1)
-    _s_store, s_agg = make("sgd", mode="stale", max_staleness=0, round_timeout_s=30)
+    _s_store, s_agg, _s_clock = make_timed("sgd", mode="stale", max_staleness=0, round_timeout_s=30)
     g = grads_for(model_vars(), 0)
     s_agg.push("slow", 1, 0, g)
     s_agg.push("fast", 1, 0, g)
     s_waiter = pool.submit(s_agg.push, "fast", 2, 0, g)
     wait_until(lambda: s_agg.status().pending_pushes == 1)
-    started = time.monotonic()
     agg.close()
     s_agg.close()
     with pytest.raises(Unavailable):
-        waiter.result(5)
+        waiter.result(WAIT_S)
     with pytest.raises(Unavailable):
-        s_waiter.result(5)
-    assert time.monotonic() - started < 2
+        s_waiter.result(WAIT_S)
     with pytest.raises(Unavailable):
         agg.push("b", 1, 0, g)
     assert store.version == 0 and agg.export_state()["workers"]["a"]["last_sequence"] == 0
@@ -421,17 +459,19 @@ def test_store_close_also_wakes_round_waiters(pool: ThreadPoolExecutor) -> None:
     wait_until(lambda: pending(agg) == 1)
     store.close()
     with pytest.raises(Unavailable):
-        waiter.result(5)
+        waiter.result(WAIT_S)
 
 
 def test_status_reports_workers() -> None:
-    _, agg = make(mode="async")
+    _, agg, clock = make_timed(mode="async")
     agg.push("b", 3, 0, grads_for(model_vars(), 0))
+    clock.advance(1.5)
     agg.push("a", 1, 0, grads_for(model_vars(), 0))
+    clock.advance(2.0)
     status = agg.status()
     assert [w.worker_id for w in status.workers] == ["a", "b"]
     assert status.workers[1].last_sequence == 3 and status.workers[1].pushes == 1
-    assert 0 <= status.workers[0].seconds_since_seen < 5
+    assert [w.seconds_since_seen for w in status.workers] == [2.0, 3.5]
 
 
 def test_export_import_state_keeps_dedupe() -> None:

@@ -26,9 +26,11 @@ from paramserve.server.errors import (
 from paramserve.server.store import Limits, ModelState, ModelStore, VariableSpec
 
 from .helpers import (
+    WAIT_S,
     LocalReplay,
     assert_bitwise_equal,
     assert_state_equal,
+    count_waiters,
     grads_for,
     model_vars,
     wait_until,
@@ -370,18 +372,21 @@ def test_other_dtypes_empty_and_scalar_variables(dtype: str) -> None:
 
 # --- waiting ----------------------------------------------------------------------------
 def test_wait_for_version(store: ModelStore) -> None:
+    waiting = count_waiters(store)
     assert store.wait_for_version(0, 0.0) == 0
     started = time.monotonic()
     with pytest.raises(DeadlineExceeded, match=r"version 1 was not reached within 0\.1 s"):
         store.wait_for_version(1, 0.1)
-    assert 0.09 <= time.monotonic() - started < 2
+    # It waited out its timeout (a slow machine only makes that longer), and then returned:
+    # the upper bound only catches a wait that ignores its timeout.
+    assert 0.09 <= time.monotonic() - started < WAIT_S  # 0.09: float rounding
 
     got: list[int] = []
-    waiter = threading.Thread(target=lambda: got.append(store.wait_for_version(1, 5.0)))
+    waiter = threading.Thread(target=lambda: got.append(store.wait_for_version(1, WAIT_S)))
     waiter.start()
-    time.sleep(0.05)
+    wait_until(lambda: waiting() == 1)  # parked on the condition: the apply must wake it
     store.apply(store.validate_push(grads_for(model_vars(), 0)))
-    waiter.join(5)
+    waiter.join(WAIT_S)
     assert got == [1]
 
 
@@ -394,13 +399,14 @@ def test_close_wakes_version_waiters(store: ModelStore) -> None:
         except Exception as exc:
             errors.append(exc)
 
+    waiting = count_waiters(store)
     threads = [threading.Thread(target=wait) for _ in range(3)]
     for t in threads:
         t.start()
-    time.sleep(0.05)
+    wait_until(lambda: waiting() == 3)  # all three parked: close() must wake them
     store.close()
     for t in threads:
-        t.join(5)
+        t.join(WAIT_S)
     assert len(errors) == 3 and all(isinstance(e, Unavailable) for e in errors)
     with pytest.raises(Unavailable):
         store.wait_for_version(1, 1.0)

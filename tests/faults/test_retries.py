@@ -11,10 +11,11 @@ as a duplicate, one made after the snapshot is applied (once) on the restored st
 
 from __future__ import annotations
 
-import time
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 
 from paramserve.client import Client, DeadlineExceededError
 
@@ -79,25 +80,32 @@ def test_sync_lost_replies_inside_and_after_rounds_apply_each_push_once(procs: P
     )
     worker_ids = ("worker-b", "worker-c", "worker-a")
     steps = 12
+    # Per step, the two workers that are not last have had a reply lost inside the round.
+    lost_replies = {s: {w: threading.Event() for w in worker_ids} for s in range(1, steps + 1)}
 
     def run(worker_id: str) -> int:
-        """Per step: pull; send 1-3 times. A lost reply inside the round is a call whose
-        deadline (50 ms) runs out while the round waits for a later worker."""
+        """Per step: pull; send 1-3 times. Who comes last rotates; the others' first call has
+        a 50 ms deadline, which certainly runs out inside the round: the last worker pushes
+        only once both of those calls have ended. Then they resend (same sequence)."""
         rng = np.random.default_rng(sum(worker_id.encode()))
         lost_in_round = 0
-        rank = worker_ids.index(worker_id)
         with Client(server.address, worker_id=worker_id, timeout_s=30.0) as client:
             for sequence in range(1, steps + 1):
                 weights = client.pull(min_version=sequence - 1)
                 assert weights.version == sequence - 1
                 grads = gradients(worker_id, sequence, weights)
-                time.sleep(0.08 * ((rank + sequence) % 3))  # who comes last rotates
-                for attempt in range(_sends(rng) - 1):
-                    try:
-                        timeout_s = 0.05 if attempt == 0 else None
-                        client.push(grads, sequence=sequence, timeout_s=timeout_s)
-                    except DeadlineExceededError:
-                        lost_in_round += 1
+                last = worker_ids[sequence % len(worker_ids)]
+                if worker_id == last:
+                    for other in worker_ids:
+                        if other != last:
+                            assert lost_replies[sequence][other].wait(60)  # a hang guard
+                else:
+                    with pytest.raises(DeadlineExceededError):
+                        client.push(grads, sequence=sequence, timeout_s=0.05)
+                    lost_in_round += 1
+                    lost_replies[sequence][worker_id].set()
+                for _ in range(_sends(rng) - 1):  # replies lost after the round closed
+                    assert client.push(grads, sequence=sequence).version == sequence
                 final = client.push(grads, sequence=sequence)
                 assert final.version == sequence
         return lost_in_round
@@ -105,10 +113,10 @@ def test_sync_lost_replies_inside_and_after_rounds_apply_each_push_once(procs: P
     with Client(server.address, timeout_s=30.0) as admin:
         admin.create_model(initial_weights(), ADAM)
         with ThreadPoolExecutor(3) as pool:
-            lost = sum(f.result(timeout=60) for f in [pool.submit(run, w) for w in worker_ids])
+            lost = sum(f.result(timeout=120) for f in [pool.submit(run, w) for w in worker_ids])
         final, status = admin.pull(), admin.status()
         optimizer = admin.describe().optimizer
-    assert lost > 0  # some replies were lost while the push waited in an open round
+    assert lost == 2 * steps  # two replies lost inside every round
 
     log_rounds = rounds(read_jsonl(push_log))
     assert [v for v, _ in log_rounds] == list(range(1, steps + 1))

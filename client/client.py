@@ -441,6 +441,18 @@ class Client:
             self._sequence += 1
             return self._sequence
 
+    def _push_header(
+        self, sequence: int, base_version: int, headers: list[tpb.TensorHeader]
+    ) -> pb.PushHeader:
+        """This client's identity (worker, session, sequence) and the tensors of one push."""
+        return pb.PushHeader(
+            worker_id=self.worker_id,
+            sequence=sequence,
+            base_version=base_version,
+            tensors=headers,
+            session=self.session,
+        )
+
     def _sequenced(self, forced: int | None, send: Callable[[int], R]) -> tuple[int, R]:
         """``send(sequence)`` with the next sequence (or ``forced``), and that sequence.
 
@@ -486,13 +498,7 @@ class Client:
         base = self._base_version if base_version is None else base_version
 
         def send(seq: int) -> pb.PushResponse:
-            header = pb.PushHeader(
-                worker_id=self.worker_id,
-                sequence=seq,
-                base_version=base,
-                tensors=headers,
-                session=self.session,
-            )
+            header = self._push_header(seq, base, headers)
             first = pb.PushRequest(header=header).SerializeToString()
             return self._send_stream(
                 "Push",
@@ -534,15 +540,7 @@ class Client:
 
         def send(seq: int) -> pb.StepResponse:
             request = pb.StepRequest(
-                push=pb.PushHeader(
-                    worker_id=self.worker_id,
-                    sequence=seq,
-                    base_version=base,
-                    tensors=headers,
-                    session=self.session,
-                ),
-                gradients=gradients,
-                pull=pull,
+                push=self._push_header(seq, base, headers), gradients=gradients, pull=pull
             )
             return self._call("Step", self._stub.Step, request, timeout_s)
 

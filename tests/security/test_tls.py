@@ -31,7 +31,8 @@ def test_sdk_with_the_ca_trains_over_tls(start_server, pki):
     server = _tls_server(start_server, pki)
     for host in ("127.0.0.1", "localhost"):  # both names are in the certificate
         with Client(f"{host}:{server.port}", tls_ca=pki.ca, **FAST_FAIL) as client:
-            client.create_model({"w": np.ones(3, np.float32)}, optimizer="sgd")
+            if host == "127.0.0.1":
+                client.create_model({"w": np.ones(3, np.float32)}, optimizer="sgd")
             client.push({"w": np.ones(3, np.float32)})
             weights = client.pull()
             assert weights.version >= 1

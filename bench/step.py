@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr, flush=True)
 
     if args.malloc == "tuned":
-        from paramserve.client.tensors import tune_malloc
+        from paramserve.wire import tune_malloc
 
         if not tune_malloc():
             log("note: glibc allocator settings not applied here (not glibc, or MALLOC_* set)")

@@ -50,7 +50,7 @@ SMALL_MODEL = {
     "out/bias": (10,),
 }
 START_TIMEOUT_S = 90.0  # first start may compile the numba kernels
-# glibc allocator settings of paramserve.client.tensors.tune_malloc, as environment variables
+# glibc allocator settings of paramserve.wire.tune_malloc, as environment variables
 # for server processes (--malloc tuned gives them to every server, so all compare alike).
 TUNED_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(256 << 20),
@@ -62,7 +62,7 @@ TUNED_MALLOC_ENV = {
 def server_args(system: str) -> tuple[str, ...]:
     """Command-line arguments of a system's server script."""
     if system == "grpc-raw":  # the same chunk size as paramserve, so the floor compares alike
-        from paramserve.client.tensors import CHUNK_BYTES
+        from paramserve.wire import CHUNK_BYTES
 
         return ("--chunk-bytes", str(CHUNK_BYTES))
     return ()
@@ -223,7 +223,7 @@ class GrpcRawRunner(Runner):
     def __init__(self, port: int, model: Model) -> None:
         from grpc_floor import GrpcRawClient
 
-        from paramserve.client.tensors import CHUNK_BYTES
+        from paramserve.wire import CHUNK_BYTES
 
         self.client = GrpcRawClient(port, chunk_bytes=CHUNK_BYTES)
         self.client.init(model.flat(model.init))

@@ -1,5 +1,7 @@
 """paramserve.client: the SDK workers and admins use to talk to a paramserve daemon."""
 
+from paramserve.wire import SparseRows
+
 from .client import DEFAULT_ADDRESS, Client, default_worker_id
 from .errors import (
     AbortedError,
@@ -29,7 +31,6 @@ from .results import (
     TensorSpec,
     WorkerStatus,
 )
-from .tensors import SparseRows
 
 __all__ = [
     "DEFAULT_ADDRESS",

@@ -20,7 +20,7 @@ the server address, the attempts and the last transport error.
 Small models: :meth:`Client.step` pushes and pulls in one round trip (RemoteOptimizer uses
 it by itself below 1 MiB each way). Large tensors: ``pull(out=...)`` receives into the
 caller's arrays, and a worker process may opt in to glibc allocator settings that reuse
-tensor-sized buffers (``paramserve.client.tensors.tune_malloc()`` once at start, or
+tensor-sized buffers (``paramserve.wire.tune_malloc()`` once at start, or
 ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_ARENA_MAX=1`` in
 its environment): at 16M floats per step it cut the worker's CPU by ~20%. The SDK never
 changes the allocator by itself.
@@ -51,6 +51,7 @@ from paramserve import optim_core
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
+from paramserve.wire import CHUNK_BYTES, whole_payload
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
 from .errors import FailedPreconditionError, NotFoundError
@@ -73,7 +74,6 @@ from .streams import (
     request_stream,
     tensor_headers,
 )
-from .tensors import CHUNK_BYTES, whole_payload
 from .transfer import progress_bar, upload_requests, write_download
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"

@@ -29,11 +29,11 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
+from paramserve.wire import SparseRows
 
 from .client import Client
 from .results import ModelDescription, TensorSpec
 from .streams import as_host_array, as_wire_value
-from .tensors import SparseRows
 
 # Largest gradient payload (and weights payload) that apply() sends in one Step call rather
 # than a streamed push and pull: below it, the saved round trip dominates; above it, one big

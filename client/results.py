@@ -11,8 +11,7 @@ import numpy as np
 
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
-
-from .tensors import dtype_from_name, dtype_name
+from paramserve.wire import dtype_from_name, dtype_name
 
 
 @dataclass(frozen=True)

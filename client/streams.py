@@ -1,7 +1,7 @@
 """Tensor streams of the SDK: caller values to wire values, and request/response streams.
 
 Requests are sent pre-encoded (``request_serializer=None``): the small header message is
-serialized by protobuf, every chunk by :func:`~paramserve.client.tensors.encode_chunk_item`
+serialized by protobuf, every chunk by :func:`~paramserve.wire.encode_chunk_item`
 with one copy of the caller's bytes. Responses are decoded by :func:`decode_stream_item`,
 which hands chunk payloads to the assembler as views of the received bytes.
 """
@@ -15,10 +15,7 @@ import numpy as np
 
 from paramserve.optim_core import IndexedSlices, Variable, to_numpy
 from paramserve.v1 import tensor_pb2 as tpb
-
-from .errors import DataLossError
-from .results import Tensors
-from .tensors import (
+from paramserve.wire import (
     END_ITEM,
     INDEX_DTYPE,
     SparseRows,
@@ -33,6 +30,9 @@ from .tensors import (
     header_for,
     sparse_header,
 )
+
+from .errors import DataLossError
+from .results import Tensors
 
 ShapeLookup = Callable[[str], Sequence[int]]
 

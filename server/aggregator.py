@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.client.tensors import SparseRows
+from paramserve.wire import SparseRows
 
 from .aggregation import (
     RECENT_SEQUENCES,

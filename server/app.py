@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from paramserve.client.tensors import tune_malloc
+from paramserve.wire import tune_malloc
 
 from . import auth
 from .aggregator import AggregationConfig, Aggregator, PushLog
@@ -273,7 +273,7 @@ def _warn_if_exposed(config: ServerConfig, *, tls: bool, tokens: bool) -> None:
 def create_server(config: ServerConfig) -> RunningServer:
     """Build the core, bind, and start serving; port 0 picks a free port (see ``.port``)."""
     # Reuse freed tensor-sized buffers instead of page-faulting new ones (glibc only; the
-    # MALLOC_* environment variables take precedence): see paramserve.client.tensors.
+    # MALLOC_* environment variables take precedence): see paramserve.wire.
     tune_malloc()
     metrics = ServerMetrics()
     core = _build_core(config, metrics)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.client.tensors import SparseRows, dtype_from_proto
 from paramserve.optim_core import IndexedSlices, array_module, to_device
 from paramserve.v1 import tensor_pb2 as tpb
+from paramserve.wire import SparseRows, dtype_from_proto
 
 from .errors import InvalidArgument, NotFound, limit_exceeded
 

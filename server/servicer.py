@@ -30,7 +30,7 @@ import numpy as np
 from google.protobuf import message_factory
 from google.protobuf.message import DecodeError
 
-from paramserve.client import tensors as wire
+from paramserve import wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
@@ -333,7 +333,7 @@ def _message_or_bytes(item: Any) -> bytes:
     return item if isinstance(item, bytes) else item.SerializeToString()
 
 
-# Tensor streams bypass protobuf for their chunks, both ways (see client/tensors.py).
+# Tensor streams bypass protobuf for their chunks, both ways (see paramserve.wire.framing).
 _RAW_CHUNKS_IN = ("CreateModel", "Push", "SetOptimizerState")
 _RAW_CHUNKS_OUT = ("Pull",)
 

@@ -19,7 +19,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from paramserve.client.tensors import WireError
+from paramserve.wire import WireError
 
 from .errors import DOMAIN, InvalidArgument, ParamServeError
 

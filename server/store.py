@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.client.tensors import INDEX_DTYPE, SparseRows
+from paramserve.wire import INDEX_DTYPE, SparseRows
 
 from . import gradients
 from .errors import (

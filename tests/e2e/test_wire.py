@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from paramserve.client import Client, tensors
+from paramserve import wire as tensors
+from paramserve.client import Client
 from paramserve.client.channel import SERVICE, ChannelSettings, method_path
 from paramserve.client.resend import RESENT_METHODS
 from paramserve.v1 import parameter_server_pb2 as pb

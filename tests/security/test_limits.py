@@ -12,8 +12,8 @@ import grpc
 import numpy as np
 import pytest
 
+from paramserve import wire
 from paramserve.client import Client
-from paramserve.client import tensors as wire
 from paramserve.server.config import ServerConfig, ServerLimits
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc

@@ -20,8 +20,8 @@ import pytest
 import safetensors
 import safetensors.numpy
 
+from paramserve import wire
 from paramserve.client import Client, InvalidArgumentError
-from paramserve.client import tensors as wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb

@@ -9,7 +9,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from paramserve.client.tensors import SparseRows
 from paramserve.server.aggregator import (
     AggregationConfig,
     Aggregator,
@@ -25,6 +24,7 @@ from paramserve.server.errors import (
     Unavailable,
 )
 from paramserve.server.store import ModelStore
+from paramserve.wire import SparseRows
 
 from .helpers import (
     WAIT_S,

@@ -7,8 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from paramserve.client import tensors as wire
-from paramserve.client.tensors import SparseRows
+from paramserve import wire
 from paramserve.server.errors import InvalidArgument
 from paramserve.server.gradients import (
     FINITE_BLOCK_ELEMENTS,
@@ -17,6 +16,7 @@ from paramserve.server.gradients import (
     all_finite,
     check_push,
 )
+from paramserve.wire import SparseRows
 
 N = 2 * FINITE_BLOCK_ELEMENTS + 5  # two full blocks and a short one
 

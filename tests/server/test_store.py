@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from paramserve import optim_core
-from paramserve.client.tensors import SparseRows
 from paramserve.optim_core import IndexedSlices
 from paramserve.server.errors import (
     AlreadyExists,
@@ -24,6 +23,7 @@ from paramserve.server.errors import (
     Unavailable,
 )
 from paramserve.server.store import Limits, ModelState, ModelStore, VariableSpec
+from paramserve.wire import SparseRows
 
 from .helpers import (
     WAIT_S,

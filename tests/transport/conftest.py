@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 import pytest
 
-from paramserve.client import tensors as wire
+from paramserve import wire
 from paramserve.server.app import RunningServer, create_server
 from paramserve.server.config import ServerConfig
 from paramserve.v1 import parameter_server_pb2 as pb

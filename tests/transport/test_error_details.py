@@ -18,6 +18,7 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from paramserve import wire
 from paramserve.client import (
     Client,
     FailedPreconditionError,
@@ -26,7 +27,6 @@ from paramserve.client import (
     ResourceExhaustedError,
     UnauthenticatedError,
 )
-from paramserve.client import tensors as wire
 from paramserve.client.errors import from_rpc_error
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb

@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from paramserve.client import tensors as wire
+from paramserve import wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 

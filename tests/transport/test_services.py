@@ -22,7 +22,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from paramserve.client import tensors as wire
+from paramserve import wire
 from paramserve.server import cli
 from paramserve.server.app import create_server
 from paramserve.server.config import ConfigError, ServerConfig, load_config

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from paramserve.client import tensors as t
+from paramserve import wire as t
 from paramserve.v1 import tensor_pb2 as tpb
 
 DTYPES = ["float32", "float64", "float16", np.dtype(ml_dtypes.bfloat16), "int32", "int64"]

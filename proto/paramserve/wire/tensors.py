@@ -1,19 +1,17 @@
-"""Tensors on the wire: headers plus ~2 MiB raw chunks, both ways, with strict validation.
+"""Tensors on the wire: dtypes, headers, payloads and their strict reassembly.
 
-Shared by the SDK and the daemon. Sending slices the caller's array without copying;
-receiving copies each chunk once into a preallocated buffer. Any malformed stream
-(unknown dtype, wrong byte length, chunks out of order, skipped, repeated or missing)
-raises :class:`WireError`, which the server turns into INVALID_ARGUMENT.
+Shared by the SDK and the daemon (neither owns it). A tensor travels as a small
+``TensorHeader`` (name, dtype, shape, layout, byte length) and its raw little-endian bytes.
+Sending slices the caller's array without copying; receiving copies each chunk once into a
+preallocated buffer. Anything malformed (unknown dtype, wrong byte length, chunks out of
+order, skipped, repeated or missing) raises :class:`WireError`, which the server answers
+with INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
 
-import ctypes
 import math
-import os
-import platform
-import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,10 +20,6 @@ import numpy as np
 
 from paramserve.v1 import tensor_pb2 as tpb
 
-# Payload bytes per chunk message. 2 MiB beat 4 MiB (and 1 MiB, 512 KiB) in repeated whole-step
-# runs on 2 vCPUs: 16M floats 122 vs 135 ms/step, 1M floats 11.9 vs 13.1 ms; smaller pieces
-# pipeline better and stay in the L2 cache while they are copied.
-CHUNK_BYTES = 2 << 20
 INDEX_DTYPE = np.dtype("<i8")
 
 _DTYPES: dict[int, np.dtype] = {
@@ -40,52 +34,6 @@ _PROTO_BY_NAME = {dt.name: code for code, dt in _DTYPES.items()}
 # Hot-path lookups (``np.dtype.name`` costs microseconds): by dtype object, names by code.
 _PROTO_BY_DTYPE = {dt: code for code, dt in _DTYPES.items()}
 _NAME_BY_PROTO = {code: dt.name for code, dt in _DTYPES.items()}
-
-
-# glibc malloc settings for processes that move large tensors (see tune_malloc).
-MALLOC_MMAP_THRESHOLD_BYTES = 256 << 20
-MALLOC_TRIM_THRESHOLD_BYTES = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8  # <malloc.h>
-
-
-def tune_malloc(*, arena_max: int | None = 1) -> bool:
-    """Make glibc keep and reuse freed tensor-sized buffers instead of page-faulting new ones.
-
-    By default glibc serves large allocations with fresh ``mmap``s and gives freed memory
-    back to the kernel early, and threads allocate from their own arenas whose heaps top
-    out at 64 MiB; so every chunk message and every tensor-sized buffer of a step is
-    page-faulted (zero-filled by the kernel) afresh. Measured on 2 vCPUs, encoding 64 MiB
-    into 4 MiB messages took 41 ms of CPU by default and 5 ms with these settings. This
-    raises the mmap threshold to :data:`MALLOC_MMAP_THRESHOLD_BYTES`, the trim threshold to
-    :data:`MALLOC_TRIM_THRESHOLD_BYTES` and, with ``arena_max=1``, keeps every thread in
-    the main arena. The cost: freed memory stays with the process for reuse (its resident
-    size stays near its peak), and threads share one allocator lock.
-
-    The daemon calls this at start-up; a worker process may opt in (the SDK never calls
-    it by itself): with 16M-float steps it cut the worker's CPU per step from 60 to 48 ms;
-    at 1M floats and below it makes no measurable difference. The same for any process,
-    set before it starts::
-
-        MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 MALLOC_ARENA_MAX=1
-
-    Returns False and changes nothing off glibc, or when any ``MALLOC_*`` variable or
-    ``GLIBC_TUNABLES`` is set in the environment (the user's choice stands).
-    """
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    if "GLIBC_TUNABLES" in os.environ or any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) == 1
-    ok = mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD_BYTES) == 1 and ok
-    if arena_max is not None:
-        ok = mallopt(_M_ARENA_MAX, arena_max) == 1 and ok
-    return ok
 
 
 class WireError(ValueError):
@@ -181,27 +129,6 @@ def whole_payload(value: TensorValue) -> bytes:
     if isinstance(value, np.ndarray) and value.dtype.byteorder != ">":
         return value.tobytes()  # little-endian already; tobytes writes C order
     return b"".join(payload_views(value))
-
-
-def iter_chunks(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[tuple[int, int, memoryview]]:
-    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order."""
-    for i, value in enumerate(values):
-        offset = 0
-        for view in payload_views(value):
-            for start in range(0, len(view), chunk_bytes):
-                piece = view[start : start + chunk_bytes]
-                yield i, offset, piece
-                offset += len(piece)
-
-
-def chunk_messages(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[tpb.TensorChunk]:
-    """Protobuf chunks for ``values`` (one copy of each slice into its message)."""
-    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
-        yield tpb.TensorChunk(tensor=i, offset=offset, data=bytes(piece))
 
 
 def expected_bytes(header: tpb.TensorHeader) -> int:
@@ -341,108 +268,3 @@ def decode_payload(header: tpb.TensorHeader, payload: np.ndarray) -> TensorValue
         values = payload[split:].view(dtype).reshape((n, *shape[1:]))
         return SparseRows(indices=indices, values=values)
     return payload.view(dtype).reshape(shape)
-
-
-# --- Pre-encoded chunk messages ---------------------------------------------------------
-# Every stream wrapper (CreateModelRequest, PushRequest, TensorStreamItem) carries its
-# TensorChunk as field 2. Building a protobuf message copies the payload and serializing it
-# copies it again; writing the few bytes of framing by hand and joining them with the slice
-# makes one copy, and parsing the framing by hand lets a receiver copy straight from the
-# received bytes. Measured on 64 MiB in 4 MiB chunks: 3.1 vs 1.1 GB/s to encode, 6.7 vs
-# 4.5 GB/s to decode into a TensorAssembler.
-
-_WRAPPER_CHUNK_TAG = 0x12  # field 2, wire type 2 (length-delimited)
-# The last item of every client stream: ``end`` (an empty StreamEnd) is field 3 of each
-# wrapper (TensorStreamItem, PushRequest, CreateModelRequest, UploadSnapshotRequest), so
-# one encoding serves them all.
-END_ITEM = tpb.TensorStreamItem(end=tpb.StreamEnd()).SerializeToString()
-_TENSOR_TAG, _OFFSET_TAG, _DATA_TAG = 0x08, 0x10, 0x1A  # TensorChunk fields 1, 2, 3
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        low = value & 0x7F
-        value >>= 7
-        if value:
-            out.append(low | 0x80)
-        else:
-            out.append(low)
-            return bytes(out)
-
-
-def encode_chunk_item(tensor: int, offset: int, piece: memoryview | bytes) -> bytes:
-    """The serialized wrapper message holding ``TensorChunk(tensor, offset, data=piece)``.
-
-    Byte-for-byte what protobuf writes for ``PushRequest(chunk=...)`` (and the other
-    wrappers), with one copy of ``piece``. Send it through a call with no serializer.
-    """
-    inner = bytearray()
-    if tensor:
-        inner += bytes((_TENSOR_TAG,)) + _varint(tensor)
-    if offset:
-        inner += bytes((_OFFSET_TAG,)) + _varint(offset)
-    if len(piece):
-        inner += bytes((_DATA_TAG,)) + _varint(len(piece))
-    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + len(piece)) + inner
-    return b"".join((head, piece))
-
-
-def encoded_chunk_items(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[bytes]:
-    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order."""
-    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
-        yield encode_chunk_item(i, offset, piece)
-
-
-def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if pos >= len(buf) or shift > 63:
-            raise IndexError("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, pos
-
-
-def decode_chunk_item(raw: bytes) -> tuple[int, int, memoryview] | None:
-    """``(tensor, offset, data view)`` if ``raw`` is a wrapper holding only a chunk, else None.
-
-    Only the exact shape :func:`encode_chunk_item` and protobuf produce is taken (each
-    field at most once, no unknown fields); anything else returns None so the caller parses
-    it with protobuf, which also reports malformed input. The view aliases ``raw``.
-    """
-    buf = memoryview(raw)
-    try:
-        if not buf or buf[0] != _WRAPPER_CHUNK_TAG:
-            return None
-        length, pos = _read_varint(buf, 1)
-        if pos + length != len(buf):
-            return None
-        tensor = offset = 0
-        data: memoryview | None = None
-        seen: set[int] = set()
-        while pos < len(buf):
-            tag = buf[pos]
-            if tag in seen or tag not in (_TENSOR_TAG, _OFFSET_TAG, _DATA_TAG):
-                return None
-            seen.add(tag)
-            value, pos = _read_varint(buf, pos + 1)
-            if tag == _TENSOR_TAG:
-                tensor = value
-            elif tag == _OFFSET_TAG:
-                offset = value
-            else:
-                if pos + value > len(buf):
-                    return None
-                data = buf[pos : pos + value]
-                pos += value
-    except IndexError:
-        return None
-    if tensor > 0xFFFFFFFF:
-        return None
-    return tensor, offset, data if data is not None else buf[0:0]

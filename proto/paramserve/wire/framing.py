@@ -1,0 +1,145 @@
+"""Chunk framing: a tensor stream's payload as ~2 MiB chunk messages, encoded by hand.
+
+Every client and server tensor stream is a header message, chunk messages, and (client
+streams) an end item. This module cuts payloads into chunks and writes and reads the
+chunk messages' few bytes of protobuf framing directly, so a chunk costs one copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from paramserve.v1 import tensor_pb2 as tpb
+
+from .tensors import TensorValue, payload_views
+
+# Payload bytes per chunk message. 2 MiB beat 4 MiB (and 1 MiB, 512 KiB) in repeated whole-step
+# runs on 2 vCPUs: 16M floats 122 vs 135 ms/step, 1M floats 11.9 vs 13.1 ms; smaller pieces
+# pipeline better and stay in the L2 cache while they are copied.
+CHUNK_BYTES = 2 << 20
+
+
+def iter_chunks(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, int, memoryview]]:
+    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order."""
+    for i, value in enumerate(values):
+        offset = 0
+        for view in payload_views(value):
+            for start in range(0, len(view), chunk_bytes):
+                piece = view[start : start + chunk_bytes]
+                yield i, offset, piece
+                offset += len(piece)
+
+
+def chunk_messages(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tpb.TensorChunk]:
+    """Protobuf chunks for ``values`` (one copy of each slice into its message)."""
+    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
+        yield tpb.TensorChunk(tensor=i, offset=offset, data=bytes(piece))
+
+
+# --- Pre-encoded chunk messages ---------------------------------------------------------
+# Every stream wrapper (CreateModelRequest, PushRequest, TensorStreamItem) carries its
+# TensorChunk as field 2. Building a protobuf message copies the payload and serializing it
+# copies it again; writing the few bytes of framing by hand and joining them with the slice
+# makes one copy, and parsing the framing by hand lets a receiver copy straight from the
+# received bytes. Measured on 64 MiB in 4 MiB chunks: 3.1 vs 1.1 GB/s to encode, 6.7 vs
+# 4.5 GB/s to decode into a TensorAssembler.
+
+_WRAPPER_CHUNK_TAG = 0x12  # field 2, wire type 2 (length-delimited)
+# The last item of every client stream: ``end`` (an empty StreamEnd) is field 3 of each
+# wrapper (TensorStreamItem, PushRequest, CreateModelRequest, UploadSnapshotRequest), so
+# one encoding serves them all.
+END_ITEM = tpb.TensorStreamItem(end=tpb.StreamEnd()).SerializeToString()
+_TENSOR_TAG, _OFFSET_TAG, _DATA_TAG = 0x08, 0x10, 0x1A  # TensorChunk fields 1, 2, 3
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def encode_chunk_item(tensor: int, offset: int, piece: memoryview | bytes) -> bytes:
+    """The serialized wrapper message holding ``TensorChunk(tensor, offset, data=piece)``.
+
+    Byte-for-byte what protobuf writes for ``PushRequest(chunk=...)`` (and the other
+    wrappers), with one copy of ``piece``. Send it through a call with no serializer.
+    """
+    inner = bytearray()
+    if tensor:
+        inner += bytes((_TENSOR_TAG,)) + _varint(tensor)
+    if offset:
+        inner += bytes((_OFFSET_TAG,)) + _varint(offset)
+    if len(piece):
+        inner += bytes((_DATA_TAG,)) + _varint(len(piece))
+    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + len(piece)) + inner
+    return b"".join((head, piece))
+
+
+def encoded_chunk_items(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
+    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order."""
+    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
+        yield encode_chunk_item(i, offset, piece)
+
+
+def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        if pos >= len(buf) or shift > 63:
+            raise IndexError("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        shift += 7
+        if not byte & 0x80:
+            return value, pos
+
+
+def decode_chunk_item(raw: bytes) -> tuple[int, int, memoryview] | None:
+    """``(tensor, offset, data view)`` if ``raw`` is a wrapper holding only a chunk, else None.
+
+    Only the exact shape :func:`encode_chunk_item` and protobuf produce is taken (each
+    field at most once, no unknown fields); anything else returns None so the caller parses
+    it with protobuf, which also reports malformed input. The view aliases ``raw``.
+    """
+    buf = memoryview(raw)
+    try:
+        if not buf or buf[0] != _WRAPPER_CHUNK_TAG:
+            return None
+        length, pos = _read_varint(buf, 1)
+        if pos + length != len(buf):
+            return None
+        tensor = offset = 0
+        data: memoryview | None = None
+        seen: set[int] = set()
+        while pos < len(buf):
+            tag = buf[pos]
+            if tag in seen or tag not in (_TENSOR_TAG, _OFFSET_TAG, _DATA_TAG):
+                return None
+            seen.add(tag)
+            value, pos = _read_varint(buf, pos + 1)
+            if tag == _TENSOR_TAG:
+                tensor = value
+            elif tag == _OFFSET_TAG:
+                offset = value
+            else:
+                if pos + value > len(buf):
+                    return None
+                data = buf[pos : pos + value]
+                pos += value
+    except IndexError:
+        return None
+    if tensor > 0xFFFFFFFF:
+        return None
+    return tensor, offset, data if data is not None else buf[0:0]

@@ -809,10 +809,11 @@ class RemoteOptimizer(torch.optim.Optimizer):
         ]
         if differ:
             warnings.warn(
-                f"Parameters {differ} differ from the server's weights at version "
-                f"{weights.version}: the optimizer state was restored, but the server trains "
-                "its own weights. Restore them with a server snapshot (Client.restore), or "
-                "call pull() to take them into the module.",
+                f"Parameters {differ} differ from the server's weights: the optimizer state "
+                f"and iteration count were restored (the model is at version {weights.version} "
+                "now), but the server keeps the weights it holds and trains those. Restore "
+                "them with a server snapshot (Client.restore), or call pull() to take them "
+                "into the module.",
                 stacklevel=2,
             )
 

@@ -4,15 +4,14 @@ The server applies Keras 3's update rules (:mod:`paramserve.optim_core`), not to
 torch optimizers have a Keras counterpart with the same maths up to where epsilon sits, how
 momentum holds the learning rate, and how weight decay is applied; :func:`from_torch` maps
 the settings and lists every such difference in plain words. What has no counterpart
-(``maximize``, SGD's ``dampening``, NAdam with another ``momentum_decay``, optimizers Keras
-lacks) is refused with ValueError.
+(``maximize``, SGD's ``dampening``, optimizers Keras lacks) is refused with ValueError.
 
 | torch.optim | Keras / optim_core | settings |
 | --- | --- | --- |
 | SGD | SGD | lr, momentum, nesterov, weight_decay (decoupled) |
 | Adam | Adam | lr, betas, eps, amsgrad, weight_decay (decoupled) |
 | Adam(decoupled_weight_decay=True), AdamW | AdamW | lr, betas, eps, amsgrad, weight_decay |
-| NAdam | Nadam | lr, betas, eps, weight_decay (decoupled); momentum_decay must be 0.004 |
+| NAdam | Nadam | lr, betas, eps, weight_decay (decoupled); Keras's momentum_decay is 1 |
 | RMSprop | RMSprop | lr, alpha -> rho, eps -> epsilon = eps**2, momentum, centered |
 | Adagrad | Adagrad | lr, lr_decay -> InverseTimeDecay, eps -> eps**2, initial_accumulator_value |
 | Adamax | Adamax | lr, betas, eps |
@@ -33,8 +32,9 @@ from paramserve.optim_core import schedules
 
 # Settings of torch's optimizers that choose an implementation, not the maths.
 _IMPLEMENTATION_OPTIONS = ("foreach", "fused", "capturable")
-# Keras's Nadam fixes its momentum schedule at 0.96 ** (0.004 * t), torch's default.
-_KERAS_NADAM_MOMENTUM_DECAY = 0.004
+# Keras 3's Nadam fixes its momentum schedule at mu_t = beta_1 * (1 - 0.5 * 0.96 ** t): torch's
+# NAdam with momentum_decay=1 (torch's default is 0.004).
+_KERAS_NADAM_MOMENTUM_DECAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -189,9 +189,10 @@ def _betas(settings: dict[str, Any]) -> dict[str, float]:
 
 def _momentum_note(name: str, differences: list[str]) -> None:
     differences.append(
-        f"{name}: Keras's velocity holds the learning rate (m = momentum * m - lr * g); "
-        "torch's holds raw gradients and multiplies by the current lr. The same while lr is "
-        "constant; after an lr change (a scheduler), Keras's past velocity keeps the old rate"
+        f"{name}: Keras's momentum buffer holds steps with the learning rate applied (SGD: "
+        "m = momentum * m - lr * g); torch's holds them without and multiplies by the current "
+        "lr. The same while lr is constant; after an lr change (a scheduler), Keras's past "
+        "momentum keeps the old rate"
     )
 
 
@@ -227,12 +228,19 @@ def _adam(s: dict[str, Any], source: str, differences: list[str]) -> tuple[str, 
 
 
 def _nadam(s: dict[str, Any], source: str, differences: list[str]) -> tuple[str, dict[str, Any]]:
-    decay = float(s.get("momentum_decay", _KERAS_NADAM_MOMENTUM_DECAY))
-    if not math.isclose(decay, _KERAS_NADAM_MOMENTUM_DECAY, rel_tol=1e-12):
-        raise ValueError(
-            f"{source}(momentum_decay={decay:g}) has no Keras counterpart: Keras's Nadam fixes "
-            f"the momentum schedule at beta_1 * (1 - 0.5 * 0.96^({_KERAS_NADAM_MOMENTUM_DECAY} "
-            "* t)), torch's default"
+    decay = float(s.get("momentum_decay", 0.004))
+    if decay != _KERAS_NADAM_MOMENTUM_DECAY:
+        beta_1 = float(s["betas"][0])
+
+        def mu(t: int) -> float:
+            return beta_1 * (1 - 0.5 * 0.96 ** (t * decay))
+
+        differences.append(
+            f"momentum_decay={decay:g}: torch's momentum schedule is mu_t = beta_1 * (1 - 0.5 "
+            f"* 0.96^(t * {decay:g})); Keras's Nadam fixes it at 0.96^t (momentum_decay=1): "
+            f"its mu_t rises from {beta_1 * 0.52:.3g} to {beta_1 * (1 - 0.5 * 0.96**100):.3g} "
+            f"by step 100, torch's is {mu(100):.3g} there and {mu(1000):.3g} at step 1,000. "
+            "With momentum_decay=1 the rules agree"
         )
     wd = _weight_decay(s, source, differences, decoupled=bool(s.get("decoupled_weight_decay")))
     config = {

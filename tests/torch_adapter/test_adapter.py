@@ -157,6 +157,28 @@ def test_dtypes_equal_optim_core_replay(start_server, connect, dtype) -> None:
     _assert_equal_state(opt.client, reference)
 
 
+def test_non_contiguous_parameters_are_written_with_copy(start_server, connect) -> None:
+    """A parameter whose memory cannot receive the pull directly (non-contiguous here; any
+    CUDA parameter) takes the new weights through copy_, with the same result."""
+    server = start_server()
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(4, 3).t())  # a (3, 4) view of (4, 3) memory
+    assert not weight.is_contiguous()
+    initial = {"weight": _host(weight)}
+    opt = RemoteOptimizer([("weight", weight)], connect(server), optimizer="adam",
+                          step_max_bytes=0)  # fmt: skip
+    x = torch.randn(5, 4)
+    pushed = []
+    for _ in range(2):
+        opt.zero_grad()
+        (x @ weight.t()).square().sum().backward()
+        pushed.append({"weight": _host(weight.grad)})
+        opt.step()
+    assert not weight.is_contiguous()
+    expected, _ = _replay(optim_core.Adam(), initial, pushed)
+    np.testing.assert_array_equal(_host(weight), expected["weight"])
+
+
 def test_sparse_embedding_gradients_travel_as_rows(start_server, connect) -> None:
     server = start_server()
     torch.manual_seed(0)
@@ -376,6 +398,44 @@ def test_worker_tokens_join_an_existing_model_and_cannot_create(start_server, co
     _assert_equal_weights(worker, _weights(creator))
     _train(opt, worker, 1)
     assert opt.version == 1
+
+
+def test_a_worker_training_part_of_the_model_adds_a_group_later(start_server, connect) -> None:
+    """The model is created whole; a worker joins with optimizer=None for the head only
+    (fine-tuning), then adds the hidden layer with add_param_group: both take the server's
+    weights, the hidden layer's weight decay exclusion is checked, and both train."""
+    server = start_server()
+    creator = _module(seed=0)
+    weights = [(n, p) for n, p in creator.named_parameters() if n.endswith("weight")]
+    biases = [(n, p) for n, p in creator.named_parameters() if n.endswith("bias")]
+    RemoteOptimizer(
+        [{"params": weights}, {"params": biases, "weight_decay": 0.0}],
+        connect(server),
+        optimizer=optim_core.AdamW(learning_rate=0.01, weight_decay=0.1),
+    )
+    model = _module(seed=1)
+    named = dict(model.named_parameters())
+    head = [(n, p) for n, p in named.items() if n.startswith("head")]
+    hidden = [(n, p) for n, p in named.items() if n.startswith("hidden")]
+    opt = RemoteOptimizer(head, connect(server), optimizer=None)
+    assert opt.param_groups[0]["lr"] == 0.01
+    for name, _ in hidden:
+        named[name].requires_grad_(False)
+    _train(opt, model, 1)
+    assert opt.version == 1
+    with pytest.raises(ValueError, match=r"decays \['hidden.bias'\]"):
+        opt.add_param_group({"params": hidden, "weight_decay": 0.1})
+    for name, _ in hidden:
+        named[name].requires_grad_(True)
+    opt.add_param_group({"params": hidden[:1]})  # takes the server's decay: 0.1
+    opt.add_param_group({"params": hidden[1:], "weight_decay": 0.0})
+    # The head group shows the server's decay, though its bias is excluded on the server.
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.1, 0.0]
+    served = connect(server).pull()
+    _assert_equal_weights(model, dict(served))
+    _train(opt, model, 1)
+    assert opt.version == 2
+    _assert_equal_weights(model, dict(connect(server).pull()))
 
 
 def test_create_false_needs_an_existing_model(start_server, connect) -> None:

@@ -258,7 +258,8 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "optimizer=... (a name, a config dict, an optimizer) to create it",
                 reason="NO_MODEL",
             )
-        base = _target(requested if requested is not None else description.optimizer)  # type: ignore[union-attr]
+        source = requested if requested is not None else description.optimizer  # type: ignore[union-attr]
+        base = _target(source)
         lr = base.get("config", {}).get("learning_rate")
         if _is_schedule(lr) or lr is None:
             lr = float(optim_core.deserialize(base).learning_rate)
@@ -816,6 +817,3 @@ class RemoteOptimizer(torch.optim.Optimizer):
                 "into the module.",
                 stacklevel=2,
             )
-
-    def __repr__(self) -> str:
-        return f"<paramserve RemoteOptimizer {self.client.address} version={self._version}>"

@@ -20,9 +20,16 @@ not torch's: :func:`from_torch` maps a torch optimizer's settings to the nearest
 configuration and lists what differs.
 
 Data handling: gradients of CPU parameters are pushed straight from their memory (a NumPy
-view, no copy; bfloat16 through an int16 view), and new weights are received straight into
-the parameters' memory (``Client.pull(out=...)``); CUDA parameters go through a host copy
-and ``copy_``. float32, float64, float16 and bfloat16 parameters are supported.
+view, no copy; bfloat16 through an int16 view). New weights are received straight into the
+memory of contiguous CPU parameters (``Client.pull(out=...)``), except for models small
+enough for one Step round trip (``step_max_bytes``, 1 MiB), whose reply is copied in with
+``copy_``; CUDA parameters go through a host copy and ``copy_``. float32, float64, float16
+and bfloat16 parameters are supported; sparse gradients (``nn.Embedding(sparse=True)``)
+travel as rows.
+
+Learning rate: the server has one. ``param_groups`` carry it as ``lr`` (all groups alike),
+so ``torch.optim.lr_scheduler`` works: a changed lr is sent (``SetHyperparameters``, an
+admin call when the server has tokens) before the next step's gradients.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from paramserve.wire import tune_malloc
+from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
 from .aggregator import AggregationConfig, Aggregator, PushLog
@@ -28,7 +28,7 @@ from .config import ServerConfig, format_address
 from .errors import ParamServeError
 from .metrics import ServerMetrics
 from .reflection import enable_server_reflection
-from .servicer import SERVICE_NAME, ParameterServerServicer, ServerCore, add_to_server
+from .servicer import ParameterServerServicer, ServerCore, add_to_server
 from .snapshots import SnapshotStore
 from .store import Limits, ModelStore
 

@@ -19,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from paramserve.wire import DEFAULT_ADDRESS
+
 from .config import (
     DEADLINE_POLICIES,
     DEVICES,
@@ -35,8 +37,6 @@ from .config import (
 from .errors import StartupRefused
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra={...}``.

@@ -56,16 +56,11 @@ from .store import ModelState, ModelStore
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 # Payload per outgoing message: a chunk less headroom for framing, so that clients with gRPC's
 # default 4 MiB receive limit can read every message (and never above max_message_bytes).
 _FRAMING_HEADROOM_BYTES = 16 << 10
 OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
-# Upper bounds of what a Step reply adds to the weights: the response's own fields, and per
-# tensor the InlineTensor/TensorHeader framing beyond its name and shape.
-_STEP_REPLY_OVERHEAD_BYTES = 64
-_INLINE_OVERHEAD_BYTES = 48
 T = TypeVar("T")
 
 
@@ -376,12 +371,6 @@ def _snapshot_pb(info: SnapshotInfo) -> pb.SnapshotInfo:
     )
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"{type(value).__name__} is not JSON serializable")
-
-
 def _dense_header(name: str, dtype: str, shape: tuple[int, ...]) -> tpb.TensorHeader:
     code = wire.dtype_to_proto(dtype)
     size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
@@ -617,7 +606,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             key = (
                 self._store.model_name,
                 tuple(self._store.specs()),
-                json.dumps(self._store.optimizer_config(), sort_keys=True, default=_json_default),
+                json.dumps(
+                    self._store.optimizer_config(), sort_keys=True, default=wire.json_default
+                ),
             )
             if self._optimizer_specs_cache[0] != key:
                 _, items = self._store.optimizer_state()
@@ -672,10 +663,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     ) -> None:
         """The weights a Step returns exist and fit one message (checked before the push)."""
         sizes = self._store.read_sizes(names, rows)
-        total = _STEP_REPLY_OVERHEAD_BYTES + sum(
-            size + _INLINE_OVERHEAD_BYTES + len(name.encode()) + 11 * rank
-            for name, (size, rank) in sizes.items()
-        )
+        total = wire.step_reply_bytes((n, size, rank) for n, (size, rank) in sizes.items())
         limit = self._limits.max_message_bytes
         if total > limit:
             raise limit_exceeded(
@@ -781,7 +769,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             response = pb.DescribeResponse(
                 model_name=self._store.model_name,
                 variables=variables,
-                optimizer_json=json.dumps(config, default=_json_default),
+                optimizer_json=json.dumps(config, default=wire.json_default),
                 hyperparameters=self._store.hyperparameters(),
                 version=self._store.version,
                 aggregation=_aggregation_info(self._aggregator.config),
@@ -799,7 +787,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         values = self._store.set_hyperparameters(dict(request.values))
         config = self._store.optimizer_config()
         return pb.SetHyperparametersResponse(
-            hyperparameters=values, optimizer_json=json.dumps(config, default=_json_default)
+            hyperparameters=values, optimizer_json=json.dumps(config, default=wire.json_default)
         )
 
     # -- training ----------------------------------------------------------------------------

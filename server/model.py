@@ -17,13 +17,12 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.optim_core import Optimizer, Variable
+from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Variable
 
 from .errors import InvalidArgument, limit_exceeded
 
 logger = logging.getLogger(__name__)
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NAME_CHARS = 1024
 
 

@@ -23,10 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
-from .aggregator import AggregationConfig, Aggregator, PushLog
+from .aggregator import AggregationConfig, Aggregator
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
 from .metrics import ServerMetrics
+from .push_log import PushLog
 from .reflection import enable_server_reflection
 from .servicer import ParameterServerServicer, ServerCore, add_to_server
 from .snapshots import SnapshotStore

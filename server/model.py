@@ -1,14 +1,17 @@
-"""A model definition: variable specs, limits, and building or comparing a model.
+"""A model definition: variable specs, limits, building or comparing a model, and editing
+its hyperparameters.
 
 The store keeps one :class:`Model` at a time; this module checks a requested
-definition (names, dtypes, limits, optimizer), builds it on a device, and says in
-words how two definitions differ, so create/import fail before touching live state.
+definition (names, dtypes, limits, optimizer), builds it on a device, says in
+words how two definitions differ, so create/import fail before touching live state,
+and validates a hyperparameter change before it makes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,11 +22,12 @@ import numpy as np
 from paramserve import optim_core
 from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Variable
 
-from .errors import InvalidArgument, limit_exceeded
+from .errors import FailedPrecondition, InvalidArgument, limit_exceeded
 
 logger = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 1024
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -269,3 +273,64 @@ def specs_of(model: Model) -> list[VariableSpec]:
 
 def current_config(model: Model) -> str:
     return config_json(optim_core.serialize(model.optimizer))
+
+
+# --- hyperparameters ----------------------------------------------------------------------
+def hyperparameters_of(optimizer: Optimizer) -> dict[str, float]:
+    """The current learning rate and every float-valued optimizer config entry."""
+    out = {"learning_rate": float(optimizer.learning_rate)}
+    for key, value in optimizer.get_config().items():
+        if key != "learning_rate" and type(value) is float:
+            out[key] = value
+    return out
+
+
+def edit_hyperparameters(model: Model, values: Mapping[str, Any]) -> None:
+    """Change ``model``'s hyperparameters in place; all are validated before any changes.
+
+    A learning rate is set on the optimizer; other values rebuild it from its edited config
+    (so its constructor checks them) and carry the slots and step counter over.
+    """
+    allowed = hyperparameters_of(model.optimizer)
+    for key, value in values.items():
+        if key not in allowed:
+            raise InvalidArgument(
+                f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}",
+                violations=[(f"values[{key}]", "not a hyperparameter of this optimizer")],
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(
+                f"hyperparameter {key!r} must be a number; got {type(value).__name__}",
+                violations=[(f"values[{key}]", "must be a number")],
+            )
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"hyperparameter {key!r} must be finite; got {value}",
+                violations=[(f"values[{key}]", "must be finite")],
+            )
+        if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
+            raise InvalidArgument(
+                f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
+                f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}",
+                violations=[(f"values[{key}]", "must fit float32")],
+            )
+    config = optim_core.serialize(model.optimizer)
+    if "learning_rate" in values and lr_is_schedule(config["config"]):
+        raise FailedPrecondition(
+            "the learning rate follows a schedule and cannot be set to a number"
+        )
+    others = {k: float(v) for k, v in values.items() if k != "learning_rate"}
+    if others:
+        config["config"].update(others)
+        rebuilt = make_optimizer(config)
+        rebuilt.build(list(model.variables.values()))
+        try:
+            rebuilt.load_state_dict(model.optimizer.state_dict())
+        except ValueError as exc:  # e.g. SGD momentum to or from 0 adds or drops slots
+            raise FailedPrecondition(
+                f"cannot change {sorted(others)} of a live model: the new values change "
+                f"the optimizer's state variables ({exc})"
+            ) from None
+        model.optimizer = rebuilt
+    if "learning_rate" in values:
+        model.optimizer.learning_rate = float(values["learning_rate"])

@@ -25,7 +25,6 @@ from . import gradients
 from .errors import (
     AlreadyExists,
     DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
@@ -41,7 +40,8 @@ from .model import (
     config_json,
     current_config,
     describe_difference,
-    lr_is_schedule,
+    edit_hyperparameters,
+    hyperparameters_of,
     make_optimizer,
     specs_of,
 )
@@ -51,7 +51,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
 DEFAULT_LIMITS = Limits()
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 T = TypeVar("T")
 _INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
@@ -240,65 +239,16 @@ class ModelStore:
     def hyperparameters(self) -> dict[str, float]:
         """The current learning rate and every float-valued optimizer config entry."""
         with self.lock:
-            opt = self._require_model().optimizer
-            out = {"learning_rate": float(opt.learning_rate)}
-            for key, value in opt.get_config().items():
-                if key != "learning_rate" and type(value) is float:
-                    out[key] = value
-            return out
+            return hyperparameters_of(self._require_model().optimizer)
 
     def set_hyperparameters(self, values: dict[str, float]) -> dict[str, float]:
         """Change hyperparameters live; all are validated before any changes."""
         with self.lock:
             model = self._require_model()
-            allowed = self.hyperparameters()
-            for key, value in values.items():
-                if key not in allowed:
-                    raise InvalidArgument(
-                        f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}",
-                        violations=[(f"values[{key}]", "not a hyperparameter of this optimizer")],
-                    )
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise InvalidArgument(
-                        f"hyperparameter {key!r} must be a number; got {type(value).__name__}",
-                        violations=[(f"values[{key}]", "must be a number")],
-                    )
-                if not math.isfinite(value):
-                    raise InvalidArgument(
-                        f"hyperparameter {key!r} must be finite; got {value}",
-                        violations=[(f"values[{key}]", "must be finite")],
-                    )
-                if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
-                    raise InvalidArgument(
-                        f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
-                        f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}",
-                        violations=[(f"values[{key}]", "must fit float32")],
-                    )
-            config = optim_core.serialize(model.optimizer)
-            if "learning_rate" in values and lr_is_schedule(config["config"]):
-                raise FailedPrecondition(
-                    "the learning rate follows a schedule and cannot be set to a number"
-                )
-            others = {k: float(v) for k, v in values.items() if k != "learning_rate"}
-            if others:
-                # Rebuild from the edited config so the constructor checks the new values,
-                # then carry the slots and step counter over.
-                config["config"].update(others)
-                rebuilt = make_optimizer(config)
-                rebuilt.build(list(model.variables.values()))
-                try:
-                    rebuilt.load_state_dict(model.optimizer.state_dict())
-                except ValueError as exc:  # e.g. SGD momentum to or from 0 adds or drops slots
-                    raise FailedPrecondition(
-                        f"cannot change {sorted(others)} of a live model: the new values change "
-                        f"the optimizer's state variables ({exc})"
-                    ) from None
-                model.optimizer = rebuilt
-            if "learning_rate" in values:
-                model.optimizer.learning_rate = float(values["learning_rate"])
+            edit_hyperparameters(model, values)
             self.changed.notify_all()
             logger.info("hyperparameters changed: %s", values)
-            return self.hyperparameters()
+            return hyperparameters_of(model.optimizer)
 
     # --- gradients -----------------------------------------------------------------------
     def validate_push(self, grads: dict[str, np.ndarray | SparseRows]) -> dict[str, Any] | None:

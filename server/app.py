@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
-from .aggregator import AggregationConfig, Aggregator
+from .aggregator import Aggregator
 from .config import ServerConfig, format_address
 from .errors import ParamServeError
 from .metrics import ServerMetrics
@@ -31,7 +31,7 @@ from .push_log import PushLog
 from .reflection import enable_server_reflection
 from .servicer import ParameterServerServicer, ServerCore, add_to_server
 from .snapshots import SnapshotStore
-from .store import Limits, ModelStore
+from .store import ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,6 @@ class RunningServer:
 
 
 def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
-    limits = config.limits
     snapshots = None
     if config.checkpoint_dir is not None:
         # First: it locks the directory (or refuses to start) and removes crash leftovers.
@@ -192,19 +191,11 @@ def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
             config.checkpoint_dir, keep_last=config.keep_snapshots, exclusive=True
         )
     store = _TimedStore(
-        metrics,
-        device=config.device,
-        nonfinite=config.nonfinite,
-        limits=Limits(
-            max_variables=limits.max_variables,
-            max_tensor_bytes=limits.max_tensor_bytes,
-            max_state_bytes=limits.max_state_bytes,
-        ),
+        metrics, device=config.device, nonfinite=config.nonfinite, limits=config.limits
     )
     aggregator = Aggregator(
         store,
-        # ServerConfig carries every AggregationConfig field under the same name.
-        AggregationConfig(**{f.name: getattr(config, f.name) for f in fields(AggregationConfig)}),
+        config.aggregation,
         push_log=PushLog(config.push_log) if config.push_log is not None else None,
         on_round_closed=metrics.record_round,
     )
@@ -346,8 +337,8 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     logger.info(
         "paramserve listening on %s (mode=%s, replicas=%d, device=%s)",
         running.address,
-        config.mode,
-        config.replicas,
+        config.aggregation.mode,
+        config.aggregation.replicas,
         core.store.device,
         extra={
             "event": "listening",

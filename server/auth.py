@@ -30,8 +30,8 @@ import grpc
 
 from paramserve.wire import SERVICE_NAME
 
-from .config import ConfigError
 from .errors import ParamServeError, PermissionDenied, Unauthenticated
+from .settings import ConfigError
 from .status import grpc_status
 
 if sys.version_info >= (3, 11):

@@ -17,10 +17,11 @@ from paramserve.optim_core import IndexedSlices, array_module, to_device
 from paramserve.v1 import tensor_pb2 as tpb
 from paramserve.wire import SparseRows, dtype_from_proto
 
+from .aggregation import REDUCTIONS
 from .errors import InvalidArgument, NotFound, limit_exceeded
 
+# What a push with NaN or Inf gets (the store's and --nonfinite's choices).
 NONFINITE_POLICIES = ("reject", "skip", "allow")
-REDUCTIONS = ("sum", "mean")
 # Elements checked per block by all_finite: a 128 KiB scratch, and blocks that stay in cache.
 FINITE_BLOCK_ELEMENTS = 1 << 17
 _FLOAT_CODES = frozenset((tpb.FLOAT32, tpb.FLOAT64, tpb.FLOAT16, tpb.BFLOAT16))

@@ -23,6 +23,7 @@ from paramserve import optim_core
 from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Variable
 
 from .errors import FailedPrecondition, InvalidArgument, limit_exceeded
+from .limits import Limits
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,6 @@ class VariableSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits that keep one request from exhausting the server."""
-
-    max_variables: int = 10_000
-    max_tensor_bytes: int = 8 << 30
-    max_state_bytes: int = 64 << 30
 
 
 @dataclass

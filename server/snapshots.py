@@ -46,7 +46,8 @@ from .checkpoint_dir import (
     ServingRecord,
 )
 from .errors import InvalidArgument, NotFound, StartupRefused
-from .model import Limits, ModelState, check_variables, make_optimizer
+from .limits import Limits
+from .model import ModelState, check_variables, make_optimizer
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ this module only checks input, keeps the variables and hands them to the optimiz
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +18,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.wire import INDEX_DTYPE, SparseRows
+from paramserve.wire import SparseRows, payload_bytes
 
 from . import gradients
 from .errors import (
@@ -29,8 +28,8 @@ from .errors import (
     NotFound,
     Unavailable,
 )
+from .limits import Limits
 from .model import (
-    Limits,
     Model,
     ModelState,
     VariableSpec,
@@ -45,6 +44,7 @@ from .model import (
     make_optimizer,
     specs_of,
 )
+from .settings import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer
 
 DEFAULT_LIMITS = Limits()
 T = TypeVar("T")
-_INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
 
 def _host_copy(value: Any) -> np.ndarray:
@@ -75,11 +74,7 @@ class ModelStore:
     def __init__(
         self, *, device: str = "cpu", nonfinite: str = "reject", limits: Limits = DEFAULT_LIMITS
     ) -> None:
-        if nonfinite not in gradients.NONFINITE_POLICIES:
-            raise ValueError(
-                f"`nonfinite` must be one of {gradients.NONFINITE_POLICIES}. "
-                f"Received: nonfinite={nonfinite!r}"
-            )
+        check_choice("nonfinite", nonfinite, gradients.NONFINITE_POLICIES)
         self.device: str = optim_core.resolve_device(device)
         self.nonfinite = nonfinite
         self.limits = limits
@@ -350,12 +345,8 @@ class ModelStore:
             out = {}
             for name in wanted:
                 dtype, shape = model.specs[name]
-                if name in selections:
-                    row = math.prod(shape[1:]) * dtype.itemsize
-                    size = len(selections[name]) * (_INDEX_BYTES + row)
-                else:
-                    size = math.prod(shape) * dtype.itemsize
-                out[name] = (size, len(shape))
+                rows = len(selections[name]) if name in selections else None
+                out[name] = (payload_bytes(dtype.itemsize, shape, rows), len(shape))
             return out
 
     def wait_for_version(self, min_version: int, timeout_s: float | None) -> int:

@@ -39,6 +39,7 @@ from .errors import (
     SequenceRegressed,
     Unavailable,
 )
+from .hooks import NO_METRICS, CoreMetrics
 from .push_log import PushLog
 from .store import ModelStore
 
@@ -97,13 +98,14 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
         push_log: PushLog | None = None,
-        on_round_closed: Callable[[str], None] | None = None,
+        metrics: CoreMetrics = NO_METRICS,
     ) -> None:
         self._store = store
         self.config = config
         self._clock = clock
-        # Told "full", "partial" or "aborted" as each sync round ends (metrics); under the lock.
-        self._on_round_closed = on_round_closed
+        # Told of every apply and of each sync round's end (full, partial, aborted); under
+        # the lock.
+        self._metrics = metrics
         self._push_log = push_log
         self._workers: dict[str, _Worker] = {}
         self._round: _Round | None = None
@@ -287,6 +289,13 @@ class Aggregator:
         worker.clock += 1
         self._store.changed.notify_all()
 
+    def _apply(self, grads: dict[str, Any]) -> int:
+        """One optimizer step on the store, timed for the metrics; the new version."""
+        start = time.perf_counter()
+        version = self._store.apply(grads)
+        self._metrics.observe_apply(time.perf_counter() - start)
+        return version
+
     def _check_generation(self, generation: int) -> None:
         self._check_open()
         if self._store.generation != generation:
@@ -449,7 +458,7 @@ class Aggregator:
                 combined = store.combine(
                     [p for _, p in valid], reduction=cfg.reduction, scale=scale
                 )
-                version = store.apply(combined)
+                version = self._apply(combined)
             else:
                 version = store.version
         except Exception:
@@ -467,8 +476,7 @@ class Aggregator:
             )
         self._rounds_completed += 1
         self._rounds_partial += int(partial)
-        if self._on_round_closed is not None:
-            self._on_round_closed("partial" if partial else "full")
+        self._metrics.record_round("partial" if partial else "full")
         round_.version_after = version
         round_.contributors = len(valid)
         round_.applied_workers = {wid for wid, _ in valid}
@@ -490,8 +498,7 @@ class Aggregator:
             return
         round_.error = error
         self._rounds_aborted += 1
-        if self._on_round_closed is not None:
-            self._on_round_closed("aborted")
+        self._metrics.record_round("aborted")
         self._finish(round_)
 
     # --- async and bounded staleness -----------------------------------------------------
@@ -542,7 +549,7 @@ class Aggregator:
                 self._stale_waiting[worker_id] -= 1
                 if not self._stale_waiting[worker_id]:
                     del self._stale_waiting[worker_id]
-        version = store.apply(prepared) if prepared is not None else store.version
+        version = self._apply(prepared) if prepared is not None else store.version
         self._record(worker_id, sequence, session)
         applied = prepared is not None
         if self._push_log is not None:

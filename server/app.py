@@ -1,9 +1,11 @@
 """Assembling and running the daemon: gRPC server, health, reflection, metrics, snapshots, signals.
 
-:func:`create_server` builds and starts everything and returns a :class:`RunningServer` (tests
-bind port 0 and read ``.port``); :func:`serve` runs one until SIGTERM or SIGINT, then shuts
-down in order: health NOT_SERVING, new pushes refused (UNAVAILABLE), aggregator closed, final
-snapshot if configured, in-flight calls given ``grace_s``, exit status 0.
+:func:`create_server` builds the core (:func:`~paramserve.server.core.build_core`) with its
+metrics, puts the servicer, health and reflection on a gRPC server, starts everything and
+returns a :class:`RunningServer` (tests bind port 0 and read ``.port``); :func:`serve` runs
+one until SIGTERM or SIGINT, then shuts down in order: health NOT_SERVING, new pushes refused
+(UNAVAILABLE), aggregator closed, final snapshot if configured, in-flight calls given
+``grace_s``, exit status 0.
 """
 
 from __future__ import annotations
@@ -23,15 +25,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
-from .aggregator import Aggregator
 from .config import ServerConfig, format_address
+from .core import ServerCore, build_core
 from .errors import ParamServeError
 from .metrics import ServerMetrics
-from .push_log import PushLog
 from .reflection import enable_server_reflection
-from .servicer import ParameterServerServicer, ServerCore, add_to_server
-from .snapshots import SnapshotStore
-from .store import ModelStore
+from .servicer import ParameterServerServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -44,20 +43,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
-
-
-class _TimedStore(ModelStore):
-    """A ModelStore that reports the latency of every optimizer apply to the metrics."""
-
-    def __init__(self, metrics: ServerMetrics, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._apply_seconds = metrics.apply_seconds
-
-    def apply(self, grads):  # type: ignore[override]
-        start = time.perf_counter()
-        version = super().apply(grads)
-        self._apply_seconds.observe(time.perf_counter() - start)
-        return version
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -103,6 +88,7 @@ class RunningServer:
 
     config: ServerConfig
     core: ServerCore
+    metrics: ServerMetrics
     port: int
     metrics_port: int | None
     _server: grpc.Server
@@ -131,7 +117,7 @@ class RunningServer:
             )
             # Refuse first, then announce: once a probe sees NOT_SERVING, pushes fail.
             self.core.accepting.clear()
-            self.core.metrics.serving.set(0)
+            self.metrics.serving.set(0)
             self._health.enter_graceful_shutdown()
             self.core.aggregator.close()
             self._stop_periodic.set()
@@ -143,7 +129,7 @@ class RunningServer:
             stopped = self._server.stop(grace_s)  # closes listeners, sends GOAWAY first
             self._health.end_watches()
             stopped.wait()
-            self.core.metrics.stop_http()
+            self.metrics.stop_http()
             if self.core.snapshots is not None:
                 self.core.snapshots.close()  # another daemon may have the directory now
             self._stopped.set()
@@ -181,47 +167,6 @@ class RunningServer:
                 )
             except Exception:
                 logger.exception("periodic snapshot failed", extra={"event": "snapshot_failed"})
-
-
-def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
-    snapshots = None
-    if config.checkpoint_dir is not None:
-        # First: it locks the directory (or refuses to start) and removes crash leftovers.
-        snapshots = SnapshotStore(
-            config.checkpoint_dir, keep_last=config.keep_snapshots, exclusive=True
-        )
-    store = _TimedStore(
-        metrics, device=config.device, nonfinite=config.nonfinite, limits=config.limits
-    )
-    aggregator = Aggregator(
-        store,
-        config.aggregation,
-        push_log=PushLog(config.push_log) if config.push_log is not None else None,
-        on_round_closed=metrics.record_round,
-    )
-    return ServerCore(
-        store=store, aggregator=aggregator, snapshots=snapshots, config=config, metrics=metrics
-    )
-
-
-def _resume(core: ServerCore) -> None:
-    """Restore the snapshot the checkpoint directory's rules pick (StartupRefused: none may)."""
-    assert core.snapshots is not None
-    chosen = core.snapshots.resume_candidate()
-    if chosen is None:
-        logger.info(
-            "resume: no snapshot to resume in %s; starting empty",
-            core.config.checkpoint_dir,
-            extra={"event": "resume_empty"},
-        )
-        return
-    info = core.restore_loaded(*chosen)
-    logger.info(
-        "resumed from snapshot %s at version %d",
-        info.id,
-        info.version,
-        extra={"event": "resumed", "snapshot_id": info.id, "version": info.version},
-    )
 
 
 def _bind(
@@ -268,20 +213,16 @@ def create_server(config: ServerConfig) -> RunningServer:
     # MALLOC_* environment variables take precedence): see paramserve.wire.
     tune_malloc()
     metrics = ServerMetrics()
-    core = _build_core(config, metrics)
+    core = build_core(config, metrics)
     try:
-        return _start(config, core)
+        return _start(config, core, metrics)
     except BaseException:
-        core.aggregator.close()
-        core.store.close()
+        core.close()
         metrics.stop_http()
-        if core.snapshots is not None:
-            core.snapshots.close()
         raise
 
 
-def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
-    metrics = core.metrics
+def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> RunningServer:
     tokens = auth.resolve_tokens(
         tokens_file=config.tokens_file, admin=config.admin_tokens, worker=config.worker_tokens
     )
@@ -291,19 +232,20 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
             cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca
         )
     if config.resume:
-        _resume(core)
-    metrics.model_version.set(core.store.version)
+        core.resume()
+    metrics.set_model_version(core.store.version)
 
+    servicer = ParameterServerServicer(core, metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         options=grpc_options(config),
-        interceptors=[auth.TokenAuthInterceptor(tokens, on_denied=metrics.record_rpc)]
+        interceptors=[auth.TokenAuthInterceptor(tokens, on_denied=servicer.count_call)]
         if tokens.enabled
         else None,
         # Calls in flight past this are refused with RESOURCE_EXHAUSTED (queued ones count).
         maximum_concurrent_rpcs=config.limits.max_concurrent_streams,
     )
-    add_to_server(ParameterServerServicer(core), server)
+    add_to_server(servicer, server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
@@ -324,6 +266,7 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     running = RunningServer(
         config=config,
         core=core,
+        metrics=metrics,
         port=port,
         metrics_port=metrics_port,
         _server=server,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +29,8 @@ from .limits import Limits
 logger = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 1024
+# An optimizer given by name rather than as JSON: "adam", "adam_w", "my.module>Custom", ...
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -61,6 +64,10 @@ class Model:
     specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
     # Optimizer configs (JSON) under which create_model counts as "already exists, identical".
     definitions: set[str] = field(default_factory=set)
+    # optimizer_specs_of's answer, for the optimizer it was computed from.
+    optimizer_specs: tuple[Optimizer, dict[str, tuple[str, tuple[int, ...]]]] | None = field(
+        default=None, repr=False
+    )
 
 
 def check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
@@ -94,6 +101,23 @@ def lr_is_schedule(config: dict[str, Any]) -> bool:
         return isinstance(config["learning_rate"], dict)
     inner = config.get("inner_optimizer")
     return isinstance(inner, dict) and lr_is_schedule(inner.get("config") or {})
+
+
+def parse_optimizer(text: str) -> dict[str, Any] | str:
+    """An optimizer from JSON text (a serialization dict or a name); never eval or pickle."""
+    text = text.strip()
+    if _NAME_RE.match(text):
+        return text
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise InvalidArgument(f"optimizer_json is not valid JSON: {exc}") from None
+    if not isinstance(value, dict | str):
+        raise InvalidArgument(
+            "optimizer_json must encode a Keras serialization dict "
+            f'({{"class_name": ..., "config": {{...}}}}) or a name, got {type(value).__name__}'
+        )
+    return value
 
 
 def make_optimizer(identifier: Any) -> Optimizer:
@@ -261,6 +285,20 @@ def specs_of(model: Model) -> list[VariableSpec]:
         VariableSpec(n, dtype.name, tuple(int(d) for d in shape))
         for n, (dtype, shape) in model.specs.items()
     ]
+
+
+def optimizer_specs_of(model: Model) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtype names and shapes of the optimizer state, in ``state_dict()`` order.
+
+    Computed once per optimizer (the state is copied to the host for it): changing a
+    hyperparameter may rebuild the optimizer, never while keeping the old answer.
+    """
+    cached = model.optimizer_specs
+    if cached is None or cached[0] is not model.optimizer:
+        state = model.optimizer.state_dict()
+        specs = {k: (np.asarray(v).dtype.name, tuple(np.shape(v))) for k, v in state.items()}
+        cached = model.optimizer_specs = (model.optimizer, specs)
+    return cached[1]
 
 
 def current_config(model: Model) -> str:

@@ -42,6 +42,7 @@ from .model import (
     edit_hyperparameters,
     hyperparameters_of,
     make_optimizer,
+    optimizer_specs_of,
     specs_of,
 )
 from .settings import check_choice
@@ -226,6 +227,11 @@ class ModelStore:
     def specs(self) -> list[VariableSpec]:
         with self.lock:
             return specs_of(self._require_model())
+
+    def optimizer_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Names, dtype names and shapes of the optimizer state (computed once per optimizer)."""
+        with self.lock:
+            return optimizer_specs_of(self._require_model())
 
     def optimizer_config(self) -> dict[str, Any]:
         with self.lock:

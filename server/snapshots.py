@@ -37,7 +37,7 @@ import safetensors.numpy
 from paramserve.optim_core import Variable
 
 from . import checkpoint_dir
-from .aggregator import check_aggregation_state
+from .aggregation import check_aggregation_state
 from .checkpoint_dir import (
     FILE_MODE,
     TEMP_PREFIX,

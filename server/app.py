@@ -116,22 +116,21 @@ class RunningServer:
                 extra={"event": "shutdown_started", "grace_s": grace_s},
             )
             # Refuse first, then announce: once a probe sees NOT_SERVING, pushes fail.
-            self.core.accepting.clear()
+            self.core.stop_accepting()
             self.metrics.serving.set(0)
             self._health.enter_graceful_shutdown()
-            self.core.aggregator.close()
+            self.core.close_rounds()
             self._stop_periodic.set()
             if self._periodic is not None:
                 self._periodic.join()
             if self.core.snapshots is not None and self.config.snapshot_on_exit:
                 self._final_snapshot()
-            self.core.store.close()  # waiting pulls end with UNAVAILABLE instead of hanging
+            self.core.end_waits()  # waiting pulls end with UNAVAILABLE instead of hanging
             stopped = self._server.stop(grace_s)  # closes listeners, sends GOAWAY first
             self._health.end_watches()
             stopped.wait()
             self.metrics.stop_http()
-            if self.core.snapshots is not None:
-                self.core.snapshots.close()  # another daemon may have the directory now
+            self.core.release_directory()  # another daemon may have the directory now
             self._stopped.set()
             seconds = time.monotonic() - started
             logger.info("stopped", extra={"event": "stopped", "shutdown_s": round(seconds, 3)})
@@ -143,7 +142,7 @@ class RunningServer:
         return self._stopped.wait(timeout_s)
 
     def _final_snapshot(self) -> None:
-        if not self.core.store.has_model:
+        if self.core.model_version() is None:
             logger.info("no model: no final snapshot", extra={"event": "final_snapshot_skipped"})
             return
         try:
@@ -154,10 +153,10 @@ class RunningServer:
     def _run_periodic(self) -> None:
         """Snapshot every ``snapshot_every_s`` when the version moved since the last one."""
         # A model at start-up came from --resume: its snapshot is on disk already.
-        last_version = self.core.store.version if self.core.store.has_model else None
+        last_version = self.core.model_version()
         while not self._stop_periodic.wait(self.config.snapshot_every_s):
-            store = self.core.store
-            if not store.has_model or store.version == last_version:
+            version = self.core.model_version()
+            if version is None or version == last_version:
                 continue
             try:
                 last_version = self.core.take_snapshot(trigger="periodic").version
@@ -233,7 +232,7 @@ def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> Ru
         )
     if config.resume:
         core.resume()
-    metrics.set_model_version(core.store.version)
+    metrics.set_model_version(core.model_version() or 0)
 
     servicer = ParameterServerServicer(core, metrics)
     server = grpc.server(
@@ -287,7 +286,7 @@ def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> Ru
             "event": "listening",
             "address": running.address,
             "metrics_port": metrics_port,
-            "version": core.store.version,
+            "version": core.model_version() or 0,
         },
     )
     return running

@@ -248,6 +248,11 @@ class ServerCore:
         self.metrics.set_model_version(version)
         return version
 
+    def model_version(self) -> int | None:
+        """The model's version; None when there is no model."""
+        with self.store.lock:
+            return self.store.version if self.store.has_model else None
+
     def status(self) -> CoreStatus:
         """Version, aggregation progress and serving state, at one moment."""
         with self.store.lock:
@@ -391,14 +396,30 @@ class ServerCore:
         )
         return info
 
-    # --- the end -------------------------------------------------------------------------
-    def close(self) -> None:
-        """Refuse everything, end open rounds and waits, release the checkpoint directory."""
+    # --- the end, in the order a shutdown takes it ------------------------------------
+    def stop_accepting(self) -> None:
+        """Refuse pushes and every state-changing call from now on (UNAVAILABLE)."""
         self.accepting.clear()
+
+    def close_rounds(self) -> None:
+        """Abort the open sync round (its pushers retry elsewhere) and refuse later pushes."""
         self.aggregator.close()
+
+    def end_waits(self) -> None:
+        """Wake pulls waiting for a version: they and later waits answer UNAVAILABLE."""
         self.store.close()
+
+    def release_directory(self) -> None:
+        """Unlock the checkpoint directory (another daemon may take it)."""
         if self.snapshots is not None:
             self.snapshots.close()
+
+    def close(self) -> None:
+        """All of the above at once (a daemon that failed to start)."""
+        self.stop_accepting()
+        self.close_rounds()
+        self.end_waits()
+        self.release_directory()
 
 
 def build_core(config: ServerConfig, metrics: CoreMetrics = NO_METRICS) -> ServerCore:

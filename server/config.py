@@ -138,6 +138,7 @@ class ServerConfig:
 
 
 def format_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC wants it (an IPv6 host in brackets)."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"

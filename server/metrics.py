@@ -211,6 +211,7 @@ class ServerMetrics:
         return bound
 
     def stop_http(self) -> None:
+        """Stop serving ``/metrics`` (if it was)."""
         if self._http_server is not None:
             self._http_server.shutdown()
             self._http_server.server_close()

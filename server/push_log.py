@@ -31,6 +31,7 @@ class PushLog:
             raise OSError(f"cannot open the push log {self.path!r}: {exc.strerror}") from None
 
     def write(self, entries: Iterable[dict[str, Any]]) -> None:
+        """Append ``entries``, one JSON line each, and flush (a failure turns the log off)."""
         if self._file is None:
             return
         try:
@@ -41,6 +42,7 @@ class PushLog:
             self.close()
 
     def close(self) -> None:
+        """Close the file; later writes do nothing."""
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()

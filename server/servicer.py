@@ -27,7 +27,7 @@ from paramserve.v1 import tensor_pb2 as tpb
 
 from . import messages, streams
 from .aggregation import PushResult
-from .core import ServerCore
+from .core import ServerCore, Specs
 from .errors import InvalidArgument, NotFound
 from .metrics import ServerMetrics
 from .status import grpc_status, status_of
@@ -213,7 +213,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     # -- model -------------------------------------------------------------------------------
 
     @_rpc("CreateModel")
-    def CreateModel(self, request_iterator, context):  # noqa: N802
+    def CreateModel(  # noqa: N802
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> pb.CreateModelResponse:
+        """Create the model from a header and its variables' chunks (idempotent)."""
         self._core.require_accepting()
         header = streams.first_item(request_iterator, "header", "CreateModelHeader")
         headers = list(header.variables)
@@ -228,17 +231,26 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     @_rpc("DeleteModel")
-    def DeleteModel(self, request, context):  # noqa: N802
+    def DeleteModel(  # noqa: N802
+        self, request: pb.DeleteModelRequest, context: grpc.ServicerContext
+    ) -> pb.DeleteModelResponse:
+        """Drop the model and its optimizer state."""
         self._core.require_accepting()
         self._core.delete_model()
         return pb.DeleteModelResponse()
 
     @_rpc("Describe")
-    def Describe(self, request, context):  # noqa: N802
+    def Describe(  # noqa: N802
+        self, request: pb.DescribeRequest, context: grpc.ServicerContext
+    ) -> pb.DescribeResponse:
+        """The model's variables, optimizer and hyperparameters."""
         return messages.describe_response(self._core.describe())
 
     @_rpc("SetHyperparameters")
-    def SetHyperparameters(self, request, context):  # noqa: N802
+    def SetHyperparameters(  # noqa: N802
+        self, request: pb.SetHyperparametersRequest, context: grpc.ServicerContext
+    ) -> pb.SetHyperparametersResponse:
+        """Change hyperparameters live."""
         self._core.require_accepting()
         values, config = self._core.set_hyperparameters(request.values)
         return pb.SetHyperparametersResponse(
@@ -248,7 +260,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     # -- training ----------------------------------------------------------------------------
 
     @_rpc("Push")
-    def Push(self, request_iterator, context):  # noqa: N802
+    def Push(  # noqa: N802
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> pb.PushResponse:
+        """Apply a push of gradients streamed in chunks (exactly once)."""
         self._core.require_accepting()
         header = streams.first_item(request_iterator, "header", "PushHeader")
         headers = list(header.tensors)
@@ -262,7 +277,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return messages.push_response(self._push(header, grads, context))
 
     @_rpc("Pull")
-    def Pull(self, request, context):  # noqa: N802
+    def Pull(  # noqa: N802
+        self, request: pb.PullRequest, context: grpc.ServicerContext
+    ) -> Iterator[Any]:
+        """Stream weights (or the optimizer state) at one version."""
         if request.min_version > 0:
             self._core.wait_for_version(request.min_version, _remaining_s(context))
         if request.scope == pb.PULL_SCOPE_OPTIMIZER_STATE:
@@ -275,7 +293,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
             # Encoded from the live weights under the lock, then sent outside it; each chunk
             # is let go once gRPC has taken it.
-            def encode(specs, tensors):
+            def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
                 values = list(tensors.values())
                 return self._weight_headers(specs, tensors), collections.deque(
                     wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
@@ -292,7 +310,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._metrics.bytes_sent.labels(method="Pull").inc(sum(h.byte_length for h in headers))
 
     @_rpc("Step")
-    def Step(self, request, context):  # noqa: N802
+    def Step(  # noqa: N802
+        self, request: pb.StepRequest, context: grpc.ServicerContext
+    ) -> pb.StepResponse:
+        """Push inline gradients, then return the weights inline."""
         with self._counted_as_push():
             self._core.require_accepting()
             selection = messages.weights_selection(request.pull)
@@ -305,7 +326,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             messages.check_step_reply(self._core.read_sizes(*selection), self._limits)
             result = self._push(request.push, self._step_gradients(request), context)
 
-        def encode(specs, tensors):
+        def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, list]:
             payloads = [wire.whole_payload(v) for v in tensors.values()]
             return self._weight_headers(specs, tensors), payloads
 
@@ -320,7 +341,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         )
 
     @_rpc("SetOptimizerState")
-    def SetOptimizerState(self, request_iterator, context):  # noqa: N802
+    def SetOptimizerState(  # noqa: N802
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> pb.SetOptimizerStateResponse:
+        """Replace every optimizer variable."""
         self._core.require_accepting()
         header = streams.first_item(request_iterator, "header", "TensorStreamHeader")
         headers = list(header.tensors)
@@ -335,29 +359,44 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return pb.SetOptimizerStateResponse(version=self._core.set_optimizer_state(arrays))
 
     @_rpc("GetStatus")
-    def GetStatus(self, request, context):  # noqa: N802
+    def GetStatus(  # noqa: N802
+        self, request: pb.GetStatusRequest, context: grpc.ServicerContext
+    ) -> pb.GetStatusResponse:
+        """Version, rounds, workers, pending pushes, settings."""
         return messages.status_response(self._core.status())
 
     # -- snapshots ---------------------------------------------------------------------------
 
     @_rpc("CreateSnapshot")
-    def CreateSnapshot(self, request, context):  # noqa: N802
+    def CreateSnapshot(  # noqa: N802
+        self, request: pb.CreateSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.SnapshotInfo:
+        """Take a snapshot on the server's disk."""
         self._core.require_accepting()
         return messages.snapshot_info(self._core.take_snapshot(trigger="rpc"))
 
     @_rpc("ListSnapshots")
-    def ListSnapshots(self, request, context):  # noqa: N802
+    def ListSnapshots(  # noqa: N802
+        self, request: pb.ListSnapshotsRequest, context: grpc.ServicerContext
+    ) -> pb.ListSnapshotsResponse:
+        """The snapshots on the server's disk."""
         infos = self._core.list_snapshots()
         return pb.ListSnapshotsResponse(snapshots=[messages.snapshot_info(i) for i in infos])
 
     @_rpc("RestoreSnapshot")
-    def RestoreSnapshot(self, request, context):  # noqa: N802
+    def RestoreSnapshot(  # noqa: N802
+        self, request: pb.RestoreSnapshotRequest, context: grpc.ServicerContext
+    ) -> pb.RestoreSnapshotResponse:
+        """Validate a snapshot, then swap it in."""
         self._core.require_accepting()
         info = self._core.restore_snapshot(request.id)
         return pb.RestoreSnapshotResponse(snapshot=messages.snapshot_info(info))
 
     @_rpc("DownloadSnapshot")
-    def DownloadSnapshot(self, request, context):  # noqa: N802
+    def DownloadSnapshot(  # noqa: N802
+        self, request: pb.DownloadSnapshotRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.FileChunk]:
+        """Stream a snapshot file out."""
         sent = 0
         for chunk in streams.file_chunks(self._core.snapshot_path(request.id), self._chunk_bytes):
             yield chunk
@@ -365,7 +404,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._metrics.bytes_sent.labels(method="DownloadSnapshot").inc(sent)
 
     @_rpc("UploadSnapshot")
-    def UploadSnapshot(self, request_iterator, context):  # noqa: N802
+    def UploadSnapshot(  # noqa: N802
+        self, request_iterator: Iterator[Any], context: grpc.ServicerContext
+    ) -> pb.UploadSnapshotResponse:
+        """Store an uploaded snapshot and, if asked, restore it."""
         self._core.require_accepting()
         self._core.require_snapshots()
         header = streams.first_item(request_iterator, "header", "UploadSnapshotHeader")

@@ -2,9 +2,10 @@
 
 Each handler decodes its request (:mod:`.streams`, :mod:`.messages`), calls one or two
 operations of the :class:`~paramserve.server.core.ServerCore`, and encodes the reply; it
-holds no state and takes no lock. Every failure, whatever raised it, ends the call with the
-status :mod:`.status` gives it, and is counted by that status's code (:func:`_rpc`). Tensor
-streams bypass protobuf for their chunks both ways (see :func:`add_to_server`).
+holds no model state (only cached reply headers) and takes no lock. Every failure, whatever
+raised it, ends the call with the status :mod:`.status` gives it, and is counted by that
+status's code (:func:`_rpc`). Tensor streams bypass protobuf for their chunks both ways
+(see :func:`add_to_server`).
 """
 
 from __future__ import annotations

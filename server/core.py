@@ -87,7 +87,8 @@ class ServerCore:
     # Cleared at shutdown: pushes and every state-changing call answer UNAVAILABLE.
     accepting: threading.Event = field(default_factory=threading.Event)
     _snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
-    _specs: tuple[int, Specs] = (-1, {})  # (store generation, variable specs)
+    # (store generation, variable specs): one specs object per model.
+    _specs: tuple[int, Specs] = field(default_factory=lambda: (-1, {}), init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.accepting.set()

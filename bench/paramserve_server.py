@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
 
+    from paramserve.server.aggregation import AggregationConfig
     from paramserve.server.app import create_server
     from paramserve.server.config import ServerConfig
 
@@ -32,8 +33,7 @@ def main(argv: list[str] | None = None) -> None:
         port=args.port,
         device="cpu",
         optimizer="adam",
-        mode="async",
-        replicas=1,
+        aggregation=AggregationConfig(mode="async", replicas=1),
         checkpoint_dir=None,
         snapshot_on_exit=False,
     )

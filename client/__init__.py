@@ -1,8 +1,8 @@
 """paramserve.client: the SDK workers and admins use to talk to a paramserve daemon."""
 
-from paramserve.wire import SparseRows
+from paramserve.wire import DEFAULT_ADDRESS, SparseRows
 
-from .client import DEFAULT_ADDRESS, Client, default_worker_id
+from .client import Client, default_worker_id
 from .errors import (
     AbortedError,
     AlreadyExistsError,

@@ -35,14 +35,12 @@ from pathlib import Path
 
 import grpc
 
-from paramserve.v1 import parameter_server_pb2 as pb
-
-SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+from paramserve.wire import SERVICE_NAME
 
 
 def method_path(method: str) -> str:
     """``/paramserve.v1.ParameterServer/<method>``, the name gRPC routes on."""
-    return f"/{SERVICE}/{method}"
+    return f"/{SERVICE_NAME}/{method}"
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,6 @@ without its new pushes being taken for duplicates of its old ones.
 from __future__ import annotations
 
 import json
-import math
 import os
 import secrets
 import socket
@@ -51,7 +50,16 @@ from paramserve import optim_core
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
-from paramserve.wire import CHUNK_BYTES, whole_payload
+from paramserve.wire import (
+    CHUNK_BYTES,
+    DEFAULT_ADDRESS,
+    STEP_CLIENT_OVERHEAD_BYTES,
+    json_default,
+    payload_bytes,
+    step_reply_bytes,
+    step_request_bytes,
+    whole_payload,
+)
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
 from .errors import FailedPreconditionError, NotFoundError
@@ -76,11 +84,6 @@ from .streams import (
 )
 from .transfer import progress_bar, upload_requests, write_download
 
-DEFAULT_ADDRESS = "127.0.0.1:50051"
-# Upper bounds of the framing a Step adds around its payloads: per message, and per tensor
-# beyond its header (InlineTensor and field tags).
-_STEP_OVERHEAD_BYTES = 1024
-_INLINE_OVERHEAD_BYTES = 48
 R = TypeVar("R")
 
 
@@ -99,12 +102,6 @@ def _push_result(response: pb.PushResponse, sequence: int) -> PushResult:
     )
 
 
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
 def optimizer_json(
     optimizer: str | dict[str, Any] | optim_core.Optimizer | None,
     variables: Mapping[str, Any] | None = None,
@@ -120,13 +117,13 @@ def optimizer_json(
     if optimizer is None:
         return ""
     if isinstance(optimizer, dict):
-        return json.dumps(optimizer, default=_json_default)
+        return json.dumps(optimizer, default=json_default)
     if isinstance(optimizer, str | optim_core.Optimizer):
         instance = optim_core.get(optimizer)
         paths_by_id = {id(_array_of(v)): name for name, v in (variables or {}).items()}
         config = optim_core.serialize(instance, paths_by_id=paths_by_id)
         _check_sendable(config)
-        return json.dumps(config, default=_json_default)
+        return json.dumps(config, default=json_default)
     raise TypeError(
         "optimizer must be a name, a Keras serialization dict or an optim_core optimizer. "
         f"Received: {optimizer!r}"
@@ -552,23 +549,19 @@ class Client:
 
     def _check_step_fits(self, headers: list[tpb.TensorHeader], pull: pb.PullRequest) -> None:
         """ValueError unless a Step's request and reply each fit in one message."""
-        sent = _STEP_OVERHEAD_BYTES + sum(
-            h.byte_length + h.ByteSize() + _INLINE_OVERHEAD_BYTES for h in headers
-        )
+        sent = step_request_bytes(headers)
         description = self._description or self.describe()
         rows = {r.name: len(r.rows) for r in pull.rows}
         wanted = list(dict.fromkeys([*pull.names, *rows])) or description.variable_names
-        returned = _STEP_OVERHEAD_BYTES
-        for name in wanted:
-            spec = description.spec(name)
-            if spec is None:
-                continue  # the server answers NOT_FOUND
-            itemsize = spec.numpy_dtype.itemsize
-            if name in rows:
-                size = rows[name] * (8 + math.prod(spec.shape[1:]) * itemsize)
-            else:
-                size = math.prod(spec.shape) * itemsize
-            returned += size + len(name.encode()) + 11 * len(spec.shape) + _INLINE_OVERHEAD_BYTES
+        specs = [(n, s) for n in wanted if (s := description.spec(n)) is not None]
+        # (An unknown name is left out: the server answers NOT_FOUND.)
+        returned = step_reply_bytes(
+            (
+                (n, payload_bytes(s.numpy_dtype.itemsize, s.shape, rows.get(n)), len(s.shape))
+                for n, s in specs
+            ),
+            overhead=STEP_CLIENT_OVERHEAD_BYTES,
+        )
         limit = self.max_message_bytes
         if max(sent, returned) > limit:
             raise ValueError(

@@ -12,7 +12,7 @@ from .adagrad import Adagrad
 from .adam import Adam
 from .adamax import Adamax
 from .adamw import AdamW
-from .backend import array_module, gpu_available, resolve_device, to_device, to_numpy
+from .backend import DEVICES, array_module, gpu_available, resolve_device, to_device, to_numpy
 from .base import Optimizer
 from .ftrl import Ftrl
 from .fused import prepare as prepare_kernels
@@ -26,7 +26,7 @@ from .registry import deserialize, get, register_optimizer, registered_optimizer
 from .rmsprop import RMSprop
 from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
-from .variables import IndexedSlices, Variable
+from .variables import FLOAT_DTYPES, IndexedSlices, Variable
 
 BUILTIN_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     SGD,
@@ -51,6 +51,8 @@ del _cls
 
 __all__ = [
     "BUILTIN_OPTIMIZERS",
+    "DEVICES",
+    "FLOAT_DTYPES",
     "SGD",
     "Adadelta",
     "Adafactor",

@@ -15,7 +15,8 @@ import numpy as np
 
 Device = Literal["auto", "cpu", "gpu"]
 
-_DEVICES = ("auto", "cpu", "gpu")
+# The device names resolve_device takes (a server's --device too).
+DEVICES = ("auto", "cpu", "gpu")
 
 
 @functools.cache
@@ -38,8 +39,8 @@ def gpu_available() -> bool:
 
 def resolve_device(device: str = "auto") -> str:
     """Map ``auto|cpu|gpu`` to ``cpu`` or ``gpu``; ``gpu`` without a usable GPU raises."""
-    if device not in _DEVICES:
-        raise ValueError(f"`device` must be one of {_DEVICES}. Received: device={device!r}")
+    if device not in DEVICES:
+        raise ValueError(f"`device` must be one of {DEVICES}. Received: device={device!r}")
     if device == "cpu":
         return "cpu"
     if device == "gpu":
@@ -71,11 +72,6 @@ def get_array_module(x: Any) -> ModuleType:
     if is_cupy_array(x):
         return importlib.import_module("cupy")
     return np
-
-
-def device_of(x: Any) -> str:
-    """``gpu`` for a CuPy array, ``cpu`` otherwise."""
-    return "gpu" if is_cupy_array(x) else "cpu"
 
 
 def to_device(x: Any, device: str = "cpu", dtype: Any = None) -> Any:

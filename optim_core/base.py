@@ -43,11 +43,6 @@ def snake_case(class_name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def f32(x: float) -> np.float32:
-    """Round a Python number to float32, the way Keras stores hyperparameters."""
-    return np.float32(x)
-
-
 class Optimizer:
     """Base class of all optimizers; subclass it as in Keras 3 (build/update_step/get_config).
 
@@ -55,6 +50,10 @@ class Optimizer:
     place. Gradients are arrays of the same shape, ``None`` to skip a variable, or
     ``(indices, values)`` / :class:`IndexedSlices` row gradients.
     """
+
+    # Run the fused CPU kernels where they apply (fused.can_fuse); False always runs the xp
+    # rule. Not part of the config: tests and benchmarks compare the two on one instance.
+    use_fused_kernels: bool = True
 
     def __init__(
         self,
@@ -114,8 +113,6 @@ class Optimizer:
         self.ema_overwrite_frequency = ema_overwrite_frequency
         self.loss_scale_factor = loss_scale_factor
         self.gradient_accumulation_steps = gradient_accumulation_steps
-        # Not part of the config: lets tests compare fused kernels with the xp rules.
-        self.use_fused_kernels = True
 
         self.built = False
         self._variables: list[Variable] = []

@@ -21,9 +21,12 @@ import threading
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # base imports this module
+    from .base import Optimizer
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -187,14 +190,14 @@ def prepared() -> bool:
     return _state.get("kernels") is not None
 
 
-def can_fuse(optimizer: Any, *arrays: Any) -> bool:
+def can_fuse(optimizer: Optimizer, *arrays: Any) -> bool:
     """True when a fused kernel may replace the xp rule for ``(variable, gradient, *slots)``.
 
     Requires ``optimizer.use_fused_kernels``, NumPy arrays (never CuPy) of one shape with
     size > 0, one dtype (float32 or float64, native byte order), C-contiguous and aligned,
     and all but ``arrays[1]`` (the gradient, which may be read-only) writable.
     """
-    if not arrays or not getattr(optimizer, "use_fused_kernels", False):
+    if not arrays or not optimizer.use_fused_kernels:
         return False
     first = arrays[0]
     if not isinstance(first, np.ndarray) or first.dtype not in _DTYPES or first.size == 0:

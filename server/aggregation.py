@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidArgument
+from .settings import check_choice, check_min, check_positive
 
+# The choices of AggregationConfig (and so of --mode, --reduction, --deadline-policy).
 MODES = ("sync", "async", "stale")
 REDUCTIONS = ("sum", "mean")
 DEADLINE_POLICIES = ("partial", "abort")
@@ -38,23 +40,13 @@ class AggregationConfig:
     max_staleness: int = 4
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("mode", MODES),
-            ("reduction", REDUCTIONS),
-            ("deadline_policy", DEADLINE_POLICIES),
-        ):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"`{name}` must be one of {allowed}. Received: {name}={getattr(self, name)!r}"
-                )
-        if not isinstance(self.replicas, int) or self.replicas < 1:
-            raise ValueError(f"`replicas` must be an integer >= 1. Received: {self.replicas!r}")
-        if not self.round_timeout_s > 0:
-            raise ValueError(f"`round_timeout_s` must be > 0. Received: {self.round_timeout_s!r}")
-        if not isinstance(self.max_staleness, int) or self.max_staleness < 0:
-            raise ValueError(
-                f"`max_staleness` must be an integer >= 0. Received: {self.max_staleness!r}"
-            )
+        """ConfigError (a ValueError) for any setting out of its range."""
+        check_choice("mode", self.mode, MODES)
+        check_choice("reduction", self.reduction, REDUCTIONS)
+        check_choice("deadline_policy", self.deadline_policy, DEADLINE_POLICIES)
+        check_min("replicas", self.replicas, 1, integer=True)
+        check_positive("round_timeout_s", self.round_timeout_s)
+        check_min("max_staleness", self.max_staleness, 0, integer=True)
 
 
 @dataclass(frozen=True)

@@ -8,11 +8,9 @@ at one point, and a dead or slow worker never holds a round past its deadline.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +39,8 @@ from .errors import (
     SequenceRegressed,
     Unavailable,
 )
+from .hooks import NO_METRICS, CoreMetrics
+from .push_log import PushLog
 from .store import ModelStore
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,6 @@ __all__ = [
     "AggregationConfig",
     "Aggregator",
     "AggregatorStatus",
-    "PushLog",
     "PushResult",
     "WorkerInfo",
     "check_aggregation_state",
@@ -89,41 +88,6 @@ class _Revalidate(Exception):
     """The model was replaced while a push was being validated: check it again."""
 
 
-class PushLog:
-    """Opt-in audit log of the pushes that took effect, one JSON object a line, in apply order.
-
-    ``{"event": "push", "worker_id", "sequence", "version", "applied"}`` for each push
-    recorded in the dedupe table (``applied`` is false for a push skipped as non-finite);
-    a sync round writes one line per contribution in worker_id order, all with the round's
-    version. ``{"event": "restore", "version"}`` marks a restore (or ``--resume``): later
-    lines continue from that version. The aggregator writes under the store lock right
-    after the update and flushes, so a ``kill -9`` loses no line of an acknowledged push.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        try:
-            self._file: Any = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - see close()
-        except OSError as exc:
-            raise OSError(f"cannot open the push log {self.path!r}: {exc.strerror}") from None
-
-    def write(self, entries: Iterable[dict[str, Any]]) -> None:
-        if self._file is None:
-            return
-        try:
-            self._file.write("".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries))
-            self._file.flush()
-        except (OSError, ValueError):
-            logger.exception("writing the push log %s failed; it is turned off", self.path)
-            self.close()
-
-    def close(self) -> None:
-        if self._file is not None:
-            with contextlib.suppress(OSError):
-                self._file.close()
-            self._file = None
-
-
 class Aggregator:
     """Turns pushes from many workers into optimizer steps on one :class:`ModelStore`."""
 
@@ -134,13 +98,14 @@ class Aggregator:
         *,
         clock: Callable[[], float] = time.monotonic,
         push_log: PushLog | None = None,
-        on_round_closed: Callable[[str], None] | None = None,
+        metrics: CoreMetrics = NO_METRICS,
     ) -> None:
         self._store = store
         self.config = config
         self._clock = clock
-        # Told "full", "partial" or "aborted" as each sync round ends (metrics); under the lock.
-        self._on_round_closed = on_round_closed
+        # Told of every apply and of each sync round's end (full, partial, aborted); under
+        # the lock.
+        self._metrics = metrics
         self._push_log = push_log
         self._workers: dict[str, _Worker] = {}
         self._round: _Round | None = None
@@ -324,6 +289,13 @@ class Aggregator:
         worker.clock += 1
         self._store.changed.notify_all()
 
+    def _apply(self, grads: dict[str, Any]) -> int:
+        """One optimizer step on the store, timed for the metrics; the new version."""
+        start = time.perf_counter()
+        version = self._store.apply(grads)
+        self._metrics.observe_apply(time.perf_counter() - start)
+        return version
+
     def _check_generation(self, generation: int) -> None:
         self._check_open()
         if self._store.generation != generation:
@@ -486,7 +458,7 @@ class Aggregator:
                 combined = store.combine(
                     [p for _, p in valid], reduction=cfg.reduction, scale=scale
                 )
-                version = store.apply(combined)
+                version = self._apply(combined)
             else:
                 version = store.version
         except Exception:
@@ -504,8 +476,7 @@ class Aggregator:
             )
         self._rounds_completed += 1
         self._rounds_partial += int(partial)
-        if self._on_round_closed is not None:
-            self._on_round_closed("partial" if partial else "full")
+        self._metrics.record_round("partial" if partial else "full")
         round_.version_after = version
         round_.contributors = len(valid)
         round_.applied_workers = {wid for wid, _ in valid}
@@ -527,8 +498,7 @@ class Aggregator:
             return
         round_.error = error
         self._rounds_aborted += 1
-        if self._on_round_closed is not None:
-            self._on_round_closed("aborted")
+        self._metrics.record_round("aborted")
         self._finish(round_)
 
     # --- async and bounded staleness -----------------------------------------------------
@@ -579,7 +549,7 @@ class Aggregator:
                 self._stale_waiting[worker_id] -= 1
                 if not self._stale_waiting[worker_id]:
                     del self._stale_waiting[worker_id]
-        version = store.apply(prepared) if prepared is not None else store.version
+        version = self._apply(prepared) if prepared is not None else store.version
         self._record(worker_id, sequence, session)
         applied = prepared is not None
         if self._push_log is not None:

@@ -1,9 +1,11 @@
 """Assembling and running the daemon: gRPC server, health, reflection, metrics, snapshots, signals.
 
-:func:`create_server` builds and starts everything and returns a :class:`RunningServer` (tests
-bind port 0 and read ``.port``); :func:`serve` runs one until SIGTERM or SIGINT, then shuts
-down in order: health NOT_SERVING, new pushes refused (UNAVAILABLE), aggregator closed, final
-snapshot if configured, in-flight calls given ``grace_s``, exit status 0.
+:func:`create_server` builds the core (:func:`~paramserve.server.core.build_core`) with its
+metrics, puts the servicer, health and reflection on a gRPC server, starts everything and
+returns a :class:`RunningServer` (tests bind port 0 and read ``.port``); :func:`serve` runs
+one until SIGTERM or SIGINT, then shuts down in order: health NOT_SERVING, new pushes refused
+(UNAVAILABLE), aggregator closed, final snapshot if configured, in-flight calls given
+``grace_s``, exit status 0.
 """
 
 from __future__ import annotations
@@ -15,22 +17,20 @@ import signal
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from paramserve.wire import tune_malloc
+from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
-from .aggregator import AggregationConfig, Aggregator, PushLog
 from .config import ServerConfig, format_address
+from .core import ServerCore, build_core
 from .errors import ParamServeError
 from .metrics import ServerMetrics
 from .reflection import enable_server_reflection
-from .servicer import SERVICE_NAME, ParameterServerServicer, ServerCore, add_to_server
-from .snapshots import SnapshotStore
-from .store import Limits, ModelStore
+from .servicer import ParameterServerServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +43,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:  # a host name: it may resolve to anything
         return False
-
-
-class _TimedStore(ModelStore):
-    """A ModelStore that reports the latency of every optimizer apply to the metrics."""
-
-    def __init__(self, metrics: ServerMetrics, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self._apply_seconds = metrics.apply_seconds
-
-    def apply(self, grads):  # type: ignore[override]
-        start = time.perf_counter()
-        version = super().apply(grads)
-        self._apply_seconds.observe(time.perf_counter() - start)
-        return version
 
 
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
@@ -102,6 +88,7 @@ class RunningServer:
 
     config: ServerConfig
     core: ServerCore
+    metrics: ServerMetrics
     port: int
     metrics_port: int | None
     _server: grpc.Server
@@ -129,22 +116,21 @@ class RunningServer:
                 extra={"event": "shutdown_started", "grace_s": grace_s},
             )
             # Refuse first, then announce: once a probe sees NOT_SERVING, pushes fail.
-            self.core.accepting.clear()
-            self.core.metrics.serving.set(0)
+            self.core.stop_accepting()
+            self.metrics.serving.set(0)
             self._health.enter_graceful_shutdown()
-            self.core.aggregator.close()
+            self.core.close_rounds()
             self._stop_periodic.set()
             if self._periodic is not None:
                 self._periodic.join()
             if self.core.snapshots is not None and self.config.snapshot_on_exit:
                 self._final_snapshot()
-            self.core.store.close()  # waiting pulls end with UNAVAILABLE instead of hanging
+            self.core.end_waits()  # waiting pulls end with UNAVAILABLE instead of hanging
             stopped = self._server.stop(grace_s)  # closes listeners, sends GOAWAY first
             self._health.end_watches()
             stopped.wait()
-            self.core.metrics.stop_http()
-            if self.core.snapshots is not None:
-                self.core.snapshots.close()  # another daemon may have the directory now
+            self.metrics.stop_http()
+            self.core.release_directory()  # another daemon may have the directory now
             self._stopped.set()
             seconds = time.monotonic() - started
             logger.info("stopped", extra={"event": "stopped", "shutdown_s": round(seconds, 3)})
@@ -156,7 +142,7 @@ class RunningServer:
         return self._stopped.wait(timeout_s)
 
     def _final_snapshot(self) -> None:
-        if not self.core.store.has_model:
+        if self.core.model_version() is None:
             logger.info("no model: no final snapshot", extra={"event": "final_snapshot_skipped"})
             return
         try:
@@ -167,10 +153,10 @@ class RunningServer:
     def _run_periodic(self) -> None:
         """Snapshot every ``snapshot_every_s`` when the version moved since the last one."""
         # A model at start-up came from --resume: its snapshot is on disk already.
-        last_version = self.core.store.version if self.core.store.has_model else None
+        last_version = self.core.model_version()
         while not self._stop_periodic.wait(self.config.snapshot_every_s):
-            store = self.core.store
-            if not store.has_model or store.version == last_version:
+            version = self.core.model_version()
+            if version is None or version == last_version:
                 continue
             try:
                 last_version = self.core.take_snapshot(trigger="periodic").version
@@ -180,56 +166,6 @@ class RunningServer:
                 )
             except Exception:
                 logger.exception("periodic snapshot failed", extra={"event": "snapshot_failed"})
-
-
-def _build_core(config: ServerConfig, metrics: ServerMetrics) -> ServerCore:
-    limits = config.limits
-    snapshots = None
-    if config.checkpoint_dir is not None:
-        # First: it locks the directory (or refuses to start) and removes crash leftovers.
-        snapshots = SnapshotStore(
-            config.checkpoint_dir, keep_last=config.keep_snapshots, exclusive=True
-        )
-    store = _TimedStore(
-        metrics,
-        device=config.device,
-        nonfinite=config.nonfinite,
-        limits=Limits(
-            max_variables=limits.max_variables,
-            max_tensor_bytes=limits.max_tensor_bytes,
-            max_state_bytes=limits.max_state_bytes,
-        ),
-    )
-    aggregator = Aggregator(
-        store,
-        # ServerConfig carries every AggregationConfig field under the same name.
-        AggregationConfig(**{f.name: getattr(config, f.name) for f in fields(AggregationConfig)}),
-        push_log=PushLog(config.push_log) if config.push_log is not None else None,
-        on_round_closed=metrics.record_round,
-    )
-    return ServerCore(
-        store=store, aggregator=aggregator, snapshots=snapshots, config=config, metrics=metrics
-    )
-
-
-def _resume(core: ServerCore) -> None:
-    """Restore the snapshot the checkpoint directory's rules pick (StartupRefused: none may)."""
-    assert core.snapshots is not None
-    chosen = core.snapshots.resume_candidate()
-    if chosen is None:
-        logger.info(
-            "resume: no snapshot to resume in %s; starting empty",
-            core.config.checkpoint_dir,
-            extra={"event": "resume_empty"},
-        )
-        return
-    info = core.restore_loaded(*chosen)
-    logger.info(
-        "resumed from snapshot %s at version %d",
-        info.id,
-        info.version,
-        extra={"event": "resumed", "snapshot_id": info.id, "version": info.version},
-    )
 
 
 def _bind(
@@ -276,20 +212,16 @@ def create_server(config: ServerConfig) -> RunningServer:
     # MALLOC_* environment variables take precedence): see paramserve.wire.
     tune_malloc()
     metrics = ServerMetrics()
-    core = _build_core(config, metrics)
+    core = build_core(config, metrics)
     try:
-        return _start(config, core)
+        return _start(config, core, metrics)
     except BaseException:
-        core.aggregator.close()
-        core.store.close()
+        core.close()
         metrics.stop_http()
-        if core.snapshots is not None:
-            core.snapshots.close()
         raise
 
 
-def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
-    metrics = core.metrics
+def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> RunningServer:
     tokens = auth.resolve_tokens(
         tokens_file=config.tokens_file, admin=config.admin_tokens, worker=config.worker_tokens
     )
@@ -299,19 +231,20 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
             cert=config.tls_cert, key=config.tls_key, client_ca=config.tls_client_ca
         )
     if config.resume:
-        _resume(core)
-    metrics.model_version.set(core.store.version)
+        core.resume()
+    metrics.set_model_version(core.model_version() or 0)
 
+    servicer = ParameterServerServicer(core, metrics)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         options=grpc_options(config),
-        interceptors=[auth.TokenAuthInterceptor(tokens, on_denied=metrics.record_rpc)]
+        interceptors=[auth.TokenAuthInterceptor(tokens, on_denied=servicer.count_call)]
         if tokens.enabled
         else None,
         # Calls in flight past this are refused with RESOURCE_EXHAUSTED (queued ones count).
         maximum_concurrent_rpcs=config.limits.max_concurrent_streams,
     )
-    add_to_server(ParameterServerServicer(core), server)
+    add_to_server(servicer, server)
     health_servicer = _HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
@@ -332,6 +265,7 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     running = RunningServer(
         config=config,
         core=core,
+        metrics=metrics,
         port=port,
         metrics_port=metrics_port,
         _server=server,
@@ -345,14 +279,14 @@ def _start(config: ServerConfig, core: ServerCore) -> RunningServer:
     logger.info(
         "paramserve listening on %s (mode=%s, replicas=%d, device=%s)",
         running.address,
-        config.mode,
-        config.replicas,
+        config.aggregation.mode,
+        config.aggregation.replicas,
         core.store.device,
         extra={
             "event": "listening",
             "address": running.address,
             "metrics_port": metrics_port,
-            "version": core.store.version,
+            "version": core.model_version() or 0,
         },
     )
     return running

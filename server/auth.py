@@ -28,8 +28,10 @@ from typing import Any
 
 import grpc
 
-from .config import ConfigError
+from paramserve.wire import SERVICE_NAME
+
 from .errors import ParamServeError, PermissionDenied, Unauthenticated
+from .settings import ConfigError
 from .status import grpc_status
 
 if sys.version_info >= (3, 11):
@@ -39,7 +41,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 
 logger = logging.getLogger(__name__)
 
-SERVICE_NAME = "paramserve.v1.ParameterServer"
 WORKER = "worker"
 ADMIN = "admin"
 ROLES = (WORKER, ADMIN)
@@ -68,11 +69,6 @@ def check_token(token: str, source: str) -> str:
             f"{source}: a token must be a non-empty string without whitespace or commas"
         )
     return token
-
-
-def split_tokens(text: str, source: str) -> tuple[str, ...]:
-    """Tokens from a comma-separated string (as in ``PARAMSERVE_ADMIN_TOKEN``)."""
-    return tuple(check_token(t.strip(), source) for t in text.split(",") if t.strip())
 
 
 def read_secret_file(path: str | os.PathLike[str]) -> str:

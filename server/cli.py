@@ -19,24 +19,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from paramserve.optim_core import DEVICES
+from paramserve.wire import DEFAULT_ADDRESS
+
+from .aggregation import DEADLINE_POLICIES, MODES, REDUCTIONS
 from .config import (
-    DEADLINE_POLICIES,
-    DEVICES,
     LOG_FORMATS,
     LOG_LEVELS,
-    MODES,
-    NONFINITE_POLICIES,
-    REDUCTIONS,
     ConfigError,
     ServerConfig,
     load_config,
     parse_bytes,
 )
 from .errors import StartupRefused
+from .gradients import NONFINITE_POLICIES
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
 # Attributes every LogRecord has; anything else on a record came from ``extra={...}``.

@@ -1,9 +1,13 @@
 """Daemon configuration: defaults < TOML file < environment (PARAMSERVE_*) < command-line flags.
 
-Every field of :class:`ServerConfig` (and of its nested :class:`ServerLimits`) can be set at
-each level under the same name: ``port = 50051`` in TOML (limits either at the top level or in
-a ``[limits]`` table), ``PARAMSERVE_PORT=50051`` in the environment, ``--port 50051`` on the
-command line. Byte sizes accept plain integers or strings like ``"64MiB"``.
+:class:`ServerConfig` nests the settings other modules declare and validate: ``aggregation``
+(an :class:`~paramserve.server.aggregation.AggregationConfig`: mode, replicas, reduction,
+round deadline, staleness) and ``limits`` (a :class:`~paramserve.server.limits.Limits`).
+Every setting, nested or not, has one flat name, the same at each level: ``port = 50051`` or
+``mode = "sync"`` in TOML (limits either at the top level or in a ``[limits]`` table),
+``PARAMSERVE_MODE=sync`` in the environment, ``--mode sync`` on the command line, and
+``config.replace(mode="sync")`` in Python. Byte sizes accept plain integers or strings like
+``"64MiB"``.
 
 Tokens are the exception: ``admin_tokens`` and ``worker_tokens`` come only from
 ``PARAMSERVE_ADMIN_TOKEN`` / ``PARAMSERVE_WORKER_TOKEN`` or from ``tokens_file``, never from
@@ -21,59 +25,38 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from paramserve.optim_core import DEVICES
+from paramserve.wire import DEFAULT_HOST, DEFAULT_PORT
+
+from .aggregation import AggregationConfig
+from .gradients import NONFINITE_POLICIES
+from .limits import Limits
+from .settings import ConfigError, check_choice, check_min
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
+__all__ = ["ConfigError", "ServerConfig", "format_address", "load_config", "parse_bytes"]
+
 ENV_PREFIX = "PARAMSERVE_"
 
-MODES = ("sync", "async", "stale")
-REDUCTIONS = ("sum", "mean")
-DEADLINE_POLICIES = ("partial", "abort")
-NONFINITE_POLICIES = ("reject", "skip", "allow")
-DEVICES = ("auto", "cpu", "gpu")
 LOG_FORMATS = ("text", "json")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class ConfigError(ValueError):
-    """A configuration value that is unknown, of the wrong type, or out of range."""
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """Size limits that protect the daemon's memory; over them -> RESOURCE_EXHAUSTED."""
-
-    # One gRPC message (a 4 MiB chunk plus headers fits easily).
-    max_message_bytes: int = 64 << 20
-    # One tensor's payload.
-    max_tensor_bytes: int = 8 << 30
-    # All tensor payloads of one request (CreateModel, Push, SetOptimizerState).
-    max_request_bytes: int = 16 << 30
-    # Variables plus optimizer state held by the store; also bounds uploaded snapshots.
-    max_state_bytes: int = 64 << 30
-    max_variables: int = 10_000
-    # Calls in flight on the whole server, each one HTTP/2 stream (queued calls count too);
-    # a call past it is refused with RESOURCE_EXHAUSTED. Health checks count as well.
-    max_concurrent_streams: int = 256
 
 
 @dataclass(frozen=True)
 class ServerConfig:
     """Everything `paramserve serve` can be told; see the module docstring for the sources."""
 
-    host: str = "127.0.0.1"
-    port: int = 50051
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
     device: str = "cpu"
     # Used when CreateModel sends an empty optimizer_json: a name or a JSON serialization dict.
     optimizer: str = "adam"
-    mode: str = "sync"
-    replicas: int = 1
-    reduction: str = "sum"
-    round_timeout_s: float = 30.0
-    deadline_policy: str = "partial"
-    max_staleness: int = 4
+    # How pushes become optimizer steps (set by their own names: mode, replicas, ...).
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
     # None: snapshots disabled (snapshot RPCs answer FAILED_PRECONDITION).
     checkpoint_dir: Path | None = None
     # Seconds between periodic snapshots; 0 turns them off.
@@ -86,7 +69,8 @@ class ServerConfig:
     # Append one JSON line per push that took effect, in apply order (audit, replay); None: off.
     push_log: Path | None = None
     nonfinite: str = "reject"
-    limits: ServerLimits = field(default_factory=ServerLimits)
+    # Size limits (set by their own names: max_message_bytes, ...).
+    limits: Limits = field(default_factory=Limits)
     # Prometheus endpoint port; 0 turns it off.
     metrics_port: int = 0
     # Seconds in-flight calls get to finish on shutdown.
@@ -108,33 +92,24 @@ class ServerConfig:
     worker_tokens: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("reduction", self.reduction, REDUCTIONS)
-        _check_choice("deadline_policy", self.deadline_policy, DEADLINE_POLICIES)
-        _check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("log_format", self.log_format, LOG_FORMATS)
-        _check_choice("log_level", self.log_level, LOG_LEVELS)
+        """ConfigError for a setting out of range (the nested groups checked themselves)."""
+        check_choice("nonfinite", self.nonfinite, NONFINITE_POLICIES)
+        check_choice("device", self.device, DEVICES)
+        check_choice("log_format", self.log_format, LOG_FORMATS)
+        check_choice("log_level", self.log_level, LOG_LEVELS)
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"`port` must be in [0, 65535]. Received: port={self.port}")
         if not 0 <= self.metrics_port <= 65535:
             raise ConfigError(
                 f"`metrics_port` must be in [0, 65535]. Received: metrics_port={self.metrics_port}"
             )
-        _check_min("replicas", self.replicas, 1)
-        _check_min("max_staleness", self.max_staleness, 0)
-        _check_min("max_workers", self.max_workers, 2)
-        _check_positive("round_timeout_s", self.round_timeout_s)
-        _check_min("snapshot_every_s", self.snapshot_every_s, 0)
-        _check_min("grace_s", self.grace_s, 0)
+        check_min("max_workers", self.max_workers, 2)
+        check_min("snapshot_every_s", self.snapshot_every_s, 0)
+        check_min("grace_s", self.grace_s, 0)
         if self.keep_snapshots is not None:
-            _check_min("keep_snapshots", self.keep_snapshots, 1)
+            check_min("keep_snapshots", self.keep_snapshots, 1)
         if not self.host:
             raise ConfigError("`host` must not be empty")
-        for f in dataclasses.fields(ServerLimits):
-            _check_min(f.name, getattr(self.limits, f.name), 1)
-        # Room for a useful chunk plus framing in every message.
-        _check_min("max_message_bytes", self.limits.max_message_bytes, 64 << 10)
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("`tls_cert` and `tls_key` must be given together")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -157,36 +132,32 @@ class ServerConfig:
         return format_address(self.host, self.port)
 
     def replace(self, **changes: Any) -> ServerConfig:
-        """A copy with ``changes`` applied (limit fields may be given by their own names)."""
+        """A copy with ``changes`` applied, each setting by its flat name (``mode``,
+        ``max_message_bytes``, ``port``, ...), converted as a TOML or environment value is."""
         return _build(self, changes)
 
 
 def format_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC wants it (an IPv6 host in brackets)."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"{host}:{port}"
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"`{name}` must be one of {list(choices)}. Received: {name}={value!r}")
-
-
-def _check_min(name: str, value: float, minimum: float) -> None:
-    if value < minimum:
-        raise ConfigError(f"`{name}` must be >= {minimum}. Received: {name}={value}")
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0:
-        raise ConfigError(f"`{name}` must be > 0. Received: {name}={value}")
-
-
 # Secrets: read from the environment under these names only (never TOML or flags).
 _TOKEN_ENV_NAMES = {"admin_tokens": "ADMIN_TOKEN", "worker_tokens": "WORKER_TOKEN"}
-_CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name != "limits"}
-_LIMIT_FIELDS = {f.name: f for f in dataclasses.fields(ServerLimits)}
-FIELD_NAMES = tuple(_CONFIG_FIELDS) + tuple(_LIMIT_FIELDS)
+# The nested groups of settings, each set by the names of its own fields.
+_SECTIONS: dict[str, type] = {"aggregation": AggregationConfig, "limits": Limits}
+_TOP_FIELDS = {f.name: f for f in dataclasses.fields(ServerConfig) if f.name not in _SECTIONS}
+_SECTION_OF = {f.name: s for s, cls in _SECTIONS.items() for f in dataclasses.fields(cls)}
+_FIELDS = {
+    **_TOP_FIELDS,
+    **{f.name: f for cls in _SECTIONS.values() for f in dataclasses.fields(cls)},
+}
+assert len(_FIELDS) == len(_TOP_FIELDS) + len(_SECTION_OF), "a setting name is used twice"
+_LIMIT_FIELDS = frozenset(n for n, s in _SECTION_OF.items() if s == "limits")
+# Every setting's flat name: TOML keys, PARAMSERVE_<NAME> variables, --flags, replace().
+FIELD_NAMES = tuple(_FIELDS)
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})
@@ -218,7 +189,7 @@ def _parse_bool(value: Any) -> bool:
 
 def _convert(name: str, value: Any) -> Any:
     """Coerce a TOML, environment or flag value to the field's type."""
-    kind = (_CONFIG_FIELDS.get(name) or _LIMIT_FIELDS[name]).type
+    kind = _FIELDS[name].type
     try:
         if kind.startswith("tuple"):  # tokens: "a,b" from the environment, or a sequence
             items = value.split(",") if isinstance(value, str) else list(value or ())
@@ -250,16 +221,17 @@ def _convert(name: str, value: Any) -> Any:
 
 def _build(base: ServerConfig, changes: Mapping[str, Any]) -> ServerConfig:
     top: dict[str, Any] = {}
-    limits: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {section: {} for section in _SECTIONS}
     for name, value in changes.items():
-        if name in _CONFIG_FIELDS:
+        if name in _TOP_FIELDS:
             top[name] = _convert(name, value)
-        elif name in _LIMIT_FIELDS:
-            limits[name] = _convert(name, value)
+        elif name in _SECTION_OF:
+            nested[_SECTION_OF[name]][name] = _convert(name, value)
         else:
             raise ConfigError(f"unknown configuration key {name!r}; known: {sorted(FIELD_NAMES)}")
-    if limits:
-        top["limits"] = dataclasses.replace(base.limits, **limits)
+    for section, values in nested.items():
+        if values:  # the group checks itself
+            top[section] = dataclasses.replace(getattr(base, section), **values)
     return dataclasses.replace(base, **top)
 
 

@@ -285,6 +285,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.workers < 1 or args.steps < 1:
         print("paramserve demo: --workers and --steps must be >= 1", file=sys.stderr)
         return 2
+    from paramserve.server.aggregation import AggregationConfig
     from paramserve.server.app import create_server
     from paramserve.server.config import ServerConfig
 
@@ -292,9 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="paramserve-demo-") as checkpoint_dir:
         config = ServerConfig(
             port=0,
-            mode=args.mode,
-            replicas=args.workers,
-            reduction="mean",
+            aggregation=AggregationConfig(mode=args.mode, replicas=args.workers, reduction="mean"),
             checkpoint_dir=Path(checkpoint_dir),
             snapshot_on_exit=False,
             log_level="warning",

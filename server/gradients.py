@@ -14,16 +14,15 @@ from typing import Any
 import numpy as np
 
 from paramserve.optim_core import IndexedSlices, array_module, to_device
-from paramserve.v1 import tensor_pb2 as tpb
-from paramserve.wire import SparseRows, dtype_from_proto
+from paramserve.wire import SparseRows
 
+from .aggregation import REDUCTIONS
 from .errors import InvalidArgument, NotFound, limit_exceeded
 
+# What a push with NaN or Inf gets (the store's and --nonfinite's choices).
 NONFINITE_POLICIES = ("reject", "skip", "allow")
-REDUCTIONS = ("sum", "mean")
 # Elements checked per block by all_finite: a 128 KiB scratch, and blocks that stay in cache.
 FINITE_BLOCK_ELEMENTS = 1 << 17
-_FLOAT_CODES = frozenset((tpb.FLOAT32, tpb.FLOAT64, tpb.FLOAT16, tpb.BFLOAT16))
 
 
 def all_finite(values: np.ndarray) -> bool:
@@ -51,47 +50,15 @@ def all_finite(values: np.ndarray) -> bool:
 class FiniteChecked(dict):
     """Gradients by name, plus the names (``finite``) already found free of NaN and Inf.
 
-    The servicer scans dense tensors chunk by chunk while they arrive (:class:`FiniteScan`),
-    overlapping the scan with the transfer while each chunk is still in cache;
-    :func:`check_push` then skips those tensors instead of reading them all again.
+    The gRPC layer scans dense tensors chunk by chunk while they arrive
+    (:class:`~paramserve.server.streams.FiniteScan`), overlapping the scan with the transfer
+    while each chunk is still in cache; :func:`check_push` then skips those tensors instead
+    of reading them all again.
     """
 
     def __init__(self, values: Mapping[str, Any], *, finite: frozenset[str]) -> None:
         super().__init__(values)
         self.finite = finite
-
-
-class FiniteScan:
-    """Tracks which dense float tensors of a stream are all-finite, piece by piece."""
-
-    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
-        self._headers = list(headers)
-        self._dtypes = {
-            i: dtype_from_proto(h.dtype)
-            for i, h in enumerate(self._headers)
-            if h.layout == tpb.LAYOUT_DENSE and h.dtype in _FLOAT_CODES
-        }
-        self._checked = [0] * len(self._headers)
-        self._bad: set[int] = set()
-
-    def update(self, tensor: int, buffer: np.ndarray, received: int) -> None:
-        """Scan tensor ``tensor``'s whole elements in ``buffer[:received]`` not scanned yet."""
-        dtype = self._dtypes.get(tensor)
-        if dtype is None or tensor in self._bad:
-            return
-        start, end = self._checked[tensor], received - received % dtype.itemsize
-        if end > start:
-            if not all_finite(buffer[start:end].view(dtype)):
-                self._bad.add(tensor)
-            self._checked[tensor] = end
-
-    def finite(self) -> frozenset[str]:
-        """Names of the tensors scanned completely and found all-finite."""
-        return frozenset(
-            h.name
-            for i, h in enumerate(self._headers)
-            if i in self._dtypes and i not in self._bad and self._checked[i] == h.byte_length
-        )
 
 
 def _same_dtype(got: np.dtype, expected: np.dtype) -> bool:

@@ -4,6 +4,10 @@ Counters: RPCs by method and status code, pushes and pulls by outcome, payload b
 out, dedupe hits, sync rounds by outcome, snapshots by trigger and outcome. Histograms:
 optimizer apply latency, time a push waits for its round, push staleness, snapshot duration.
 Gauges: model version, last snapshot size, whether the server is serving.
+
+:class:`ServerMetrics` is the core's metric hooks (:class:`~.hooks.CoreMetrics`: applies,
+rounds, pushes, versions, snapshots) and what the gRPC layer counts (calls by status code,
+payload bytes).
 """
 
 from __future__ import annotations
@@ -133,17 +137,40 @@ class ServerMetrics:
 
     # -- recording helpers -------------------------------------------------------------------
 
-    def record_rpc(self, method: str, code: str) -> None:
-        """Count one finished RPC; errors of Push and Pull also count as their outcome."""
+    def record_rpc(self, method: str, code: str, *, counts_as: str | None = None) -> None:
+        """Count one finished RPC by method and status code name.
+
+        ``counts_as="pull"`` also counts it as a pull of that outcome (``ok`` or the code),
+        ``counts_as="push"`` a failed one as a push of that outcome (a push that succeeded
+        is counted by :meth:`record_push`, by what became of it).
+        """
         self.rpcs.labels(method=method, code=code).inc()
-        if code == "OK":
-            if method == "Pull":
-                self.pulls.labels(outcome="ok").inc()
-            return
-        if method == "Push":
+        if counts_as == "pull":
+            self.pulls.labels(outcome="ok" if code == "OK" else code.lower()).inc()
+        elif counts_as == "push" and code != "OK":
             self.pushes.labels(outcome=code.lower()).inc()
-        elif method == "Pull":
-            self.pulls.labels(outcome=code.lower()).inc()
+
+    # -- the core's hooks (CoreMetrics) ------------------------------------------------------
+
+    def observe_apply(self, seconds: float) -> None:
+        """One optimizer apply on the store took ``seconds``."""
+        self.apply_seconds.observe(seconds)
+
+    def observe_staleness(self, versions: int) -> None:
+        """A push arrived ``versions`` behind the model."""
+        self.staleness.observe(versions)
+
+    def observe_round_wait(self, seconds: float) -> None:
+        """A push spent ``seconds`` in the aggregator."""
+        self.round_wait_seconds.observe(seconds)
+
+    def set_model_version(self, version: int) -> None:
+        """The model is now at ``version``."""
+        self.model_version.set(version)
+
+    def set_snapshot_size(self, size_bytes: int) -> None:
+        """The last snapshot written takes ``size_bytes``."""
+        self.snapshot_size_bytes.set(size_bytes)
 
     def record_push(self, *, duplicate: bool, applied: bool, version: int) -> None:
         """Count a successful push by outcome."""
@@ -157,7 +184,7 @@ class ServerMetrics:
         self.model_version.set(version)
 
     def record_round(self, outcome: str) -> None:
-        """Count one synchronous round that ended (the aggregator's ``on_round_closed``)."""
+        """Count one synchronous round that ended: full, partial or aborted."""
         self.rounds.labels(outcome=outcome).inc()
 
     @contextmanager
@@ -184,6 +211,7 @@ class ServerMetrics:
         return bound
 
     def stop_http(self) -> None:
+        """Stop serving ``/metrics`` (if it was)."""
         if self._http_server is not None:
             self._http_server.shutdown()
             self._http_server.server_close()

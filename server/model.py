@@ -1,14 +1,18 @@
-"""A model definition: variable specs, limits, and building or comparing a model.
+"""A model definition: variable specs, limits, building or comparing a model, and editing
+its hyperparameters.
 
 The store keeps one :class:`Model` at a time; this module checks a requested
-definition (names, dtypes, limits, optimizer), builds it on a device, and says in
-words how two definitions differ, so create/import fail before touching live state.
+definition (names, dtypes, limits, optimizer), builds it on a device, says in
+words how two definitions differ, so create/import fail before touching live state,
+and validates a hyperparameter change before it makes it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,14 +21,17 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.optim_core import Optimizer, Variable
+from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Variable
 
-from .errors import InvalidArgument, limit_exceeded
+from .errors import FailedPrecondition, InvalidArgument, limit_exceeded
+from .limits import Limits
 
 logger = logging.getLogger(__name__)
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 MAX_NAME_CHARS = 1024
+# An optimizer given by name rather than as JSON: "adam", "adam_w", "my.module>Custom", ...
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(frozen=True)
@@ -34,15 +41,6 @@ class VariableSpec:
     name: str
     dtype: str
     shape: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Size limits that keep one request from exhausting the server."""
-
-    max_variables: int = 10_000
-    max_tensor_bytes: int = 8 << 30
-    max_state_bytes: int = 64 << 30
 
 
 @dataclass
@@ -66,6 +64,10 @@ class Model:
     specs: dict[str, tuple[np.dtype, tuple[int, ...]]]
     # Optimizer configs (JSON) under which create_model counts as "already exists, identical".
     definitions: set[str] = field(default_factory=set)
+    # optimizer_specs_of's answer, for the optimizer it was computed from.
+    optimizer_specs: tuple[Optimizer, dict[str, tuple[str, tuple[int, ...]]]] | None = field(
+        default=None, repr=False
+    )
 
 
 def check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
@@ -99,6 +101,23 @@ def lr_is_schedule(config: dict[str, Any]) -> bool:
         return isinstance(config["learning_rate"], dict)
     inner = config.get("inner_optimizer")
     return isinstance(inner, dict) and lr_is_schedule(inner.get("config") or {})
+
+
+def parse_optimizer(text: str) -> dict[str, Any] | str:
+    """An optimizer from JSON text (a serialization dict or a name); never eval or pickle."""
+    text = text.strip()
+    if _NAME_RE.match(text):
+        return text
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: deep nesting
+        raise InvalidArgument(f"optimizer_json is not valid JSON: {exc}") from None
+    if not isinstance(value, dict | str):
+        raise InvalidArgument(
+            "optimizer_json must encode a Keras serialization dict "
+            f'({{"class_name": ..., "config": {{...}}}}) or a name, got {type(value).__name__}'
+        )
+    return value
 
 
 def make_optimizer(identifier: Any) -> Optimizer:
@@ -268,5 +287,80 @@ def specs_of(model: Model) -> list[VariableSpec]:
     ]
 
 
+def optimizer_specs_of(model: Model) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Names, dtype names and shapes of the optimizer state, in ``state_dict()`` order.
+
+    Computed once per optimizer (the state is copied to the host for it): changing a
+    hyperparameter may rebuild the optimizer, never while keeping the old answer.
+    """
+    cached = model.optimizer_specs
+    if cached is None or cached[0] is not model.optimizer:
+        state = model.optimizer.state_dict()
+        specs = {k: (np.asarray(v).dtype.name, tuple(np.shape(v))) for k, v in state.items()}
+        cached = model.optimizer_specs = (model.optimizer, specs)
+    return cached[1]
+
+
 def current_config(model: Model) -> str:
     return config_json(optim_core.serialize(model.optimizer))
+
+
+# --- hyperparameters ----------------------------------------------------------------------
+def hyperparameters_of(optimizer: Optimizer) -> dict[str, float]:
+    """The current learning rate and every float-valued optimizer config entry."""
+    out = {"learning_rate": float(optimizer.learning_rate)}
+    for key, value in optimizer.get_config().items():
+        if key != "learning_rate" and type(value) is float:
+            out[key] = value
+    return out
+
+
+def edit_hyperparameters(model: Model, values: Mapping[str, Any]) -> None:
+    """Change ``model``'s hyperparameters in place; all are validated before any changes.
+
+    A learning rate is set on the optimizer; other values rebuild it from its edited config
+    (so its constructor checks them) and carry the slots and step counter over.
+    """
+    allowed = hyperparameters_of(model.optimizer)
+    for key, value in values.items():
+        if key not in allowed:
+            raise InvalidArgument(
+                f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}",
+                violations=[(f"values[{key}]", "not a hyperparameter of this optimizer")],
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(
+                f"hyperparameter {key!r} must be a number; got {type(value).__name__}",
+                violations=[(f"values[{key}]", "must be a number")],
+            )
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"hyperparameter {key!r} must be finite; got {value}",
+                violations=[(f"values[{key}]", "must be finite")],
+            )
+        if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
+            raise InvalidArgument(
+                f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
+                f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}",
+                violations=[(f"values[{key}]", "must fit float32")],
+            )
+    config = optim_core.serialize(model.optimizer)
+    if "learning_rate" in values and lr_is_schedule(config["config"]):
+        raise FailedPrecondition(
+            "the learning rate follows a schedule and cannot be set to a number"
+        )
+    others = {k: float(v) for k, v in values.items() if k != "learning_rate"}
+    if others:
+        config["config"].update(others)
+        rebuilt = make_optimizer(config)
+        rebuilt.build(list(model.variables.values()))
+        try:
+            rebuilt.load_state_dict(model.optimizer.state_dict())
+        except ValueError as exc:  # e.g. SGD momentum to or from 0 adds or drops slots
+            raise FailedPrecondition(
+                f"cannot change {sorted(others)} of a live model: the new values change "
+                f"the optimizer's state variables ({exc})"
+            ) from None
+        model.optimizer = rebuilt
+    if "learning_rate" in values:
+        model.optimizer.learning_rate = float(values["learning_rate"])

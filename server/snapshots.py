@@ -37,7 +37,7 @@ import safetensors.numpy
 from paramserve.optim_core import Variable
 
 from . import checkpoint_dir
-from .aggregator import check_aggregation_state
+from .aggregation import check_aggregation_state
 from .checkpoint_dir import (
     FILE_MODE,
     TEMP_PREFIX,
@@ -46,7 +46,8 @@ from .checkpoint_dir import (
     ServingRecord,
 )
 from .errors import InvalidArgument, NotFound, StartupRefused
-from .model import Limits, ModelState, check_variables, make_optimizer
+from .limits import Limits
+from .model import ModelState, check_variables, make_optimizer
 
 logger = logging.getLogger(__name__)
 

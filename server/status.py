@@ -1,9 +1,11 @@
 """Every failed call's status: code, message and a ``google.rpc.Status`` with its details.
 
-:func:`grpc_status` is the one place an exception becomes what the client receives: a
-:class:`~paramserve.server.errors.ParamServeError` keeps its code and message, a malformed
-tensor stream (``WireError``) is INVALID_ARGUMENT, and anything else is INTERNAL with the
-message "internal error" (logged here with its traceback). The details, encoded by
+This is the one place an exception becomes what the client receives and what the metrics
+count. :func:`status_of` is its code: a :class:`~paramserve.server.errors.ParamServeError`
+keeps its own, a malformed tensor stream (``WireError``) is INVALID_ARGUMENT, anything else
+INTERNAL. :func:`grpc_status` is the whole status, built on it: the error's message (for
+INTERNAL only "internal error"; the exception is logged here with its traceback). The
+details, encoded by
 grpcio-status in the ``grpc-status-details-bin`` trailer, are always an ``ErrorInfo``
 (``reason``, ``domain`` "paramserve.v1", ``metadata``) and, when the error names request
 fields at fault, a ``BadRequest`` with one field violation each.
@@ -41,8 +43,8 @@ def domain_error(exc: BaseException, method: str) -> ParamServeError:
     return ParamServeError(INTERNAL_MESSAGE, reason="INTERNAL", metadata={"method": method})
 
 
-def status_code(exc: BaseException) -> grpc.StatusCode:
-    """The status code an exception is answered with (nothing is logged)."""
+def status_of(exc: BaseException) -> grpc.StatusCode:
+    """The status code an exception is answered with, and counted by (nothing is logged)."""
     if isinstance(exc, ParamServeError):
         code = _code(exc)
         if code not in (None, grpc.StatusCode.OK):
@@ -55,7 +57,7 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
 def grpc_status(exc: BaseException, method: str) -> grpc.Status:
     """The status a call that raised ``exc`` ends with, details included."""
     error = domain_error(exc, method)
-    code = status_code(error)
+    code = status_of(error)
     message = str(error) or type(error).__name__
     details = [_packed(_error_info(error))]
     if error.violations:

@@ -9,7 +9,6 @@ this module only checks input, keeps the variables and hands them to the optimiz
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -19,19 +18,18 @@ from typing import Any, TypeVar
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.wire import INDEX_DTYPE, SparseRows
+from paramserve.wire import SparseRows, payload_bytes
 
 from . import gradients
 from .errors import (
     AlreadyExists,
     DeadlineExceeded,
-    FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
+from .limits import Limits
 from .model import (
-    Limits,
     Model,
     ModelState,
     VariableSpec,
@@ -41,19 +39,20 @@ from .model import (
     config_json,
     current_config,
     describe_difference,
-    lr_is_schedule,
+    edit_hyperparameters,
+    hyperparameters_of,
     make_optimizer,
+    optimizer_specs_of,
     specs_of,
 )
+from .settings import check_choice
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Limits", "ModelState", "ModelStore", "VariableSpec", "make_optimizer"]
 
 DEFAULT_LIMITS = Limits()
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 T = TypeVar("T")
-_INDEX_BYTES = INDEX_DTYPE.itemsize  # one row index of a sparse-rows payload
 
 
 def _host_copy(value: Any) -> np.ndarray:
@@ -76,11 +75,7 @@ class ModelStore:
     def __init__(
         self, *, device: str = "cpu", nonfinite: str = "reject", limits: Limits = DEFAULT_LIMITS
     ) -> None:
-        if nonfinite not in gradients.NONFINITE_POLICIES:
-            raise ValueError(
-                f"`nonfinite` must be one of {gradients.NONFINITE_POLICIES}. "
-                f"Received: nonfinite={nonfinite!r}"
-            )
+        check_choice("nonfinite", nonfinite, gradients.NONFINITE_POLICIES)
         self.device: str = optim_core.resolve_device(device)
         self.nonfinite = nonfinite
         self.limits = limits
@@ -233,6 +228,11 @@ class ModelStore:
         with self.lock:
             return specs_of(self._require_model())
 
+    def optimizer_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Names, dtype names and shapes of the optimizer state (computed once per optimizer)."""
+        with self.lock:
+            return optimizer_specs_of(self._require_model())
+
     def optimizer_config(self) -> dict[str, Any]:
         with self.lock:
             return optim_core.serialize(self._require_model().optimizer)
@@ -240,65 +240,16 @@ class ModelStore:
     def hyperparameters(self) -> dict[str, float]:
         """The current learning rate and every float-valued optimizer config entry."""
         with self.lock:
-            opt = self._require_model().optimizer
-            out = {"learning_rate": float(opt.learning_rate)}
-            for key, value in opt.get_config().items():
-                if key != "learning_rate" and type(value) is float:
-                    out[key] = value
-            return out
+            return hyperparameters_of(self._require_model().optimizer)
 
     def set_hyperparameters(self, values: dict[str, float]) -> dict[str, float]:
         """Change hyperparameters live; all are validated before any changes."""
         with self.lock:
             model = self._require_model()
-            allowed = self.hyperparameters()
-            for key, value in values.items():
-                if key not in allowed:
-                    raise InvalidArgument(
-                        f"unknown hyperparameter {key!r}; this optimizer accepts {sorted(allowed)}",
-                        violations=[(f"values[{key}]", "not a hyperparameter of this optimizer")],
-                    )
-                if isinstance(value, bool) or not isinstance(value, int | float):
-                    raise InvalidArgument(
-                        f"hyperparameter {key!r} must be a number; got {type(value).__name__}",
-                        violations=[(f"values[{key}]", "must be a number")],
-                    )
-                if not math.isfinite(value):
-                    raise InvalidArgument(
-                        f"hyperparameter {key!r} must be finite; got {value}",
-                        violations=[(f"values[{key}]", "must be finite")],
-                    )
-                if key == "learning_rate" and abs(value) > _FLOAT32_MAX:
-                    raise InvalidArgument(
-                        f"hyperparameter 'learning_rate' must fit the optimizer's float32 "
-                        f"learning rate (|value| <= {_FLOAT32_MAX:.6g}); got {value}",
-                        violations=[(f"values[{key}]", "must fit float32")],
-                    )
-            config = optim_core.serialize(model.optimizer)
-            if "learning_rate" in values and lr_is_schedule(config["config"]):
-                raise FailedPrecondition(
-                    "the learning rate follows a schedule and cannot be set to a number"
-                )
-            others = {k: float(v) for k, v in values.items() if k != "learning_rate"}
-            if others:
-                # Rebuild from the edited config so the constructor checks the new values,
-                # then carry the slots and step counter over.
-                config["config"].update(others)
-                rebuilt = make_optimizer(config)
-                rebuilt.build(list(model.variables.values()))
-                try:
-                    rebuilt.load_state_dict(model.optimizer.state_dict())
-                except ValueError as exc:  # e.g. SGD momentum to or from 0 adds or drops slots
-                    raise FailedPrecondition(
-                        f"cannot change {sorted(others)} of a live model: the new values change "
-                        f"the optimizer's state variables ({exc})"
-                    ) from None
-                model.optimizer = rebuilt
-            if "learning_rate" in values:
-                model.optimizer.learning_rate = float(values["learning_rate"])
+            edit_hyperparameters(model, values)
             self.changed.notify_all()
             logger.info("hyperparameters changed: %s", values)
-            return self.hyperparameters()
+            return hyperparameters_of(model.optimizer)
 
     # --- gradients -----------------------------------------------------------------------
     def validate_push(self, grads: dict[str, np.ndarray | SparseRows]) -> dict[str, Any] | None:
@@ -400,12 +351,8 @@ class ModelStore:
             out = {}
             for name in wanted:
                 dtype, shape = model.specs[name]
-                if name in selections:
-                    row = math.prod(shape[1:]) * dtype.itemsize
-                    size = len(selections[name]) * (_INDEX_BYTES + row)
-                else:
-                    size = math.prod(shape) * dtype.itemsize
-                out[name] = (size, len(shape))
+                rows = len(selections[name]) if name in selections else None
+                out[name] = (payload_bytes(dtype.itemsize, shape, rows), len(shape))
             return out
 
     def wait_for_version(self, min_version: int, timeout_s: float | None) -> int:

@@ -30,7 +30,9 @@ def test_readme_python_block_runs(index: int) -> None:
 
 def test_readme_worker_trains_against_a_server(tmp_path: Path) -> None:
     server = create_server(
-        ServerConfig(port=0, mode="sync", replicas=2, log_level="warning", snapshot_on_exit=False)
+        ServerConfig(port=0, log_level="warning", snapshot_on_exit=False).replace(
+            mode="sync", replicas=2
+        )
     )
     try:
         script = tmp_path / "worker.py"

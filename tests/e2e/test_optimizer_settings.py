@@ -79,7 +79,7 @@ def client(tmp_path_factory):
     from paramserve.server.app import create_server
     from paramserve.server.config import ServerConfig
 
-    server = create_server(ServerConfig(port=0, mode="async", log_level="warning"))
+    server = create_server(ServerConfig(port=0, log_level="warning").replace(mode="async"))
     with Client(server.address, timeout_s=30.0) as c:
         yield c
     server.stop(grace_s=0)

@@ -77,7 +77,7 @@ def test_the_sdk_resynchronises_an_automatic_sequence_taken_by_another_client(
 
 
 def test_out_of_order_pushes_of_one_client_are_applied_once(server, admin, connect):
-    if server.config.mode == "sync":
+    if server.config.aggregation.mode == "sync":
         pytest.skip("a sync round takes one push per worker")
     client = connect(server, worker_id="threads")
     client.push(bias(1.0), sequence=5)
@@ -96,7 +96,7 @@ def test_out_of_order_pushes_of_one_client_are_applied_once(server, admin, conne
 def test_a_sequence_far_below_the_last_one_is_refused_even_from_the_same_client(
     server, admin, connect
 ):
-    if server.config.mode == "sync":
+    if server.config.aggregation.mode == "sync":
         pytest.skip("a sync round takes one push per worker")
     client = connect(server, worker_id="far")
     client.push(bias(1.0), sequence=5000)
@@ -108,7 +108,7 @@ def test_a_sequence_far_below_the_last_one_is_refused_even_from_the_same_client(
 def test_base_versions_the_server_never_had_are_refused_in_every_mode(server, admin, connect):
     client = connect(server, worker_id="versions")
     weights = admin.pull()
-    if server.config.mode == "sync":
+    if server.config.aggregation.mode == "sync":
         match = "computed from version 5; the open round is for version 0"
     else:
         match = "computed from version 5, but the model is at version 0"

@@ -7,10 +7,11 @@ import pytest
 
 from paramserve import wire as tensors
 from paramserve.client import Client
-from paramserve.client.channel import SERVICE, ChannelSettings, method_path
+from paramserve.client.channel import ChannelSettings, method_path
 from paramserve.client.resend import RESENT_METHODS
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
+from paramserve.wire import SERVICE_NAME as SERVICE
 
 from .replay import assert_same
 

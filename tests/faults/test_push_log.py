@@ -9,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from paramserve.server.aggregator import AggregationConfig, Aggregator, PushLog
+from paramserve.server.aggregator import AggregationConfig, Aggregator
 from paramserve.server.cli import build_parser, config_from_args
 from paramserve.server.config import load_config
 from paramserve.server.errors import Unavailable
+from paramserve.server.push_log import PushLog
 from paramserve.server.store import ModelStore
 
 VARIABLES = {"w": np.zeros(3, np.float32)}

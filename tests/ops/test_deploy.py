@@ -179,7 +179,8 @@ def test_compose_runs_a_sync_server_and_two_workers_after_it_is_healthy():
     assert server["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
     assert (DEPLOY / server["build"]["context"] / server["build"]["dockerfile"]).is_file()
     config = _server_config_from_compose()
-    assert (config.mode, config.replicas, config.host) == ("sync", 2, "0.0.0.0")
+    agg = config.aggregation
+    assert (agg.mode, agg.replicas, config.host) == ("sync", 2, "0.0.0.0")
     assert config.resume and config.snapshot_every_s > 0
     volume, _, target = server["volumes"][0].partition(":")
     assert volume in COMPOSE["volumes"] and Path(target) == config.checkpoint_dir
@@ -197,7 +198,7 @@ def test_compose_runs_a_sync_server_and_two_workers_after_it_is_healthy():
         assert worker["entrypoint"] == ["paramserve", "worker"]
         assert worker["image"] == server["image"]
         args = demo.build_worker_parser().parse_args(worker["command"])
-        assert (args.address, args.workers) == ("server:50051", config.replicas)
+        assert (args.address, args.workers) == ("server:50051", config.aggregation.replicas)
         ranks.add(args.rank)
     assert ranks == {0, 1}
 

@@ -231,8 +231,8 @@ def test_a_second_signal_exits_at_once(start_process):
 def test_during_the_drain_health_checks_answer_not_serving_and_pushes_are_refused(tmp_path):
     """The drain window held open (final snapshot paused): Check, probe, Push, status, metrics."""
     config = ServerConfig(
-        port=0, mode="async", checkpoint_dir=tmp_path / "ckpt", metrics_port=free_port()
-    )
+        port=0, checkpoint_dir=tmp_path / "ckpt", metrics_port=free_port()
+    ).replace(mode="async")
     server = create_server(config)
     in_snapshot, finish = threading.Event(), threading.Event()
     take_snapshot = server.core.take_snapshot

@@ -170,7 +170,7 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
     servers: list[RunningServer] = []
 
     def start(**changes) -> RunningServer:
-        config = ServerConfig(host="127.0.0.1", port=0, mode="async", grace_s=0.5)
+        config = ServerConfig(host="127.0.0.1", port=0, grace_s=0.5).replace(mode="async")
         server = create_server(config.replace(**changes))
         servers.append(server)
         return server

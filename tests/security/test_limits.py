@@ -14,7 +14,8 @@ import pytest
 
 from paramserve import wire
 from paramserve.client import Client
-from paramserve.server.config import ServerConfig, ServerLimits
+from paramserve.server.config import ServerConfig
+from paramserve.server.limits import Limits as ServerLimits
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb

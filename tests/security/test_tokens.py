@@ -95,11 +95,10 @@ def auth_server(tmp_path_factory):
     config = ServerConfig(
         host="127.0.0.1",
         port=0,
-        mode="async",
         grace_s=0.5,
         tokens_file=tokens,
         checkpoint_dir=directory / "ckpt",
-    )
+    ).replace(mode="async")
     server = create_server(config)
     with Client(server.address, token=ADMIN_TOKEN, wait_for_ready=False) as admin:
         admin.create_model({"w": np.zeros(4, np.float32)}, optimizer="sgd")

@@ -12,10 +12,10 @@ from paramserve.server.errors import InvalidArgument
 from paramserve.server.gradients import (
     FINITE_BLOCK_ELEMENTS,
     FiniteChecked,
-    FiniteScan,
     all_finite,
     check_push,
 )
+from paramserve.server.streams import FiniteScan
 from paramserve.wire import SparseRows
 
 N = 2 * FINITE_BLOCK_ELEMENTS + 5  # two full blocks and a short one

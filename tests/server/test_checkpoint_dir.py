@@ -25,6 +25,7 @@ from paramserve.server.checkpoint_dir import (
     write_record,
 )
 from paramserve.server.config import ServerConfig
+from paramserve.server.core import ServerCore
 from paramserve.server.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -33,7 +34,6 @@ from paramserve.server.errors import (
     Unavailable,
 )
 from paramserve.server.metrics import ServerMetrics
-from paramserve.server.servicer import ServerCore
 from paramserve.server.snapshots import SnapshotState, SnapshotStore
 from paramserve.server.store import Limits, ModelStore
 

@@ -130,7 +130,7 @@ def start_server(tmp_path) -> Iterator[Callable[..., Harness]]:
     harnesses: list[Harness] = []
 
     def start(**changes) -> Harness:
-        config = ServerConfig(host="127.0.0.1", port=0, mode="async", grace_s=1.0)
+        config = ServerConfig(host="127.0.0.1", port=0, grace_s=1.0).replace(mode="async")
         harness = Harness(create_server(config.replace(**changes)))
         harnesses.append(harness)
         return harness

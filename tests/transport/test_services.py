@@ -135,9 +135,10 @@ def test_config_precedence_toml_env_flags(tmp_path):
     config = cli.config_from_args(args, env=env)
     assert config.port == 3333  # flag over env over TOML
     assert config.limits.max_variables == 9  # flag over TOML
-    assert config.replicas == 4  # env over TOML
+    assert config.aggregation.replicas == 4  # env over TOML
     assert config.limits.max_tensor_bytes == 2 << 20  # env over TOML
-    assert (config.mode, config.round_timeout_s, config.nonfinite) == ("async", 5.0, "skip")
+    agg = config.aggregation
+    assert (agg.mode, agg.round_timeout_s, config.nonfinite) == ("async", 5.0, "skip")
     assert config.host == "127.0.0.1" and config.device == "cpu"  # defaults
     env["PARAMSERVE_CONFIG"] = str(toml)  # the file may also come from the environment
     assert load_config(env=env).port == 2222

@@ -1,8 +1,9 @@
-"""paramserve.wire: the tensor codec both the daemon and the SDK use (neither owns it).
+"""paramserve.wire: what the daemon and the SDK share on the wire (neither owns it).
 
 ``tensors`` (dtypes, headers, payloads, strict reassembly), ``framing`` (chunks and the
-hand-encoded chunk messages of tensor streams), ``allocator`` (opt-in glibc tuning for
-processes that move tensor-sized buffers).
+hand-encoded chunk messages of tensor streams), ``sizing`` (payload and Step message
+sizes), ``service`` (the service name, the default address, JSON values), ``allocator``
+(opt-in glibc tuning for processes that move tensor-sized buffers).
 """
 
 from .allocator import MALLOC_MMAP_THRESHOLD_BYTES, MALLOC_TRIM_THRESHOLD_BYTES, tune_malloc
@@ -14,6 +15,16 @@ from .framing import (
     encode_chunk_item,
     encoded_chunk_items,
     iter_chunks,
+)
+from .service import DEFAULT_ADDRESS, DEFAULT_HOST, DEFAULT_PORT, SERVICE_NAME, json_default
+from .sizing import (
+    INLINE_OVERHEAD_BYTES,
+    STEP_CLIENT_OVERHEAD_BYTES,
+    STEP_REPLY_OVERHEAD_BYTES,
+    inline_tensor_bytes,
+    payload_bytes,
+    step_reply_bytes,
+    step_request_bytes,
 )
 from .tensors import (
     INDEX_DTYPE,
@@ -37,10 +48,17 @@ from .tensors import (
 
 __all__ = [
     "CHUNK_BYTES",
+    "DEFAULT_ADDRESS",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
     "END_ITEM",
     "INDEX_DTYPE",
+    "INLINE_OVERHEAD_BYTES",
     "MALLOC_MMAP_THRESHOLD_BYTES",
     "MALLOC_TRIM_THRESHOLD_BYTES",
+    "SERVICE_NAME",
+    "STEP_CLIENT_OVERHEAD_BYTES",
+    "STEP_REPLY_OVERHEAD_BYTES",
     "SparseRows",
     "TensorAssembler",
     "TensorValue",
@@ -58,9 +76,14 @@ __all__ = [
     "encoded_chunk_items",
     "expected_bytes",
     "header_for",
+    "inline_tensor_bytes",
     "iter_chunks",
+    "json_default",
+    "payload_bytes",
     "payload_views",
     "sparse_header",
+    "step_reply_bytes",
+    "step_request_bytes",
     "tune_malloc",
     "whole_payload",
 ]

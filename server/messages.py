@@ -1,0 +1,260 @@
+"""Protobuf messages to and from the core's plain values, and request headers checked first.
+
+A request's tensor headers are checked here against the limits and against the model's
+variables (names, dtypes, shapes, from :meth:`ServerCore.variable_specs`) before any payload
+buffer is allocated; replies are built from the core's dataclasses and arrays. Nothing here
+changes state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+import json
+from typing import Any
+
+import numpy as np
+
+from paramserve import wire
+from paramserve.v1 import parameter_server_pb2 as pb
+from paramserve.v1 import tensor_pb2 as tpb
+
+from .aggregation import AggregationConfig, PushResult
+from .core import CoreStatus, ModelDescription, Specs
+from .errors import InvalidArgument, ParamServeError, limit_exceeded
+from .limits import Limits
+from .snapshots import SnapshotInfo
+
+
+def server_version() -> str:
+    """The installed paramserve version ("unknown" in a source checkout)."""
+    try:
+        return importlib.metadata.version("paramserve")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+        return "unknown"
+
+
+# --- requests ----------------------------------------------------------------------------------
+def check_sizes(headers: list[tpb.TensorHeader], limits: Limits, *, dense_only: bool) -> None:
+    """Headers well formed, every tensor and the request within the configured limits."""
+    if len(headers) > limits.max_variables:
+        raise limit_exceeded(
+            f"{len(headers)} tensors in one request, over the server's limit of "
+            f"max_variables={limits.max_variables}",
+            limit="max_variables",
+            limit_value=limits.max_variables,
+            requested=len(headers),
+        )
+    wire.check_headers(headers)
+    total = 0
+    for h in headers:
+        if dense_only and h.layout != tpb.LAYOUT_DENSE:
+            raise InvalidArgument(
+                f"tensor {h.name!r}: only LAYOUT_DENSE is accepted here",
+                violations=[(f"tensors[{h.name}].layout", "must be LAYOUT_DENSE")],
+            )
+        if h.byte_length > limits.max_tensor_bytes:
+            raise limit_exceeded(
+                f"tensor {h.name!r} is {h.byte_length} bytes, over the server's limit of "
+                f"max_tensor_bytes={limits.max_tensor_bytes}",
+                limit="max_tensor_bytes",
+                limit_value=limits.max_tensor_bytes,
+                requested=h.byte_length,
+                variable=h.name,
+            )
+        total += h.byte_length
+    if total > limits.max_request_bytes:
+        raise limit_exceeded(
+            f"request carries {total} payload bytes, over the server's limit of "
+            f"max_request_bytes={limits.max_request_bytes}",
+            limit="max_request_bytes",
+            limit_value=limits.max_request_bytes,
+            requested=total,
+        )
+
+
+def check_against(
+    headers: list[tpb.TensorHeader],
+    expected: Specs,
+    *,
+    what: str,
+    unknown: type[ParamServeError],
+) -> None:
+    """Every header names a known tensor with its dtype and shape (before allocating)."""
+    for h in headers:
+        if h.name not in expected:
+            known = sorted(expected)
+            listed = ", ".join(map(repr, known[:20])) + (" ..." if len(known) > 20 else "")
+            raise unknown(
+                f"unknown {what} {h.name!r}; expected one of: {listed}",
+                reason="UNKNOWN_VARIABLE",
+                metadata={"variable": h.name},
+            )
+        dtype, shape = expected[h.name]
+        got_dtype = wire.dtype_name(h.dtype)
+        if got_dtype != dtype:
+            raise InvalidArgument(
+                f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}",
+                reason="DTYPE_MISMATCH",
+                metadata={"variable": h.name, "expected": dtype, "got": got_dtype},
+                violations=[(f"tensors[{h.name}].dtype", f"expected {dtype}")],
+            )
+        if tuple(h.shape) != tuple(shape):
+            raise InvalidArgument(
+                f"{what} {h.name!r}: shape {list(h.shape)} does not match the expected "
+                f"{list(shape)}",
+                reason="SHAPE_MISMATCH",
+                metadata={"variable": h.name, "expected": list(shape), "got": list(h.shape)},
+                violations=[(f"tensors[{h.name}].shape", f"expected {list(shape)}")],
+            )
+
+
+def check_step_reply(sizes: dict[str, tuple[int, int]], limits: Limits) -> None:
+    """The weights a Step returns (``{name: (payload bytes, rank)}``) fit one message."""
+    total = wire.step_reply_bytes((n, size, rank) for n, (size, rank) in sizes.items())
+    limit = limits.max_message_bytes
+    if total > limit:
+        raise limit_exceeded(
+            f"the Step reply would carry about {total} bytes, over the server's limit of "
+            f"max_message_bytes={limit}; use Push and Pull (streamed) for this model",
+            limit="max_message_bytes",
+            limit_value=limit,
+            requested=total,
+        )
+
+
+def check_upload_size(size: int, limits: Limits) -> None:
+    """An uploaded snapshot is within ``max_state_bytes``."""
+    if size > limits.max_state_bytes:
+        raise limit_exceeded(
+            f"snapshot of {size} bytes is over the server's limit of "
+            f"max_state_bytes={limits.max_state_bytes}",
+            limit="max_state_bytes",
+            limit_value=limits.max_state_bytes,
+            requested=size,
+        )
+
+
+def weights_selection(
+    request: pb.PullRequest,
+) -> tuple[list[str] | None, dict[str, np.ndarray] | None]:
+    """The ``(names, rows)`` of a weights pull: None names means all (or only the rows)."""
+    rows: dict[str, np.ndarray] = {}
+    for selection in request.rows:
+        if selection.name in rows:
+            raise InvalidArgument(f"rows of {selection.name!r} selected twice")
+        rows[selection.name] = np.asarray(selection.rows, dtype=np.int64)
+    wanted = list(dict.fromkeys([*request.names, *rows])) or None
+    return wanted, rows or None
+
+
+def unknown_scope(scope: int) -> str:
+    """The message for a pull scope that is not one of the enum's."""
+    return (
+        f"unknown pull scope {scope}; expected PULL_SCOPE_WEIGHTS (0) or "
+        "PULL_SCOPE_OPTIMIZER_STATE (1)"
+    )
+
+
+# --- tensors out -------------------------------------------------------------------------------
+def dense_header(name: str, dtype: str, shape: tuple[int, ...]) -> tpb.TensorHeader:
+    """The header of a whole tensor of this dtype and shape."""
+    code = wire.dtype_to_proto(dtype)
+    size = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return tpb.TensorHeader(name=name, dtype=code, shape=list(shape), byte_length=size)
+
+
+def dense_headers(specs: Specs) -> list[tpb.TensorHeader]:
+    """Headers of whole tensors described by ``specs``, in their order."""
+    return [dense_header(name, dtype, shape) for name, (dtype, shape) in specs.items()]
+
+
+class WeightHeaders:
+    """Headers of the weights a read returns; the dense ones built once per model."""
+
+    def __init__(self) -> None:
+        self._specs: Specs | None = None
+        self._dense: dict[str, tpb.TensorHeader] = {}
+
+    def __call__(
+        self, specs: Specs, tensors: dict[str, wire.TensorValue]
+    ) -> list[tpb.TensorHeader]:
+        """The headers of ``tensors`` (whole variables or their rows) of a model's ``specs``."""
+        if specs is not self._specs:  # the core hands out one specs object per model
+            self._dense = {h.name: h for h in dense_headers(specs)}
+            self._specs = specs
+        dense = self._dense
+        return [
+            wire.sparse_header(n, v, specs[n][1]) if isinstance(v, wire.SparseRows) else dense[n]
+            for n, v in tensors.items()
+        ]
+
+
+# --- replies -----------------------------------------------------------------------------------
+def optimizer_json(config: dict[str, Any]) -> str:
+    """An optimizer's serialization dict as the JSON text the wire carries."""
+    return json.dumps(config, default=wire.json_default)
+
+
+def aggregation_info(config: AggregationConfig) -> pb.AggregationInfo:
+    """The aggregator's settings on the wire (the proto fields mirror the dataclass)."""
+    return pb.AggregationInfo(**dataclasses.asdict(config))
+
+
+def snapshot_info(info: SnapshotInfo) -> pb.SnapshotInfo:
+    """A snapshot's id, version, size and creation time."""
+    return pb.SnapshotInfo(
+        id=info.id, version=info.version, size_bytes=info.size_bytes, created_at=info.created_at
+    )
+
+
+def push_response(result: PushResult) -> pb.PushResponse:
+    """What became of a push."""
+    return pb.PushResponse(
+        duplicate=result.duplicate,
+        version=result.version,
+        contributors=result.contributors,
+        applied=result.applied,
+    )
+
+
+def describe_response(description: ModelDescription) -> pb.DescribeResponse:
+    """The model's variables, optimizer, hyperparameters and optimizer state tensors."""
+    return pb.DescribeResponse(
+        model_name=description.model_name,
+        variables=dense_headers(description.variables),
+        optimizer_json=optimizer_json(description.optimizer),
+        hyperparameters=description.hyperparameters,
+        version=description.version,
+        aggregation=aggregation_info(description.aggregation),
+        optimizer_variables=dense_headers(description.optimizer_variables),
+    )
+
+
+def status_response(status: CoreStatus) -> pb.GetStatusResponse:
+    """The server's version, rounds, workers, pending pushes, settings and state."""
+    aggregator = status.aggregator
+    workers = [
+        pb.WorkerStatus(
+            worker_id=w.worker_id,
+            last_sequence=w.last_sequence,
+            pushes=w.pushes,
+            seconds_since_seen=w.seconds_since_seen,
+            pending=w.pending,
+        )
+        for w in aggregator.workers
+    ]
+    return pb.GetStatusResponse(
+        server_version=server_version(),
+        has_model=status.has_model,
+        version=status.version,
+        rounds_completed=aggregator.rounds_completed,
+        rounds_aborted=aggregator.rounds_aborted,
+        rounds_partial=aggregator.rounds_partial,
+        workers=workers,
+        pending_pushes=aggregator.pending_pushes,
+        aggregation=aggregation_info(status.aggregation),
+        device=status.device,
+        uptime_s=status.uptime_s,
+        serving=status.serving,
+    )

@@ -26,7 +26,7 @@ def start_server(tmp_path: Path) -> Iterator[Callable[..., RunningServer]]:
             "log_level": "warning",
         }
         settings.update(overrides)
-        server = create_server(ServerConfig(**settings))  # type: ignore[arg-type]
+        server = create_server(ServerConfig().replace(**settings))  # type: ignore[arg-type]
         servers.append(server)
         return server
 

@@ -372,13 +372,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     def _connect(self, variables: list[Any]) -> None:
         link = self._link
-        values = {v.path: np.array(ops.convert_to_numpy(v)) for v in variables}
+        values = {v.path: np.array(ops.convert_to_numpy(v.value)) for v in variables}
         config = None
         if link.config is not None:
             paths_by_key = {self._var_key(v): v.path for v in variables}
             config = _with_exclusions(link.config, link.exclusions, paths_by_key)
-        description = self._create_or_join(values, config)
-        self._check_against(variables, description)
+        description = self._create_or_join(variables, values, config)
         arrays = _ArrayRemoteOptimizer(link.client, step_max_bytes=link.step_max_bytes)
         host = {v.path: np.empty_like(values[v.path]) for v in variables}
         arrays.build(host)
@@ -389,20 +388,27 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._iterations.assign(version)
         self._adopt(description.optimizer, description.hyperparameters)
 
-    def _create_or_join(self, values: dict[str, np.ndarray], config: dict[str, Any] | None) -> Any:
-        """Create the model (the first worker does; idempotent), or join the one that exists;
-        returns the server's description of it."""
-        client, name = self._link.client, self._link.model_name
+    def _create_or_join(
+        self, variables: list[Any], values: dict[str, np.ndarray], config: dict[str, Any] | None
+    ) -> Any:
+        """Join the server's model, or create it if this worker is first; returns the server's
+        description, against which every variable has been checked."""
+        client = self._link.client
         try:
+            description = client.describe()
+        except NotFoundError:
+            description = None
+        if description is not None:
+            self._check_against(variables, description)
             if config is None:
-                try:
-                    return client.describe()
-                except NotFoundError:
-                    pass
-            with warnings.catch_warnings():
-                # Joining a model that exists with other weights is expected: they are pulled.
-                warnings.filterwarnings("ignore", "The model .* already exists", UserWarning)
-                client.create_model(values, optimizer=config, name=name)
+                return description
+            if set(values) != set(description.variable_names):
+                # Fewer trainable variables than the server has (frozen layers): no CreateModel.
+                self._warn_if_other_optimizer(config, description.optimizer)
+                return description
+        try:
+            # Creates the model, or confirms that this is its definition (idempotent).
+            self._create(values, config)
         except AlreadyExistsError as exc:
             raise ValueError(
                 f"The server at {client.address} already has a model that differs from this "
@@ -422,9 +428,19 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                     code=exc.code,
                     reason=exc.reason,
                 ) from exc
+            self._check_against(variables, description)
             self._warn_if_other_optimizer(config, description.optimizer)
             return description
-        return client.describe()
+        description = client.describe()
+        self._check_against(variables, description)
+        return description
+
+    def _create(self, values: dict[str, np.ndarray], config: dict[str, Any] | None) -> None:
+        link = self._link
+        with warnings.catch_warnings():
+            # Joining a model that exists with other weights is expected: they are pulled.
+            warnings.filterwarnings("ignore", "The model .* already exists", UserWarning)
+            link.client.create_model(values, optimizer=config, name=link.model_name)
 
     @staticmethod
     def _warn_if_other_optimizer(config: dict[str, Any] | None, server: dict[str, Any]) -> None:
@@ -437,10 +453,10 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
         if normal(config) != normal(server):
             warnings.warn(
-                "The server's optimizer differs from the one given to RemoteOptimizer (it "
-                "exists already and this worker may not create models); the server's is used: "
+                "The server's optimizer differs from the one given to RemoteOptimizer, and this "
+                "worker joins the existing model without creating it; the server's is used: "
                 f"{server.get('class_name')} {server.get('config')}",
-                stacklevel=4,
+                stacklevel=5,
             )
 
     def _check_against(self, variables: list[Any], description: Any) -> None:
@@ -473,7 +489,9 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             if not isinstance(self._learning_rate, keras.Variable):
                 self._track_float_learning_rate()
             if link.lr_set_before_build:
-                self._set_server_learning_rate(_f32(ops.convert_to_numpy(self._learning_rate)))
+                self._set_server_learning_rate(
+                    _f32(ops.convert_to_numpy(self._learning_rate.value))
+                )
             else:
                 self._learning_rate.assign(hyperparameters["learning_rate"])
                 link.server_lr = _f32(hyperparameters["learning_rate"])
@@ -554,7 +572,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     def _lr_value(self) -> float | None:
         if isinstance(self._learning_rate, keras.Variable):
-            return _f32(ops.convert_to_numpy(self._learning_rate))
+            return _f32(ops.convert_to_numpy(self._learning_rate.value))
         return None
 
     # --- loss scaling ---------------------------------------------------------------------
@@ -680,9 +698,9 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def _build_in_apply(self, variables: list[Any]) -> None:
         """Build on the first apply; warn if the server's weights are not the ones this
         step's gradients were computed from."""
-        before = [np.array(ops.convert_to_numpy(v)) for v in variables]
+        before = [np.array(ops.convert_to_numpy(v.value)) for v in variables]
         self.build(variables)
-        after = [np.asarray(ops.convert_to_numpy(v)) for v in variables]
+        after = [np.asarray(ops.convert_to_numpy(v.value)) for v in variables]
         if not all(np.array_equal(a, b) for a, b in zip(before, after, strict=True)):
             warnings.warn(
                 "RemoteOptimizer connected in its first apply(): the server's weights differ "

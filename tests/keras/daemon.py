@@ -45,7 +45,8 @@ class Daemon:
         self.lines: list[str] = []
         self._listening = threading.Event()
         self.address = ""
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         if not self._listening.wait(START_TIMEOUT_S) or not self.address:
             self.stop()
             raise RuntimeError("the daemon did not start:\n" + self.log())
@@ -75,6 +76,9 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=10)
+        self._reader.join(timeout=10)
+        if self.proc.stderr is not None and not self._reader.is_alive():
+            self.proc.stderr.close()
 
 
 @contextlib.contextmanager

@@ -749,7 +749,11 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                 "To call `stateless_apply`, RemoteOptimizer must be built (connected). "
                 "You can build it via `optimizer.build(trainable_variables)`."
             )
-        optimizer_variables = list(optimizer_variables)
+        # A wrapper may pass the variables themselves (Keras's LossScaleOptimizer, which
+        # compile() adds under a mixed_float16 policy, does): use their current values.
+        optimizer_variables = [
+            v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables
+        ]
         if len(optimizer_variables) != len(self.variables):
             raise ValueError(
                 "Argument `optimizer_variables` must be a list of tensors corresponding 1:1 to "

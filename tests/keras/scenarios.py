@@ -195,6 +195,8 @@ def features(tmp: str) -> dict[str, Any]:
         admin.delete_model()
         out["save"] = save(server.address, admin, Path(tmp))
         admin.delete_model()
+        out["mixed_float16"] = mixed_float16(server.address)
+        admin.delete_model()
         for case in ("loss_scale_optimizer", "loss_scale_factor"):
             for mode in ("eager", "jit"):
                 out[f"{case}/{mode}"] = loss_scaling(server.address, admin, case, mode == "jit")
@@ -345,6 +347,35 @@ def loss_scaling(address: str, admin: Client, case: str, jit: bool) -> dict[str,
     result["iterations"] = int(scale(remote.iterations))
     remote.close()
     return result
+
+
+def mixed_float16(address: str) -> dict[str, Any]:
+    """Under a mixed_float16 policy ``compile`` wraps the optimizer in Keras's own
+    LossScaleOptimizer: the scale lives on the client, which pushes unscaled gradients."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()
+        fit(model, keras.optimizers.SGD(0.01), jit=True)
+        local = weights(model)
+        local_optimizer = model.optimizer
+        model = make_model()
+        remote = RemoteOptimizer(address, keras.optimizers.SGD(0.01))
+        fit(model, remote, jit=True)
+        result = compare(local, weights(model))
+        scale = keras.ops.convert_to_numpy
+        result["wrapper"] = type(model.optimizer).__name__
+        result["local"] = [
+            int(scale(local_optimizer.iterations)),
+            float(scale(local_optimizer.dynamic_scale)),
+        ]
+        result["remote"] = [
+            int(scale(remote.iterations)),
+            float(scale(model.optimizer.dynamic_scale)),
+        ]
+        remote.close()
+        return result
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def worker(address: str, rank: int, reference: bool) -> dict[str, Any]:

@@ -125,6 +125,11 @@ def test_custom_loop_callbacks_save_and_loss_scaling_on_jax(tmp_path: Path) -> N
         assert static["iterations"] == static["local_iterations"] == 12
     assert results["loss_scale_factor/eager"]["exact"]
 
+    mixed = results["mixed_float16"]  # Keras's own LossScaleOptimizer around ours (client)
+    assert mixed["wrapper"] == "LossScaleOptimizer"
+    assert mixed["max_rel"] <= TOLERANCE, mixed
+    assert mixed["remote"] == mixed["local"]  # the same steps skipped, the same final scale
+
 
 def test_two_workers_in_sync_with_mean_match_one_worker_on_the_combined_batch() -> None:
     """Each worker fits its half of every batch (jit); the server averages the two gradients

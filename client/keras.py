@@ -242,6 +242,25 @@ def _dtype_name(dtype: Any) -> str:
     return keras.backend.standardize_dtype(dtype)
 
 
+def _in_tf_graph() -> bool:
+    """True while TensorFlow traces a graph (``tf.function``), where values are symbolic."""
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return not tf.executing_eagerly()
+
+
+def _in_xla_graph() -> bool:
+    """True while TensorFlow traces a function for XLA (``jit_compile=True``)."""
+    try:
+        import tensorflow as tf
+        from tensorflow.python.ops import control_flow_util
+    except ImportError:  # pragma: no cover - a TensorFlow without this helper
+        return False
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 @keras.saving.register_keras_serializable(package="paramserve")
 class RemoteOptimizer(keras.optimizers.Optimizer):
     """A Keras optimizer whose update runs on a paramserve daemon (see the module docstring).
@@ -680,12 +699,9 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                 f"Got {len(grads)} gradients for {len(variables)} variables; they must be "
                 "paired one to one."
             )
-        if keras.backend.backend() == "tensorflow":
-            import tensorflow as tf
-
-            if not tf.executing_eagerly():
-                self._apply_in_graph(grads, variables)
-                return
+        if _in_tf_graph():
+            self._apply_in_graph(grads, variables)
+            return
         host = [self._host_gradient(g, v) for g, v in zip(grads, variables, strict=True)]
         paths = [v.path for v in variables]
         version = self._host_step(paths, host, self._lr_value())
@@ -698,6 +714,14 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def _build_in_apply(self, variables: list[Any]) -> None:
         """Build on the first apply; warn if the server's weights are not the ones this
         step's gradients were computed from."""
+        if _in_tf_graph():
+            import tensorflow as tf
+
+            # TensorFlow's fit builds the optimizer while tracing its train step: connect
+            # eagerly now. The weights pulled are in place before the traced step first runs.
+            with tf.init_scope():
+                self.build(variables)
+            return
         before = [np.array(ops.convert_to_numpy(v.value)) for v in variables]
         self.build(variables)
         after = [np.asarray(ops.convert_to_numpy(v.value)) for v in variables]
@@ -713,6 +737,13 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def _apply_in_graph(self, grads: list[Any], variables: list[Any]) -> None:
         """TensorFlow graph mode (``tf.function``): the step runs as a ``tf.numpy_function``."""
         import tensorflow as tf
+
+        if _in_xla_graph():
+            raise ValueError(
+                "RemoteOptimizer's step is a call to the server, which XLA cannot compile: on "
+                "the TensorFlow backend, compile the model with jit_compile=False (the default "
+                "on CPU; Keras turns XLA on by default on GPU)."
+            )
 
         present = [i for i, g in enumerate(grads) if g is not None]
         inputs = [tf.convert_to_tensor(grads[i]) for i in present]
@@ -733,9 +764,10 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         outputs = tf.numpy_function(step, inputs, dtypes, stateful=True)
         for v, new in zip(variables, outputs, strict=False):
             v.assign(tf.ensure_shape(new, v.shape))
-        self._iterations.assign(tf.cast(outputs[len(variables)], self._iterations.dtype))
+        version = tf.ensure_shape(outputs[len(variables)], ())
+        self._iterations.assign(tf.cast(version, self._iterations.dtype))
         if self._loss_scale is not None:
-            self._loss_scale.assign(outputs[len(variables) + 1])
+            self._loss_scale.assign(tf.ensure_shape(outputs[len(variables) + 1], ()))
 
     def stateless_apply(
         self, optimizer_variables: Sequence[Any], grads: Sequence[Any], trainable_variables: Any

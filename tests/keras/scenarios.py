@@ -26,6 +26,9 @@ from .daemon import daemon
 
 BACKEND = keras.backend.backend()
 EPOCHS, BATCH = 3, 8
+# XLA cannot compile the step's host call on TensorFlow (RemoteOptimizer says so); there,
+# "eager" is Keras's default tf.function graph and "run_eagerly" is eager.
+MODES = ["eager", "run_eagerly"] if BACKEND == "tensorflow" else ["eager", "jit"]
 TOKEN_MARKER = "token-that-must-not-be-saved-7f3a"
 
 
@@ -121,7 +124,7 @@ def fit(
     model: keras.Model,
     optimizer: keras.optimizers.Optimizer,
     *,
-    jit: bool,
+    jit: bool | str,
     x: np.ndarray | None = None,
     y: np.ndarray | None = None,
     epochs: int = EPOCHS,
@@ -130,7 +133,12 @@ def fit(
 ) -> None:
     if x is None or y is None:
         x, y = data()
-    model.compile(loss="sparse_categorical_crossentropy", optimizer=optimizer, jit_compile=jit)
+    model.compile(
+        loss="sparse_categorical_crossentropy",
+        optimizer=optimizer,
+        jit_compile=jit == "jit" if isinstance(jit, str) else jit,
+        run_eagerly=jit == "run_eagerly",
+    )
     model.fit(
         x, y, epochs=epochs, batch_size=batch_size, shuffle=False, verbose=0, callbacks=callbacks
     )
@@ -142,7 +150,7 @@ def fit_matrix(cases: list[str], modes: list[str]) -> dict[str, Any]:
     results: dict[str, Any] = {}
     with daemon("--mode", "sync", "--replicas", "1") as server, Client(server.address) as admin:
         for mode in modes:
-            jit = mode == "jit"
+            jit = {"eager": False, "jit": True}.get(mode, mode)
             for case in cases:
                 model = make_model()
                 fit(model, make_optimizer(case, model), jit=jit)
@@ -171,15 +179,17 @@ def fit_matrix(cases: list[str], modes: list[str]) -> dict[str, Any]:
 
 
 class ServerLearningRate(keras.callbacks.Callback):
-    """Records the server's learning rate at the start of each epoch (after the others)."""
+    """Records the server's learning rate after the first step of each epoch (TensorFlow
+    connects in that step: there is no model on the server before it)."""
 
     def __init__(self, client: Client) -> None:
         super().__init__()
         self.client = client
         self.seen: list[float] = []
 
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.seen.append(self.client.describe().hyperparameters["learning_rate"])
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        if batch == 0:
+            self.seen.append(self.client.describe().hyperparameters["learning_rate"])
 
 
 def features(tmp: str) -> dict[str, Any]:
@@ -198,8 +208,9 @@ def features(tmp: str) -> dict[str, Any]:
         out["mixed_float16"] = mixed_float16(server.address)
         admin.delete_model()
         for case in ("loss_scale_optimizer", "loss_scale_factor"):
-            for mode in ("eager", "jit"):
-                out[f"{case}/{mode}"] = loss_scaling(server.address, admin, case, mode == "jit")
+            for mode in MODES:
+                jit = {"eager": False, "jit": True}.get(mode, mode)
+                out[f"{case}/{mode}"] = loss_scaling(server.address, admin, case, jit)
                 admin.delete_model()
     return out
 
@@ -249,6 +260,12 @@ def gradients(model: keras.Model, loss_fn: Callable[..., Any], x: Any, y: Any) -
             return loss_fn(y, y_pred)
 
         return list(jax.grad(loss)([v.value for v in model.trainable_variables]))
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x))
+        return tape.gradient(loss, model.trainable_variables)
     import torch
 
     model.zero_grad()
@@ -278,7 +295,7 @@ def learning_rate_callbacks(address: str, admin: Client) -> dict[str, Any]:
     recorder = callbacks(admin)
     fit(model, remote, jit=False, epochs=4, callbacks=recorder)
     result = compare(local, weights(model))
-    result["server_rates_at_epoch_begin"] = recorder[-1].seen
+    result["server_rates_in_first_steps"] = recorder[-1].seen
     result["server_rate_after_fit"] = admin.describe().hyperparameters["learning_rate"]
     result["local_rate_after_fit"] = float(keras.ops.convert_to_numpy(remote.learning_rate))
     result["iterations"] = int(keras.ops.convert_to_numpy(remote.iterations))
@@ -324,7 +341,7 @@ def save(address: str, admin: Client, tmp: Path) -> dict[str, Any]:
     }
 
 
-def loss_scaling(address: str, admin: Client, case: str, jit: bool) -> dict[str, Any]:
+def loss_scaling(address: str, admin: Client, case: str, jit: bool | str) -> dict[str, Any]:
     """Keras scales the loss with the outer optimizer's factor; the server unscales once."""
     model = make_model()
     local_optimizer = make_optimizer(case, model)
@@ -355,12 +372,12 @@ def mixed_float16(address: str) -> dict[str, Any]:
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         model = make_model()
-        fit(model, keras.optimizers.SGD(0.01), jit=True)
+        fit(model, keras.optimizers.SGD(0.01), jit=MODES[-1])
         local = weights(model)
         local_optimizer = model.optimizer
         model = make_model()
         remote = RemoteOptimizer(address, keras.optimizers.SGD(0.01))
-        fit(model, remote, jit=True)
+        fit(model, remote, jit=MODES[-1])
         result = compare(local, weights(model))
         scale = keras.ops.convert_to_numpy
         result["wrapper"] = type(model.optimizer).__name__

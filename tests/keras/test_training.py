@@ -95,8 +95,8 @@ def test_custom_loop_callbacks_save_and_loss_scaling_on_jax(tmp_path: Path) -> N
     callbacks = results["callbacks"]  # LearningRateScheduler + ReduceLROnPlateau
     assert callbacks["exact"], callbacks
     # The scheduler sets 0.05 / (epoch + 1) at each epoch start (ReduceLROnPlateau halves
-    # at each end, overridden at the next start); the server had each before the epoch ran.
-    assert callbacks["server_rates_at_epoch_begin"] == pytest.approx(
+    # at each end, overridden at the next start); the server had each for the epoch's steps.
+    assert callbacks["server_rates_in_first_steps"] == pytest.approx(
         [0.05, 0.025, 0.05 / 3, 0.0125], rel=1e-7
     )
     assert callbacks["server_rate_after_fit"] == callbacks["local_rate_after_fit"]

@@ -242,6 +242,15 @@ def _dtype_name(dtype: Any) -> str:
     return keras.backend.standardize_dtype(dtype)
 
 
+def _wait_for_steps() -> None:
+    """Under JAX, wait until the steps already dispatched (io_callbacks) have run, so that
+    what follows (a new learning rate, a read of the server's state) comes after them."""
+    if keras.backend.backend() == "jax":
+        import jax
+
+        jax.effects_barrier()
+
+
 def _in_tf_graph() -> bool:
     """True while TensorFlow traces a graph (``tf.function``), where values are symbolic."""
     if keras.backend.backend() != "tensorflow":
@@ -334,6 +343,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     def close(self) -> None:
         """Close the client if this optimizer opened it (``target`` was an address)."""
+        _wait_for_steps()
         if self._link.owns_client:
             self._link.client.close()
 
@@ -560,6 +570,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             )
         self._learning_rate.assign(value)
         if self.built:
+            _wait_for_steps()
             self._set_server_learning_rate(_f32(value))
         else:
             self._link.lr_set_before_build = True
@@ -860,6 +871,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             raise ValueError("Build the optimizer first: optimizer.build(trainable_variables)")
         variables = list(self._trainable_variables if variables is None else variables)
         self._check_known(variables)
+        _wait_for_steps()
         link = self._link
         with link.lock:
             version = link.arrays.pull([link.host[v.path] for v in variables])
@@ -874,6 +886,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         link = self._link
         if not self.built or link.server is None or link.server.ema_prefix is None:
             return
+        _wait_for_steps()
         state = link.client.optimizer_state()
         for v in var_list:
             key = f"{link.server.ema_prefix}{v.path.replace('/', '_')}_average"
@@ -885,6 +898,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """The server's optimizer config (Keras ``get_config()`` form; before the model exists,
         the config this optimizer would create it with). No address, token or client."""
         link = self._link
+        _wait_for_steps()
         try:
             server = link.client.describe().optimizer
         except NotFoundError:

@@ -201,8 +201,10 @@ def features(tmp: str) -> dict[str, Any]:
     ):
         out["custom_loop"] = custom_loop(server.address, admin)
         admin.delete_model()
-        out["callbacks"] = learning_rate_callbacks(server.address, admin)
-        admin.delete_model()
+        for mode in MODES:
+            jit = {"eager": False, "jit": True}.get(mode, mode)
+            out[f"callbacks/{mode}"] = learning_rate_callbacks(server.address, admin, jit)
+            admin.delete_model()
         out["save"] = save(server.address, admin, Path(tmp))
         admin.delete_model()
         out["mixed_float16"] = mixed_float16(server.address)
@@ -274,11 +276,11 @@ def gradients(model: keras.Model, loss_fn: Callable[..., Any], x: Any, y: Any) -
     return [v.value.grad for v in model.trainable_variables]
 
 
-def learning_rate_callbacks(address: str, admin: Client) -> dict[str, Any]:
+def learning_rate_callbacks(address: str, admin: Client, jit: bool | str) -> dict[str, Any]:
     """LearningRateScheduler and ReduceLROnPlateau act on the server; weights as local."""
 
     def callbacks(client: Client | None) -> list[keras.callbacks.Callback]:
-        schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.05 / (epoch + 1))
+        schedule = keras.callbacks.LearningRateScheduler(lambda epoch: 0.01 / (epoch + 1))
         # min_delta larger than any improvement: every epoch end halves the rate.
         plateau = keras.callbacks.ReduceLROnPlateau(
             monitor="loss", factor=0.5, patience=0, min_delta=100.0
@@ -286,14 +288,12 @@ def learning_rate_callbacks(address: str, admin: Client) -> dict[str, Any]:
         return [schedule, plateau] + ([ServerLearningRate(client)] if client else [])
 
     model = make_model()
-    fit(
-        model, make_optimizer("sgd_momentum", model), jit=False, epochs=4, callbacks=callbacks(None)
-    )
+    fit(model, make_optimizer("sgd_momentum", model), jit=jit, epochs=4, callbacks=callbacks(None))
     local = weights(model)
     model = make_model()
     remote = RemoteOptimizer(address, make_optimizer("sgd_momentum", model))
     recorder = callbacks(admin)
-    fit(model, remote, jit=False, epochs=4, callbacks=recorder)
+    fit(model, remote, jit=jit, epochs=4, callbacks=recorder)
     result = compare(local, weights(model))
     result["server_rates_in_first_steps"] = recorder[-1].seen
     result["server_rate_after_fit"] = admin.describe().hyperparameters["learning_rate"]

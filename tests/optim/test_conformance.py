@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from paramserve import optim_core
+from tests.support.optimizer_cases import CLASS_NAMES, all_cases
 
-from .cases import CLASS_NAMES, all_cases
 from .harness import MIXED_SHAPES, SINGLE_SHAPES, RunResult, make_stream, run_keras, run_ours
 
 CASES = all_cases()

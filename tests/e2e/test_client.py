@@ -22,10 +22,9 @@ from paramserve.client import (
     SparseRows,
     default_worker_id,
 )
-
-from ..server.helpers import count_waiters, wait_until
-from .replay import assert_same
-from .workers import initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.embedding import initial_weights
+from tests.support.waiting import count_waiters, wait_until
 
 SGD = {"class_name": "SGD", "config": {"learning_rate": 0.5}}
 

@@ -19,8 +19,7 @@ import numpy as np
 import pytest
 
 from paramserve.client import Client
-
-from ..faults.procs import Processes, clean_env
+from tests.support.processes import Processes, clean_env
 
 pytest.importorskip("numba")
 

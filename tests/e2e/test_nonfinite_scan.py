@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from paramserve.client import InvalidArgumentError
-
-from .replay import assert_same
+from tests.support.asserts import assert_same
 
 N = 1000  # float32: 4000 bytes, in 6- and 64-byte chunks that split elements
 

@@ -13,9 +13,12 @@ import pytest
 
 from paramserve import optim_core
 from paramserve.client import Client
-
-from ..optim.cases import BASE_OPTIONS, CLASS_NAMES, LSO_DEFAULT_INNER
-from ..optim.harness import _build_our_config
+from tests.support.optimizer_cases import (
+    BASE_OPTIONS,
+    CLASS_NAMES,
+    LSO_DEFAULT_INNER,
+    build_our_config,
+)
 
 SHAPES = {
     "dense/kernel": (5, 3),
@@ -47,7 +50,7 @@ def make(class_name: str, base: dict) -> optim_core.Optimizer:
         config = {"inner_optimizer": inner}
     else:
         config = dict(base)
-    return getattr(optim_core, class_name)(**_build_our_config(config))
+    return getattr(optim_core, class_name)(**build_our_config(config))
 
 
 def run_local(optimizer: optim_core.Optimizer) -> tuple[dict, dict]:

@@ -18,9 +18,8 @@ from paramserve.client import (
     FailedPreconditionError,
     InvalidArgumentError,
 )
-
-from .replay import assert_same
-from .workers import initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.embedding import initial_weights
 
 SGD = {"class_name": "SGD", "config": {"learning_rate": 0.5}}
 

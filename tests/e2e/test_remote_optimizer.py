@@ -8,8 +8,7 @@ import pytest
 from paramserve import optim_core
 from paramserve.client import RemoteOptimizer
 from paramserve.server.demo import forward_backward, init_params, spirals
-
-from .replay import assert_same
+from tests.support.asserts import assert_same
 
 OPTIMIZER = {"class_name": "Adam", "config": {"learning_rate": 0.01, "amsgrad": True}}
 

@@ -1,7 +1,7 @@
 """The SDK's own resends: which failures are resent, how, until when (client/resend.py).
 
 The unit tests drive :func:`call_with_resends` with fake failures, a fake clock and no
-sleeping. The others run a real server behind :class:`~tests.faults.lossy_proxy.LossyProxy`
+sleeping. The others run a real server behind :class:`~tests.support.lossy_proxy.LossyProxy`
 with scripted cuts (connection 0 is cut where the test says, later connections pass), so
 each cut is certain; every one of them surfaced an error to the caller with the previous SDK
 (gRPC's retries, which stop once a push outgrows the retry buffer or the reply has begun).
@@ -25,9 +25,8 @@ from paramserve.client import (
     UnavailableError,
 )
 from paramserve.client.resend import ResendPolicy, call_with_resends, is_transport_failure
-
-from ..faults.lossy_proxy import CutPlan, LossyProxy
-from .replay import assert_same
+from tests.support.asserts import assert_same
+from tests.support.lossy_proxy import CutPlan, LossyProxy
 
 C = grpc.StatusCode
 RST = "Stream removed (RST_STREAM (Received RST_STREAM with error code {}))"

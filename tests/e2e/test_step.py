@@ -18,9 +18,9 @@ from paramserve.client import (
     RemoteOptimizer,
     SparseRows,
 )
-
-from .replay import LocalModel, assert_same, combine
-from .workers import SHAPES, initial_weights, known_gradients
+from tests.support.asserts import assert_same
+from tests.support.models.embedding import SHAPES, initial_weights, known_gradients
+from tests.support.replay import LocalModel, combine
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 WORKERS = ("worker-c", "worker-a", "worker-b")  # not in sorted order

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from paramserve.client import Client
-
-from .replay import LocalModel, assert_same, combine
-from .workers import async_worker, initial_weights, known_gradients, stale_worker, sync_worker
+from tests.support.asserts import assert_same
+from tests.support.models.embedding import initial_weights, known_gradients
+from tests.support.replay import LocalModel, combine
+from tests.support.workers import async_worker, stale_worker, sync_worker
 
 # Submitted in an order that is not the sorted order, so the test sees the sort.
 WORKERS = ("worker-c", "worker-a", "worker-b")

@@ -12,8 +12,7 @@ from paramserve.client.resend import RESENT_METHODS
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 from paramserve.wire import SERVICE_NAME as SERVICE
-
-from .replay import assert_same
+from tests.support.asserts import assert_same
 
 
 @pytest.mark.parametrize(

@@ -1,7 +1,7 @@
 """Pushes through the lossy proxy from fresh worker processes: surfaced errors and aborts.
 
 ``python -m tests.faults.lossy_soak --runs 7 --big 30 --small 30``: starts a ``paramserve
-serve`` daemon (async) and a :class:`~tests.faults.lossy_proxy.LossyProxy` in front of it,
+serve`` daemon (async) and a :class:`~tests.support.lossy_proxy.LossyProxy` in front of it,
 then runs a worker process per run that pushes ``--big`` 4 MiB and ``--small`` 64 KiB
 gradients (and a Step every ``--step-every`` pushes) through the proxy, one after another,
 and prints one JSON line per run: the worker's exit status (-6 is SIGABRT), the errors it
@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .lossy_proxy import CutPlan, LossyProxy, random_plan
-from .procs import REPO, ServerProcess, clean_env
+from tests.support.lossy_proxy import CutPlan, LossyProxy, random_plan
+from tests.support.processes import REPO, ServerProcess, clean_env
 
 BIG = 1 << 20  # float32 elements: 4 MiB
 SMALL = 16 << 10  # 64 KiB

@@ -19,10 +19,11 @@ from collections import defaultdict
 import pytest
 
 from paramserve.client import Client
-
-from .procs import Processes, iter_pushes, read_jsonl, wait_for
-from .replay import LocalModel, assert_same
-from .workers import ADAM, gradients, initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.dense import ADAM, gradients, initial_weights
+from tests.support.processes import Processes, iter_pushes, read_jsonl
+from tests.support.replay import LocalModel
+from tests.support.waiting import wait_until as wait_for
 
 PROCESSES, THREADS = 2, 4
 PUSHES, RESEND_EVERY = 150, 10  # per client: 150 pushes, 15 of them sent twice

@@ -1,7 +1,7 @@
 """Exactly once, end to end, over a lossy link (issue 7).
 
 A worker pushes 30 gradients of 4 MiB and 30 of 64 KiB, and makes a Step after every fifth
-push, through :class:`~tests.faults.lossy_proxy.LossyProxy`, which cuts every connection it
+push, through :class:`~tests.support.lossy_proxy.LossyProxy`, which cuts every connection it
 carries at seeded random points in either direction: mid-upload (the request's bytes stop
 and the connection is reset or closed) or mid-reply (an acknowledgement or the Step's
 weights are lost after the server applied the push). The SDK must resend every one of them
@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 
 from paramserve.client import Client
-
-from .lossy_proxy import Cut, LossyProxy
-from .procs import Processes, iter_pushes, read_jsonl
-from .replay import LocalModel, assert_same
+from tests.support.asserts import assert_same
+from tests.support.lossy_proxy import Cut, LossyProxy
+from tests.support.processes import Processes, iter_pushes, read_jsonl
+from tests.support.replay import LocalModel
 
 RUNS = int(os.environ.get("PARAMSERVE_LOSSY_RUNS", "1"))
 BIG, SMALL = 1 << 20, 16 << 10  # float32 elements: 4 MiB and 64 KiB

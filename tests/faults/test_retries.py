@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from paramserve.client import Client, DeadlineExceededError
-
-from .procs import Processes, iter_pushes, read_jsonl
-from .replay import LocalModel, assert_same, combine, rounds
-from .workers import ADAM, gradients, initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.dense import ADAM, gradients, initial_weights
+from tests.support.processes import Processes, iter_pushes, read_jsonl
+from tests.support.replay import LocalModel, combine, rounds
 
 PUSHES = 25
 

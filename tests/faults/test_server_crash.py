@@ -21,10 +21,11 @@ import signal
 import pytest
 
 from paramserve.client import Client
-
-from .procs import Processes, process_state, read_jsonl, wait_for
-from .replay import assert_same, local_model_of, rounds, sync_replay
-from .workers import ADAM, gradients, initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.dense import ADAM, gradients, initial_weights
+from tests.support.processes import Processes, process_state, read_jsonl
+from tests.support.replay import local_model_of, rounds, sync_replay
+from tests.support.waiting import wait_until as wait_for
 
 WORKERS = ("worker-c", "worker-a", "worker-b")  # not in sorted order: the server sorts
 UNTIL_VERSION = 50

@@ -24,9 +24,8 @@ from paramserve.client import Client, FailedPreconditionError, SnapshotInfo
 from paramserve.server.aggregator import AggregationConfig, Aggregator
 from paramserve.server.snapshots import SnapshotState, SnapshotStore
 from paramserve.server.store import ModelStore
-
-from .procs import Processes, ServerProcess
-from .workers import ADAM, SHAPES, gradients, initial_weights
+from tests.support.models.dense import ADAM, SHAPES, gradients, initial_weights
+from tests.support.processes import Processes, ServerProcess
 
 RECORD = "serving-model.json"
 LOCK = ".paramserve.lock"

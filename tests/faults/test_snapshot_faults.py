@@ -27,10 +27,9 @@ import safetensors
 import safetensors.numpy
 
 from paramserve.client import Client, InvalidArgumentError, ParamServeError, SnapshotInfo
-
-from .procs import Processes, ServerProcess
-from .replay import assert_same
-from .workers import ADAM, gradients, initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.dense import ADAM, gradients, initial_weights
+from tests.support.processes import Processes, ServerProcess
 
 
 def _sha256(array: np.ndarray) -> str:

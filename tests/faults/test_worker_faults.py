@@ -24,10 +24,11 @@ import numpy as np
 import pytest
 
 from paramserve.client import Client
-
-from .procs import Processes, process_state, read_jsonl, wait_for
-from .replay import LocalModel, assert_same, combine, rounds
-from .workers import ADAM, gradients, initial_weights
+from tests.support.asserts import assert_same
+from tests.support.models.dense import ADAM, gradients, initial_weights
+from tests.support.processes import Processes, process_state, read_jsonl
+from tests.support.replay import LocalModel, combine, rounds
+from tests.support.waiting import wait_until as wait_for
 
 WORKERS = ("worker-a", "worker-b", "worker-c")
 REPLICAS = 3

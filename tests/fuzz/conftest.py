@@ -1,4 +1,5 @@
-"""Three live daemons (one per non-finite policy) shared by the fuzz suite, and its summary."""
+"""Three live daemons (one per non-finite policy) shared by the fuzz suite (its summary line is
+printed by tests/fuzz/report.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from paramserve.v1 import parameter_server_pb2 as pb
 
-from .live import CASES, CODES, REJECTED, TIMEOUT_S, LiveServer, State
+from .live import TIMEOUT_S, LiveServer, State
 
 POLICIES = ("reject", "skip", "allow")
 
@@ -68,29 +69,3 @@ def _servers_survive(request) -> Iterator[None]:
     if "servers" in request.fixturenames:
         for server in request.getfixturevalue("servers").by_policy.values():
             server.assert_healthy()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _record_counts(record_testsuite_property) -> Iterator[None]:
-    """The counts as junit testsuite properties (``--junitxml``), for CI dashboards."""
-    yield
-    generated = {k: v for k, v in CASES.items() if k != "regression"}
-    if generated:
-        record_testsuite_property("fuzz_generated_requests", sum(generated.values()))
-        record_testsuite_property("fuzz_internal_errors", CODES.get("INTERNAL", 0))
-        for family, count in sorted(generated.items()):
-            record_testsuite_property(f"fuzz_cases_{family}", count)
-
-
-def pytest_terminal_summary(terminalreporter) -> None:
-    generated = {k: v for k, v in CASES.items() if k != "regression"}
-    if not generated:
-        return
-    total = sum(generated.values())
-    rejected = sum(v for k, v in REJECTED.items() if k != "regression")
-    families = ", ".join(f"{k} {v}" for k, v in sorted(generated.items()))
-    codes = ", ".join(f"{k} {v}" for k, v in sorted(CODES.items()))
-    terminalreporter.write_line(
-        f"fuzz: {total} generated requests ({rejected} rejected), "
-        f"{CODES.get('INTERNAL', 0)} INTERNAL; by family: {families}; by code: {codes}"
-    )

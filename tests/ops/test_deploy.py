@@ -25,9 +25,7 @@ from paramserve.client import Client, UnauthenticatedError
 from paramserve.server import cli, demo, healthcheck
 from paramserve.server.app import create_server
 from paramserve.server.config import ServerConfig, load_config
-
-from ..security.conftest import pki  # noqa: F401 - the test CA and certificates
-from .conftest import REPO, clean_env, free_port
+from tests.support.processes import REPO, clean_env, free_port
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -362,7 +360,7 @@ def test_health_probe_exits_0_only_while_serving():
         server.stop(0)
 
 
-def test_health_probe_speaks_tls_and_mutual_tls_and_needs_no_token(pki):  # noqa: F811
+def test_health_probe_speaks_tls_and_mutual_tls_and_needs_no_token(pki):
     tls = ServerConfig(
         port=0,
         log_level="warning",

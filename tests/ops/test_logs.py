@@ -14,8 +14,8 @@ from datetime import datetime
 
 from paramserve.server.cli import JsonLogFormatter, TextLogFormatter, configure_logging
 from paramserve.v1 import parameter_server_pb2 as pb
-
-from ..transport.conftest import create_model_requests, grads_for, initial_variables, push_requests
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.wire import create_model_requests, push_requests
 
 LEVELS = {"debug", "info", "warning", "error", "critical"}
 TEXT_LINE = re.compile(

@@ -10,15 +10,9 @@ import numpy as np
 import pytest
 
 from paramserve.v1 import parameter_server_pb2 as pb
-
-from ..transport.conftest import (
-    create_model_requests,
-    grads_for,
-    initial_variables,
-    push_requests,
-    read_stream,
-)
-from .conftest import free_port, scrape
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.processes import free_port, scrape
+from tests.support.wire import create_model_requests, push_requests, read_stream
 
 PUSH_BYTES = 6 * 4 + 2 * 4  # the two float32 gradients of grads_for()
 

@@ -11,14 +11,8 @@ import numpy as np
 import pytest
 
 from paramserve.v1 import parameter_server_pb2 as pb
-
-from ..transport.conftest import (
-    create_model_requests,
-    grads_for,
-    initial_variables,
-    push_requests,
-    read_stream,
-)
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.wire import create_model_requests, push_requests, read_stream
 
 LEARNING_RATE = np.float32(0.5)  # SGD_JSON of the transport helpers
 

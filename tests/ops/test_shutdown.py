@@ -25,15 +25,9 @@ from paramserve.server.app import create_server
 from paramserve.server.config import ServerConfig
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
-
-from ..transport.conftest import (
-    create_model_requests,
-    grads_for,
-    initial_variables,
-    push_requests,
-    read_stream,
-)
-from .conftest import clean_env, free_port, scrape
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.processes import clean_env, free_port, scrape
+from tests.support.wire import create_model_requests, push_requests, read_stream
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from tests.support.optimizer_cases import build_keras_config, build_our_config
+
 STEPS = 50
 
 # One "model": every shape kind the suite must cover, incl. a scalar and empty arrays.
@@ -94,33 +96,6 @@ def _keras() -> Any:
     return keras
 
 
-def _build_keras_config(config: dict[str, Any]) -> dict[str, Any]:
-    keras = _keras()
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, tuple) and k == "learning_rate":
-            out[k] = getattr(keras.optimizers.schedules, v[0])(**v[1])
-        elif isinstance(v, tuple) and k == "inner_optimizer":
-            out[k] = getattr(keras.optimizers, v[0])(**_build_keras_config(v[1]))
-        else:
-            out[k] = v
-    return out
-
-
-def _build_our_config(config: dict[str, Any]) -> dict[str, Any]:
-    from paramserve import optim_core
-
-    out = {}
-    for k, v in config.items():
-        if isinstance(v, tuple) and k == "learning_rate":
-            out[k] = getattr(optim_core.schedules, v[0])(**v[1])
-        elif isinstance(v, tuple) and k == "inner_optimizer":
-            out[k] = getattr(optim_core, v[0])(**_build_our_config(v[1]))
-        else:
-            out[k] = v
-    return out
-
-
 def _to_grad_for_keras(g: Any, shape: tuple[int, ...]) -> Any:
     if isinstance(g, tuple):
         return dense_rows(shape, g[1], g[2])
@@ -143,7 +118,7 @@ def run_keras(
                 variables.append(keras.Variable(value.copy(), name=name, dtype=value.dtype))
         else:
             variables.append(keras.Variable(value.copy(), name=name, dtype=value.dtype))
-    opt = getattr(keras.optimizers, class_name)(**_build_keras_config(config))
+    opt = getattr(keras.optimizers, class_name)(**build_keras_config(config))
     first: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -176,7 +151,7 @@ def run_ours(
     from paramserve import optim_core
 
     variables = [optim_core.Variable(xp.asarray(v.copy()), path=p) for p, v in init.items()]
-    opt = getattr(optim_core, class_name)(**_build_our_config(config))
+    opt = getattr(optim_core, class_name)(**build_our_config(config))
     _set_fused(opt, fused)
     first: dict[str, np.ndarray] = {}
     with warnings.catch_warnings():

@@ -15,9 +15,7 @@ import pytest
 
 from paramserve import optim_core
 from paramserve.optim_core import SGD, Adam, AdamW, IndexedSlices, Optimizer, Variable, get
-
-from .cases import CLASS_NAMES
-from .harness import _build_keras_config, _build_our_config
+from tests.support.optimizer_cases import CLASS_NAMES, build_keras_config, build_our_config
 
 keras = pytest.importorskip("keras")
 
@@ -48,7 +46,7 @@ def _configs(class_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
         cfg["name"] = "opt"
     else:
         cfg.update(COMMON)
-    return _build_keras_config(cfg), _build_our_config(cfg)
+    return build_keras_config(cfg), build_our_config(cfg)
 
 
 def _norm(config: dict[str, Any]) -> dict[str, Any]:

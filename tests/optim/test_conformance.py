@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 
 from paramserve import optim_core
+from tests.support.optimizer_cases import CLASS_NAMES
 
-from .cases import CLASS_NAMES, all_cases
-from .harness import MIXED_SHAPES, SINGLE_SHAPES, RunResult, make_stream, run_keras, run_ours
+from . import references
+from .harness import SINGLE_SHAPES, RunResult, run_ours
 
-CASES = all_cases()
+CASES = references.CASES
 
 # Keras auto-names Nadam's product variable uniquely per process ("variable", "variable_1",
 # ...), so for those only the position is compared.
@@ -92,23 +93,12 @@ def assert_matches(ours: RunResult, ref: RunResult, tol: dict[str, float]) -> No
 
 @functools.cache
 def _keras_result(case_id: str, shapes_key: str, dtype: str) -> tuple[RunResult, Any]:
-    class_name, config, harness, shapes = _lookup(case_id, shapes_key)
-    init, stream = make_stream(shapes, harness, dtype)
-    return run_keras(class_name, config, init, stream), (init, stream)
-
-
-_CASE_INDEX = {cid: (cls, cfg, h) for cid, cls, cfg, h in CASES}
+    """Keras's result (stored by tests/optim/record_references.py, or live) and the inputs."""
+    return references.keras_result(references.Job(case_id, shapes_key, dtype))
 
 
 def _lookup(case_id: str, shapes_key: str) -> tuple[str, dict, dict, dict]:
-    if case_id in _CASE_INDEX:
-        cls, cfg, h = _CASE_INDEX[case_id]
-    else:
-        cls, cfg, h = case_id, {}, {}
-        if cls == "LossScaleOptimizer":
-            cfg = {"inner_optimizer": ("Adam", {})}
-    shapes = MIXED_SHAPES if shapes_key == "mixed" else {"x": SINGLE_SHAPES[shapes_key]}
-    return cls, cfg, h, shapes
+    return references.Job(case_id, shapes_key, "float32").lookup()
 
 
 def _check(case_id: str, shapes_key: str, dtype: str, backend: str) -> None:

@@ -9,8 +9,7 @@ import pytest
 from paramserve.client import Client
 from paramserve.server.app import is_loopback
 from paramserve.server.config import ServerConfig
-
-from .conftest import ADMIN_TOKEN, write_tokens_file
+from tests.support.credentials import ADMIN_TOKEN, write_tokens_file
 
 
 def _warnings(caplog) -> list[logging.LogRecord]:

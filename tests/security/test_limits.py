@@ -19,9 +19,8 @@ from paramserve.server.limits import Limits as ServerLimits
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
-
-from ..server.helpers import count_waiters, wait_until
-from .conftest import TIMEOUT_S
+from tests.support.waiting import count_waiters, wait_until
+from tests.support.wire import TIMEOUT_S, chunk_messages
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 HOLD_DEADLINE_S = 120.0  # calls held in flight end when the test lets them, not by deadline
@@ -36,7 +35,7 @@ def _create_requests(variables: dict[str, np.ndarray], optimizer_json: str = SGD
         variables=[wire.header_for(n, v) for n, v in variables.items()],
     )
     yield pb.CreateModelRequest(header=header)
-    for chunk in wire.chunk_messages(list(variables.values()), chunk_bytes=16 << 10):
+    for chunk in chunk_messages(list(variables.values()), chunk_bytes=16 << 10):
         yield pb.CreateModelRequest(chunk=chunk)
     yield pb.CreateModelRequest(end=tpb.StreamEnd())
 

@@ -12,8 +12,7 @@ from paramserve.client import Client, UnavailableError
 from paramserve.client.channel import tls_credentials
 from paramserve.server import cli
 from paramserve.server.config import ConfigError, ServerConfig
-
-from .conftest import ADMIN_TOKEN, write_tokens_file
+from tests.support.credentials import ADMIN_TOKEN, write_tokens_file
 
 FAST_FAIL = {"timeout_s": 5.0, "wait_for_ready": False, "retry_max_attempts": 2}
 

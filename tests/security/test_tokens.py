@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -24,14 +23,14 @@ from paramserve.server import auth, cli
 from paramserve.server.app import create_server
 from paramserve.server.config import ConfigError, ServerConfig, load_config
 from paramserve.v1 import parameter_server_pb2 as pb
-
-from .conftest import (
+from tests.support.credentials import (
     ADMIN_TOKEN,
     OTHER_WORKER_TOKEN,
-    TIMEOUT_S,
     WORKER_TOKEN,
     write_tokens_file,
 )
+from tests.support.processes import free_port as _free_port
+from tests.support.wire import TIMEOUT_S
 
 SERVICE = pb.DESCRIPTOR.services_by_name["ParameterServer"]
 DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
@@ -256,12 +255,6 @@ def test_tokens_never_come_from_flags_or_the_config_file(tmp_path):
 def test_tokens_repr_hides_the_tokens():
     tokens = auth.Tokens(admin=(ADMIN_TOKEN,), worker=(WORKER_TOKEN,))
     assert ADMIN_TOKEN not in repr(tokens) and WORKER_TOKEN not in repr(tokens)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_tokens_are_not_in_ps_or_the_logs(tmp_path):

@@ -25,6 +25,7 @@ from paramserve.client import Client, InvalidArgumentError
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
+from tests.support.wire import chunk_messages
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE_DIRS = ("optim_core", "server", "client")
@@ -281,7 +282,7 @@ def test_code_in_a_create_model_optimizer_is_refused(start_server, tmp_path, opt
         variables=[wire.header_for("w", values[0])],
     )
     requests = [pb.CreateModelRequest(header=header)]
-    requests += [pb.CreateModelRequest(chunk=c) for c in wire.chunk_messages(values)]
+    requests += [pb.CreateModelRequest(chunk=c) for c in chunk_messages(values)]
     requests.append(pb.CreateModelRequest(end=tpb.StreamEnd()))
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.ParameterServerStub(channel)

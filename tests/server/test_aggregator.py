@@ -25,17 +25,12 @@ from paramserve.server.errors import (
 )
 from paramserve.server.store import ModelStore
 from paramserve.wire import SparseRows
+from tests.support.asserts import assert_same as assert_bitwise_equal
+from tests.support.models.mixed import grads_for, model_vars
+from tests.support.replay import LocalReplay
+from tests.support.waiting import WAIT_S, count_waiters, wait_until
 
-from .helpers import (
-    WAIT_S,
-    LocalReplay,
-    ManualClock,
-    assert_bitwise_equal,
-    count_waiters,
-    grads_for,
-    model_vars,
-    wait_until,
-)
+from .helpers import ManualClock
 
 
 @pytest.fixture

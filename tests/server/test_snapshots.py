@@ -20,8 +20,9 @@ from paramserve.server.aggregator import AggregationConfig, Aggregator
 from paramserve.server.errors import InvalidArgument, NotFound
 from paramserve.server.snapshots import SnapshotState, SnapshotStore, utc_now
 from paramserve.server.store import ModelStore
-
-from .helpers import assert_bitwise_equal, assert_state_equal, grads_for
+from tests.support.asserts import assert_same as assert_bitwise_equal
+from tests.support.asserts import assert_state_equal
+from tests.support.models.mixed import grads_for
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 

@@ -24,17 +24,11 @@ from paramserve.server.errors import (
 )
 from paramserve.server.store import Limits, ModelState, ModelStore, VariableSpec
 from paramserve.wire import SparseRows
-
-from .helpers import (
-    WAIT_S,
-    LocalReplay,
-    assert_bitwise_equal,
-    assert_state_equal,
-    count_waiters,
-    grads_for,
-    model_vars,
-    wait_until,
-)
+from tests.support.asserts import assert_same as assert_bitwise_equal
+from tests.support.asserts import assert_state_equal
+from tests.support.models.mixed import grads_for, model_vars
+from tests.support.replay import LocalReplay
+from tests.support.waiting import WAIT_S, count_waiters, wait_until
 
 
 @pytest.fixture

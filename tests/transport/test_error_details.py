@@ -30,8 +30,8 @@ from paramserve.client import (
 from paramserve.client.errors import from_rpc_error
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
-
-from .conftest import TIMEOUT_S, grads_for, initial_variables, push_requests
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.wire import TIMEOUT_S, push_requests
 
 # The documented reasons and their status codes (README "Errors"): the contract pinned here.
 CATALOGUE = {

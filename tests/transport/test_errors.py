@@ -18,9 +18,10 @@ import pytest
 from paramserve import wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
-
-from ..server.helpers import count_waiters, wait_until
-from .conftest import TIMEOUT_S, expect_error, grads_for, initial_variables, push_requests
+from tests.support.asserts import expect_error
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.waiting import count_waiters, wait_until
+from tests.support.wire import TIMEOUT_S, push_requests
 
 # A drain's grace period that outlasts TIMEOUT_S: a waiting call released by the drain itself
 # returns at once, one left to the end of the grace period would make the test fail.

@@ -14,8 +14,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from grpc_reflection.v1alpha import reflection_pb2
 
 from paramserve.v1 import parameter_server_pb2 as pb
-
-from .conftest import TIMEOUT_S
+from tests.support.wire import TIMEOUT_S
 
 SERVICE = "paramserve.v1.ParameterServer"
 V1 = "grpc.reflection.v1.ServerReflection"

@@ -29,24 +29,18 @@ from paramserve.server.config import ConfigError, ServerConfig, load_config
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
-
-from .conftest import (
+from tests.support.models.tiny import grads_for, initial_variables
+from tests.support.processes import free_port as _free_port
+from tests.support.wire import (
     TIMEOUT_S,
+    chunk_messages,
     create_model_requests,
-    grads_for,
-    initial_variables,
     push_requests,
     read_stream,
 )
 
 SERVICE = "paramserve.v1.ParameterServer"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- health, reflection, metrics -----------------------------------------------------------
@@ -309,7 +303,7 @@ def test_optimizer_state_round_trip(harness):
     version, state = harness.pull(scope=pb.PULL_SCOPE_OPTIMIZER_STATE)
     headers = [wire.header_for(n, v) for n, v in state.items()]
     items = [tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))]
-    items += [tpb.TensorStreamItem(chunk=c) for c in wire.chunk_messages(list(state.values()))]
+    items += [tpb.TensorStreamItem(chunk=c) for c in chunk_messages(list(state.values()))]
     items.append(tpb.TensorStreamItem(end=tpb.StreamEnd()))
     harness.push(grads_for())
     assert harness.stub.SetOptimizerState(iter(items), timeout=TIMEOUT_S).version == 0

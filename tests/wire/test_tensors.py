@@ -8,6 +8,7 @@ import pytest
 
 from paramserve import wire as t
 from paramserve.v1 import tensor_pb2 as tpb
+from tests.support.wire import chunk_messages
 
 DTYPES = ["float32", "float64", "float16", np.dtype(ml_dtypes.bfloat16), "int32", "int64"]
 
@@ -19,7 +20,7 @@ def _roundtrip(values: dict, *, chunk_bytes: int, shapes: dict | None = None) ->
     ]
     t.check_headers(headers)
     asm = t.TensorAssembler(headers)
-    for chunk in t.chunk_messages(list(values.values()), chunk_bytes=chunk_bytes):
+    for chunk in chunk_messages(list(values.values()), chunk_bytes=chunk_bytes):
         asm.add(chunk.tensor, chunk.offset, chunk.data)
     return asm.finish()
 

@@ -32,14 +32,6 @@ def iter_chunks(
                 offset += len(piece)
 
 
-def chunk_messages(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[tpb.TensorChunk]:
-    """Protobuf chunks for ``values`` (one copy of each slice into its message)."""
-    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
-        yield tpb.TensorChunk(tensor=i, offset=offset, data=bytes(piece))
-
-
 # --- Pre-encoded chunk messages ---------------------------------------------------------
 # Every stream wrapper (CreateModelRequest, PushRequest, TensorStreamItem) carries its
 # TensorChunk as field 2. Building a protobuf message copies the payload and serializing it

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from paramserve import optim_core
+
 EXP_DECAY = (
     "ExponentialDecay",
     {"initial_learning_rate": 0.01, "decay_steps": 5, "decay_rate": 0.8},
@@ -140,3 +142,31 @@ def all_cases() -> list[tuple[str, str, dict[str, Any], dict[str, Any]]]:
 
 
 CLASS_NAMES = list(OWN_OPTIONS)
+
+
+def build_keras_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its schedules and inner optimizers built in real Keras."""
+    import keras
+
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, tuple) and k == "learning_rate":
+            out[k] = getattr(keras.optimizers.schedules, v[0])(**v[1])
+        elif isinstance(v, tuple) and k == "inner_optimizer":
+            out[k] = getattr(keras.optimizers, v[0])(**build_keras_config(v[1]))
+        else:
+            out[k] = v
+    return out
+
+
+def build_our_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with its schedules and inner optimizers built in optim_core."""
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, tuple) and k == "learning_rate":
+            out[k] = getattr(optim_core.schedules, v[0])(**v[1])
+        elif isinstance(v, tuple) and k == "inner_optimizer":
+            out[k] = getattr(optim_core, v[0])(**build_our_config(v[1]))
+        else:
+            out[k] = v
+    return out

@@ -1,9 +1,11 @@
-"""Worker scripts for the fault tests, run as ``python -m tests.faults.workers NAME JSON``.
+"""Worker bodies run in other processes.
 
-Gradients are a pure function of ``(worker_id, sequence)`` (plus the pulled weights in
-sync training), so a test can recompute every push a server logged and replay it. Each
-worker appends one JSON line per event (pull, ack, retry, stale, pause) to its own file,
-flushed at once, so the record survives a SIGKILL of the worker.
+Scripts for the fault tests, run as ``python -m tests.support.workers NAME JSON``
+(:meth:`tests.support.processes.Processes.worker`): each appends one JSON line per event
+(pull, ack, retry, stale, pause) to its own file, flushed at once, so the record survives a
+SIGKILL of the worker. Functions for the end-to-end tests' process pool (``sync_worker``,
+``async_worker``, ``stale_worker``). The gradients come from :mod:`tests.support.models`, so a
+test can recompute every push and replay it.
 """
 
 from __future__ import annotations
@@ -14,7 +16,6 @@ import signal
 import sys
 import threading
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -27,31 +28,11 @@ from paramserve.client import (
     FailedPreconditionError,
     UnavailableError,
 )
+from tests.support.models import embedding
+from tests.support.models.dense import gradients
 
-SHAPES = {"dense/kernel": (16, 8), "dense/bias": (8,)}
-ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 CALL_TIMEOUT_S = 10.0
 GO_TIMEOUT_S = 300.0  # load_pusher: a client waits this long for the start signal (a hang guard)
-
-
-def initial_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {n: rng.standard_normal(s).astype(np.float32) for n, s in SHAPES.items()}
-
-
-def gradients(
-    worker_id: str, sequence: int, weights: dict[str, np.ndarray] | None = None
-) -> dict[str, np.ndarray]:
-    """Deterministic gradients with magnitudes from 1e-3 to 1e2, so that the order in which
-    they are summed or applied shows in the bits; ``weights`` add a weight-dependent term."""
-    rng = np.random.default_rng([zlib.crc32(worker_id.encode()), sequence])
-    grads = {}
-    for name, shape in SHAPES.items():
-        magnitudes = 10.0 ** rng.integers(-3, 3, size=shape)
-        grads[name] = (rng.standard_normal(shape) * magnitudes).astype(np.float32)
-    if weights is not None:
-        grads["dense/kernel"] += np.float32(0.5) * weights["dense/kernel"]
-    return grads
 
 
 class EventLog:
@@ -228,6 +209,46 @@ def load_pusher(
         thread.join()
     if errors:
         raise errors[0]
+
+
+# -- the end-to-end tests' process pool --------------------------------------------------
+POOL_TIMEOUT_S = 30.0
+
+
+def sync_worker(
+    address: str, worker_id: str, first_step: int, steps: int, sparse: bool = True
+) -> dict[str, np.ndarray]:
+    """Pull version ``step``, push its gradients, for each step; returns the final weights."""
+    with Client(address, worker_id=worker_id, timeout_s=POOL_TIMEOUT_S) as client:
+        for step in range(first_step, first_step + steps):
+            weights = client.pull(min_version=step)
+            assert weights.version == step, (weights.version, step)
+            result = client.push(embedding.known_gradients(worker_id, step, weights, sparse=sparse))
+            assert result.version == step + 1 and not result.duplicate, result
+        return dict(client.pull(min_version=first_step + steps))
+
+
+def async_worker(address: str, worker_id: str, pushes: int) -> list[tuple[int, int]]:
+    """Push gradients that ignore the weights; returns ``(version after, step)`` per push."""
+    zeros = {n: np.zeros(s, np.float32) for n, s in embedding.SHAPES.items()}
+    out = []
+    with Client(address, worker_id=worker_id, timeout_s=POOL_TIMEOUT_S) as client:
+        for step in range(pushes):
+            result = client.push(embedding.known_gradients(worker_id, step, zeros, sparse=False))
+            assert not result.duplicate
+            out.append((result.version, step))
+    return out
+
+
+def stale_worker(address: str, worker_id: str, pushes: int) -> list[float]:
+    """Push as fast as allowed; returns the time each push returned."""
+    zeros = {n: np.zeros(s, np.float32) for n, s in embedding.SHAPES.items()}
+    done = []
+    with Client(address, worker_id=worker_id, timeout_s=POOL_TIMEOUT_S) as client:
+        for step in range(pushes):
+            client.push(embedding.known_gradients(worker_id, step, zeros, sparse=False))
+            done.append(time.monotonic())
+    return done
 
 
 if __name__ == "__main__":

@@ -169,7 +169,7 @@ class _Workers:
             if tag == "done":
                 done += 1
             else:
-                on_step(value, loss, accuracy)
+                on_step(index, value, loss, accuracy)
 
     def close(self) -> None:
         for q in self.commands:
@@ -182,21 +182,26 @@ class _Workers:
 
 # --- the demo ---------------------------------------------------------------------------
 class _Progress:
-    """Prints the mean batch loss and accuracy of the workers every few steps."""
+    """Prints the mean batch loss and accuracy of the workers every few steps, and keeps
+    every worker's (phase, worker, version, loss, accuracy) for the plot."""
 
     def __init__(self, every: int, workers: int) -> None:
         self.window = every * workers
         self.losses: list[float] = []
         self.accuracies: list[float] = []
         self.updates = 0
+        self.phase = "train"
+        self.records: list[tuple[str, int, int, float, float]] = []
 
-    def reset(self) -> None:
+    def reset(self, phase: str) -> None:
         self.losses.clear()
         self.accuracies.clear()
         self.updates = 0
+        self.phase = phase
 
-    def __call__(self, version: int, loss: float, accuracy: float) -> None:
+    def __call__(self, worker: int, version: int, loss: float, accuracy: float) -> None:
         self.updates += 1
+        self.records.append((self.phase, worker, version, loss, accuracy))
         self.losses.append(loss)
         self.accuracies.append(accuracy)
         if len(self.losses) >= self.window:
@@ -220,12 +225,62 @@ def _optimizer_config(name: str, learning_rate: float | None) -> dict[str, Any]:
     return {"class_name": name, "config": {"learning_rate": lr}}
 
 
-def _phase(workers: _Workers, progress: _Progress, kind: str, steps: int) -> float:
+def _phase(workers: _Workers, progress: _Progress, kind: str, steps: int, phase: str) -> float:
     """Run one phase on every worker; returns the model updates per second it achieved."""
-    progress.reset()
+    progress.reset(phase)
     started = time.perf_counter()
     workers.run(kind, steps, progress)
     return progress.updates / (time.perf_counter() - started)
+
+
+def plot_history(
+    records: Sequence[tuple[str, int, int, float, float]],
+    evaluations: Sequence[tuple[int, float, float]],
+    path: Path,
+    title: str,
+) -> bool:
+    """Draw the workers' batch loss and accuracy against the server's model version, the
+    full-data evaluations as points, into a PNG at ``path``; False when matplotlib is missing.
+    The replay after the restore is drawn dashed over the steps it repeats."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=100)
+    workers = sorted({worker for _, worker, *_ in records})
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for column, (axis, label) in enumerate(zip(axes, ("loss", "accuracy"), strict=True)):
+        for worker in workers:
+            colour = colours[worker % len(colours)]
+            for replay in (False, True):
+                points = sorted(
+                    (version, (loss, accuracy)[column])
+                    for phase, w, version, loss, accuracy in records
+                    if w == worker and (phase == "replay") == replay
+                )
+                if points:
+                    axis.plot(
+                        *zip(*points, strict=True), color=colour, linewidth=0.9,
+                        linestyle="--" if replay else "-", alpha=0.8,
+                        label=f"worker {worker}" + (" (replay)" if replay else ""),
+                    )  # fmt: skip
+        if evaluations:
+            versions = [version for version, *_ in evaluations]
+            values = [evaluation[1 + column] for evaluation in evaluations]
+            axis.plot(versions, values, "ko", markersize=4, label="all data")
+        axis.set(xlabel="server model version", ylabel=f"batch {label}")
+        axis.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].set_title(title, fontsize=10)
+    axes[1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+    return True
 
 
 def _train(address: str, args: argparse.Namespace) -> bool:
@@ -234,25 +289,25 @@ def _train(address: str, args: argparse.Namespace) -> bool:
     progress = _Progress(max(1, args.steps // 8), args.workers)
     with Client(address, timeout_s=60.0) as admin:
         admin.create_model(init_params(args.seed), _optimizer_config(args.optimizer, args.lr))
-        version, loss0, acc0 = _evaluate(admin, x, labels)
+        version0, loss0, acc0 = _evaluate(admin, x, labels)
         print(f"model created: full-data loss {loss0:.4f}, accuracy {acc0:.1%}", flush=True)
         workers = _Workers(address, args)
         try:
             print(f"training {args.steps} steps on {args.workers} workers ({args.mode})")
-            rate = _phase(workers, progress, "train", args.steps)
+            rate = _phase(workers, progress, "train", args.steps, "train")
             version, loss1, acc1 = _evaluate(admin, x, labels)
             print(f"version {version}: full-data loss {loss1:.4f}, accuracy {acc1:.1%} "
                   f"({rate:.0f} pushes/s, worker start-up included)", flush=True)  # fmt: skip
             snap = admin.snapshot()
             print(f"snapshot {snap.id} ({snap.size_bytes} bytes) at version {snap.version}")
             print(f"training {after} more steps")
-            rate = _phase(workers, progress, "train", after)
+            rate = _phase(workers, progress, "train", after, "train")
             first = admin.pull()
             print(f"version {first.version} ({rate:.0f} pushes/s)")
             restored = admin.restore(snap.id)
             print(f"restored {restored.id}: back to version {admin.status().version}")
             print(f"training the same {after} steps again")
-            _phase(workers, progress, "pull", after)
+            _phase(workers, progress, "pull", after, "replay")
             second = admin.pull()
             version, loss2, acc2 = _evaluate(admin, x, labels)
         finally:
@@ -263,6 +318,14 @@ def _train(address: str, args: argparse.Namespace) -> bool:
         identical = all(np.array_equal(first[n], second[n]) for n in first)
         print("replay after restore: " + ("weights identical" if identical else "WEIGHTS DIFFER"))
         ok = ok and identical
+    if args.plot is not None:
+        evaluations = [(version0, loss0, acc0), (snap.version, loss1, acc1), (version, loss2, acc2)]
+        title = f"{args.workers} workers, {args.mode} mode, {args.optimizer}"
+        if plot_history(progress.records, evaluations, args.plot, title):
+            print(f"loss curve: {args.plot}")
+        else:
+            print("loss curve: not drawn, matplotlib is not installed "
+                  "(pip install 'paramserve[demo]')")  # fmt: skip
     print("demo " + ("passed" if ok else "FAILED"))
     return ok
 
@@ -276,6 +339,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("sync", "async", "stale"), default="sync")
     p.add_argument("--batch-size", type=int, default=64, help="per worker and step")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--plot", type=Path, default=Path("paramserve-demo.png"), metavar="PNG",
+        help="where to write the loss and accuracy curves (default ./paramserve-demo.png)",
+    )  # fmt: skip
+    p.add_argument("--no-plot", dest="plot", action="store_const", const=None,
+                   help="do not draw the curves")  # fmt: skip
     return p
 
 

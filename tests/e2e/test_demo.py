@@ -10,18 +10,31 @@ import pytest
 from paramserve.server import demo
 
 
-def test_demo_trains_snapshots_restores_and_replays_identically(capsys):
-    assert demo.main(["--steps", "12", "--workers", "3"]) == 0
+def test_demo_trains_snapshots_restores_and_replays_identically(capsys, tmp_path):
+    png = tmp_path / "curves" / "demo.png"
+    assert demo.main(["--steps", "12", "--workers", "3", "--plot", str(png)]) == 0
     out = capsys.readouterr().out
     assert "replay after restore: weights identical" in out
+    assert f"loss curve: {png}" in out
     assert out.rstrip().endswith("demo passed")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_demo_via_the_cli_with_flags():
+def test_demo_via_the_cli_with_flags(tmp_path):
     cmd = [sys.executable, "-m", "paramserve.server", "demo", "--steps", "6", "--workers", "2"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "demo passed" in done.stdout
+    # By default the curves go to the current directory.
+    assert "loss curve: paramserve-demo.png" in done.stdout
+    assert (tmp_path / "paramserve-demo.png").stat().st_size > 0
+
+
+def test_demo_without_a_plot_writes_no_file(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert demo.main(["--steps", "2", "--workers", "1", "--no-plot"]) == 0
+    assert "loss curve" not in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_demo_rejects_bad_flags():

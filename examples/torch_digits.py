@@ -1,6 +1,6 @@
 """PyTorch workers train a digits classifier against a paramserve daemon, in sync mode.
 
-    python examples/torch_digits.py --workers 3 --steps 150 --png torch_digits.png
+    python examples/torch_digits.py --workers 3 --steps 150 --plot torch_digits.png
 
 The script starts a daemon (``paramserve serve --mode sync --replicas N`` on a free
 loopback port), then N worker processes. Each worker is an ordinary PyTorch loop over its
@@ -11,7 +11,7 @@ locally. Every worker initialises its own weights; the first to arrive creates t
 and the others take its weights. Each round sums the workers' gradients into one Adam step.
 
 It prints progress, the final accuracy on 360 held-out digits, and writes a PNG of loss and
-accuracy per worker and model version (``--png``).
+accuracy per worker and model version (``--plot``).
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=0.01)
     parser.add_argument("--eval-every", type=int, default=10, help="versions between tests")
     parser.add_argument("--log-every", type=int, default=25, help="versions between lines")
-    parser.add_argument("--png", type=Path, default=Path("torch_digits.png"),
+    parser.add_argument("--plot", type=Path, default=Path("torch_digits.png"),
                         help="where to write the plot (default: ./torch_digits.png)")  # fmt: skip
     args = parser.parse_args(argv)
     options = {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
@@ -249,8 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         version, accuracy = final[rank]
         print(f"worker {rank} finished at version {version}: test accuracy {accuracy:.4f}")
     version, accuracy = final[0]
-    plot(history, [*tests, (version, accuracy)], args.png)
-    print(f"wrote {args.png}")
+    plot(history, [*tests, (version, accuracy)], args.plot)
+    print(f"wrote {args.plot}")
     print(f"final test accuracy {accuracy:.4f} ({TEST_SIZE} held-out digits, version {version}, "
           f"{time.monotonic() - started:.1f} s)")  # fmt: skip
     return 0

@@ -20,7 +20,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "torch_digits.py"
 def test_torch_digits_example_trains_to_accuracy(tmp_path: Path) -> None:
     png = tmp_path / "plots" / "digits.png"
     run = subprocess.run(
-        [sys.executable, str(EXAMPLE), "--workers", "2", "--steps", "60", "--png", str(png)],
+        [sys.executable, str(EXAMPLE), "--workers", "2", "--steps", "60", "--plot", str(png)],
         cwd=tmp_path,
         capture_output=True,
         text=True,

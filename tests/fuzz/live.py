@@ -10,10 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -29,6 +26,7 @@ from grpc_status import rpc_status
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
+from tests.support.processes import ServerProcess
 
 from . import spec
 
@@ -109,12 +107,12 @@ def read_tensor_stream(items: Iterable[tpb.TensorStreamItem]) -> tuple[int, dict
 
 @dataclass(repr=False)
 class LiveServer:
-    """One ``paramserve serve`` subprocess with a raw stub to it."""
+    """One ``paramserve serve`` subprocess (tests.support's :class:`ServerProcess`) with a raw
+    stub to it."""
 
     name: str
     nonfinite: str
-    process: subprocess.Popen
-    stderr_path: Path
+    server: ServerProcess
     checkpoint_dir: Path | None
     address: str = ""
     # The state after the last checked case (saves one read per case), and the last sequence
@@ -129,36 +127,28 @@ class LiveServer:
 
     @classmethod
     def start(cls, name: str, tmp: Path, *, nonfinite: str, snapshots: bool) -> LiveServer:
-        stderr_path = tmp / f"{name}.stderr"
+        """Start the daemon without waiting for it (:meth:`connect` waits)."""
         checkpoint_dir = tmp / f"{name}-checkpoints" if snapshots else None
-        args = [sys.executable, "-m", "paramserve.server", "serve", "--port", "0"]
-        args += ["--mode", "async", "--nonfinite", nonfinite, "--grace-s", "2"]
-        args += ["--no-snapshot-on-exit", "--log-format", "json", *spec.LIMIT_FLAGS]
+        args = ["--mode", "async", "--nonfinite", nonfinite, "--grace-s", "2"]
+        args += ["--no-snapshot-on-exit", *spec.LIMIT_FLAGS]
         if checkpoint_dir is not None:
             args += ["--checkpoint-dir", str(checkpoint_dir)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVE_")}
-        with open(stderr_path, "wb") as stderr:
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr, env=env
-            )
-        return cls(name, nonfinite, process, stderr_path, checkpoint_dir)
+        server = ServerProcess(args, cwd=tmp, wait=False)
+        return cls(name, nonfinite, server, checkpoint_dir)
+
+    @property
+    def process(self) -> subprocess.Popen:
+        return self.server.proc
 
     def connect(self, timeout_s: float = 60.0) -> None:
-        """Wait for the 'listening on' log line, then open the channel."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            match = re.search(r"listening on (127\.0\.0\.1:\d+)", self.stderr())
-            if match:
-                break
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {self.name} did not start:\n{self.stderr()}")
-            time.sleep(0.02)
-        self.address = match.group(1)
+        """Wait for the daemon to listen, then open the channel."""
+        self.server.wait_listening(timeout_s)
+        self.address = self.server.address
         self.channel = grpc.insecure_channel(self.address)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
 
     def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
+        return self.server.stderr
 
     # -- raw calls -------------------------------------------------------------------------
 
@@ -232,15 +222,9 @@ class LiveServer:
         return out
 
     def stop(self) -> int:
-        """SIGTERM, then the exit status (the process must exit 0 within a bounded time)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+        """SIGTERM, then the exit status (the process must exit within a bounded time)."""
         try:
-            return self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            return -9
+            return self.server.stop(timeout_s=30)
         finally:
             if hasattr(self, "channel"):
                 self.channel.close()

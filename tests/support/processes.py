@@ -96,7 +96,9 @@ class ServerProcess:
     With the JSON log format (the default), the constructor waits for the "listening" entry
     and sets ``address``, ``port`` and ``metrics_port``. ``preamble``: Python code run in the
     server process before the CLI starts (a test hook, e.g. to make it die at a chosen
-    point); the CLI then runs exactly as with ``-m``.
+    point); the CLI then runs exactly as with ``-m``. ``env``: the whole environment
+    (default: :func:`clean_env`). ``wait=False`` returns at once (start several, then
+    :meth:`wait_listening` on each).
     """
 
     def __init__(
@@ -106,6 +108,8 @@ class ServerProcess:
         cwd: Path,
         log_format: str = "json",
         preamble: str | None = None,
+        env: dict[str, str] | None = None,
+        wait: bool = True,
     ) -> None:
         command = [sys.executable, "-m", "paramserve.server"]
         if preamble is not None:
@@ -119,7 +123,7 @@ class ServerProcess:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            env=clean_env(),
+            env=env if env is not None else clean_env(),
             cwd=cwd,
         )
         self.lines: list[str] = []
@@ -131,11 +135,16 @@ class ServerProcess:
         self.address = ""
         self.port = 0
         self.metrics_port: int | None = None
-        if log_format == "json":
-            listening = self.wait_for_event("listening", timeout_s=START_TIMEOUT_S)
-            self.address = listening["address"]
-            self.port = int(self.address.rsplit(":", 1)[1])
-            self.metrics_port = listening.get("metrics_port")
+        if log_format == "json" and wait:
+            self.wait_listening()
+
+    def wait_listening(self, timeout_s: float = START_TIMEOUT_S) -> None:
+        """Wait for the "listening" log entry (JSON log format) and set ``address``, ``port``
+        and ``metrics_port`` from it; fails if the process exits first."""
+        listening = self.wait_for_event("listening", timeout_s=timeout_s)
+        self.address = listening["address"]
+        self.port = int(self.address.rsplit(":", 1)[1])
+        self.metrics_port = listening.get("metrics_port")
 
     def _read(self) -> None:
         assert self.proc.stderr is not None

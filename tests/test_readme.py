@@ -3,6 +3,7 @@ example trains against a real sync server from two processes."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -19,13 +20,40 @@ BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 WORKER = next(b for b in BLOCKS if "worker_id=f\"worker-{rank}\"" in b)
 
 
+KERAS_REMOTE = next(b for b in BLOCKS if "from paramserve.client.keras import" in b)
+
+
+def run_block(code: str) -> subprocess.CompletedProcess:
+    """One block in a fresh interpreter; Keras blocks on JAX (the suite's numpy backend
+    cannot train)."""
+    env = dict(os.environ)
+    if "import keras" in code:
+        env["KERAS_BACKEND"] = "jax"
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_python_block_runs(index: int) -> None:
     code = BLOCKS[index]
-    if "Client(" in code:
-        pytest.skip("needs a running server: see test_readme_worker_trains_against_a_server")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    if "Client(" in code or "RemoteOptimizer(" in code:
+        pytest.skip("needs a running server: see the tests below")
+    out = run_block(code)
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_keras_block_trains_against_a_server() -> None:
+    """The one-line change beside plain Keras: its fit trains against a real daemon."""
+    server = create_server(ServerConfig(port=0, log_level="warning", snapshot_on_exit=False))
+    try:
+        out = run_block(KERAS_REMOTE.replace("127.0.0.1:50051", server.address))
+        assert out.returncode == 0, out.stderr
+        with Client(server.address, timeout_s=10) as admin:
+            steps_per_epoch = -(-1797 // 32)  # the digits set, batches of 32
+            assert admin.status().version == 15 * steps_per_epoch
+    finally:
+        server.stop(grace_s=0)
 
 
 def test_readme_worker_trains_against_a_server(tmp_path: Path) -> None:

@@ -122,7 +122,7 @@ def optimizer_json(
         instance = optim_core.get(optimizer)
         paths_by_id = {id(_array_of(v)): name for name, v in (variables or {}).items()}
         config = optim_core.serialize(instance, paths_by_id=paths_by_id)
-        _check_sendable(config)
+        check_sendable(config)
         return json.dumps(config, default=json_default)
     raise TypeError(
         "optimizer must be a name, a Keras serialization dict or an optim_core optimizer. "
@@ -146,18 +146,22 @@ def _array_of(value: Any) -> Any:
     return value.value if isinstance(value, optim_core.Variable) else value
 
 
-def _check_sendable(config: dict[str, Any]) -> None:
-    """TypeError for settings that cannot be rebuilt on the server (a callable learning rate)."""
+def check_sendable(
+    config: dict[str, Any], *, schedules: str = "paramserve.optim_core.schedules"
+) -> None:
+    """TypeError for settings that cannot be rebuilt on the server: a learning rate that is a
+    Python callable (serialized as a function or a lambda), here or in an inner optimizer.
+    ``schedules`` names the schedule classes the message suggests instead."""
     options = config.get("config") or {}
     inner = options.get("inner_optimizer")
     if isinstance(inner, dict):
-        _check_sendable(inner)
+        check_sendable(inner, schedules=schedules)
     lr = options.get("learning_rate")
-    if isinstance(lr, dict) and lr.get("class_name") == "function":
+    if isinstance(lr, dict) and lr.get("class_name") in {"function", "__lambda__"}:
         raise TypeError(
             f"The optimizer's learning rate is a Python callable ({lr.get('config')}), which "
-            "cannot be sent to the server. Use a learning-rate schedule "
-            "(paramserve.optim_core.schedules) or a float, and change it live with "
+            f"cannot be sent to the server. Use a learning-rate schedule ({schedules}; the "
+            "server evaluates Keras's built-in schedules) or a float, and change it live with "
             "Client.set_hyperparameters(learning_rate=...)."
         )
 

@@ -55,7 +55,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from paramserve import optim_core
 
-from .client import Client
+from .client import Client, check_sendable
 from .errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -120,21 +120,6 @@ def _with_exclusions(
     return config
 
 
-def _check_sendable(config: dict[str, Any]) -> None:
-    """TypeError for a learning rate the server cannot rebuild (a Python callable)."""
-    options = config.get("config") or {}
-    inner = options.get("inner_optimizer")
-    if isinstance(inner, dict):
-        _check_sendable(inner)
-    lr = options.get("learning_rate")
-    if isinstance(lr, dict) and lr.get("class_name") in {"function", "__lambda__"}:
-        raise TypeError(
-            "The optimizer's learning rate is a Python callable, which cannot be sent to the "
-            "server. Use a float or a keras.optimizers.schedules.LearningRateSchedule (the "
-            "server evaluates Keras's built-in schedules)."
-        )
-
-
 def keras_optimizer_config(
     optimizer: Any, variables: Iterable[Any] | None = None
 ) -> dict[str, Any]:
@@ -163,7 +148,7 @@ def keras_optimizer_config(
             "optimizer must be a Keras optimizer, its serialized dict, a name or an optim_core "
             f"optimizer. Received: {optimizer!r}"
         )
-    _check_sendable(config)
+    check_sendable(config, schedules="keras.optimizers.schedules")
     if levels:
         keys: dict[int, str] = {}
         if variables is not None:

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from paramserve.client import Client
@@ -180,3 +181,19 @@ def test_worker_refuses_unusable_credential_files(worker, tmp_path):
         assert code == 2, (flags, err)
         assert expected in err and "Traceback" not in err, (flags, err)
         assert WORKER_TOKEN not in err
+
+
+def test_worker_without_tokens_creates_the_model_and_refuses_another_one(
+    start_server, connect, worker
+):
+    # No tokens: the first worker creates the demo's model; a server holding another model
+    # is refused with a message instead of trained.
+    server = start_server()
+    code, out, err = _finish(worker("--address", server.address, "--steps", "1"))
+    assert code == 0, err
+    assert "model created" in out and "done after 1 steps" in out, out
+    other = start_server()
+    connect(other).create_model({"w": np.ones(3, np.float32)}, optimizer="sgd")
+    code, _, err = _finish(worker("--address", other.address, "--steps", "1"))
+    assert code == 1
+    assert "is not the demo's MLP" in err and "Traceback" not in err, err

@@ -20,19 +20,41 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from paramserve.client import AbortedError, Client, FailedPreconditionError, RemoteOptimizer
+from paramserve.client import (
+    AbortedError,
+    AlreadyExistsError,
+    Client,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    ModelDescription,
+    NotFoundError,
+    ParamServeError,
+    PermissionDeniedError,
+    RemoteOptimizer,
+    UnavailableError,
+)
+from paramserve.wire import DEFAULT_ADDRESS
+
+from .auth import SecurityConfigError
+from .client_flags import add_tls_token_flags, client_security
 
 HIDDEN_UNITS = 64
 CLASSES = 3
 POINTS_PER_CLASS = 1000
 DEFAULT_LEARNING_RATES = {"sgd": 0.1}  # everything else: 0.01
 REPORT_TIMEOUT_S = 120.0
+DEMO_DESCRIPTION = (
+    "Start a parameter server in this process and worker processes that train a small "
+    "classifier on it, then take a snapshot, restore it and check that the replayed steps "
+    "give the same weights; no server or credentials needed."
+)
 
 
 # --- the model: data, parameters, forward and backward pass ------------------------------
@@ -331,14 +353,19 @@ def _train(address: str, args: argparse.Namespace) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="paramserve demo", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="paramserve demo", description=DEMO_DESCRIPTION)
     p.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     p.add_argument("--steps", type=int, default=150, help="steps before the snapshot")
     p.add_argument("--optimizer", default="adam", help="optim_core optimizer name")
     p.add_argument("--lr", type=float, default=None, help="learning rate (adam: 0.01)")
-    p.add_argument("--mode", choices=("sync", "async", "stale"), default="sync")
+    p.add_argument(
+        "--mode",
+        choices=("sync", "async", "stale"),
+        default="sync",
+        help="the server's aggregation mode (default sync)",
+    )
     p.add_argument("--batch-size", type=int, default=64, help="per worker and step")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data and initial weights (default 0)")
     p.add_argument(
         "--plot", type=Path, default=Path("paramserve-demo.png"), metavar="PNG",
         help="where to write the loss and accuracy curves (default ./paramserve-demo.png)",
@@ -377,26 +404,79 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # --- `paramserve worker`: one worker against an external server ----------------------------
+WORKER_DESCRIPTION = (
+    "Train the demo's MLP as one worker of a running paramserve server, then print its "
+    "full-data loss and accuracy. Without tokens on the server, the first worker creates the "
+    "model and the others join it. With tokens, creating the model is an admin's call: run "
+    "this command once with an admin token and --steps 0 (or create the model with the SDK), "
+    "then start the workers with worker tokens; a worker that finds no model stops with a "
+    "message saying so, or waits for it with --wait-for-model-s."
+)
+MODEL_POLL_S = 1.0  # how often a worker waiting for the model asks for it again
+
+
+class _WorkerStop(Exception):
+    """A condition that ends `paramserve worker` with a message and exit status 1."""
+
+
 def build_worker_parser() -> argparse.ArgumentParser:
+    """The flags of `paramserve worker`."""
     p = argparse.ArgumentParser(
-        prog="paramserve worker",
-        description="Train the demo MLP as one worker of a running server (creates the model "
-        "if it does not exist yet; every worker may do so).",
+        prog="paramserve worker", description=WORKER_DESCRIPTION, allow_abbrev=False
     )
     p.add_argument(
         "--address",
-        default=os.environ.get("PARAMSERVE_ADDRESS", "127.0.0.1:50051"),
-        help="server host:port (default $PARAMSERVE_ADDRESS or 127.0.0.1:50051)",
+        default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
+        help=f"server host:port (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
-    p.add_argument("--rank", type=int, default=0, help="this worker's index in [0, --workers)")
-    p.add_argument("--workers", type=int, default=1, help="workers sharing the data")
-    p.add_argument("--steps", type=int, default=100, help="training steps to run")
-    p.add_argument("--optimizer", default="adam", help="optim_core optimizer name")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (adam: 0.01)")
-    p.add_argument("--batch-size", type=int, default=64, help="per step")
-    p.add_argument("--seed", type=int, default=0, help="data and initial weights")
-    p.add_argument("--timeout-s", type=float, default=120.0, help="deadline of each call")
-    p.add_argument("--log-every", type=int, default=10, help="print progress every N steps")
+    p.add_argument(
+        "--rank", type=int, default=0, help="this worker's index in [0, --workers) (default 0)"
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="workers sharing the data, each training on its 1/N (default 1)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=100,
+        help="training steps to run (default 100; 0: only create or check the model, then exit)",
+    )
+    p.add_argument(
+        "--optimizer",
+        default="adam",
+        help="optim_core optimizer name, used when this worker creates the model (default adam)",
+    )
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="learning rate, used when this worker creates the model (adam: 0.01, sgd: 0.1)",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="examples per step (default 64)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of the data and initial weights (default 0)"
+    )
+    p.add_argument(
+        "--timeout-s",
+        type=float,
+        default=120.0,
+        help="deadline of each call, waits for an unreachable server included (default 120)",
+    )
+    p.add_argument(
+        "--log-every", type=int, default=10, help="print progress every N steps (default 10)"
+    )
+    p.add_argument(
+        "--wait-for-model-s",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when the server has no model and this worker's token may not create one, wait "
+        "up to this long for an admin to create it (default 0: stop at once with a message)",
+    )
+    add_tls_token_flags(p, token_role="a worker (or admin)")
     return p
 
 
@@ -417,24 +497,114 @@ def _step_with_retry(client: Client, optimizer: RemoteOptimizer, params: list[np
             optimizer.pull(params)
 
 
-def worker_main(argv: Sequence[str] | None = None) -> int:
-    """Run one demo worker against ``--address``; exit status 0 after ``--steps`` steps."""
-    args = build_worker_parser().parse_args(argv)
-    if args.workers < 1 or not 0 <= args.rank < args.workers or args.steps < 1:
-        print("paramserve worker: need --workers >= 1, 0 <= --rank < --workers, --steps >= 1",
-              file=sys.stderr)  # fmt: skip
-        return 2
-    logging.basicConfig(level=logging.WARNING)
+def _describe_or_none(client: Client) -> ModelDescription | None:
+    try:
+        return client.describe()
+    except NotFoundError:
+        return None
+
+
+def _check_demo_model(
+    description: ModelDescription, named: dict[str, np.ndarray], args: argparse.Namespace
+) -> None:
+    """Stop unless the server's model is the demo's MLP; say so when its optimizer is not
+    the one asked for (the model's own is used)."""
+    theirs = [(v.name, tuple(v.shape)) for v in description.variables]
+    ours = [(name, value.shape) for name, value in named.items()]
+    if theirs != ours:
+        raise _WorkerStop(
+            f"the model on {args.address} is not the demo's MLP (its variables: "
+            f"{', '.join(f'{n}{list(s)}' for n, s in theirs)}); paramserve worker trains only "
+            "the model it creates itself"
+        )
+    used = str(description.optimizer.get("class_name", ""))
+    if used and used.lower() != args.optimizer.lower():
+        print(f"note: the model trains with {used}, not --optimizer {args.optimizer}: the "
+              "optimizer is chosen by whoever creates the model", flush=True)  # fmt: skip
+
+
+def _no_model_message(args: argparse.Namespace, waited: bool) -> str:
+    state = f"still has no model after {args.wait_for_model_s:g} s" if waited else "has no model"
+    return (
+        f"the server at {args.address} {state}, and this worker's token may not create one: "
+        "creating the model is admin-only. Create it first with an admin token, for example "
+        "`paramserve worker --steps 0 --token-file <admin token file>` (same --seed, "
+        "--optimizer, --lr), then start the workers; or pass --wait-for-model-s SECONDS to "
+        "wait for it"
+    )
+
+
+def _unreachable_message(args: argparse.Namespace, exc: ParamServeError) -> str:
+    if args.tls_ca is None and args.tls_cert is None:
+        hint = (
+            "this worker talks plaintext: a server started with --tls-cert needs --tls-ca "
+            "(and --tls-cert/--tls-key when it has --tls-client-ca)"
+        )
+    else:
+        hint = (
+            "check that --tls-ca is the CA that signed the server's certificate, that the "
+            "host in --address is named in that certificate, and --tls-cert/--tls-key if the "
+            "server requires client certificates"
+        )
+    return f"no answer from a server at {args.address} ({exc}); is it running there? {hint}"
+
+
+def _join_model(client: Client, named: dict[str, np.ndarray], args: argparse.Namespace,
+                worker_id: str) -> None:  # fmt: skip
+    """Make sure the demo's model is on the server before training.
+
+    A model that exists is only checked (``Describe`` is a worker call). Without one this
+    worker creates it (idempotent: of several workers racing, one creates it, the others find
+    it); if its token may not (a worker token: ``CreateModel`` is admin-only) it waits up to
+    ``--wait-for-model-s`` for an admin to create it, then stops with a message.
+    """
+    waiting_since = None
+    while True:
+        description = _describe_or_none(client)
+        if description is not None:
+            _check_demo_model(description, named, args)
+            print(f"{worker_id}: model already there on {args.address}", flush=True)
+            return
+        if waiting_since is None:
+            try:
+                with warnings.catch_warnings():
+                    # Another worker created it with other weights: they are pulled next.
+                    warnings.filterwarnings("ignore", message="The model .* already exists")
+                    config = _optimizer_config(args.optimizer, args.lr)
+                    created = client.create_model(named, config).created
+            except AlreadyExistsError as exc:
+                raise _WorkerStop(
+                    f"the model on {args.address} was created with another definition "
+                    f"({exc.message}); give every worker the same --seed, --optimizer and --lr"
+                ) from None
+            except PermissionDeniedError:
+                if args.wait_for_model_s <= 0:
+                    raise _WorkerStop(_no_model_message(args, waited=False)) from None
+                print(f"{worker_id}: no model on {args.address} yet, and this worker's token "
+                      f"may not create it; waiting up to {args.wait_for_model_s:g} s for an "
+                      "admin to create it", flush=True)  # fmt: skip
+                waiting_since = time.monotonic()
+                continue
+            print(f"{worker_id}: model {'created' if created else 'already there'} on "
+                  f"{args.address}", flush=True)  # fmt: skip
+            return
+        left = waiting_since + args.wait_for_model_s - time.monotonic()
+        if left <= 0:
+            raise _WorkerStop(_no_model_message(args, waited=True))
+        time.sleep(min(MODEL_POLL_S, left))
+
+
+def _train_worker(args: argparse.Namespace, security: dict[str, Any]) -> None:
     x, labels = spirals(args.seed)
     data = (x[args.rank :: args.workers], labels[args.rank :: args.workers])
     named = init_params(args.seed)
     params = list(named.values())
     worker_id = f"demo-worker-{args.rank}"
-    with Client(args.address, worker_id=worker_id, timeout_s=args.timeout_s) as client:
-        config = _optimizer_config(args.optimizer, args.lr)
-        created = client.create_model(named, config).created
-        print(f"{worker_id}: model {'created' if created else 'already there'} on "
-              f"{args.address}", flush=True)  # fmt: skip
+    with Client(args.address, worker_id=worker_id, timeout_s=args.timeout_s, **security) as client:
+        try:
+            _join_model(client, named, args, worker_id)
+        except (UnavailableError, DeadlineExceededError) as exc:  # the first call failed
+            raise _WorkerStop(_unreachable_message(args, exc)) from None
         optimizer = RemoteOptimizer(client)
         optimizer.pull(named)  # paired by name; train from the server's weights
         losses: list[float] = []
@@ -451,6 +621,42 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
         version, loss, accuracy = _evaluate(client, x, labels)
     print(f"{worker_id}: done after {args.steps} steps at version {version}: full-data loss "
           f"{loss:.4f}, accuracy {accuracy:.1%}", flush=True)  # fmt: skip
+
+
+def worker_main(argv: Sequence[str] | None = None) -> int:
+    """Run one demo worker against ``--address``; exit status 0 after ``--steps`` steps,
+    1 when the server refuses or cannot be reached, 2 for bad flags or credential files."""
+    args = build_worker_parser().parse_args(argv)
+    if (
+        args.workers < 1
+        or not 0 <= args.rank < args.workers
+        or args.steps < 0
+        or args.log_every < 1
+        or args.wait_for_model_s < 0
+        or args.timeout_s <= 0
+    ):
+        print("paramserve worker: need --workers >= 1, 0 <= --rank < --workers, --steps >= 0, "
+              "--log-every >= 1, --wait-for-model-s >= 0, --timeout-s > 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        security = client_security(args)
+    except SecurityConfigError as exc:
+        print(f"paramserve worker: {exc}", file=sys.stderr)
+        return 2
+    try:
+        _train_worker(args, security)
+    except _WorkerStop as exc:
+        print(f"paramserve worker: {exc}", file=sys.stderr)
+        return 1
+    except ParamServeError as exc:
+        # The SDK's errors carry the gRPC code and the server's message: no traceback.
+        print(f"paramserve worker: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # an unreadable TLS file
+        print(f"paramserve worker: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

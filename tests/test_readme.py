@@ -17,7 +17,7 @@ from paramserve.server.config import ServerConfig
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-WORKER = next(b for b in BLOCKS if "worker_id=f\"worker-{rank}\"" in b)
+WORKER = next(b for b in BLOCKS if 'worker_id=f"worker-{rank}"' in b)
 
 
 KERAS_REMOTE = next(b for b in BLOCKS if "from paramserve.client.keras import" in b)

@@ -6,7 +6,8 @@ copy of ``examples/``, with two substitutions only: ``.venv/bin/`` becomes the f
 test's interpreter, and port 50051 a free port. The install line is skipped (this interpreter
 is the installed paramserve). A line ending in ``&`` is started as a process (a ``serve`` line
 is waited for until it listens) and stopped with SIGTERM at the end; every other line must
-exit 0. Also: every link in README.md and docs/*.md points at a file of the repository, and
+exit 0. The secured tour runs twice: as written, and with the additions its text gives for
+mutual TLS. Also: every link in README.md and docs/*.md points at a file of the repository, and
 every ``#anchor`` at a heading of its file.
 """
 
@@ -159,9 +160,35 @@ def test_quick_start_runs_as_written(session: Session) -> None:
     assert session.stop() == [0]
 
 
+def with_mutual_tls(line: str) -> str:
+    """The line as the text after the secured block says for mutual TLS."""
+    if line.endswith("&") and "paramserve serve" in line:
+        return line[:-1].rstrip() + " --tls-client-ca ca.pem &"
+    if "examples/worker.py" in line or "paramserve status" in line:
+        return line + " --tls-cert client.pem --tls-key client.key"
+    return line
+
+
+def refused(session: Session, line: str) -> str:
+    """The stderr of ``line``, which must exit 1 (a refused admin command)."""
+    out = subprocess.run(
+        ["bash", "-c", adapt(line, session.port)],
+        cwd=session.cwd,
+        env=session.env,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert out.returncode == 1, f"`{line}` exited {out.returncode}:\n{out.stdout}{out.stderr}"
+    return out.stderr
+
+
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="the secured tour needs openssl")
-def test_secured_tour_runs_as_written(session: Session) -> None:
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mutual-tls"])
+def test_secured_tour_runs_as_written(session: Session, mutual: bool) -> None:
     lines = readme_block("quickstart-secured")
+    if mutual:
+        lines = [with_mutual_tls(line) for line in lines]
     session.run_all(lines)
     assert "the model is on the server" in session.output_of(
         "examples/worker.py", "--token-file admin.token"
@@ -169,28 +196,14 @@ def test_secured_tour_runs_as_written(session: Session) -> None:
     version = last_version(session.output_of("examples/worker.py", "--token-file worker.token"))
     status = json.loads(session.output_of("paramserve status"))
     assert status["has_model"] and status["version"] == version > 0
+    snapshot = ".venv/bin/paramserve snapshot --address 127.0.0.1:50051 --tls-ca ca.pem"
+    if mutual:
+        # Without a client certificate the connection itself is refused.
+        assert "UNAVAILABLE" in refused(session, snapshot + " --token-file admin.token")
+        snapshot += " --tls-cert client.pem --tls-key client.key"
     # What the text after the block says: a worker token may not snapshot, nor may no token.
-    for flags, code in [
-        ("--token-file worker.token", "PERMISSION_DENIED"),
-        ("", "UNAUTHENTICATED"),
-    ]:
-        out = subprocess.run(
-            [
-                "bash",
-                "-c",
-                adapt(
-                    f".venv/bin/paramserve snapshot --address 127.0.0.1:50051 "
-                    f"--tls-ca ca.pem {flags}",
-                    session.port,
-                ),
-            ],
-            cwd=session.cwd,
-            env=session.env,
-            capture_output=True,
-            text=True,
-            timeout=RUN_TIMEOUT_S,
-        )
-        assert out.returncode == 1 and code in out.stderr, out.stderr
+    assert "PERMISSION_DENIED" in refused(session, snapshot + " --token-file worker.token")
+    assert "UNAUTHENTICATED" in refused(session, snapshot)
     assert session.stop() == [0]
 
 

@@ -33,7 +33,7 @@ from paramserve.v1 import tensor_pb2 as tpb
 from tests.support.models.tiny import grads_for, initial_variables
 from tests.support.wire import TIMEOUT_S, push_requests
 
-# The documented reasons and their status codes (README "Errors"): the contract pinned here.
+# The documented reasons and their status codes (docs/errors.md): the contract pinned here.
 CATALOGUE = {
     "INVALID_ARGUMENT": "INVALID_ARGUMENT",
     "MALFORMED_TENSOR": "INVALID_ARGUMENT",

@@ -1,5 +1,5 @@
-"""The README's Python examples run as written, each in a fresh interpreter; the worker
-example trains against a real sync server from two processes."""
+"""The README's Python examples run as written, each in a fresh interpreter; the tour's
+worker, examples/worker.py, trains against a real sync server from two processes."""
 
 from __future__ import annotations
 
@@ -15,11 +15,10 @@ from paramserve.client import Client
 from paramserve.server.app import create_server
 from paramserve.server.config import ServerConfig
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-WORKER = next(b for b in BLOCKS if 'worker_id=f"worker-{rank}"' in b)
-
-
+WORKER = REPO / "examples" / "worker.py"
 KERAS_REMOTE = next(b for b in BLOCKS if "from paramserve.client.keras import" in b)
 
 
@@ -63,11 +62,15 @@ def test_readme_worker_trains_against_a_server(tmp_path: Path) -> None:
         )
     )
     try:
-        script = tmp_path / "worker.py"
-        script.write_text(WORKER.replace("127.0.0.1:50051", server.address))
         procs = [
             subprocess.Popen(
-                [sys.executable, str(script), str(rank), "120"],
+                [
+                    sys.executable,
+                    str(WORKER),
+                    *("--address", server.address, "--worker-id", f"worker-{rank}"),
+                    *("--seed", str(rank), "--steps", "120", "--log-every", "100"),
+                ],
+                cwd=tmp_path,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 text=True,
@@ -78,7 +81,7 @@ def test_readme_worker_trains_against_a_server(tmp_path: Path) -> None:
         for p, (out, err) in zip(procs, outputs, strict=True):
             assert p.returncode == 0, err
             losses = [float(line.split()[-1]) for line in out.splitlines()]
-            assert len(losses) == 2 and losses[-1] < losses[0]
+            assert len(losses) == 3 and losses[-1] < losses[0]  # steps 0, 100 and 119
         with Client(server.address, timeout_s=10) as admin:
             status = admin.status()
         assert status.version == 120 and status.rounds_completed == 120

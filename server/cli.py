@@ -185,7 +185,9 @@ def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) 
     sec.add_argument(
         "--tls-cert", type=Path, metavar="PEM", help="server certificate chain (default: no TLS)"
     )
-    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    sec.add_argument(
+        "--tls-key", type=Path, metavar="PEM", help="server private key (default: none)"
+    )
     sec.add_argument(
         "--tls-client-ca",
         type=Path,
@@ -314,8 +316,8 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
         "--token-file",
         type=Path,
         metavar="FILE",
-        help="file holding a bearer token: a worker token may read the status, snapshot and "
-        "restore need an admin token (default: $PARAMSERVE_TOKEN)",
+        help="file holding a bearer token (default: $PARAMSERVE_TOKEN); status takes a "
+        "worker's or an admin's, snapshot, snapshots and restore need an admin's",
     )
     _add_logging_flags(p)
     return p

@@ -1,5 +1,7 @@
 """paramserve.client: the SDK workers and admins use to talk to a paramserve daemon."""
 
+from typing import TYPE_CHECKING, Any
+
 from paramserve.wire import DEFAULT_ADDRESS, SparseRows
 
 from .client import Client, default_worker_id
@@ -19,7 +21,6 @@ from .errors import (
     UnauthenticatedError,
     UnavailableError,
 )
-from .remote import RemoteOptimizer
 from .results import (
     AggregationInfo,
     CreateModelResult,
@@ -31,6 +32,9 @@ from .results import (
     TensorSpec,
     WorkerStatus,
 )
+
+if TYPE_CHECKING:
+    from .remote import RemoteOptimizer
 
 __all__ = [
     "DEFAULT_ADDRESS",
@@ -62,3 +66,16 @@ __all__ = [
     "WorkerStatus",
     "default_worker_id",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``RemoteOptimizer`` on first use: it loads optim_core, which admin commands never need."""
+    if name == "RemoteOptimizer":
+        from .remote import RemoteOptimizer
+
+        return RemoteOptimizer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), "RemoteOptimizer"])

@@ -41,12 +41,11 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
 
-from paramserve import optim_core
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
@@ -84,6 +83,9 @@ from .streams import (
 )
 from .transfer import progress_bar, upload_requests, write_download
 
+if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the optimizers
+    from paramserve import optim_core
+
 R = TypeVar("R")
 
 
@@ -118,6 +120,8 @@ def optimizer_json(
         return ""
     if isinstance(optimizer, dict):
         return json.dumps(optimizer, default=json_default)
+    from paramserve import optim_core
+
     if isinstance(optimizer, str | optim_core.Optimizer):
         instance = optim_core.get(optimizer)
         paths_by_id = {id(_array_of(v)): name for name, v in (variables or {}).items()}
@@ -143,6 +147,8 @@ def _snapshot_id(snapshot: str | SnapshotInfo) -> str:
 
 
 def _array_of(value: Any) -> Any:
+    from paramserve import optim_core
+
     return value.value if isinstance(value, optim_core.Variable) else value
 
 
@@ -374,6 +380,8 @@ class Client:
         named by their ``path``) and an optimizer (name, Keras config dict, optim_core
         instance, or None for the server's default). Idempotent for the same definition."""
         if not isinstance(variables, Mapping):
+            from paramserve import optim_core
+
             if not all(isinstance(v, optim_core.Variable) for v in variables):
                 raise TypeError("variables must be a {name: array} dict or a list of Variables")
             variables = {v.path: v for v in variables}

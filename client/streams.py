@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.optim_core import IndexedSlices, Variable, to_numpy
 from paramserve.v1 import tensor_pb2 as tpb
 from paramserve.wire import (
     END_ITEM,
@@ -39,6 +38,8 @@ ShapeLookup = Callable[[str], Sequence[int]]
 
 def as_host_array(value: Any) -> np.ndarray:
     """A NumPy view of an array-like (a host copy for CuPy arrays and Variables on GPU)."""
+    from paramserve.optim_core import Variable, to_numpy  # here: admin commands never need it
+
     if isinstance(value, Variable):
         value = value.value
     return np.asarray(to_numpy(value))
@@ -46,6 +47,8 @@ def as_host_array(value: Any) -> np.ndarray:
 
 def as_wire_value(value: Any) -> TensorValue:
     """Dense arrays stay arrays; ``(indices, values)`` tuples and IndexedSlices become rows."""
+    from paramserve.optim_core import IndexedSlices
+
     if isinstance(value, SparseRows | IndexedSlices):
         indices, values = value.indices, value.values
     elif isinstance(value, tuple):

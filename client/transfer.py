@@ -9,8 +9,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 
@@ -25,6 +23,8 @@ def progress_bar(total_bytes: int, description: str, progress: bool | None) -> A
 
     ``progress=None`` (auto) shows it only for transfers over 32 MiB on a terminal.
     """
+    from tqdm import tqdm  # only transfers show a bar
+
     if progress is None:
         progress = total_bytes > PROGRESS_MIN_BYTES and sys.stderr.isatty()
     return tqdm(

@@ -10,10 +10,12 @@ one until SIGTERM or SIGINT, then shuts down in order: health NOT_SERVING, new p
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 from concurrent import futures
@@ -168,16 +170,67 @@ class RunningServer:
                 logger.exception("periodic snapshot failed", extra={"event": "snapshot_failed"})
 
 
+def address_in_use(host: str, port: int) -> bool:
+    """Whether another socket holds ``host:port`` (a trial bind, as gRPC binds: SO_REUSEADDR,
+    no SO_REUSEPORT); False for port 0 or when the host does not resolve."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except OSError:
+        return False
+    for family, kind, proto, _name, sockaddr in infos:
+        try:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(sockaddr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+    return False
+
+
+def port_in_use_error(what: str, address: str, hint: str) -> OSError:
+    """The OSError a daemon fails with when ``address`` is taken: what, where, and ``hint``
+    (the flag that picks another port)."""
+    error = OSError(
+        f"cannot listen for {what} on {address}: address already in use by another process; {hint}"
+    )
+    error.errno = errno.EADDRINUSE
+    return error
+
+
+_PORT_HINT = "choose another port with --port (--port 0 picks a free one)"
+_METRICS_PORT_HINT = "choose another port with --metrics-port"
+
+
 def _bind(
-    server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None = None
+    server: grpc.Server,
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials | None = None,
 ) -> int:
-    """Listen on ``address`` (TLS with ``credentials``); OSError when the port is taken."""
+    """Listen on the configured address (TLS with ``credentials``); OSError when the host does
+    not resolve or the port is taken (checked first: gRPC itself only logs why a bind failed)."""
+    address = config.address
+    try:
+        socket.getaddrinfo(config.host.strip("[]"), None, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise OSError(
+            f"cannot listen on {address}: the host {config.host!r} does not resolve "
+            f"({exc.strerror}); set --host to an address of this machine"
+        ) from None
+    if address_in_use(config.host, config.port):
+        raise port_in_use_error("gRPC", address, _PORT_HINT)
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
+        if address_in_use(config.host, config.port):  # taken since the check
+            raise port_in_use_error("gRPC", address, _PORT_HINT) from None
         raise OSError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
         raise OSError(f"cannot listen on {address}")
@@ -249,11 +302,17 @@ def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> Ru
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME), server)  # v1 and v1alpha
     try:
-        port = _bind(server, config.address, credentials)
+        port = _bind(server, config, credentials)
         _warn_if_exposed(config, tls=credentials is not None, tokens=tokens.enabled)
         metrics_port = None
         if config.metrics_port:
-            metrics_port = metrics.serve_http(host=config.host, port=config.metrics_port)
+            try:
+                metrics_port = metrics.serve_http(host=config.host, port=config.metrics_port)
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                where = format_address(config.host, config.metrics_port)
+                raise port_in_use_error("/metrics", where, _METRICS_PORT_HINT) from None
         server.start()
     except BaseException:
         server.stop(None)

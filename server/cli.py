@@ -17,22 +17,18 @@ import sys
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from paramserve.optim_core import DEVICES
 from paramserve.wire import DEFAULT_ADDRESS
 
-from .aggregation import DEADLINE_POLICIES, MODES, REDUCTIONS
-from .config import (
-    LOG_FORMATS,
-    LOG_LEVELS,
-    ConfigError,
-    ServerConfig,
-    load_config,
-    parse_bytes,
-)
 from .errors import StartupRefused
-from .gradients import NONFINITE_POLICIES
+from .settings import LOG_FORMATS, LOG_LEVELS, ConfigError
+
+if TYPE_CHECKING:
+    from .config import ServerConfig
+
+# The admin commands (status, snapshot, ...) and --help import only the SDK: the daemon's
+# modules (optim_core, numba, ml_dtypes, prometheus_client, ...) are imported by `serve`.
 
 logger = logging.getLogger(__name__)
 
@@ -106,96 +102,213 @@ def configure_logging(*, level: str = "info", log_format: str = "text") -> None:
 
 
 def _bytes_arg(text: str) -> int:
+    from .config import parse_bytes
+
     try:
         return parse_bytes(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_serve_parser(sub: argparse._SubParsersAction) -> None:
+_BINARY_UNITS = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+
+
+def _shown_default(name: str) -> str:
+    """A setting's declared default as ``--help`` shows it (64MiB, 10, on, ...)."""
+    from .config import default_value
+
+    value = default_value(name)
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name.endswith("_bytes"):
+        for unit, size in _BINARY_UNITS:
+            if value % size == 0:
+                return f"{value // size}{unit}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _with_default(text: str, name: str) -> str:
+    return f"{text} (default: {_shown_default(name)})"
+
+
+SERVE_HELP = "run the parameter server until SIGTERM/SIGINT"
+SUBCOMMANDS = {
+    "serve": SERVE_HELP,
+    "status": "print a server's status (version, rounds, workers) as JSON",
+    "snapshot": "take a snapshot on the server's disk and print it as JSON",
+    "snapshots": "list the server's snapshots as JSON, oldest first",
+    "restore": "validate a snapshot, restore it, and print the version the model is back at",
+    "demo": "run the end-to-end demo: a server and workers (see `paramserve demo --help`)",
+    "worker": "run one demo worker against a running server (see `paramserve worker --help`)",
+}
+
+
+def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) -> None:
+    """The ``serve`` subcommand; with ``options`` False only its name and description (enough
+    for ``paramserve --help`` and admin commands, which then skip the daemon's imports)."""
     # No abbreviations: `--token SECRET` must not pass for `--tokens-file`.
-    p = sub.add_parser(
-        "serve", help="run the parameter server until SIGTERM/SIGINT", allow_abbrev=False
+    p = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP + ".", allow_abbrev=False)
+    if not options:
+        return
+    from paramserve.optim_core import DEVICES
+
+    from .aggregation import DEADLINE_POLICIES, MODES, REDUCTIONS
+    from .gradients import NONFINITE_POLICIES
+
+    d = _with_default
+    p.epilog = (
+        "Each setting also comes from $PARAMSERVE_<NAME> (e.g. PARAMSERVE_MODE=sync) or the "
+        "TOML file; flags win over the environment, which wins over the file."
     )
     p.add_argument("--config", metavar="TOML", help="TOML file (also $PARAMSERVE_CONFIG)")
     net = p.add_argument_group("network")
-    net.add_argument("--host", help="address to listen on (default 127.0.0.1, loopback only)")
-    net.add_argument("--port", type=int, help="port to listen on; 0 picks one (default 50051)")
-    net.add_argument("--metrics-port", type=int, help="Prometheus /metrics port; 0 = off")
-    net.add_argument("--grace-s", type=float, help="seconds in-flight calls get at shutdown")
-    net.add_argument("--max-workers", type=int, help="RPC threads (sync rounds hold one each)")
+    net.add_argument("--host", help=d("address to listen on; 127.0.0.1 is loopback only", "host"))
+    net.add_argument("--port", type=int, help=d("port to listen on; 0 picks a free one", "port"))
+    net.add_argument(
+        "--metrics-port", type=int, help=d("Prometheus /metrics port; 0 = off", "metrics_port")
+    )
+    net.add_argument(
+        "--grace-s", type=float, help=d("seconds in-flight calls get at shutdown", "grace_s")
+    )
+    net.add_argument(
+        "--max-workers",
+        type=int,
+        help=d("RPC threads (sync rounds hold one per waiting worker)", "max_workers"),
+    )
     sec = p.add_argument_group(
         "security (tokens: --tokens-file or $PARAMSERVE_ADMIN_TOKEN/$PARAMSERVE_WORKER_TOKEN)"
     )
-    sec.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
-    sec.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
     sec.add_argument(
-        "--tls-client-ca", type=Path, metavar="PEM", help="require client certificates (mTLS)"
+        "--tls-cert", type=Path, metavar="PEM", help="server certificate chain (default: no TLS)"
     )
     sec.add_argument(
-        "--tokens-file", type=Path, metavar="FILE", help="TOML/JSON {admin=[..], worker=[..]}"
+        "--tls-key", type=Path, metavar="PEM", help="server private key (default: none)"
+    )
+    sec.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates this CA signed (mutual TLS; default: off)",
+    )
+    sec.add_argument(
+        "--tokens-file",
+        type=Path,
+        metavar="FILE",
+        help="TOML/JSON {admin=[..], worker=[..]} (default: none; no token at all turns "
+        "authentication off)",
     )
     train = p.add_argument_group("training")
-    train.add_argument("--optimizer", help="default optimizer: a name or Keras JSON config")
-    train.add_argument("--device", choices=DEVICES)
-    train.add_argument("--mode", choices=MODES, help="aggregation mode")
-    train.add_argument("--replicas", type=int, help="workers per synchronous round")
-    train.add_argument("--reduction", choices=REDUCTIONS)
+    train.add_argument(
+        "--optimizer",
+        help=d("optimizer when a model is created without one: a name or Keras JSON", "optimizer"),
+    )
+    train.add_argument(
+        "--device",
+        choices=DEVICES,
+        help=d("where the model lives (auto: a GPU if usable)", "device"),
+    )
+    train.add_argument("--mode", choices=MODES, help=d("aggregation mode", "mode"))
+    train.add_argument("--replicas", type=int, help=d("workers per synchronous round", "replicas"))
+    train.add_argument(
+        "--reduction", choices=REDUCTIONS, help=d("how a round combines gradients", "reduction")
+    )
     train.add_argument(
         "--round-timeout-s",
         "--round-deadline-s",
         dest="round_timeout_s",
         type=float,
-        help="seconds a round (or a stale-mode wait) may take",
+        help=d("seconds a round (or a stale-mode wait) may take", "round_timeout_s"),
     )
-    train.add_argument("--deadline-policy", choices=DEADLINE_POLICIES)
-    train.add_argument("--max-staleness", type=int, help="stale mode: pushes ahead of slowest")
-    train.add_argument("--nonfinite", choices=NONFINITE_POLICIES, help="NaN/Inf gradients")
+    train.add_argument(
+        "--deadline-policy",
+        choices=DEADLINE_POLICIES,
+        help=d("a round past its deadline: apply what arrived, or abort it", "deadline_policy"),
+    )
+    train.add_argument(
+        "--max-staleness",
+        type=int,
+        help=d("stale mode: pushes a worker may run ahead of the slowest", "max_staleness"),
+    )
+    train.add_argument(
+        "--nonfinite",
+        choices=NONFINITE_POLICIES,
+        help=d("what a gradient with NaN/Inf gets", "nonfinite"),
+    )
     snap = p.add_argument_group("snapshots")
-    snap.add_argument("--checkpoint-dir", type=Path, help="enables snapshots, stored here")
-    snap.add_argument("--snapshot-every-s", type=float, help="periodic snapshots; 0 = off")
-    snap.add_argument("--keep-snapshots", type=int, help="keep only the newest N")
+    snap.add_argument(
+        "--checkpoint-dir",
+        type=Path,
+        help="enables snapshots, stored here (default: none, snapshots off)",
+    )
+    snap.add_argument(
+        "--snapshot-every-s",
+        type=float,
+        help=d("seconds between periodic snapshots; 0 = off", "snapshot_every_s"),
+    )
+    snap.add_argument(
+        "--keep-snapshots", type=int, help="keep only the newest N (default: keep all)"
+    )
     snap.add_argument(
         "--snapshot-on-exit",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="final snapshot at shutdown (default on)",
+        help=d("final snapshot at shutdown", "snapshot_on_exit"),
     )
     snap.add_argument(
         "--resume",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="restore the newest valid snapshot at start",
+        help=d("restore the newest valid snapshot at start", "resume"),
     )
     snap.add_argument(
         "--push-log",
         type=Path,
         metavar="PATH",
-        help="append a JSON line per applied push, in apply order (audit, replay)",
+        help="append a JSON line per applied push, in apply order (audit, replay; default: off)",
     )
     lim = p.add_argument_group("limits (byte sizes accept 64MiB, 8GiB, ...)")
-    for name in ("max_message_bytes", "max_tensor_bytes", "max_request_bytes", "max_state_bytes"):
-        lim.add_argument("--" + name.replace("_", "-"), type=_bytes_arg, metavar="BYTES")
-    lim.add_argument("--max-variables", type=int)
-    lim.add_argument("--max-concurrent-streams", type=int)
-    _add_logging_flags(p)
+    limit_help = {
+        "max_message_bytes": "one gRPC message",
+        "max_tensor_bytes": "one tensor's payload",
+        "max_request_bytes": "all tensors of one request",
+        "max_state_bytes": "variables plus optimizer state (and uploaded snapshots)",
+        "max_variables": "variables of a model, tensors in one request",
+        "max_concurrent_streams": "calls in flight on the whole server",
+    }
+    for name, text in limit_help.items():
+        flag = "--" + name.replace("_", "-")
+        if name.endswith("_bytes"):
+            lim.add_argument(flag, type=_bytes_arg, metavar="BYTES", help=d(text, name))
+        else:
+            lim.add_argument(flag, type=int, help=d(text, name))
+    _add_logging_flags(p, serve=True)
 
 
-def _add_logging_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--log-level", choices=LOG_LEVELS)
-    p.add_argument("--log-format", choices=LOG_FORMATS)
+def _add_logging_flags(p: argparse.ArgumentParser, *, serve: bool = False) -> None:
+    level = _shown_default("log_level") if serve else "warning"
+    log_format = _shown_default("log_format") if serve else "text"
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, help=f"log events from this level (default: {level})"
+    )
+    p.add_argument(
+        "--log-format", choices=LOG_FORMATS, help=f"one line per event (default: {log_format})"
+    )
 
 
-def _add_admin_parser(
-    sub: argparse._SubParsersAction, name: str, help_text: str
-) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text)
+def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=SUBCOMMANDS[name], description=SUBCOMMANDS[name] + ".")
     p.add_argument(
         "--address",
         default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server host:port (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        help=f"server host:port (default: $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
-    p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of the call")
+    p.add_argument(
+        "--timeout-s", type=float, default=60.0, help="deadline of the call (default: 60)"
+    )
     p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's cert")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="client key (mTLS)")
@@ -203,26 +316,28 @@ def _add_admin_parser(
         "--token-file",
         type=Path,
         metavar="FILE",
-        help="file holding an admin token (default: $PARAMSERVE_TOKEN)",
+        help="file holding a bearer token (default: $PARAMSERVE_TOKEN); status takes a "
+        "worker's or an admin's, snapshot, snapshots and restore need an admin's",
     )
     _add_logging_flags(p)
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
+    """The ``paramserve`` command line; ``serve_options=False`` leaves out ``serve``'s flags
+    (and the daemon modules their choices and defaults come from)."""
     parser = argparse.ArgumentParser(
         prog="paramserve", description="paramserve: a parameter server for ML training"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_serve_parser(sub)
-    _add_admin_parser(sub, "status", "print a server's status as JSON")
-    _add_admin_parser(sub, "snapshot", "take a snapshot on the server's disk")
-    _add_admin_parser(sub, "snapshots", "list the server's snapshots")
-    restore = _add_admin_parser(sub, "restore", "validate and restore a snapshot")
-    restore.add_argument("snapshot_id", metavar="ID")
+    _add_serve_parser(sub, options=serve_options)
+    for name in ("status", "snapshot", "snapshots"):
+        _add_admin_parser(sub, name)
+    restore = _add_admin_parser(sub, "restore")
+    restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
     # Listed for --help only: main() hands `demo ...` to the demo's own parser.
-    sub.add_parser("demo", help="run the end-to-end demo (see `paramserve demo --help`)")
-    sub.add_parser("worker", help="run one demo worker against a server (see --help)")
+    for name in ("demo", "worker"):
+        sub.add_parser(name, help=SUBCOMMANDS[name], description=SUBCOMMANDS[name] + ".")
     return parser
 
 
@@ -252,14 +367,16 @@ def config_from_args(
     args: argparse.Namespace, *, env: Mapping[str, str] | None = None
 ) -> ServerConfig:
     """The ServerConfig of a parsed ``serve`` command line (flags over env over TOML)."""
+    from .config import load_config
+
     overrides = {k: v for k, v in vars(args).items() if k not in _SERVE_NON_CONFIG}
     return load_config(config_file=args.config, env=env, overrides=overrides)
 
 
 def _run_serve(args: argparse.Namespace) -> int:
+    config = config_from_args(args)  # every setting is checked before anything starts
     from .app import serve
 
-    config = config_from_args(args)
     configure_logging(level=config.log_level, log_format=config.log_format)
     return serve(config)
 
@@ -291,11 +408,28 @@ def _run_admin(args: argparse.Namespace) -> int:
         else:
             result = client.restore(args.snapshot_id)
     print(json.dumps(_jsonable(result), indent=2))
+    if args.command == "restore":
+        # The JSON above is for scripts; this says what happened.
+        print(
+            f"restored snapshot {result.id}: the model is back at version {result.version}",
+            file=sys.stderr,
+        )
     return 0
 
 
+def _is_sdk_error(exc: BaseException) -> bool:
+    """An SDK error: it carries the gRPC code and the server's message (or the SDK's)."""
+    from paramserve.client import ParamServeError
+
+    return isinstance(exc, ParamServeError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``paramserve`` console script; returns the exit status."""
+    """Entry point of the ``paramserve`` console script; returns the exit status.
+
+    Errors are one line on stderr, no traceback: 2 for a setting or flag that is refused,
+    1 for anything else (unreachable server, port taken, a call the server refused).
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         # The demo parses its own flags; argparse's REMAINDER would refuse leading --flags.
@@ -306,20 +440,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .demo import worker_main
 
         return worker_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    # Only `serve` needs its flags' choices and defaults, which import the daemon's modules.
+    args = build_parser(serve_options=argv[:1] == ["serve"]).parse_args(argv)
+    prefix = f"paramserve {args.command}"
     try:
         if args.command == "serve":
             return _run_serve(args)
         return _run_admin(args)
     except ConfigError as exc:
-        print(f"paramserve: configuration error: {exc}", file=sys.stderr)
+        print(f"{prefix}: configuration error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
-        if args.command != "serve" and hasattr(exc, "code"):
-            # SDK errors carry the gRPC code and the server's message: no traceback.
-            print(f"paramserve {args.command}: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, (OSError, StartupRefused)):  # the port or directory is taken
-            print(f"paramserve {args.command}: {exc}", file=sys.stderr)
-            return 1
-        raise
+        if args.command == "serve" and not isinstance(exc, (OSError, StartupRefused)):
+            raise  # a bug in the daemon: the traceback is what helps
+        if args.command != "serve" and not _is_sdk_error(exc):
+            logger.debug("%s failed", args.command, exc_info=True)  # --log-level debug
+        # The port or directory is taken, the server is unreachable or refused the call, a
+        # file cannot be read: the message says which.
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        return 1

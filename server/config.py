@@ -31,7 +31,8 @@ from paramserve.wire import DEFAULT_HOST, DEFAULT_PORT
 from .aggregation import AggregationConfig
 from .gradients import NONFINITE_POLICIES
 from .limits import Limits
-from .settings import ConfigError, check_choice, check_min
+from .model import make_optimizer, parse_optimizer
+from .settings import LOG_FORMATS, LOG_LEVELS, ConfigError, check_choice, check_min
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -41,9 +42,6 @@ else:  # pragma: no cover - exercised on 3.10 only
 __all__ = ["ConfigError", "ServerConfig", "format_address", "load_config", "parse_bytes"]
 
 ENV_PREFIX = "PARAMSERVE_"
-
-LOG_FORMATS = ("text", "json")
-LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 @dataclass(frozen=True)
@@ -125,6 +123,16 @@ class ServerConfig:
             raise ConfigError("`resume` needs a `checkpoint_dir` to resume from")
         if self.snapshot_every_s > 0 and self.checkpoint_dir is None:
             raise ConfigError("`snapshot_every_s` needs a `checkpoint_dir` to write to")
+        if self.keep_snapshots is not None and self.checkpoint_dir is None:
+            raise ConfigError("`keep_snapshots` needs a `checkpoint_dir` to keep them in")
+        replicas = self.aggregation.replicas
+        if self.aggregation.mode == "sync" and replicas > self.max_workers:
+            raise ConfigError(
+                f"`replicas` ({replicas}) must not exceed `max_workers` ({self.max_workers}): "
+                "a synchronous round holds one RPC thread per waiting worker, so it could "
+                f"never fill; raise max_workers to at least {replicas}"
+            )
+        _check_optimizer(self.optimizer)
 
     @property
     def address(self) -> str:
@@ -135,6 +143,14 @@ class ServerConfig:
         """A copy with ``changes`` applied, each setting by its flat name (``mode``,
         ``max_message_bytes``, ``port``, ...), converted as a TOML or environment value is."""
         return _build(self, changes)
+
+
+def _check_optimizer(optimizer: str) -> None:
+    """ConfigError unless optim_core can build ``optimizer`` (a name or a Keras JSON config)."""
+    try:
+        make_optimizer(parse_optimizer(optimizer))
+    except Exception as exc:  # InvalidArgument from the checks, or anything the optimizer raises
+        raise ConfigError(f"`optimizer`: {exc}. Received: optimizer={optimizer!r}") from None
 
 
 def format_address(host: str, port: int) -> str:
@@ -158,6 +174,15 @@ assert len(_FIELDS) == len(_TOP_FIELDS) + len(_SECTION_OF), "a setting name is u
 _LIMIT_FIELDS = frozenset(n for n, s in _SECTION_OF.items() if s == "limits")
 # Every setting's flat name: TOML keys, PARAMSERVE_<NAME> variables, --flags, replace().
 FIELD_NAMES = tuple(_FIELDS)
+
+
+def default_value(name: str) -> Any:
+    """The declared default of a setting, by its flat name (``mode``, ``grace_s``, ...)."""
+    f = _FIELDS[name]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40})

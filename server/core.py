@@ -38,6 +38,7 @@ from .errors import FailedPrecondition, NotFound, Unavailable
 from .hooks import NO_METRICS, CoreMetrics
 from .model import Model, ModelState, parse_optimizer
 from .push_log import PushLog
+from .settings import ConfigError
 from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore, utc_now
 from .store import CreateOutcome, ModelStore
 
@@ -429,13 +430,16 @@ def build_core(config: ServerConfig, metrics: CoreMetrics = NO_METRICS) -> Serve
     With a checkpoint directory it is locked first (StartupRefused if another daemon has
     it) and cleaned of an earlier run's temporary files.
     """
+    try:
+        store = ModelStore(device=config.device, nonfinite=config.nonfinite, limits=config.limits)
+    except RuntimeError as exc:  # --device gpu without a usable GPU
+        raise ConfigError(f"`device`: {exc}") from None
     snapshots = None
     if config.checkpoint_dir is not None:
         snapshots = SnapshotStore(
             config.checkpoint_dir, keep_last=config.keep_snapshots, exclusive=True
         )
     try:
-        store = ModelStore(device=config.device, nonfinite=config.nonfinite, limits=config.limits)
         aggregator = Aggregator(
             store,
             config.aggregation,

@@ -9,7 +9,12 @@ Python.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+# The choices of ServerConfig.log_format and log_level (also the admin commands' flags).
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(ValueError):
@@ -23,14 +28,22 @@ def check_choice(name: str, value: object, choices: Sequence[str]) -> None:
 
 
 def check_min(name: str, value: float, minimum: float, *, integer: bool = False) -> None:
-    """ConfigError unless ``value >= minimum`` (and, with ``integer``, an int)."""
+    """ConfigError unless ``value >= minimum``, finite (and, with ``integer``, an int)."""
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigError(f"`{name}` must be an integer >= {minimum}. Received: {name}={value!r}")
+    _check_finite(name, value)
     if value < minimum:
         raise ConfigError(f"`{name}` must be >= {minimum}. Received: {name}={value}")
 
 
 def check_positive(name: str, value: float) -> None:
-    """ConfigError unless ``value > 0``."""
+    """ConfigError unless ``value > 0`` (and finite)."""
+    _check_finite(name, value)
     if not value > 0:
         raise ConfigError(f"`{name}` must be > 0. Received: {name}={value}")
+
+
+def _check_finite(name: str, value: float) -> None:
+    """ConfigError for NaN and infinities (``--grace-s nan`` parses as a float)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"`{name}` must be a finite number. Received: {name}={value}")

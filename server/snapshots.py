@@ -278,7 +278,17 @@ class SnapshotStore:
         if keep_last is not None and keep_last < 1:
             raise ValueError(f"`keep_last` must be >= 1 or None. Received: {keep_last!r}")
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            if not exclusive:
+                raise
+            # The daemon's --checkpoint-dir: say which setting is wrong, not just errno.
+            why = "it is not a directory" if self.directory.exists() else exc.strerror
+            raise StartupRefused(
+                f"cannot use {self.directory} as the checkpoint directory: {why}; give "
+                "--checkpoint-dir a directory the daemon may create and write in"
+            ) from None
         self.keep_last = keep_last
         self._lock = threading.Lock()
         self._record_lock = threading.Lock()  # a leaf: taken under the model store's lock

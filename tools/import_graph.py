@@ -84,6 +84,7 @@ SERVER_LAYERS: dict[str, str] = {
     "cli": "cli",
     "demo": "cli",
     "healthcheck": "cli",
+    "client_flags": "cli",
 }
 _PACKAGE_LAYERS = {
     "paramserve.v1": "generated",

@@ -15,18 +15,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from paramserve.v1 import tensor_pb2 as tpb
 
 INDEX_DTYPE = np.dtype("<i8")
 
+# bfloat16 joins these tables on first use (load_bfloat16): importing ml_dtypes costs about
+# half a second of CPU, which commands that move no tensors (paramserve status) never pay.
 _DTYPES: dict[int, np.dtype] = {
     tpb.FLOAT32: np.dtype("<f4"),
     tpb.FLOAT64: np.dtype("<f8"),
     tpb.FLOAT16: np.dtype("<f2"),
-    tpb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     tpb.INT32: np.dtype("<i4"),
     tpb.INT64: np.dtype("<i8"),
 }
@@ -34,6 +34,20 @@ _PROTO_BY_NAME = {dt.name: code for code, dt in _DTYPES.items()}
 # Hot-path lookups (``np.dtype.name`` costs microseconds): by dtype object, names by code.
 _PROTO_BY_DTYPE = {dt: code for code, dt in _DTYPES.items()}
 _NAME_BY_PROTO = {code: dt.name for code, dt in _DTYPES.items()}
+
+
+def load_bfloat16() -> np.dtype:
+    """The bfloat16 dtype (ml_dtypes), imported and added to the wire's dtypes on first call;
+    afterwards NumPy also knows the name ``"bfloat16"``."""
+    if tpb.BFLOAT16 not in _DTYPES:
+        import ml_dtypes
+
+        dtype = np.dtype(ml_dtypes.bfloat16)
+        _PROTO_BY_NAME[dtype.name] = tpb.BFLOAT16
+        _PROTO_BY_DTYPE[dtype] = tpb.BFLOAT16
+        _NAME_BY_PROTO[tpb.BFLOAT16] = dtype.name
+        _DTYPES[tpb.BFLOAT16] = dtype  # last: its presence means the others are set
+    return _DTYPES[tpb.BFLOAT16]
 
 
 class WireError(ValueError):
@@ -55,6 +69,7 @@ def dtype_to_proto(dtype: Any) -> int:
     """The wire enum for a NumPy dtype; WireError for unsupported ones."""
     if isinstance(dtype, np.dtype) and dtype in _PROTO_BY_DTYPE:
         return _PROTO_BY_DTYPE[dtype]
+    load_bfloat16()
     name = np.dtype(dtype).name
     if name not in _PROTO_BY_NAME:
         raise WireError(f"dtype {name} cannot travel; supported: {sorted(_PROTO_BY_NAME)}")
@@ -63,6 +78,8 @@ def dtype_to_proto(dtype: Any) -> int:
 
 def dtype_from_proto(code: int) -> np.dtype:
     """The NumPy dtype for a wire enum; WireError for unknown codes."""
+    if code not in _DTYPES:
+        load_bfloat16()
     if code not in _DTYPES:
         raise WireError(f"unknown dtype code {code}; expected one of {sorted(_DTYPES)}")
     return _DTYPES[code]
@@ -76,6 +93,8 @@ def dtype_name(code: int) -> str:
 
 def dtype_from_name(name: str) -> np.dtype:
     """The NumPy dtype for a wire-supported dtype name (``"bfloat16"`` included)."""
+    if name not in _PROTO_BY_NAME:
+        load_bfloat16()
     if name not in _PROTO_BY_NAME:
         raise WireError(f"dtype {name} cannot travel; supported: {sorted(_PROTO_BY_NAME)}")
     return _DTYPES[_PROTO_BY_NAME[name]]

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from paramserve.wire import DEFAULT_ADDRESS
 
+from .client_flags import add_tls_token_flags, client_security
 from .errors import StartupRefused
 from .settings import LOG_FORMATS, LOG_LEVELS, ConfigError
 
@@ -309,16 +310,8 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument(
         "--timeout-s", type=float, default=60.0, help="deadline of the call (default: 60)"
     )
-    p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's cert")
-    p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mTLS)")
-    p.add_argument("--tls-key", type=Path, metavar="PEM", help="client key (mTLS)")
-    p.add_argument(
-        "--token-file",
-        type=Path,
-        metavar="FILE",
-        help="file holding a bearer token (default: $PARAMSERVE_TOKEN); status takes a "
-        "worker's or an admin's, snapshot, snapshots and restore need an admin's",
-    )
+    role = "a worker's or an admin's" if name == "status" else "an admin's"
+    add_tls_token_flags(p, token_role=role)
     _add_logging_flags(p)
     return p
 
@@ -385,20 +378,8 @@ def _run_admin(args: argparse.Namespace) -> int:
     from paramserve.client import Client
 
     configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
-    token = None
-    if args.token_file is not None:
-        from .auth import read_secret_file
-
-        token = read_secret_file(args.token_file).strip()
-    with Client(
-        args.address,
-        timeout_s=args.timeout_s,
-        wait_for_ready=False,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        token=token,
-    ) as client:
+    security = client_security(args)  # a cert without its key, a token file others can read
+    with Client(args.address, timeout_s=args.timeout_s, wait_for_ready=False, **security) as client:
         if args.command == "status":
             result = client.status()
         elif args.command == "snapshot":

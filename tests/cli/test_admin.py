@@ -110,5 +110,6 @@ def test_every_subcommand_has_a_description(capsys) -> None:
 def test_token_file_help_does_not_ask_for_an_admin_token(capsys) -> None:
     text = _help(capsys, "status")
     assert "file holding an admin token" not in text
-    assert "file holding a bearer token (default: $PARAMSERVE_TOKEN)" in text
-    assert "status takes a worker's or an admin's" in text
+    assert "file holding a worker's or an admin's token" in text
+    assert "(default: $PARAMSERVE_TOKEN" in text
+    assert "file holding an admin's token" in _help(capsys, "snapshot")

@@ -74,6 +74,7 @@ from .results import (
 )
 from .streams import (
     as_host_array,
+    cast_gradient,
     check_out_array,
     decode_stream_item,
     named_values,
@@ -182,6 +183,7 @@ class Client:
         tls_key: str | os.PathLike[str] | None = None,
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        strict_dtypes: bool = False,
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
@@ -198,6 +200,12 @@ class Client:
         None with a client certificate: the system's roots), ``tls_cert`` and ``tls_key`` (this
         client's certificate, for mutual TLS) turns on TLS; ``credentials``
         (``grpc.ssl_channel_credentials(...)``) is the escape hatch for anything else.
+
+        Gradient dtypes: :meth:`push` and :meth:`step` cast a floating-point gradient to its
+        variable's floating-point dtype (float64 to float32, ...), as Keras does; with
+        ``strict_dtypes=True`` such a gradient is a TypeError naming the variable and both
+        dtypes instead, before anything is sent. Integer, boolean and complex gradients for
+        a floating-point variable are always refused (TypeError).
         """
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
@@ -214,6 +222,7 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self._wait_for_ready = wait_for_ready
+        self.strict_dtypes = strict_dtypes
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
@@ -357,6 +366,22 @@ class Client:
             raise NotFoundError(f"the model has no variable {name!r}")
         return spec.shape
 
+    def _cast_gradients(self, names: list[str], values: list[Any]) -> list[Any]:
+        """Gradients in their variables' dtypes (see ``strict_dtypes``); checked before
+        anything is sent. Variables the model lacks are left for the server to refuse."""
+        description = self._description
+        if description is None or any(description.spec(n) is None for n in names):
+            try:
+                description = self.describe()
+            except NotFoundError:  # no model yet: the push's own answer says so
+                return values
+        return [
+            cast_gradient(n, v, spec.numpy_dtype, strict=self.strict_dtypes)
+            if (spec := description.spec(n)) is not None
+            else v
+            for n, v in zip(names, values, strict=True)
+        ]
+
     # --- model ------------------------------------------------------------------------------
     def create_model(
         self,
@@ -491,6 +516,7 @@ class Client:
         ``grads`` again (no copy of them is kept), so they must not change until this returns.
         """
         names, values = named_values(grads)
+        values = self._cast_gradients(names, values)
         headers = tensor_headers(names, values, self._variable_shape)
         base = self._base_version if base_version is None else base_version
 
@@ -529,6 +555,7 @@ class Client:
         fit one message (``max_message_bytes``); use :meth:`push` and :meth:`pull` then.
         """
         grad_names, values = named_values(grads)
+        values = self._cast_gradients(grad_names, values)
         headers = tensor_headers(grad_names, values, self._variable_shape)
         pull = self._weights_request(names, rows, min_version=None)
         self._check_step_fits(headers, pull)

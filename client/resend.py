@@ -66,6 +66,9 @@ RESENT_METHODS = frozenset(
 # Details gRPC Python gives a call this process cancelled: never resent.
 SELF_CANCELLED_DETAILS = frozenset({"Locally cancelled by application!", "Channel closed!"})
 
+# What gRPC Python reports when the caller's request iterator raised (a local failure).
+_REQUESTS_RAISED = "Exception iterating requests!"
+
 # A status made by the client's transport when a stream went away without one from the server.
 _STREAM_REMOVED = "Stream removed"
 _RST_STREAM = re.compile(r"Received RST_STREAM with error code (\d+)")
@@ -244,8 +247,9 @@ def call_with_resends(
 
 def _from_a_connection(code: grpc.StatusCode, details: str) -> bool:
     """True when a status shows that a connection to the server was set up: anything but a
-    deadline (it may have passed while connecting) or this process's own cancellation."""
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+    deadline (it may have passed while connecting), a request iterator that raised, or this
+    process's own cancellation."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or details == _REQUESTS_RAISED:
         return False
     return not (code == grpc.StatusCode.CANCELLED and details in SELF_CANCELLED_DETAILS)
 

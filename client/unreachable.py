@@ -85,6 +85,11 @@ def connect_failure_cause(details: str, *, tls: bool) -> str:
             "the server closed the connection during the handshake: it probably uses TLS "
             "(pass tls_ca=... / --tls-ca with the CA that signed its certificate)"
         )
+    if "timed out" in details.lower() or "Timeout occurred" in details:
+        return (
+            "no answer: the connection timed out (the host does not answer on that port: a "
+            "firewall dropping packets, or the wrong host)"
+        )
     return "the connection could not be set up"
 
 

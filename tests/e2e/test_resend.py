@@ -21,11 +21,16 @@ from paramserve.client import (
     Client,
     DeadlineExceededError,
     InvalidArgumentError,
+    ParamServeError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from paramserve.client.resend import ResendPolicy, call_with_resends, is_transport_failure
-from paramserve.client.unreachable import Reachability
+from paramserve.client.unreachable import (
+    Reachability,
+    connect_failure_cause,
+    is_connect_failure,
+)
 from tests.support.asserts import assert_same
 from tests.support.lossy_proxy import CutPlan, LossyProxy
 
@@ -406,4 +411,34 @@ def test_the_first_answer_marks_the_server_reached():
     reach = Reachability("10.0.0.7:50051")
     with pytest.raises(DeadlineExceededError, match="no call of this client has reached"):
         run_reach([FakeRpcError(C.DEADLINE_EXCEEDED, "Deadline Exceeded")], reach)
+    assert not reach.reached
+
+
+@pytest.mark.parametrize(
+    ("details", "tls", "cause"),
+    [
+        # gRPC's words as grpcio 1.85 gave them (the real cases run in test_unreachable.py).
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+         "Failed to connect to remote host: Connection refused", False, "connection refused"),
+        ("errors resolving x.invalid:1: [... Domain name not found]", False, "unknown host"),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: "
+         "Socket closed", False, "it probably uses TLS"),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: "
+         "Socket closed", True, "it may require a client certificate"),
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.1.2.3:50051: "
+         "Failed to connect to remote host: Timeout occurred: FD Shutdown", False,
+         "the connection timed out"),
+        ("failed to connect to all addresses; last error: UNKNOWN: something new", False,
+         "the connection could not be set up"),
+    ],
+)  # fmt: skip
+def test_connect_failure_causes(details, tls, cause):
+    assert is_connect_failure(C.UNAVAILABLE, details)
+    assert cause in connect_failure_cause(details, tls=tls)
+
+
+def test_a_request_iterator_that_raised_does_not_mark_the_server_reached():
+    reach = Reachability("10.0.0.7:50051")
+    with pytest.raises(ParamServeError):
+        run_reach([FakeRpcError(C.UNKNOWN, "Exception iterating requests!")], reach)
     assert not reach.reached

@@ -263,7 +263,8 @@ def _unreachable(
     error.message = f"{unreachable_message(details, reach)} ({where}; gRPC: {details})"
     if not reach.reached and reach.wait_for_server_s == 0 and "Connection refused" in details:
         error.message += (
-            ". To wait for a server that is still starting, pass Client(wait_for_server_s=...)"
+            ". To wait for a server that is still starting, pass Client(wait_for_server_s=...) "
+            "or set PARAMSERVE_WAIT_FOR_SERVER_S (seconds)"
         )
     error.args = (error.message,)
     error.attempts = attempts

@@ -179,7 +179,7 @@ def test_calls_fail_fast_without_a_server_when_asked():
         assert info.value.code.name == "UNAVAILABLE" and isinstance(info.value, ConnectionError)
     # By default too, a server never reached is not waited for: the cause comes at once
     # (tests/e2e/test_unreachable.py has every cause, and the wait_for_server_s option).
-    with Client(address, timeout_s=60) as client:
+    with Client(address, timeout_s=60, wait_for_server_s=0) as client:
         with pytest.raises(ParamServeError) as info:
             client.status()
         assert info.value.code.name == "UNAVAILABLE" and info.value.attempts == 1

@@ -19,6 +19,12 @@ from paramserve.server import cli
 from tests.support.processes import free_port
 
 
+@pytest.fixture(autouse=True)
+def _no_ambient_wait(monkeypatch) -> None:
+    """A wait set in the developer's shell must not change these tests."""
+    monkeypatch.delenv("PARAMSERVE_WAIT_FOR_SERVER_S", raising=False)
+
+
 def closed_port_address() -> str:
     """An address on loopback where nothing listens (a port bound, then released)."""
     with socket.socket() as s:

@@ -11,9 +11,12 @@ are resent by the SDK when they fail in transit: a lost or reset connection, a s
 unreachable, restarting or draining (UNAVAILABLE, a CANCELLED this client did not cause, a
 stream reset without a status), with exponential backoff and jitter, until they succeed or
 the deadline is spent (:mod:`paramserve.client.resend`; gRPC's own retries are off, see
-:mod:`paramserve.client.channel` for why). A push is resent whole, re-read from the caller's
-arrays, with the same ``(worker_id, sequence, session)`` and ``base_version``, so the server
-applies it exactly once whatever the link does. Failures raise
+:mod:`paramserve.client.channel` for why). A server this client has never reached is not
+waited for unless asked (``wait_for_server_s``): the first call that cannot connect raises an
+UnavailableError naming the address and the cause (connection refused, unknown host, TLS).
+A push is resent whole, re-read from the caller's arrays, with the same
+``(worker_id, sequence, session)`` and ``base_version``, so the server applies it exactly
+once whatever the link does. Failures raise
 :class:`~paramserve.client.ParamServeError` subclasses; one that gave up on resending names
 the server address, the attempts and the last transport error.
 
@@ -53,6 +56,7 @@ from paramserve.wire import (
     CHUNK_BYTES,
     DEFAULT_ADDRESS,
     STEP_CLIENT_OVERHEAD_BYTES,
+    SparseRows,
     json_default,
     payload_bytes,
     step_reply_bytes,
@@ -73,6 +77,7 @@ from .results import (
 )
 from .streams import (
     as_host_array,
+    cast_gradient,
     check_out_array,
     decode_stream_item,
     named_values,
@@ -82,6 +87,7 @@ from .streams import (
     tensor_headers,
 )
 from .transfer import progress_bar, upload_requests, write_download
+from .unreachable import Reachability
 
 if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the optimizers
     from paramserve import optim_core
@@ -172,6 +178,17 @@ def check_sendable(
         )
 
 
+def _wait_from_environment() -> float:
+    """``$PARAMSERVE_WAIT_FOR_SERVER_S`` in seconds (0 when unset or empty)."""
+    text = os.environ.get("PARAMSERVE_WAIT_FOR_SERVER_S", "").strip()
+    try:
+        return float(text) if text else 0.0
+    except ValueError:
+        raise ValueError(
+            f"PARAMSERVE_WAIT_FOR_SERVER_S must be a number of seconds. Received: {text!r}"
+        ) from None
+
+
 class Client:
     """A connection to one parameter server; thread-safe, close it (or use ``with``)."""
 
@@ -186,18 +203,29 @@ class Client:
         keepalive_time_s: float = 30.0,
         retry_max_attempts: int | None = None,
         wait_for_ready: bool = True,
+        wait_for_server_s: float | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         tls_ca: str | os.PathLike[str] | None = None,
         tls_cert: str | os.PathLike[str] | None = None,
         tls_key: str | os.PathLike[str] | None = None,
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
+        strict_dtypes: bool = False,
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
-        ``wait_for_ready`` (on by default) makes calls wait, within their deadline, for a
-        server that is not up yet or is restarting, so a worker rides out a daemon restart;
-        pass False to fail fast (admin tools do).
+        Unreachable server: a call that cannot connect (connection refused, unknown host, TLS
+        handshake failed) raises :class:`~paramserve.client.UnavailableError` within
+        moments, naming the address and the cause, as long as no call of this client has
+        reached the server yet. ``wait_for_server_s`` waits that long for a server that is
+        still starting instead, trying to connect again with backoff (a call made then gets
+        at least that long as its deadline); None (default) reads
+        ``$PARAMSERVE_WAIT_FOR_SERVER_S``, else 0.
+
+        Once the server was reached, ``wait_for_ready`` (on by default) makes calls wait,
+        within their deadline, for a server that went away or is restarting, so a worker
+        rides out a daemon restart (each failed attempt is logged: a warning, then info
+        lines); pass False to fail fast (admin tools do).
 
         Resending (see the module docstring): ``retry_max_attempts`` caps the attempts of one
         call, the first included; None (default) resends until the deadline is spent with
@@ -208,6 +236,12 @@ class Client:
         None with a client certificate: the system's roots), ``tls_cert`` and ``tls_key`` (this
         client's certificate, for mutual TLS) turns on TLS; ``credentials``
         (``grpc.ssl_channel_credentials(...)``) is the escape hatch for anything else.
+
+        Gradient dtypes: :meth:`push` and :meth:`step` cast a floating-point gradient to its
+        variable's floating-point dtype (float64 to float32, ...), as Keras does; with
+        ``strict_dtypes=True`` such a gradient is a TypeError naming the variable and both
+        dtypes instead, before anything is sent. Integer, boolean and complex gradients for
+        a floating-point variable are always refused (TypeError).
         """
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
@@ -216,6 +250,12 @@ class Client:
             )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0. Received: timeout_s={timeout_s}")
+        if wait_for_server_s is None:
+            wait_for_server_s = _wait_from_environment()
+        if wait_for_server_s < 0:
+            raise ValueError(
+                f"wait_for_server_s must be >= 0. Received: wait_for_server_s={wait_for_server_s}"
+            )
         if retry_max_attempts is None:
             retry_max_attempts = None if wait_for_ready else 5
         self._resend_policy = ResendPolicy(max_attempts=retry_max_attempts)
@@ -224,6 +264,7 @@ class Client:
         self.chunk_bytes = chunk_bytes
         self.max_message_bytes = max_message_bytes
         self._wait_for_ready = wait_for_ready
+        self.strict_dtypes = strict_dtypes
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
@@ -240,6 +281,9 @@ class Client:
                 raise ValueError("pass either credentials or tls_ca/tls_cert/tls_key, not both")
             credentials = tls_credentials(ca=tls_ca, cert=tls_cert, key=tls_key)
         self._channel = open_channel(address, settings, credentials=credentials)
+        self._reach = Reachability(
+            address, tls=credentials is not None, wait_for_server_s=wait_for_server_s
+        )
         self._stub = pb_grpc.ParameterServerStub(self._channel)
         # Tensor streams bypass protobuf serialization of chunks (see streams.py).
         ch = self._channel
@@ -292,6 +336,11 @@ class Client:
         return self.timeout_s if timeout_s is None else timeout_s
 
     @property
+    def wait_for_server_s(self) -> float:
+        """How long a call waits for a server this client has not reached yet (seconds)."""
+        return self._reach.wait_for_server_s
+
+    @property
     def resends(self) -> int:
         """Attempts this client made again after a call failed in transit (all calls)."""
         return self._resends
@@ -313,13 +362,16 @@ class Client:
             resend=method in RESENT_METHODS,
             closed=lambda: self._closed,
             on_resend=self._count_resend,
+            reach=self._reach,
         )
 
     def _options(self, seconds_left: float) -> dict[str, Any]:
         return {
             "timeout": seconds_left,
             "metadata": self._metadata,
-            "wait_for_ready": self._wait_for_ready,
+            # Never gRPC's wait: a call that cannot connect fails at once with the cause,
+            # and the resend loop decides whether to wait (see wait_for_server_s).
+            "wait_for_ready": False,
         }
 
     def _call(
@@ -366,6 +418,31 @@ class Client:
         if spec is None:
             raise NotFoundError(f"the model has no variable {name!r}")
         return spec.shape
+
+    def _cast_gradients(self, names: list[str], values: list[Any]) -> list[Any]:
+        """Gradients in their variables' dtypes (see ``strict_dtypes``); checked before
+        anything is sent. Variables the model lacks are left for the server to refuse.
+
+        The model is described (once; the description is cached) only when a gradient is
+        not float32: float32 gradients, the common case, go out without that extra call,
+        and the server itself refuses one whose variable has another dtype.
+        """
+        description = self._description
+        if description is None and all(
+            (v.values if isinstance(v, SparseRows) else v).dtype == np.float32 for v in values
+        ):
+            return values
+        if description is None or any(description.spec(n) is None for n in names):
+            try:
+                description = self.describe()
+            except NotFoundError:  # no model yet: the push's own answer says so
+                return values
+        return [
+            cast_gradient(n, v, spec.numpy_dtype, strict=self.strict_dtypes)
+            if (spec := description.spec(n)) is not None
+            else v
+            for n, v in zip(names, values, strict=True)
+        ]
 
     # --- model ------------------------------------------------------------------------------
     def create_model(
@@ -503,6 +580,7 @@ class Client:
         ``grads`` again (no copy of them is kept), so they must not change until this returns.
         """
         names, values = named_values(grads)
+        values = self._cast_gradients(names, values)
         headers = tensor_headers(names, values, self._variable_shape)
         base = self._base_version if base_version is None else base_version
 
@@ -541,6 +619,7 @@ class Client:
         fit one message (``max_message_bytes``); use :meth:`push` and :meth:`pull` then.
         """
         grad_names, values = named_values(grads)
+        values = self._cast_gradients(grad_names, values)
         headers = tensor_headers(grad_names, values, self._variable_shape)
         pull = self._weights_request(names, rows, min_version=None)
         self._check_step_fits(headers, pull)
@@ -735,8 +814,16 @@ class Client:
         """Store a snapshot file on the server (validated there), and restore it if asked."""
         path = Path(path)
         with progress_bar(path.stat().st_size, f"upload {path.name}", progress) as bar:
-            requests = upload_requests(path, restore=restore, chunk_bytes=self.chunk_bytes, bar=bar)
-            response = self._call("UploadSnapshot", self._stub.UploadSnapshot, requests, timeout_s)
+
+            def requests() -> Iterator[pb.UploadSnapshotRequest]:
+                # Each attempt reads the file anew (one that could not connect is tried
+                # again: see wait_for_server_s); the bar starts over with it.
+                bar.reset()
+                return upload_requests(path, restore=restore, chunk_bytes=self.chunk_bytes, bar=bar)
+
+            response = self._send_stream(
+                "UploadSnapshot", self._stub.UploadSnapshot, requests, timeout_s
+            )
         if restore:
             self._description = None
         return SnapshotInfo.from_proto(response.snapshot)

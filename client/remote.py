@@ -33,7 +33,7 @@ from paramserve.wire import SparseRows
 
 from .client import Client
 from .results import ModelDescription, TensorSpec
-from .streams import as_host_array, as_wire_value
+from .streams import as_host_array, as_wire_value, cast_gradient
 
 # Largest gradient payload (and weights payload) that apply() sends in one Step call rather
 # than a streamed push and pull: below it, the saved round trip dominates; above it, one big
@@ -151,12 +151,10 @@ class RemoteOptimizer:
         return name
 
     def _prepare(self, grad: Any, name: str) -> Any:
-        """Gradient as the server wants it: host memory, the variable's dtype (Keras casts)."""
+        """Gradient as the server wants it: host memory, the variable's dtype (Keras casts;
+        see the Client's ``strict_dtypes``)."""
         dtype = self._specs[name].numpy_dtype
-        value = as_wire_value(grad)
-        if isinstance(value, SparseRows):
-            return SparseRows(value.indices, value.values.astype(dtype, copy=False))
-        return value.astype(dtype, copy=False)
+        return cast_gradient(name, as_wire_value(grad), dtype, strict=self.client.strict_dtypes)
 
     # --- applying gradients -------------------------------------------------------------
     def apply_gradients(self, grads_and_vars: Iterable[tuple[Any, Any]]) -> int:

@@ -19,6 +19,15 @@ error itself, usually an :class:`~paramserve.client.UnavailableError`); its mess
 method, the server address, the attempts and the last transport error, and its ``attempts``
 attribute counts them.
 
+A failure to connect at all (connection refused, unknown host, TLS handshake failed; see
+:mod:`paramserve.client.unreachable`) is different: the request never left, so it is resent
+for every method, but only while waiting makes sense. Attempts never use gRPC's
+``wait_for_ready`` (which would hide the cause until the deadline); a client that has not
+reached its server yet raises at the first such failure, or keeps trying for
+``Client(wait_for_server_s=...)``; one that has reached it before (a server restarting) keeps
+trying until the deadline, logging a warning at the first failure of each call. The error
+then names the address and the cause (:func:`~paramserve.client.unreachable.unreachable_message`).
+
 What a cut connection looks like (grpcio 1.85, retries off, measured through
 ``tests/faults/lossy_proxy.py`` with cuts in both directions, anywhere in the byte stream):
 UNAVAILABLE ``Stream removed (Socket closed)``, ``(recvmsg:Connection reset by peer (104))``,
@@ -42,6 +51,7 @@ from typing import TypeVar
 import grpc
 
 from .errors import ParamServeError, from_rpc_error
+from .unreachable import Reachability, is_connect_failure, unreachable_message
 
 logger = logging.getLogger("paramserve.client")
 
@@ -55,6 +65,9 @@ RESENT_METHODS = frozenset(
 
 # Details gRPC Python gives a call this process cancelled: never resent.
 SELF_CANCELLED_DETAILS = frozenset({"Locally cancelled by application!", "Channel closed!"})
+
+# What gRPC Python reports when the caller's request iterator raised (a local failure).
+_REQUESTS_RAISED = "Exception iterating requests!"
 
 # A status made by the client's transport when a stream went away without one from the server.
 _STREAM_REMOVED = "Stream removed"
@@ -140,6 +153,7 @@ def call_with_resends(
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
     rng: random.Random | None = None,
+    reach: Reachability | None = None,
 ) -> R:
     """Run ``attempt(seconds_left)`` until it returns, resending on transport failures.
 
@@ -147,25 +161,70 @@ def call_with_resends(
     consuming a response stream completely) and lets ``grpc.RpcError`` out; any other exception
     passes through untouched. Failures become :class:`ParamServeError` subclasses here, in one
     place. With ``resend`` False (a method that is not safe to repeat) there is one attempt.
+
+    A failure to connect (:func:`~paramserve.client.unreachable.is_connect_failure`: the
+    request never left this process) is resent for every method, but only until
+    ``reach.wait_for_server_s`` after the call started while no call has reached the server
+    yet (``reach.reached``; a call made then has at least that long as its deadline), and
+    until the deadline afterwards (a server restarting). Giving up raises an
+    :class:`~paramserve.client.UnavailableError` that names the address and the cause.
+    Without ``reach`` the server counts as reached.
     """
+    if reach is None:
+        reach = Reachability(address, reached=True)
     started = clock()
     deadline = started + timeout_s
+    if not reach.reached:
+        deadline = max(deadline, started + reach.wait_for_server_s)
     attempts = 0
     last_transport: str | None = None
     while True:
         attempts += 1
         try:
-            return attempt(max(deadline - clock(), 0.0))
+            result = attempt(max(deadline - clock(), 0.0))
         except grpc.RpcError as exc:
             failure = exc
+        else:
+            reach.reached = True
+            return result
         code, details = status_of(failure)
         transport = is_transport_failure(code, details)
+        connect = is_connect_failure(code, details)
+        if not connect and _from_a_connection(code, details):
+            reach.reached = True
         now = clock()
         tries = f"{attempts} attempt" + ("s" if attempts != 1 else "")
         where = f"{method} to {address}, {tries} in {now - started:.1f} s"
+        if connect:
+            # Never sent: safe to send again whatever the method, within the wait allowed.
+            limit = deadline if reach.reached else min(deadline, started + reach.wait_for_server_s)
+            delay = policy.backoff_s(attempts, rng)
+            out_of_attempts = policy.max_attempts is not None and attempts >= policy.max_attempts
+            if closed() or out_of_attempts or now + delay >= limit:
+                raise _unreachable(failure, reach, where, attempts)
+            last_transport = unreachable_message(details, reach)
+            logger.log(
+                logging.WARNING if attempts == 1 else logging.INFO,
+                "%s: %s; trying again for up to %.0f s more (attempt %d)",
+                method,
+                last_transport,
+                limit - now,
+                attempts,
+            )
+            if on_resend is not None:
+                on_resend()
+            sleep(delay)
+            continue
         if not (resend and transport) or closed():
             if transport or code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _give_up(failure, where, attempts, last_transport)
+                error = _give_up(failure, where, attempts, last_transport)
+                if code == grpc.StatusCode.DEADLINE_EXCEEDED and not reach.reached:
+                    error.message += (
+                        f"; no call of this client has reached {address} yet: check that "
+                        "the server runs there and that a firewall lets the port through"
+                    )
+                    error.args = (error.message,)
+                raise error
             raise from_rpc_error(failure)  # the server's answer, as it gave it
         delay = policy.backoff_s(attempts, rng)
         out_of_attempts = policy.max_attempts is not None and attempts >= policy.max_attempts
@@ -184,6 +243,32 @@ def call_with_resends(
         if on_resend is not None:
             on_resend()
         sleep(delay)
+
+
+def _from_a_connection(code: grpc.StatusCode, details: str) -> bool:
+    """True when a status shows that a connection to the server was set up: anything but a
+    deadline (it may have passed while connecting), a request iterator that raised, or this
+    process's own cancellation."""
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED or details == _REQUESTS_RAISED:
+        return False
+    return not (code == grpc.StatusCode.CANCELLED and details in SELF_CANCELLED_DETAILS)
+
+
+def _unreachable(
+    failure: grpc.RpcError, reach: Reachability, where: str, attempts: int
+) -> ParamServeError:
+    """The error for a server this client could not connect to: address, cause, what to do."""
+    _, details = status_of(failure)
+    error = from_rpc_error(failure)
+    error.message = f"{unreachable_message(details, reach)} ({where}; gRPC: {details})"
+    if not reach.reached and reach.wait_for_server_s == 0 and "Connection refused" in details:
+        error.message += (
+            ". To wait for a server that is still starting, pass Client(wait_for_server_s=...) "
+            "or set PARAMSERVE_WAIT_FOR_SERVER_S (seconds)"
+        )
+    error.args = (error.message,)
+    error.attempts = attempts
+    return error
 
 
 def _give_up(

@@ -24,6 +24,7 @@ from paramserve.wire import (
     check_headers,
     decode_chunk_item,
     decode_whole,
+    dtype_from_name,
     dtype_from_proto,
     encoded_chunk_items,
     header_for,
@@ -189,7 +190,21 @@ def receive_inline(tensors: Sequence[Any], *, version: int) -> Tensors:
 
 
 def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue]]:
-    """Names and wire values of a ``{name: array-like or sparse rows}`` mapping, in order."""
+    """Names and wire values of a ``{name: array-like or sparse rows}`` mapping, in order.
+
+    A list or tuple (Keras's ``grads``) is refused here, before anything is sent: pairing
+    by position would silently apply a gradient to the wrong variable whenever the list's
+    order is not the server's (non-trainable variables, another model's order).
+    """
+    if isinstance(values, list | tuple):
+        raise TypeError(
+            f"Tensors are passed as a {{variable name: array}} mapping; received a "
+            f"{type(values).__name__} of {len(values)} values, which the SDK does not pair "
+            "by position. Pass {name: array}, e.g. dict(zip(names, grads)) with the server's "
+            "names in the order of your list (client.describe().variable_names lists the "
+            "model's variables), or use RemoteOptimizer.apply_gradients(zip(grads, "
+            "variables)), which pairs each gradient with its variable."
+        )
     if not isinstance(values, Mapping):
         raise TypeError(
             "Tensors are passed as a {variable name: array} mapping, e.g. "
@@ -201,3 +216,42 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
         if not isinstance(name, str):
             raise TypeError(f"Variable names must be strings. Received: {name!r}")
     return names, [as_wire_value(values[n]) for n in names]
+
+
+_FLOAT_DTYPES = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))
+
+
+def is_float_dtype(dtype: np.dtype) -> bool:
+    """True for the floating-point dtypes the wire carries (bfloat16 included: it is looked
+    up only when a dtype is none of the others, so ml_dtypes loads only when one is used)."""
+    dtype = np.dtype(dtype)
+    if dtype in _FLOAT_DTYPES:
+        return True
+    return dtype.kind == "V" and dtype.name == "bfloat16" and dtype == dtype_from_name("bfloat16")
+
+
+def cast_gradient(name: str, value: TensorValue, dtype: np.dtype, *, strict: bool) -> TensorValue:
+    """``value`` (dense, or the values of sparse rows) in the variable's ``dtype``.
+
+    Floating point to floating point is cast, as Keras casts gradients to the variable's
+    dtype; with ``strict`` a dtype other than the variable's is a TypeError instead. A
+    non-float gradient (integers, booleans, complex) for a float variable is always a
+    TypeError: casting it would hide a bug. Variables of other dtypes are left to the server.
+    """
+    values = value.values if isinstance(value, SparseRows) else value
+    have = values.dtype
+    if have == dtype or not is_float_dtype(dtype):
+        return value
+    if strict or not is_float_dtype(have):
+        why = (
+            "strict_dtypes=True refuses to cast it"
+            if is_float_dtype(have)
+            else "only floating-point gradients are accepted for a floating-point variable"
+        )
+        raise TypeError(
+            f"Gradient for variable {name!r} is {have.name}, but the variable is {dtype.name}: "
+            f"{why}. Nothing was sent. Cast it yourself (grad.astype({dtype.name!r})) if "
+            "this is intended."
+        )
+    cast = values.astype(dtype)
+    return SparseRows(value.indices, cast) if isinstance(value, SparseRows) else cast

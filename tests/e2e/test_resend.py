@@ -21,10 +21,16 @@ from paramserve.client import (
     Client,
     DeadlineExceededError,
     InvalidArgumentError,
+    ParamServeError,
     ResourceExhaustedError,
     UnavailableError,
 )
 from paramserve.client.resend import ResendPolicy, call_with_resends, is_transport_failure
+from paramserve.client.unreachable import (
+    Reachability,
+    connect_failure_cause,
+    is_connect_failure,
+)
 from tests.support.asserts import assert_same
 from tests.support.lossy_proxy import CutPlan, LossyProxy
 
@@ -298,8 +304,8 @@ def test_a_reset_asking_for_less_load_is_not_resent(model):
 
 def test_a_refused_push_is_not_resent(model):
     proxy, client = through(model, CutPlan())
-    with proxy, client, pytest.raises(InvalidArgumentError, match="float64"):
-        client.push({"small": np.ones(8, np.float64)}, sequence=1)
+    with proxy, client, pytest.raises(InvalidArgumentError, match="shape"):
+        client.push({"small": np.ones(9, np.float32)}, sequence=1)
     assert client.resends == 0 and proxy.connections == 1
 
 
@@ -329,3 +335,110 @@ def test_a_link_that_never_lets_a_push_through_fails_at_the_deadline(model):
     assert info.value.attempts == 3 and capped.resends == 2
     with Client(model.address, timeout_s=30) as admin:
         assert admin.status().version == 0  # nothing half-applied
+
+
+# --- connect failures: never sent, so resent for any method, within the wait allowed ----------
+def refused() -> FakeRpcError:
+    return FakeRpcError(
+        C.UNAVAILABLE,
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:10.0.0.7:50051: "
+        "Failed to connect to remote host: Connection refused",
+    )
+
+
+def run_reach(failures, reach: Reachability, *, resend: bool = True, timeout_s: float = 60.0):
+    clock = Clock()
+
+    def attempt(seconds_left: float) -> str:
+        clock.now += 0.01
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    result = call_with_resends(
+        "CreateModel",
+        attempt,
+        timeout_s=timeout_s,
+        address=reach.address,
+        policy=ResendPolicy(),
+        resend=resend,
+        clock=clock,
+        sleep=clock.sleep,
+        rng=random.Random(0),
+        reach=reach,
+    )
+    return result, clock
+
+
+def test_a_server_never_reached_is_reported_after_one_attempt():
+    reach = Reachability("10.0.0.7:50051")
+    with pytest.raises(UnavailableError) as info:
+        run_reach([refused(), refused()], reach)
+    assert info.value.attempts == 1
+    assert info.value.message.startswith(
+        "cannot reach the paramserve server at 10.0.0.7:50051: connection refused"
+    )
+    assert not reach.reached
+
+
+def test_wait_for_server_resends_connect_failures_of_any_method_then_gives_up():
+    reach = Reachability("10.0.0.7:50051", wait_for_server_s=5.0)
+    result, clock = run_reach([refused(), refused(), refused()], reach, resend=False)
+    assert result == "ok" and len(clock.sleeps) == 3 and reach.reached
+    reach = Reachability("10.0.0.7:50051", wait_for_server_s=5.0)
+    with pytest.raises(UnavailableError, match="connection refused") as info:
+        run_reach([refused() for _ in range(1000)], reach)
+    # The 5 s wait, not the call's 60 s deadline, bounded it (backoff grows to 2 s at most:
+    # 60 s would take about 30 attempts; the fake clock makes the count exact, not timed).
+    assert 1 < info.value.attempts < 15
+    assert "wait_for_server_s" not in info.value.message  # the hint is for those who did not wait
+
+
+def test_a_server_reached_before_is_waited_for_within_the_deadline():
+    reach = Reachability("10.0.0.7:50051", reached=True)
+    result, clock = run_reach([refused() for _ in range(20)], reach, resend=False)
+    assert result == "ok" and len(clock.sleeps) == 20
+    with pytest.raises(UnavailableError, match="cannot reach") as info:
+        run_reach([refused() for _ in range(1000)], reach, timeout_s=10.0)
+    assert 1 < info.value.attempts < 1000
+
+
+def test_the_first_answer_marks_the_server_reached():
+    reach = Reachability("10.0.0.7:50051")
+    with pytest.raises(InvalidArgumentError):
+        run_reach([FakeRpcError(C.INVALID_ARGUMENT, "bad")], reach)
+    assert reach.reached
+    reach = Reachability("10.0.0.7:50051")
+    with pytest.raises(DeadlineExceededError, match="no call of this client has reached"):
+        run_reach([FakeRpcError(C.DEADLINE_EXCEEDED, "Deadline Exceeded")], reach)
+    assert not reach.reached
+
+
+@pytest.mark.parametrize(
+    ("details", "tls", "cause"),
+    [
+        # gRPC's words as grpcio 1.85 gave them (the real cases run in test_unreachable.py).
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:1: "
+         "Failed to connect to remote host: Connection refused", False, "connection refused"),
+        ("errors resolving x.invalid:1: [... Domain name not found]", False, "unknown host"),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: "
+         "Socket closed", False, "it probably uses TLS"),
+        ("failed to connect to all addresses; last error: UNAVAILABLE: ipv4:127.0.0.1:9: "
+         "Socket closed", True, "it may require a client certificate"),
+        ("failed to connect to all addresses; last error: UNKNOWN: ipv4:10.1.2.3:50051: "
+         "Failed to connect to remote host: Timeout occurred: FD Shutdown", False,
+         "the connection timed out"),
+        ("failed to connect to all addresses; last error: UNKNOWN: something new", False,
+         "the connection could not be set up"),
+    ],
+)  # fmt: skip
+def test_connect_failure_causes(details, tls, cause):
+    assert is_connect_failure(C.UNAVAILABLE, details)
+    assert cause in connect_failure_cause(details, tls=tls)
+
+
+def test_a_request_iterator_that_raised_does_not_mark_the_server_reached():
+    reach = Reachability("10.0.0.7:50051")
+    with pytest.raises(ParamServeError):
+        run_reach([FakeRpcError(C.UNKNOWN, "Exception iterating requests!")], reach)
+    assert not reach.reached

@@ -89,7 +89,8 @@ def test_restore_replays_identically_here_and_in_a_fresh_server_process(
     path = admin.download_snapshot(snap.id, tmp_path / "download" / "snap.safetensors")
     process, address = _serve_subprocess(tmp_path / "fresh")
     try:
-        with Client(address, timeout_s=30, wait_for_ready=True) as fresh:
+        # The process may not listen yet: the first call waits for it.
+        with Client(address, timeout_s=30, wait_for_server_s=60) as fresh:
             info = fresh.upload_snapshot(path, restore=True)
             assert info.id == snap.id and info.version == 2
             assert fresh.status().version == 2

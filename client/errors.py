@@ -7,7 +7,7 @@ fits, so ``except ValueError`` catches an INVALID_ARGUMENT and ``except TimeoutE
 a DEADLINE_EXCEEDED.
 
 A paramserve daemon also sends machine-readable details (a ``google.rpc.Status`` in the
-call's trailers), exposed as ``.reason`` (e.g. ``"SEQUENCE_REGRESSED"``; see the README's
+call's trailers), exposed as ``.reason`` (e.g. ``"SEQUENCE_REGRESSED"``; see docs/errors.md's
 table), ``.domain`` (``"paramserve.v1"``), ``.metadata`` (``{str: str}``, e.g.
 ``{"last_sequence": "41"}``) and ``.violations`` (``[(field, description)]``, the request
 fields at fault). Errors without details (gRPC's own, or another server's) have ``reason``

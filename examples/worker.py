@@ -18,7 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from paramserve.client import Client, FailedPreconditionError, PermissionDeniedError
+from paramserve.client import (
+    Client,
+    FailedPreconditionError,
+    ParamServeError,
+    PermissionDeniedError,
+)
 
 FEATURES = 8
 
@@ -31,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="steps to train; 0: create and exit")
     p.add_argument("--log-every", type=int, default=100, help="print progress every N steps")
     p.add_argument("--timeout-s", type=float, default=60.0, help="deadline of each call")
+    p.add_argument(
+        "--wait-for-server-s",
+        type=float,
+        default=30.0,
+        help="wait up to this long for a server that is still starting (0: fail at once)",
+    )
     p.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA that signed the server's cert")
     p.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
     p.add_argument("--tls-key", type=Path, metavar="PEM", help="client key (mutual TLS)")
@@ -73,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         args.address,
         worker_id=args.worker_id,
         timeout_s=args.timeout_s,
+        wait_for_server_s=args.wait_for_server_s,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
@@ -102,4 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ParamServeError as exc:  # unreachable, refused: the message says what to check
+        sys.exit(f"worker: {exc}")

@@ -18,8 +18,9 @@ Three step variants:
   at once sends that piece of the new weights back, while the worker sends the rest of the
   gradient from a second thread and receives the weights into its array as they come. Both
   directions of the connection are busy at once; nothing is copied in Python (memoryview
-  slices of the arrays, ``recv_into``, ``sendmsg`` of header and payload together); the
-  socket buffers are set with SO_SNDBUF/SO_RCVBUF (``--sock-buf``) and TCP_NODELAY is on.
+  slices of the arrays, ``recv_into``, ``sendmsg`` of header and payload together);
+  TCP_NODELAY is on, and the socket buffers are the faster of a fixed SO_SNDBUF/SO_RCVBUF
+  and the kernel's autotuning as measured (see ``SOCK_BUF_BYTES``).
   A step that fits one piece is a plain request and reply, one ``sendmsg`` each way, with no
   thread hand-off.
 
@@ -56,11 +57,15 @@ OP_STEP_PIPELINED = 3
 OP_CLOSE = 4
 OP_STEP_STREAM = 5
 CHUNK_BYTES = 4 << 20
-# Piece size of the streamed step: small enough that both directions overlap early.
-STREAM_CHUNK_BYTES = 1 << 20
-# SO_SNDBUF/SO_RCVBUF of the streamed variant's sockets (Linux caps it at net.core.*mem_max
-# and doubles what it grants).
-SOCK_BUF_BYTES = 4 << 20
+# Piece size of the streamed step. Measured on the 2-core bench machine at 16M floats (median
+# steps/s of 5 interleaved repeats): 256 KiB 24.8, 1 MiB 27.8, 4 MiB 28.6, serial 25.6.
+STREAM_CHUNK_BYTES = 4 << 20
+# SO_SNDBUF/SO_RCVBUF of the streamed variant's sockets; 0 leaves them to the kernel. Setting
+# them turns Linux's buffer autotuning off and is capped at net.core.[rw]mem_max (4 MiB there,
+# granted doubled), below autotuning's ceiling (tcp_rmem max, 32 MiB there): in the same A/B,
+# 4 MiB buffers gave 26.3 steps/s against 28.6 with autotuning. So the yardstick takes the
+# faster choice; ``--sock-buf`` (server) and ``sock_buf`` (client) set a size.
+SOCK_BUF_BYTES = 0
 # Below this, header and payload go out in one send (one segment with TCP_NODELAY).
 _COALESCE_BYTES = 64 << 10
 

@@ -1,4 +1,4 @@
-"""One whole training step over TCP loopback: paramserve against a hand-written socket server.
+"""One whole training step over TCP loopback: paramserve, hand-written socket servers, peers.
 
 Usage: python bench/step.py [--sizes 16M,1M,small] [--steps N] [--repeats 5] [--json]
 
@@ -10,16 +10,33 @@ from this process:
   replica, Adam) and ``paramserve.client.Client`` used as RemoteOptimizer uses it: one
   ``step(grads)`` call when the model fits ``STEP_MAX_BYTES`` (1 MiB) each way (``small``),
   else ``push(grads)`` then ``pull(out=...)`` into the worker's arrays;
-* ``paramserve-push-pull``: the same, always ``push`` then ``pull(out=...)`` (run only where
-  ``paramserve`` uses ``step``);
-* ``socket``: bench/socket_baseline.py, a minimal length-prefixed TCP server holding w/m/v
-  that applies the same fused numba Adam (``paramserve.optim_core.fused.adam``), serially;
-  the yardstick of the targets (ratios are steps/s over this one's);
-* ``socket-pipelined``: the same server applying each 4 MiB piece as it arrives;
+* ``paramserve-pull``: the plain calls a user writes first, ``push(grads)`` then ``pull()``
+  into new arrays, at every size;
+* ``paramserve-push-pull``: ``push`` then ``pull(out=...)`` (run only where ``paramserve``
+  uses ``step``);
+* ``socket-fast``: the yardstick of the targets (ratios are steps/s over this one's):
+  bench/socket_baseline.py's streamed step, a hand-written TCP server holding w/m/v that
+  applies each 4 MiB piece of the gradient with the fused numba Adam
+  (``paramserve.optim_core.fused.adam``) as it arrives and sends that piece of the weights
+  straight back, while the worker sends from one thread and receives into its array in
+  another (``recv_into``, memoryviews, ``sendmsg``, TCP_NODELAY, no copies in Python);
+* ``socket``: the same server, serial (receive all, apply, send all); ``socket-pipelined``:
+  applying each piece as it arrives, then sending all;
+* ``torch-rpc``: the PyTorch RPC parameter-server pattern (bench/torch_rpc_server.py):
+  ``torch.distributed.rpc`` on loopback, world size 2, ``rpc_sync`` push of the gradient
+  tensor then ``rpc_sync`` pull of the weights, the fused Adam in the server process;
+* ``ray``: a Ray actor holding the weights (bench/ray_actor.py), local Ray with 2 CPUs and no
+  dashboard: ``actor.push.remote(grad)`` then ``ray.get(actor.pull.remote())``, fused Adam;
 * ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
   bytes and no protobuf, applying per chunk: what gRPC itself costs;
 * ``core-socket`` (reference): bench/core_socket.py, paramserve's real ModelStore/Aggregator
   behind the socket framing: what paramserve's core costs without gRPC.
+
+torch-rpc and ray need their libraries (``pip install -e '.[bench]'``); without one, that
+system is skipped and the reason printed. Both live for the whole run (``init_rpc`` works
+once per process; Ray takes seconds to start), and Ray starts first: its node start times
+out with TensorPipe already up in this process. Ray's own processes (raylet, GCS) run beside
+every system while it is up; the server CPU column of ``ray`` counts the actor's process only.
 
 Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
 variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
@@ -373,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         "--repeat-s", type=float, default=0.6, help="auto steps: seconds per repeat"
     )
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of %(default)s")
-    parser.add_argument("--time-limit", type=int, default=180, help="seconds for the whole run")
+    parser.add_argument("--time-limit", type=int, default=420, help="seconds for the whole run")
     parser.add_argument(
         "--malloc",
         choices=("tuned", "default"),

@@ -25,6 +25,9 @@ from this process:
 * ``torch-rpc``: the PyTorch RPC parameter-server pattern (bench/torch_rpc_server.py):
   ``torch.distributed.rpc`` on loopback, world size 2, ``rpc_sync`` push of the gradient
   tensor then ``rpc_sync`` pull of the weights, the fused Adam in the server process;
+* ``torch-rpc-tcp`` (only when named in ``--systems``, and not with ``torch-rpc``): the same
+  with TensorPipe limited to its TCP transport and basic channel, as between two hosts (by
+  default TensorPipe may use shared memory between processes of one host);
 * ``ray``: a Ray actor holding the weights (bench/ray_actor.py), local Ray with 2 CPUs and no
   dashboard: ``actor.push.remote(grad)`` then ``ray.get(actor.pull.remote())``, fused Adam;
 * ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
@@ -37,6 +40,8 @@ system is skipped and the reason printed. Both live for the whole run (``init_rp
 once per process; Ray takes seconds to start), and Ray starts first: its node start times
 out with TensorPipe already up in this process. Ray's own processes (raylet, GCS) run beside
 every system while it is up; the server CPU column of ``ray`` counts the actor's process only.
+On one host Ray moves objects over 100 KiB through its shared-memory object store, not TCP:
+the ``ray`` row is a same-host figure, not what it costs between two hosts.
 
 Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
 variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
@@ -80,6 +85,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from step_systems import (  # noqa: E402
+    EXTRA_SYSTEMS,
     SERVER_SCRIPTS,
     SYSTEMS,
     TUNED_MALLOC_ENV,
@@ -389,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat-s", type=float, default=0.6, help="auto steps: seconds per repeat"
     )
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of %(default)s")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma list of %(default)s, or also {', '.join(EXTRA_SYSTEMS)}",
+    )
     parser.add_argument("--time-limit", type=int, default=420, help="seconds for the whole run")
     parser.add_argument(
         "--malloc",
@@ -406,9 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--sizes: {exc}")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
+    if {"torch-rpc", "torch-rpc-tcp"} <= set(systems):
+        parser.error("torch-rpc and torch-rpc-tcp cannot share a run (one RPC group per process)")
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be at least 1")
 

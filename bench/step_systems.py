@@ -44,6 +44,9 @@ SYSTEMS = (
     "torch-rpc",
     "ray",
 )
+# Valid in --systems but not run by default: torch-rpc restricted to TensorPipe's TCP
+# transport (one torch RPC group per process, so a run takes torch-rpc or this, not both).
+EXTRA_SYSTEMS = ("torch-rpc-tcp",)
 # The yardstick of the targets: the streamed hand-written server.
 YARDSTICK = "socket-fast"
 SERVER_SCRIPTS = {
@@ -57,7 +60,7 @@ SERVER_SCRIPTS = {
     "socket-fast": "socket_baseline.py",
 }
 # Peers whose library may be missing: system -> the module it needs.
-OPTIONAL_LIBRARIES = {"torch-rpc": "torch", "ray": "ray"}
+OPTIONAL_LIBRARIES = {"torch-rpc": "torch", "torch-rpc-tcp": "torch", "ray": "ray"}
 # Ray's object store for the run: room for a few 64 MiB gradients and weights in flight.
 RAY_OBJECT_STORE_BYTES = 1 << 30
 SMALL_MODEL = {
@@ -344,8 +347,8 @@ def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Run
         )
     if system == "grpc-raw":
         return GrpcRawRunner(port, model)
-    if system == "torch-rpc":
-        return TorchRpcRunner(sessions.torch_rpc(), model)
+    if system in ("torch-rpc", "torch-rpc-tcp"):
+        return TorchRpcRunner(sessions.torch_rpc(tcp_only=system == "torch-rpc-tcp"), model)
     if system == "ray":
         return RayRunner(sessions, model)
     modes = {"socket-pipelined": "pipelined", "socket-fast": "fast"}
@@ -356,15 +359,19 @@ def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Run
 class TorchRpcSession:
     """bench/torch_rpc_server.py in a subprocess and this process as RPC rank 1 (worker)."""
 
-    def __init__(self, env: dict[str, str]) -> None:
+    def __init__(self, env: dict[str, str], *, tcp_only: bool = False) -> None:
         import torch_rpc_server as ps
         from torch.distributed import rpc
 
-        self.server = ServerProcess("torch_rpc_server.py", env=env)
+        self.tcp_only = tcp_only
+        args = ("--tcp-only",) if tcp_only else ()
+        self.server = ServerProcess("torch_rpc_server.py", *args, env=env)
         try:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ["MASTER_PORT"] = str(self.server.port)
-            rpc.init_rpc(ps.WORKER_NAME, rank=1, world_size=2, rpc_backend_options=ps.rpc_options())
+            rpc.init_rpc(
+                ps.WORKER_NAME, rank=1, world_size=2, rpc_backend_options=ps.rpc_options(tcp_only)
+            )
         except BaseException:
             self.server.close()
             raise
@@ -382,9 +389,8 @@ class TorchRpcRunner(Runner):
     """``rpc_sync`` push of the gradient tensor, then ``rpc_sync`` pull of the weights (a
     new tensor each step, as RPC returns it)."""
 
-    name = "torch-rpc"
-
     def __init__(self, session: TorchRpcSession, model: Model) -> None:
+        self.name = "torch-rpc-tcp" if session.tcp_only else "torch-rpc"
         import torch
         import torch_rpc_server as ps
         from torch.distributed import rpc
@@ -439,9 +445,11 @@ class Sessions:
         self._torch: TorchRpcSession | None = None
         self._ray: Any = None
 
-    def torch_rpc(self) -> TorchRpcSession:
+    def torch_rpc(self, *, tcp_only: bool = False) -> TorchRpcSession:
         if self._torch is None:
-            self._torch = TorchRpcSession(self.env)
+            self._torch = TorchRpcSession(self.env, tcp_only=tcp_only)
+        elif self._torch.tcp_only != tcp_only:
+            raise RuntimeError("one torch RPC group per process: torch-rpc or torch-rpc-tcp")
         return self._torch
 
     def ray(self) -> Any:

@@ -70,10 +70,17 @@ def server_pid() -> int:
     return os.getpid()
 
 
-def rpc_options() -> torch.distributed.rpc.TensorPipeRpcBackendOptions:
-    """The backend options both ranks use: TensorPipe's defaults, a generous timeout."""
+def rpc_options(tcp_only: bool = False) -> torch.distributed.rpc.TensorPipeRpcBackendOptions:
+    """The backend options both ranks use: TensorPipe's defaults (on one host it may move
+    tensors through shared memory or cross-memory attach), or with ``tcp_only`` its TCP
+    transport (``uv``) and plain channel (``basic``) alone, as between two hosts; a generous
+    timeout either way."""
     from torch.distributed import rpc
 
+    if tcp_only:
+        return rpc.TensorPipeRpcBackendOptions(
+            rpc_timeout=RPC_TIMEOUT_S, _transports=["uv"], _channels=["basic"]
+        )
     return rpc.TensorPipeRpcBackendOptions(rpc_timeout=RPC_TIMEOUT_S)
 
 
@@ -88,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="rendezvous port (0: a free one)")
+    parser.add_argument("--tcp-only", action="store_true", help="TensorPipe over TCP alone")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     threading.Thread(target=_exit_when_stdin_closes, daemon=True).start()
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     os.environ["MASTER_ADDR"] = args.host
     os.environ["MASTER_PORT"] = str(port)
     print(f"PORT {port}", flush=True)
-    rpc.init_rpc(SERVER_NAME, rank=0, world_size=2, rpc_backend_options=rpc_options())
+    rpc.init_rpc(SERVER_NAME, rank=0, world_size=2, rpc_backend_options=rpc_options(args.tcp_only))
     with contextlib.suppress(Exception):
         rpc.shutdown()  # waits until the worker shuts down too
     os._exit(0)

@@ -48,15 +48,20 @@ class ParamActor:
         return os.getpid()
 
 
-_REMOTE: dict[int, Any] = {}
+_REMOTE: dict[str, Any] = {}
 
 
-def remote_class(ray: Any, env: dict[str, str] | None = None) -> Any:
-    """``ParamActor`` as a Ray actor class (one CPU, ``env`` in its process's environment)."""
-    key = id(ray)
+def remote_class(
+    ray: Any, env: dict[str, str] | None = None, resources: dict[str, float] | None = None
+) -> Any:
+    """``ParamActor`` as a Ray actor class: one CPU, ``env`` in its process's environment,
+    and ``resources`` (custom resources that place it on a given node)."""
+    options: dict[str, Any] = {"num_cpus": 1}
+    if env:
+        options["runtime_env"] = {"env_vars": dict(env)}
+    if resources:
+        options["resources"] = dict(resources)
+    key = repr(sorted(options.items()))
     if key not in _REMOTE:
-        options: dict[str, Any] = {"num_cpus": 1}
-        if env:
-            options["runtime_env"] = {"env_vars": dict(env)}
         _REMOTE[key] = ray.remote(**options)(ParamActor)
     return _REMOTE[key]

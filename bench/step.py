@@ -42,6 +42,10 @@ out with TensorPipe already up in this process. Ray's own processes (raylet, GCS
 every system while it is up; the server CPU column of ``ray`` counts the actor's process only.
 On one host Ray moves objects over 100 KiB through its shared-memory object store, not TCP:
 the ``ray`` row is a same-host figure, not what it costs between two hosts.
+* ``ray-2node`` (only when named in ``--systems``, and not with ``ray``): the same actor on a
+  second local Ray node (``ray.cluster_utils.Cluster``, 1 CPU per node), so the gradient and
+  the weights cross between the two nodes' object stores over the network stack, as between
+  two hosts.
 
 Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
 variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
@@ -421,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
     if {"torch-rpc", "torch-rpc-tcp"} <= set(systems):
         parser.error("torch-rpc and torch-rpc-tcp cannot share a run (one RPC group per process)")
+    if {"ray", "ray-2node"} <= set(systems):
+        parser.error("ray and ray-2node cannot share a run (one Ray runtime per process)")
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be at least 1")
 
@@ -451,9 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     timed_out = False
     sessions = Sessions(TUNED_MALLOC_ENV if args.malloc == "tuned" else {})
     try:
-        if "ray" in systems:
+        if "ray" in systems or "ray-2node" in systems:
             # Before torch RPC: with TensorPipe up in this process, Ray's node start times out.
-            sessions.ray()
+            sessions.ray(two_nodes="ray-2node" in systems)
         for model in models:
             log(f"[{time.monotonic() - started:6.1f} s] {model.label}: {model.elements:,} floats")
             results.extend(measure_size(model, systems, args, log, sessions))

@@ -45,8 +45,10 @@ SYSTEMS = (
     "ray",
 )
 # Valid in --systems but not run by default: torch-rpc restricted to TensorPipe's TCP
-# transport (one torch RPC group per process, so a run takes torch-rpc or this, not both).
-EXTRA_SYSTEMS = ("torch-rpc-tcp",)
+# transport, and the Ray actor on a second local Ray node, so that its objects cross
+# between two object stores over the network stack (one torch RPC group and one Ray runtime
+# per process: a run takes torch-rpc or torch-rpc-tcp, ray or ray-2node).
+EXTRA_SYSTEMS = ("torch-rpc-tcp", "ray-2node")
 # The yardstick of the targets: the streamed hand-written server.
 YARDSTICK = "socket-fast"
 SERVER_SCRIPTS = {
@@ -60,9 +62,16 @@ SERVER_SCRIPTS = {
     "socket-fast": "socket_baseline.py",
 }
 # Peers whose library may be missing: system -> the module it needs.
-OPTIONAL_LIBRARIES = {"torch-rpc": "torch", "torch-rpc-tcp": "torch", "ray": "ray"}
+OPTIONAL_LIBRARIES = {
+    "torch-rpc": "torch",
+    "torch-rpc-tcp": "torch",
+    "ray": "ray",
+    "ray-2node": "ray",
+}
 # Ray's object store for the run: room for a few 64 MiB gradients and weights in flight.
 RAY_OBJECT_STORE_BYTES = 1 << 30
+# ray-2node: the custom resource only the second node has, so the actor is placed there.
+RAY_SERVER_RESOURCE = "paramserver"
 SMALL_MODEL = {
     "dense/kernel": (64, 128),
     "dense/bias": (128,),
@@ -349,8 +358,8 @@ def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Run
         return GrpcRawRunner(port, model)
     if system in ("torch-rpc", "torch-rpc-tcp"):
         return TorchRpcRunner(sessions.torch_rpc(tcp_only=system == "torch-rpc-tcp"), model)
-    if system == "ray":
-        return RayRunner(sessions, model)
+    if system in ("ray", "ray-2node"):
+        return RayRunner(sessions, model, two_nodes=system == "ray-2node")
     modes = {"socket-pipelined": "pipelined", "socket-fast": "fast"}
     return SocketRunner(port, model, mode=modes.get(system, "serial"), core=system == "core-socket")
 
@@ -413,13 +422,13 @@ class RayRunner(Runner):
     """A Ray actor holding the weights (bench/ray_actor.py): ``actor.push.remote(grad)``,
     then ``ray.get(actor.pull.remote())`` (a read-only array backed by Ray's object store)."""
 
-    name = "ray"
-
-    def __init__(self, sessions: Sessions, model: Model) -> None:
+    def __init__(self, sessions: Sessions, model: Model, *, two_nodes: bool = False) -> None:
         import ray_actor
 
-        self.ray = ray = sessions.ray()
-        actor_class = ray_actor.remote_class(ray, sessions.env)
+        self.name = "ray-2node" if two_nodes else "ray"
+        self.ray = ray = sessions.ray(two_nodes=two_nodes)
+        resources = {RAY_SERVER_RESOURCE: 1.0} if two_nodes else None
+        actor_class = ray_actor.remote_class(ray, sessions.env, resources)
         self.actor = actor_class.remote(model.flat(model.init))
         self.server_pid = ray.get(self.actor.pid.remote())
         self.grad = model.flat(model.grads)
@@ -444,6 +453,8 @@ class Sessions:
         self.env = env or {}
         self._torch: TorchRpcSession | None = None
         self._ray: Any = None
+        self._ray_two_nodes = False
+        self._ray_cluster: Any = None
 
     def torch_rpc(self, *, tcp_only: bool = False) -> TorchRpcSession:
         if self._torch is None:
@@ -452,24 +463,40 @@ class Sessions:
             raise RuntimeError("one torch RPC group per process: torch-rpc or torch-rpc-tcp")
         return self._torch
 
-    def ray(self) -> Any:
-        """The ``ray`` module, with a local runtime: 2 CPUs, no dashboard, 1 GiB store."""
-        if self._ray is None:
-            import ray
+    def ray(self, *, two_nodes: bool = False) -> Any:
+        """The ``ray`` module with a local runtime, no dashboard, 1 GiB object store per node:
+        one node with 2 CPUs, or with ``two_nodes`` a head node (1 CPU, the driver) and a
+        second node (1 CPU, ``RAY_SERVER_RESOURCE``) for the actor."""
+        if self._ray is not None:
+            if self._ray_two_nodes != two_nodes:
+                raise RuntimeError("one Ray runtime per process: ray or ray-2node")
+            return self._ray
+        import ray
 
-            # Ray's workers inherit this process's environment: bench/ on their path (for
-            # ray_actor). The allocator settings go to the actor alone (ray_actor).
-            path = os.environ.get("PYTHONPATH", "")
-            os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), path) if p)
+        # Ray's workers inherit this process's environment: bench/ on their path (for
+        # ray_actor). The allocator settings go to the actor alone (ray_actor).
+        path = os.environ.get("PYTHONPATH", "")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), path) if p)
+        quiet = {"log_to_driver": False, "configure_logging": False}
+        if two_nodes:
+            from ray.cluster_utils import Cluster
+
+            store = {"object_store_memory": RAY_OBJECT_STORE_BYTES}
+            self._ray_cluster = Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False, **store},
+            )
+            self._ray_cluster.add_node(num_cpus=1, resources={RAY_SERVER_RESOURCE: 1}, **store)
+            ray.init(address=self._ray_cluster.address, **quiet)
+        else:
             ray.init(
                 num_cpus=2,
                 include_dashboard=False,
                 object_store_memory=RAY_OBJECT_STORE_BYTES,
-                log_to_driver=False,
-                configure_logging=False,
+                **quiet,
             )
-            self._ray = ray
-        return self._ray
+        self._ray, self._ray_two_nodes = ray, two_nodes
+        return ray
 
     def close(self) -> None:
         if self._torch is not None:
@@ -479,3 +506,7 @@ class Sessions:
             with contextlib.suppress(Exception):
                 self._ray.shutdown()
             self._ray = None
+        if self._ray_cluster is not None:
+            with contextlib.suppress(Exception):
+                self._ray_cluster.shutdown()
+            self._ray_cluster = None

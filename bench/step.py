@@ -1,4 +1,4 @@
-"""One whole training step over TCP loopback: paramserve against a hand-written socket server.
+"""One whole training step over TCP loopback: paramserve, hand-written socket servers, peers.
 
 Usage: python bench/step.py [--sizes 16M,1M,small] [--steps N] [--repeats 5] [--json]
 
@@ -10,16 +10,42 @@ from this process:
   replica, Adam) and ``paramserve.client.Client`` used as RemoteOptimizer uses it: one
   ``step(grads)`` call when the model fits ``STEP_MAX_BYTES`` (1 MiB) each way (``small``),
   else ``push(grads)`` then ``pull(out=...)`` into the worker's arrays;
-* ``paramserve-push-pull``: the same, always ``push`` then ``pull(out=...)`` (run only where
-  ``paramserve`` uses ``step``);
-* ``socket``: bench/socket_baseline.py, a minimal length-prefixed TCP server holding w/m/v
-  that applies the same fused numba Adam (``paramserve.optim_core.fused.adam``), serially;
-  the yardstick of the targets (ratios are steps/s over this one's);
-* ``socket-pipelined``: the same server applying each 4 MiB piece as it arrives;
+* ``paramserve-pull``: the plain calls a user writes first, ``push(grads)`` then ``pull()``
+  into new arrays, at every size;
+* ``paramserve-push-pull``: ``push`` then ``pull(out=...)`` (run only where ``paramserve``
+  uses ``step``);
+* ``socket-fast``: the yardstick of the targets (ratios are steps/s over this one's):
+  bench/socket_baseline.py's streamed step, a hand-written TCP server holding w/m/v that
+  applies each 4 MiB piece of the gradient with the fused numba Adam
+  (``paramserve.optim_core.fused.adam``) as it arrives and sends that piece of the weights
+  straight back, while the worker sends from one thread and receives into its array in
+  another (``recv_into``, memoryviews, ``sendmsg``, TCP_NODELAY, no copies in Python);
+* ``socket``: the same server, serial (receive all, apply, send all); ``socket-pipelined``:
+  applying each piece as it arrives, then sending all;
+* ``torch-rpc``: the PyTorch RPC parameter-server pattern (bench/torch_rpc_server.py):
+  ``torch.distributed.rpc`` on loopback, world size 2, ``rpc_sync`` push of the gradient
+  tensor then ``rpc_sync`` pull of the weights, the fused Adam in the server process;
+* ``torch-rpc-tcp`` (only when named in ``--systems``, and not with ``torch-rpc``): the same
+  with TensorPipe limited to its TCP transport and basic channel, as between two hosts (by
+  default TensorPipe may use shared memory between processes of one host);
+* ``ray``: a Ray actor holding the weights (bench/ray_actor.py), local Ray with 2 CPUs and no
+  dashboard: ``actor.push.remote(grad)`` then ``ray.get(actor.pull.remote())``, fused Adam;
 * ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
   bytes and no protobuf, applying per chunk: what gRPC itself costs;
 * ``core-socket`` (reference): bench/core_socket.py, paramserve's real ModelStore/Aggregator
   behind the socket framing: what paramserve's core costs without gRPC.
+
+torch-rpc and ray need their libraries (``pip install -e '.[bench]'``); without one, that
+system is skipped and the reason printed. Both live for the whole run (``init_rpc`` works
+once per process; Ray takes seconds to start), and Ray starts first: its node start times
+out with TensorPipe already up in this process. Ray's own processes (raylet, GCS) run beside
+every system while it is up; the server CPU column of ``ray`` counts the actor's process only.
+On one host Ray moves objects over 100 KiB through its shared-memory object store, not TCP:
+the ``ray`` row is a same-host figure, not what it costs between two hosts.
+* ``ray-2node`` (only when named in ``--systems``, and not with ``ray``): the same actor on a
+  second local Ray node (``ray.cluster_utils.Cluster``, 1 CPU per node), so the gradient and
+  the weights cross between the two nodes' object stores over the network stack, as between
+  two hosts.
 
 Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
 variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
@@ -63,20 +89,24 @@ BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
 from step_systems import (  # noqa: E402
+    EXTRA_SYSTEMS,
     SERVER_SCRIPTS,
     SYSTEMS,
     TUNED_MALLOC_ENV,
+    YARDSTICK,
     Model,
     Runner,
     ServerProcess,
+    Sessions,
     make_runner,
+    missing_library,
     parse_size,
     reference_weights,
     server_args,
     systems_for,
 )
 
-# Element count -> target ratio (paramserve steps/s over the serial socket server's).
+# Element count -> target ratio (paramserve steps/s over the yardstick's, socket-fast).
 TARGET_RATIO = {16 << 20: 0.8, 1 << 20: 0.7}
 TARGET_SMALL_MS = 1.0
 
@@ -100,8 +130,10 @@ class Result:
     server_cpu_ms: float | None  # CPU per step of the server process (all its threads)
     client_cpu_ms: float  # CPU per step of this process (the client, gRPC threads included)
     verified: bool
-    ratio_vs_socket: float | None = None
+    ratio_vs_fast: float | None = None  # over socket-fast, the yardstick
+    ratio_vs_socket: float | None = None  # over the serial socket server
     ratio_vs_pipelined: float | None = None
+    ratio_vs_paramserve: float | None = None
     ratio_vs_grpc_raw: float | None = None
 
 
@@ -131,10 +163,12 @@ class Repeat:
     per_step_s: list[float]
 
 
-def timed_steps(runner: Runner, n: int, server_pid: int) -> Repeat:
+def timed_steps(runner: Runner, n: int, server_pid: int | None) -> Repeat:
     """Run ``n`` steps, timing each, with the CPU both processes spent meanwhile."""
     per_step = []
     clock = time.perf_counter
+    if server_pid is None:
+        server_pid = -1  # unknown: no server CPU figure
     server0, client0 = process_cpu_s(server_pid), self_cpu_s()
     start = clock()
     for _ in range(n):
@@ -148,23 +182,35 @@ def timed_steps(runner: Runner, n: int, server_pid: int) -> Repeat:
 
 
 def measure_size(
-    model: Model, systems: list[str], args: argparse.Namespace, log: Callable[[str], None]
+    model: Model,
+    systems: list[str],
+    args: argparse.Namespace,
+    log: Callable[[str], None],
+    sessions: Sessions,
 ) -> list[Result]:
     model.materialize()
     expected = reference_weights(model, args.warmup)
     with contextlib.ExitStack() as stack:
         runners: list[Runner] = []
-        servers: dict[str, ServerProcess] = {}
+        server_pids: dict[str, int | None] = {}
         for system in systems_for(model, systems):
+            if system not in SERVER_SCRIPTS:  # a peer living in ``sessions``
+                runner = make_runner(system, 0, model, sessions)
+                stack.callback(runner.close)
+                runners.append(runner)
+                server_pids[system] = runner.server_pid
+                continue
             env = TUNED_MALLOC_ENV if args.malloc == "tuned" else {}
             script = SERVER_SCRIPTS[system]
             server = stack.enter_context(
                 _closing(ServerProcess(script, *server_args(system), env=env))
             )
-            runner = _guard(server, lambda s=server, name=system: make_runner(name, s.port, model))
+            runner = _guard(
+                server, lambda s=server, name=system: make_runner(name, s.port, model, sessions)
+            )
             stack.callback(runner.close)
             runners.append(runner)
-            servers[system] = server
+            server_pids[system] = server.proc.pid
 
         n_steps: dict[str, int] = {}
         verified: dict[str, bool] = {}
@@ -185,7 +231,7 @@ def measure_size(
         repeats: dict[str, list[Repeat]] = {r.name: [] for r in runners}
         for _ in range(args.repeats):
             for runner in runners:
-                pid = servers[runner.name].proc.pid
+                pid = server_pids[runner.name]
                 repeats[runner.name].append(timed_steps(runner, n_steps[runner.name], pid))
 
     results = []
@@ -213,15 +259,19 @@ def measure_size(
             )
         )
     by_name = {r.system: r for r in results}
+
+    def over(r: Result, base: str) -> float | None:
+        if base not in by_name or r.system == base:
+            return None
+        return r.steps_per_s / by_name[base].steps_per_s
+
     for r in results:
-        if r.system in ("socket", "socket-pipelined"):
-            continue
-        if "socket" in by_name:
-            r.ratio_vs_socket = r.steps_per_s / by_name["socket"].steps_per_s
-        if "socket-pipelined" in by_name:
-            r.ratio_vs_pipelined = r.steps_per_s / by_name["socket-pipelined"].steps_per_s
-        if "grpc-raw" in by_name and r.system.startswith("paramserve"):
-            r.ratio_vs_grpc_raw = r.steps_per_s / by_name["grpc-raw"].steps_per_s
+        r.ratio_vs_fast = over(r, YARDSTICK)
+        r.ratio_vs_socket = over(r, "socket")
+        r.ratio_vs_pipelined = over(r, "socket-pipelined")
+        r.ratio_vs_paramserve = over(r, "paramserve")
+        if r.system.startswith("paramserve"):
+            r.ratio_vs_grpc_raw = over(r, "grpc-raw")
     return results
 
 
@@ -250,15 +300,15 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
     for r in results:
         if r.system != "paramserve":
             continue
-        if r.elements in TARGET_RATIO and r.ratio_vs_socket is not None:
+        if r.elements in TARGET_RATIO and r.ratio_vs_fast is not None:
             goal = TARGET_RATIO[r.elements]
             out.append(
                 {
                     "size": r.size,
-                    "metric": "paramserve / socket steps/s",
-                    "value": round(r.ratio_vs_socket, 3),
+                    "metric": f"paramserve / {YARDSTICK} steps/s",
+                    "value": round(r.ratio_vs_fast, 3),
                     "target": f">= {goal}",
-                    "met": r.ratio_vs_socket >= goal,
+                    "met": r.ratio_vs_fast >= goal,
                 }
             )
         if r.size == "small":
@@ -276,25 +326,29 @@ def targets(results: list[Result]) -> list[dict[str, Any]]:
 
 def print_table(results: list[Result], goals: list[dict[str, Any]]) -> None:
     head = (
-        f"{'size':>6} {'system':<17}{'steps/s':>9} {'ms/step':>9} {'p50 ms':>8} {'p90 ms':>8} "
-        f"{'GB/s':>6} {'srv cpu':>8} {'cli cpu':>8} {'vs socket':>10} {'vs pipel.':>10} "
-        f"{'vs grpc':>8}  ok"
+        f"{'size':>6} {'system':<21}{'steps/s':>9} {'ms/step':>9} {'p50 ms':>8} {'p90 ms':>8} "
+        f"{'GB/s':>6} {'srv cpu':>8} {'cli cpu':>8} {'vs fast':>8} {'vs socket':>10} "
+        f"{'vs ps':>6} {'vs grpc':>8}  ok"
     )
     print(head)
     print("-" * len(head))
+
+    def fmt(x: float | None, width: int) -> str:
+        return f"{x:>{width}.3f}" if x is not None else f"{'-':>{width}}"
+
     for r in results:
-        vs = f"{r.ratio_vs_socket:.3f}" if r.ratio_vs_socket is not None else "-"
-        vp = f"{r.ratio_vs_pipelined:.3f}" if r.ratio_vs_pipelined is not None else "-"
-        vg = f"{r.ratio_vs_grpc_raw:.3f}" if r.ratio_vs_grpc_raw is not None else "-"
-        srv = f"{r.server_cpu_ms:.3f}" if r.server_cpu_ms is not None else "-"
         print(
-            f"{r.size:>6} {r.system:<17}{r.steps_per_s:>9.1f} {r.ms_per_step:>9.3f} "
-            f"{r.p50_ms:>8.3f} {r.p90_ms:>8.3f} {r.gbytes_per_s:>6.2f} {srv:>8} "
-            f"{r.client_cpu_ms:>8.3f} {vs:>10} {vp:>10} {vg:>8}  {'yes' if r.verified else 'NO'}"
+            f"{r.size:>6} {r.system:<21}{r.steps_per_s:>9.1f} {r.ms_per_step:>9.3f} "
+            f"{r.p50_ms:>8.3f} {r.p90_ms:>8.3f} {r.gbytes_per_s:>6.2f} "
+            f"{fmt(r.server_cpu_ms, 8)} {r.client_cpu_ms:>8.3f} {fmt(r.ratio_vs_fast, 8)} "
+            f"{fmt(r.ratio_vs_socket, 10)} {fmt(r.ratio_vs_paramserve, 6)} "
+            f"{fmt(r.ratio_vs_grpc_raw, 8)}  {'yes' if r.verified else 'NO'}"
         )
     print(
-        "(ms/step = 1000 / median steps/s over repeats; p50/p90 over all timed steps; "
-        "srv/cli cpu = CPU ms per step of the server process / this process)"
+        f"(ms/step = 1000 / median steps/s over repeats; p50/p90 over all timed steps; "
+        f"srv/cli cpu = CPU ms per step of the server process / this process; vs fast / "
+        f"socket / ps / grpc = steps/s over {YARDSTICK}'s / the serial socket server's / "
+        f"paramserve's / grpc-raw's in this run)"
     )
     if goals:
         print("\ntargets:")
@@ -345,8 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--repeat-s", type=float, default=0.6, help="auto steps: seconds per repeat"
     )
-    parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma list of %(default)s")
-    parser.add_argument("--time-limit", type=int, default=180, help="seconds for the whole run")
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma list of %(default)s, or also {', '.join(EXTRA_SYSTEMS)}",
+    )
+    parser.add_argument("--time-limit", type=int, default=420, help="seconds for the whole run")
     parser.add_argument(
         "--malloc",
         choices=("tuned", "default"),
@@ -362,9 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         parser.error(f"--sizes: {exc}")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS)
+    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
-        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
+    if {"torch-rpc", "torch-rpc-tcp"} <= set(systems):
+        parser.error("torch-rpc and torch-rpc-tcp cannot share a run (one RPC group per process)")
+    if {"ray", "ray-2node"} <= set(systems):
+        parser.error("ray and ray-2node cannot share a run (one Ray runtime per process)")
     if args.warmup < 1 or args.repeats < 1:
         parser.error("--warmup and --repeats must be at least 1")
 
@@ -383,20 +445,30 @@ def main(argv: list[str] | None = None) -> int:
             f"note: load average {load_before:.2f} before start on {os.cpu_count()} CPUs; other "
             "work on this machine skews wall-clock figures (the CPU columns much less)"
         )
+    for system in list(systems):
+        reason = missing_library(system)
+        if reason:
+            log(reason)
+            systems.remove(system)
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(args.time_limit)
     results: list[Result] = []
     started = time.monotonic()
     timed_out = False
+    sessions = Sessions(TUNED_MALLOC_ENV if args.malloc == "tuned" else {})
     try:
+        if "ray" in systems or "ray-2node" in systems:
+            # Before torch RPC: with TensorPipe up in this process, Ray's node start times out.
+            sessions.ray(two_nodes="ray-2node" in systems)
         for model in models:
             log(f"[{time.monotonic() - started:6.1f} s] {model.label}: {model.elements:,} floats")
-            results.extend(measure_size(model, systems, args, log))
+            results.extend(measure_size(model, systems, args, log, sessions))
     except TimeoutError as exc:  # servers are already stopped; report what was measured
         log(f"{exc}; sizes not reached are left out")
         timed_out = True
     finally:
         signal.alarm(0)
+        sessions.close()
     goals = targets(results)
     if args.json:
         payload = {

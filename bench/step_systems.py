@@ -3,12 +3,16 @@
 Each system is a server script in this directory started in its own process (it prints
 ``PORT <n>`` when ready and exits when its stdin closes, so it never outlives the benchmark)
 plus a :class:`Runner` in the benchmark's process whose ``step()`` is one whole training step:
-push the gradient, the server applies Adam, pull the weights.
+push the gradient, the server applies Adam, pull the weights. The peers a user would pick
+instead of paramserve cannot be restarted per size: ``torch-rpc`` (``init_rpc`` works once per
+process) and ``ray`` (the local runtime takes seconds to start) live in :class:`Sessions`, one
+per run, and are left out, with the reason printed, when their library is not installed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import selectors
@@ -18,6 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,24 +30,48 @@ BENCH_DIR = Path(__file__).resolve().parent
 if str(BENCH_DIR) not in sys.path:
     sys.path.insert(0, str(BENCH_DIR))
 
-from socket_baseline import BaselineClient  # noqa: E402
+from socket_baseline import SOCK_BUF_BYTES, BaselineClient  # noqa: E402
 
 SYSTEMS = (
     "paramserve",
+    "paramserve-pull",
     "paramserve-push-pull",
     "grpc-raw",
     "core-socket",
     "socket",
     "socket-pipelined",
+    "socket-fast",
+    "torch-rpc",
+    "ray",
 )
+# Valid in --systems but not run by default: torch-rpc restricted to TensorPipe's TCP
+# transport, and the Ray actor on a second local Ray node, so that its objects cross
+# between two object stores over the network stack (one torch RPC group and one Ray runtime
+# per process: a run takes torch-rpc or torch-rpc-tcp, ray or ray-2node).
+EXTRA_SYSTEMS = ("torch-rpc-tcp", "ray-2node")
+# The yardstick of the targets: the streamed hand-written server.
+YARDSTICK = "socket-fast"
 SERVER_SCRIPTS = {
     "paramserve": "paramserve_server.py",
+    "paramserve-pull": "paramserve_server.py",
     "paramserve-push-pull": "paramserve_server.py",
     "grpc-raw": "grpc_floor.py",
     "core-socket": "core_socket.py",
     "socket": "socket_baseline.py",
     "socket-pipelined": "socket_baseline.py",
+    "socket-fast": "socket_baseline.py",
 }
+# Peers whose library may be missing: system -> the module it needs.
+OPTIONAL_LIBRARIES = {
+    "torch-rpc": "torch",
+    "torch-rpc-tcp": "torch",
+    "ray": "ray",
+    "ray-2node": "ray",
+}
+# Ray's object store for the run: room for a few 64 MiB gradients and weights in flight.
+RAY_OBJECT_STORE_BYTES = 1 << 30
+# ray-2node: the custom resource only the second node has, so the actor is placed there.
+RAY_SERVER_RESOURCE = "paramserver"
 SMALL_MODEL = {
     "dense/kernel": (64, 128),
     "dense/bias": (128,),
@@ -65,7 +94,17 @@ def server_args(system: str) -> tuple[str, ...]:
         from paramserve.wire import CHUNK_BYTES
 
         return ("--chunk-bytes", str(CHUNK_BYTES))
+    if system == "socket-fast":
+        return ("--sock-buf", str(SOCK_BUF_BYTES))
     return ()
+
+
+def missing_library(system: str) -> str | None:
+    """Why ``system`` cannot run here (its library is not installed), or None."""
+    module = OPTIONAL_LIBRARIES.get(system)
+    if module is not None and importlib.util.find_spec(module) is None:
+        return f"{system}: skipped, {module!r} is not installed (pip install -e '.[bench]')"
+    return None
 
 
 # --- model definitions ------------------------------------------------------------------
@@ -185,6 +224,8 @@ class Runner:
     """One system's worker: ``step()`` is one whole training step; ``weights()`` the last pull."""
 
     name: str
+    # The process that applies the updates, for the CPU column (None: the server script's).
+    server_pid: int | None = None
 
     def step(self) -> None:
         raise NotImplementedError
@@ -197,10 +238,14 @@ class Runner:
 
 
 class SocketRunner(Runner):
-    def __init__(self, port: int, model: Model, *, pipelined: bool, core: bool = False) -> None:
-        self.name = "core-socket" if core else "socket-pipelined" if pipelined else "socket"
-        self.pipelined = pipelined
-        self.client = BaselineClient(("127.0.0.1", port))
+    """The hand-written servers (``mode``: serial, pipelined or fast) and core-socket."""
+
+    def __init__(self, port: int, model: Model, *, mode: str, core: bool = False) -> None:
+        names = {"serial": "socket", "pipelined": "socket-pipelined", "fast": "socket-fast"}
+        self.name = "core-socket" if core else names[mode]
+        self.mode = mode
+        sock_buf = SOCK_BUF_BYTES if mode == "fast" else 0
+        self.client = BaselineClient(("127.0.0.1", port), sock_buf=sock_buf)
         # core-socket: the paramserve core needs the variables' names and shapes first.
         spec = json.dumps([[n, list(s)] for n, s in model.shapes.items()]).encode()
         self.client.init(model.flat(model.init), prefix=spec if core else b"")
@@ -208,7 +253,10 @@ class SocketRunner(Runner):
         self.out = np.empty_like(self.grad)
 
     def step(self) -> None:
-        self.client.step(self.grad, self.out, pipelined=self.pipelined)
+        if self.mode == "fast":
+            self.client.step_stream(self.grad, self.out)
+        else:
+            self.client.step(self.grad, self.out, pipelined=self.mode == "pipelined")
 
     def weights(self) -> np.ndarray:
         return self.out.copy()
@@ -244,14 +292,20 @@ class ParamserveRunner(Runner):
     """The SDK as a worker uses it: ``Client.step`` (one RPC) for a model that fits
     ``STEP_MAX_BYTES`` each way, as RemoteOptimizer does, else ``push`` then ``pull`` into
     the worker's arrays (``out=``, as RemoteOptimizer does, and as grpc-raw's worker does);
-    ``push_pull`` forces the latter."""
+    ``push_pull`` forces the latter; ``alloc`` is the plain call a user writes first,
+    ``push`` then ``pull()`` into new arrays, at every size."""
 
-    def __init__(self, port: int, model: Model, *, push_pull: bool = False) -> None:
+    def __init__(
+        self, port: int, model: Model, *, push_pull: bool = False, alloc: bool = False
+    ) -> None:
         from paramserve.client import Client
 
-        self.name = "paramserve-push-pull" if push_pull else "paramserve"
+        self.name = (
+            "paramserve-pull" if alloc else "paramserve-push-pull" if push_pull else "paramserve"
+        )
         self.model = model
-        self.use_step = not push_pull and fits_one_step(model)
+        self.alloc = alloc
+        self.use_step = not push_pull and not alloc and fits_one_step(model)
         self.client = Client(f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0)
         self.client.__enter__()
         self.client.create_model(dict(model.init), optimizer="adam")
@@ -262,6 +316,9 @@ class ParamserveRunner(Runner):
     def step(self) -> None:
         if self.use_step:
             self.pulled = self.client.step(self.grads)
+        elif self.alloc:
+            self.client.push(self.grads)
+            self.pulled = self.client.pull()
         else:
             self.client.push(self.grads)
             self.pulled = self.client.pull(out=self.out)
@@ -287,12 +344,169 @@ def systems_for(model: Model, systems: list[str]) -> list[str]:
     return [s for s in systems if not (s == "paramserve-push-pull" and "paramserve" in systems)]
 
 
-def make_runner(system: str, port: int, model: Model) -> Runner:
-    """The worker for ``system`` (one of SYSTEMS), connected and initialised."""
-    if system in ("paramserve", "paramserve-push-pull"):
-        return ParamserveRunner(port, model, push_pull=system == "paramserve-push-pull")
+def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Runner:
+    """The worker for ``system`` (one of SYSTEMS), connected and initialised; ``port`` is
+    its server script's (unused by the peers in ``sessions``)."""
+    if system in ("paramserve", "paramserve-push-pull", "paramserve-pull"):
+        return ParamserveRunner(
+            port,
+            model,
+            push_pull=system == "paramserve-push-pull",
+            alloc=system == "paramserve-pull",
+        )
     if system == "grpc-raw":
         return GrpcRawRunner(port, model)
-    return SocketRunner(
-        port, model, pipelined=system == "socket-pipelined", core=system == "core-socket"
-    )
+    if system in ("torch-rpc", "torch-rpc-tcp"):
+        return TorchRpcRunner(sessions.torch_rpc(tcp_only=system == "torch-rpc-tcp"), model)
+    if system in ("ray", "ray-2node"):
+        return RayRunner(sessions, model, two_nodes=system == "ray-2node")
+    modes = {"socket-pipelined": "pipelined", "socket-fast": "fast"}
+    return SocketRunner(port, model, mode=modes.get(system, "serial"), core=system == "core-socket")
+
+
+# --- the peers a user would pick instead -------------------------------------------------
+class TorchRpcSession:
+    """bench/torch_rpc_server.py in a subprocess and this process as RPC rank 1 (worker)."""
+
+    def __init__(self, env: dict[str, str], *, tcp_only: bool = False) -> None:
+        import torch_rpc_server as ps
+        from torch.distributed import rpc
+
+        self.tcp_only = tcp_only
+        args = ("--tcp-only",) if tcp_only else ()
+        self.server = ServerProcess("torch_rpc_server.py", *args, env=env)
+        try:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(self.server.port)
+            rpc.init_rpc(
+                ps.WORKER_NAME, rank=1, world_size=2, rpc_backend_options=ps.rpc_options(tcp_only)
+            )
+        except BaseException:
+            self.server.close()
+            raise
+        self.pid = rpc.rpc_sync(ps.SERVER_NAME, ps.server_pid)
+
+    def close(self) -> None:
+        from torch.distributed import rpc
+
+        with contextlib.suppress(Exception):
+            rpc.shutdown()
+        self.server.close()
+
+
+class TorchRpcRunner(Runner):
+    """``rpc_sync`` push of the gradient tensor, then ``rpc_sync`` pull of the weights (a
+    new tensor each step, as RPC returns it)."""
+
+    def __init__(self, session: TorchRpcSession, model: Model) -> None:
+        self.name = "torch-rpc-tcp" if session.tcp_only else "torch-rpc"
+        import torch
+        import torch_rpc_server as ps
+        from torch.distributed import rpc
+
+        self.rpc, self.ps = rpc, ps
+        self.server_pid = session.pid
+        rpc.rpc_sync(ps.SERVER_NAME, ps.init, args=(torch.from_numpy(model.flat(model.init)),))
+        self.grad = torch.from_numpy(model.flat(model.grads))
+        self.pulled = torch.from_numpy(model.flat(model.init))
+
+    def step(self) -> None:
+        self.rpc.rpc_sync(self.ps.SERVER_NAME, self.ps.push, args=(self.grad,))
+        self.pulled = self.rpc.rpc_sync(self.ps.SERVER_NAME, self.ps.pull)
+
+    def weights(self) -> np.ndarray:
+        return self.pulled.numpy().copy()
+
+
+class RayRunner(Runner):
+    """A Ray actor holding the weights (bench/ray_actor.py): ``actor.push.remote(grad)``,
+    then ``ray.get(actor.pull.remote())`` (a read-only array backed by Ray's object store)."""
+
+    def __init__(self, sessions: Sessions, model: Model, *, two_nodes: bool = False) -> None:
+        import ray_actor
+
+        self.name = "ray-2node" if two_nodes else "ray"
+        self.ray = ray = sessions.ray(two_nodes=two_nodes)
+        resources = {RAY_SERVER_RESOURCE: 1.0} if two_nodes else None
+        actor_class = ray_actor.remote_class(ray, sessions.env, resources)
+        self.actor = actor_class.remote(model.flat(model.init))
+        self.server_pid = ray.get(self.actor.pid.remote())
+        self.grad = model.flat(model.grads)
+        self.pulled = model.flat(model.init)
+
+    def step(self) -> None:
+        self.actor.push.remote(self.grad)
+        self.pulled = self.ray.get(self.actor.pull.remote())
+
+    def weights(self) -> np.ndarray:
+        return np.array(self.pulled, copy=True)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.ray.kill(self.actor)
+
+
+class Sessions:
+    """The peers' long-lived parts, started on first use and closed once at the end."""
+
+    def __init__(self, env: dict[str, str] | None = None) -> None:
+        self.env = env or {}
+        self._torch: TorchRpcSession | None = None
+        self._ray: Any = None
+        self._ray_two_nodes = False
+        self._ray_cluster: Any = None
+
+    def torch_rpc(self, *, tcp_only: bool = False) -> TorchRpcSession:
+        if self._torch is None:
+            self._torch = TorchRpcSession(self.env, tcp_only=tcp_only)
+        elif self._torch.tcp_only != tcp_only:
+            raise RuntimeError("one torch RPC group per process: torch-rpc or torch-rpc-tcp")
+        return self._torch
+
+    def ray(self, *, two_nodes: bool = False) -> Any:
+        """The ``ray`` module with a local runtime, no dashboard, 1 GiB object store per node:
+        one node with 2 CPUs, or with ``two_nodes`` a head node (1 CPU, the driver) and a
+        second node (1 CPU, ``RAY_SERVER_RESOURCE``) for the actor."""
+        if self._ray is not None:
+            if self._ray_two_nodes != two_nodes:
+                raise RuntimeError("one Ray runtime per process: ray or ray-2node")
+            return self._ray
+        import ray
+
+        # Ray's workers inherit this process's environment: bench/ on their path (for
+        # ray_actor). The allocator settings go to the actor alone (ray_actor).
+        path = os.environ.get("PYTHONPATH", "")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), path) if p)
+        quiet = {"log_to_driver": False, "configure_logging": False}
+        if two_nodes:
+            from ray.cluster_utils import Cluster
+
+            store = {"object_store_memory": RAY_OBJECT_STORE_BYTES}
+            self._ray_cluster = Cluster(
+                initialize_head=True,
+                head_node_args={"num_cpus": 1, "include_dashboard": False, **store},
+            )
+            self._ray_cluster.add_node(num_cpus=1, resources={RAY_SERVER_RESOURCE: 1}, **store)
+            ray.init(address=self._ray_cluster.address, **quiet)
+        else:
+            ray.init(
+                num_cpus=2,
+                include_dashboard=False,
+                object_store_memory=RAY_OBJECT_STORE_BYTES,
+                **quiet,
+            )
+        self._ray, self._ray_two_nodes = ray, two_nodes
+        return ray
+
+    def close(self) -> None:
+        if self._torch is not None:
+            self._torch.close()
+            self._torch = None
+        if self._ray is not None:
+            with contextlib.suppress(Exception):
+                self._ray.shutdown()
+            self._ray = None
+        if self._ray_cluster is not None:
+            with contextlib.suppress(Exception):
+                self._ray_cluster.shutdown()
+            self._ray_cluster = None

@@ -332,14 +332,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             return self._weight_headers(specs, tensors), payloads
 
         version, (headers, payloads) = self._core.read_weights(*selection, encode)
-        weights = [
-            pb.InlineTensor(header=h, data=data) for h, data in zip(headers, payloads, strict=True)
-        ]
+        response = pb.StepResponse(push=messages.push_response(result), version=version)
+        # Filled in place: InlineTensor messages handed to the constructor would each be
+        # copied once more, payload included.
+        for header, data in zip(headers, payloads, strict=True):
+            tensor = response.weights.add()
+            tensor.header.CopyFrom(header)
+            tensor.data = data
         self._step_pulled.inc()
         self._step_sent_bytes.inc(sum(h.byte_length for h in headers))
-        return pb.StepResponse(
-            push=messages.push_response(result), version=version, weights=weights
-        )
+        return response
 
     @_rpc("SetOptimizerState")
     def SetOptimizerState(  # noqa: N802

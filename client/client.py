@@ -624,12 +624,14 @@ class Client:
         pull = self._weights_request(names, rows, min_version=None)
         self._check_step_fits(headers, pull)
         base = self._base_version if base_version is None else base_version
-        gradients = [pb.InlineTensor(data=whole_payload(v)) for v in values]
+        # The payloads are written into the request once (InlineTensor messages handed to
+        # the constructor would be copied once more); a resend changes only its push header.
+        request = pb.StepRequest(pull=pull)
+        for v in values:
+            request.gradients.add().data = whole_payload(v)
 
         def send(seq: int) -> pb.StepResponse:
-            request = pb.StepRequest(
-                push=self._push_header(seq, base, headers), gradients=gradients, pull=pull
-            )
+            request.push.CopyFrom(self._push_header(seq, base, headers))
             return self._call("Step", self._stub.Step, request, timeout_s)
 
         seq, response = self._sequenced(sequence, send)

@@ -44,19 +44,47 @@ class Adam(Optimizer):
             )
 
     def update_step(self, gradient: Any, variable: Variable, learning_rate: Any) -> None:
-        dt = variable.dtype.type
-        xp = variable.xp
+        scalars = self._step_scalars(variable.dtype.type, variable.xp, learning_rate)
+        self._update_variable(gradient, variable, scalars)
+
+    def _backend_update_step(
+        self, grads: list[Any], variables: list[Variable], learning_rate: Any
+    ) -> None:
+        """The per-variable loop, with the step's scalars formed once per dtype and backend.
+
+        The scalars depend on the step, the learning rate and the dtype only, so forming
+        them once gives each variable the very values :meth:`update_step` would. A subclass
+        that overrides ``update_step`` gets the base class's plain loop.
+        """
+        if type(self).update_step is not Adam.update_step:
+            super()._backend_update_step(grads, variables, learning_rate)
+            return
+        cache: dict[tuple[Any, Any], tuple[Any, Any, Any, Any]] = {}
+        for g, v in zip(grads, variables, strict=True):
+            key = (v.dtype.type, v.xp)
+            scalars = cache.get(key)
+            if scalars is None:
+                scalars = cache[key] = self._step_scalars(*key, learning_rate)
+            self._update_variable(g, v, scalars)
+
+    def _step_scalars(self, dt: Any, xp: Any, learning_rate: Any) -> tuple[Any, Any, Any, Any]:
+        """``(alpha, 1-beta_1, 1-beta_2, epsilon)`` of this step in dtype ``dt``."""
         lr = dt(learning_rate)
         t = dt(self.iterations + 1)
         beta_1_power = np.power(dt(self.beta_1), t)
         beta_2_power = np.power(dt(self.beta_2), t)
+        alpha = lr * xp.sqrt(dt(1) - beta_2_power) / (dt(1) - beta_1_power)
+        return alpha, dt(1 - self.beta_1), dt(1 - self.beta_2), dt(self.epsilon)
+
+    def _update_variable(
+        self, gradient: Any, variable: Variable, scalars: tuple[Any, Any, Any, Any]
+    ) -> None:
+        """The Adam rule for one variable, given the step's scalars (:meth:`_step_scalars`)."""
+        alpha, one_minus_b1, one_minus_b2, eps = scalars
+        xp = variable.xp
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
-        alpha = lr * xp.sqrt(dt(1) - beta_2_power) / (dt(1) - beta_1_power)
-        one_minus_b1 = dt(1 - self.beta_1)
-        one_minus_b2 = dt(1 - self.beta_2)
-        eps = dt(self.epsilon)
         v_hat_value = self._velocity_hats[index].value if self.amsgrad else None
         arrays = [variable.value, gradient, m.value, v.value]
         if fused.can_fuse(self, *arrays, *([v_hat_value] if self.amsgrad else [])):

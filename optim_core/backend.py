@@ -64,11 +64,15 @@ def array_module(device: str = "cpu") -> ModuleType:
 
 def is_cupy_array(x: Any) -> bool:
     """True for a CuPy ndarray, decided without importing CuPy."""
+    if isinstance(x, np.ndarray):  # the common case, answered without the module lookup
+        return False
     return type(x).__module__.split(".", 1)[0] == "cupy"
 
 
 def get_array_module(x: Any) -> ModuleType:
     """The array module (numpy or cupy) that owns ``x``."""
+    if isinstance(x, np.ndarray):
+        return np
     if is_cupy_array(x):
         return importlib.import_module("cupy")
     return np

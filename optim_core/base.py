@@ -345,18 +345,21 @@ class Optimizer:
 
     def _prepare_gradient(self, grad: Any, variable: Variable) -> Any:
         """Check one gradient against its variable; return it as a dense array of its dtype."""
-        if isinstance(grad, IndexedSlices | tuple):
-            return densify(grad, variable)
-        xp = variable.xp
-        if get_array_module(grad) is not xp or not hasattr(grad, "dtype"):
-            grad = np.asarray(to_numpy(grad)) if xp is np else xp.asarray(grad)
-        if tuple(grad.shape) != variable.shape:
+        value = variable.value
+        if not (isinstance(grad, np.ndarray) and isinstance(value, np.ndarray)):
+            # Host arrays on a host variable (the common case) need none of this.
+            if isinstance(grad, IndexedSlices | tuple):
+                return densify(grad, variable)
+            xp = variable.xp
+            if get_array_module(grad) is not xp or not hasattr(grad, "dtype"):
+                grad = np.asarray(to_numpy(grad)) if xp is np else xp.asarray(grad)
+        if tuple(grad.shape) != tuple(value.shape):
             raise ValueError(
                 f"Gradient for variable {variable.path!r} has shape {tuple(grad.shape)}, "
                 f"expected {variable.shape}."
             )
-        if grad.dtype != variable.dtype:
-            grad = grad.astype(variable.dtype)
+        if grad.dtype != value.dtype:
+            grad = grad.astype(value.dtype)
         return grad
 
     def _apply_prepared(self, grads: list[Any], variables: list[Variable]) -> None:

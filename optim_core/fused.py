@@ -214,9 +214,16 @@ def can_fuse(optimizer: Optimizer, *arrays: Any) -> bool:
 
 def _flat(a: np.ndarray) -> np.ndarray:
     # A view of a C-contiguous array, so the kernel writes land in the caller's array.
+    if type(a) is np.ndarray and a.ndim == 1:
+        return a  # already flat: the array itself, no view to make
     if type(a) is not np.ndarray:  # np.memmap and other subclasses
         a = a.view(np.ndarray)
     return a.reshape(-1)
+
+
+def _cast(dt: Any, x: Any) -> Any:
+    """``dt(x)``; ``x`` itself when it already is a ``dt`` scalar (the same value)."""
+    return x if type(x) is dt else dt(x)
 
 
 def _kernels() -> SimpleNamespace:
@@ -240,7 +247,7 @@ def adam(
     """Adam (AMSGrad when ``v_hat`` is given) in place: the xp rule of ``adam.py``, fused."""
     k = _kernels()
     dt = w.dtype.type
-    scalars = (dt(alpha), dt(one_minus_b1), dt(one_minus_b2), dt(eps))
+    scalars = (_cast(dt, alpha), _cast(dt, one_minus_b1), _cast(dt, one_minus_b2), _cast(dt, eps))
     if v_hat is None:
         k.adam(_flat(w), _flat(g), _flat(m), _flat(v), *scalars)
     else:

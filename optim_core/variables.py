@@ -74,7 +74,8 @@ class Variable:
     @property
     def xp(self) -> Any:
         """The array module (numpy or cupy) holding this variable."""
-        return get_array_module(self.value)
+        value = self.value
+        return np if isinstance(value, np.ndarray) else get_array_module(value)
 
     def numpy(self) -> np.ndarray:
         """A host NumPy copy of the value."""

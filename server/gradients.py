@@ -32,11 +32,10 @@ def all_finite(values: np.ndarray) -> bool:
     16M floats); this checks a C-contiguous array block by block into one small scratch
     buffer, stopping at the first bad block. Other layouts take the plain route.
     """
-    if not values.flags.c_contiguous:
+    if values.size <= FINITE_BLOCK_ELEMENTS or not values.flags.c_contiguous:
+        # Small (any layout: the scratch is small too) or not C-contiguous: the plain route.
         return bool(np.isfinite(values).all())
     flat = values.reshape(-1)
-    if flat.size <= FINITE_BLOCK_ELEMENTS:
-        return bool(np.isfinite(flat).all())
     scratch = np.empty(FINITE_BLOCK_ELEMENTS, dtype=bool)
     for start in range(0, flat.size, FINITE_BLOCK_ELEMENTS):
         block = flat[start : start + FINITE_BLOCK_ELEMENTS]

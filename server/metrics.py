@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
@@ -134,6 +135,17 @@ class ServerMetrics:
         )
         self._http_server = None
         self._http_thread: threading.Thread | None = None
+        # Labelled children by label values: ``labels()`` takes a lock and builds a key on
+        # every call, which counts on a small model's every step.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, family: Any, *values: str) -> Any:
+        """``family.labels(*values)``, looked up once per family and label values."""
+        key = (id(family), *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*values)
+        return child
 
     # -- recording helpers -------------------------------------------------------------------
 
@@ -144,11 +156,11 @@ class ServerMetrics:
         ``counts_as="push"`` a failed one as a push of that outcome (a push that succeeded
         is counted by :meth:`record_push`, by what became of it).
         """
-        self.rpcs.labels(method=method, code=code).inc()
+        self._child(self.rpcs, method, code).inc()
         if counts_as == "pull":
-            self.pulls.labels(outcome="ok" if code == "OK" else code.lower()).inc()
+            self._child(self.pulls, "ok" if code == "OK" else code.lower()).inc()
         elif counts_as == "push" and code != "OK":
-            self.pushes.labels(outcome=code.lower()).inc()
+            self._child(self.pushes, code.lower()).inc()
 
     # -- the core's hooks (CoreMetrics) ------------------------------------------------------
 
@@ -175,12 +187,12 @@ class ServerMetrics:
     def record_push(self, *, duplicate: bool, applied: bool, version: int) -> None:
         """Count a successful push by outcome."""
         if duplicate:
-            self.pushes.labels(outcome="duplicate").inc()
+            self._child(self.pushes, "duplicate").inc()
             self.dedupe_hits.inc()
         elif applied:
-            self.pushes.labels(outcome="applied").inc()
+            self._child(self.pushes, "applied").inc()
         else:
-            self.pushes.labels(outcome="skipped").inc()
+            self._child(self.pushes, "skipped").inc()
         self.model_version.set(version)
 
     def record_round(self, outcome: str) -> None:

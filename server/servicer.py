@@ -45,6 +45,8 @@ COUNTS_AS = {"Push": "push", "Pull": "pull"}
 # Tensor streams bypass protobuf for their chunks, both ways (see paramserve.wire.framing).
 _RAW_CHUNKS_IN = ("CreateModel", "Push", "SetOptimizerState")
 _RAW_CHUNKS_OUT = ("Pull",)
+# Step header lists remembered as checked (a few per worker; cleared when full).
+_CHECKED_HEADERS_MAX = 256
 
 
 def _remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -139,6 +141,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         }
         self._step_sent_bytes = metrics.bytes_sent.labels(method="Step")
         self._step_pulled = metrics.pulls.labels(outcome="ok")
+        # Step header lists (their serialized headers) that passed the size and spec checks,
+        # with the specs object they passed against.
+        self._checked_step_headers: dict[tuple[bytes, ...], Specs] = {}
 
     def count_call(self, method: str, code: str) -> None:
         """Count a finished call by method and status code name (also the auth interceptor's
@@ -187,10 +192,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 f"the Step carries {len(request.gradients)} gradients, but push.tensors "
                 f"describes {len(headers)}; describe each gradient there, in order"
             )
-        messages.check_sizes(headers, self._limits, dense_only=False)
-        messages.check_against(
-            headers, self._core.variable_specs(), what="variable", unknown=NotFound
-        )
+        # A worker sends the same headers every step: ones that passed against this model's
+        # specs (one object per model) pass again, so only their bytes are compared.
+        key = tuple(h.SerializeToString() for h in headers)
+        checked = self._checked_step_headers.get(key)
+        if checked is None or checked is not self._core.variable_specs():
+            messages.check_sizes(headers, self._limits, dense_only=False)
+            specs = self._core.variable_specs()
+            messages.check_against(headers, specs, what="variable", unknown=NotFound)
+            if len(self._checked_step_headers) >= _CHECKED_HEADERS_MAX:
+                self._checked_step_headers.clear()
+            self._checked_step_headers[key] = specs
         grads: dict[str, wire.TensorValue] = {}
         for i, (header, gradient) in enumerate(zip(headers, request.gradients, strict=True)):
             if gradient.HasField("header") and gradient.header != header:
@@ -332,14 +344,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             return self._weight_headers(specs, tensors), payloads
 
         version, (headers, payloads) = self._core.read_weights(*selection, encode)
-        weights = [
-            pb.InlineTensor(header=h, data=data) for h, data in zip(headers, payloads, strict=True)
-        ]
+        response = pb.StepResponse(push=messages.push_response(result), version=version)
+        # Filled in place: InlineTensor messages handed to the constructor would each be
+        # copied once more, payload included.
+        for header, data in zip(headers, payloads, strict=True):
+            tensor = response.weights.add()
+            tensor.header.CopyFrom(header)
+            tensor.data = data
         self._step_pulled.inc()
         self._step_sent_bytes.inc(sum(h.byte_length for h in headers))
-        return pb.StepResponse(
-            push=messages.push_response(result), version=version, weights=weights
-        )
+        return response
 
     @_rpc("SetOptimizerState")
     def SetOptimizerState(  # noqa: N802

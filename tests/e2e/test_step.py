@@ -257,3 +257,20 @@ def test_remote_optimizer_switches_to_push_and_pull_above_the_limit(
     assert_same(dict(zip(SHAPES, params, strict=True)), dict(client.pull()))
     with pytest.raises(ValueError, match="step_max_bytes"):
         RemoteOptimizer(client, step_max_bytes=-1)
+
+
+def test_step_headers_are_checked_again_against_a_new_model(start_server, connect):
+    # The server remembers header lists that passed, per model: a model recreated with
+    # another shape must refuse the very headers the old one accepted.
+    server = start_server(mode="async")
+    admin = connect(server, worker_id="admin")
+    worker = connect(server, worker_id="w")
+    admin.create_model(initial_weights(), ADAM)
+    bias = {"dense/bias": np.ones(SHAPES["dense/bias"], np.float32)}
+    assert worker.step(bias).push_result.applied
+    admin.delete_model()
+    admin.create_model({"dense/bias": np.zeros(4, np.float32)}, ADAM)
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        worker.step(bias)
+    new_bias = {"dense/bias": np.ones(4, np.float32)}
+    assert worker.step(new_bias, base_version=0).push_result.applied

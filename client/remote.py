@@ -37,7 +37,7 @@ from .streams import as_host_array, as_wire_value, cast_gradient
 
 # Largest gradient payload (and weights payload) that apply() sends in one Step call rather
 # than a streamed push and pull: below it, the saved round trip dominates; above it, one big
-# message costs more than chunked streams (see /work/shared/perf-notes.md).
+# message costs more than chunked streams (bench/step.py measures both: docs/benchmarks.md).
 STEP_MAX_BYTES = 1 << 20
 
 

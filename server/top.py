@@ -32,6 +32,7 @@ MISSING_RICH = (
     "paramserve top needs the rich package: pip install 'paramserve[top]' (or pip install rich)"
 )
 NO_VALUE = "-"
+ONCE_WIDTH = 200  # columns of a --once frame written to a pipe or file
 
 
 @dataclass(frozen=True)
@@ -472,7 +473,7 @@ def run_top(args: argparse.Namespace) -> int:
             first = poller.poll()
             time.sleep(interval)
             # Off a terminal (a pipe, a file) rich would fold the tables into 80 columns.
-            width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
+            width = None if sys.stdout.isatty() else ONCE_WIDTH
             Console(width=width).print(render(first, poller.poll(), interval))
             return 0
         previous: list[Sample | None] = [None] * len(addresses)

@@ -7,9 +7,10 @@ per second, partial and aborted rounds, last snapshot's age) and a row per worke
 pushes, last push, lag in versions, duplicates). Rates are differences between the last two
 answers of a server. A server that does not answer shows why in its row.
 
-rich is imported here, and this module only by ``paramserve top``: the other commands stay
-light. ``--once`` samples twice, ``--interval`` apart (so the rates are filled in), prints
-one frame and exits.
+The command line imports this module for its flags (:func:`add_top_parser`); rich and the
+SDK are imported only when ``top`` runs, so the other commands stay light. ``--once`` samples
+twice, ``--interval`` apart (so the rates are filled in), prints one frame (200 columns wide
+off a terminal) and exits.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ class Sample:
     at: float
     now: datetime
     status: ServerStatus | None = None
-    error: str | None = None
+    error: str | None = None  # "unreachable: ..." or "refused: ..." when status failed
     model: ModelDescription | None = None
     # The newest snapshot's creation time; None with none (or see ``snapshots_note``).
     last_snapshot: datetime | None = None
@@ -90,10 +90,12 @@ class Poller:
 
     def _sample(self, client: Client) -> Sample:
         from paramserve.client import (
+            DeadlineExceededError,
             FailedPreconditionError,
             ParamServeError,
             PermissionDeniedError,
             UnauthenticatedError,
+            UnavailableError,
         )
 
         at, now = time.monotonic(), datetime.now(timezone.utc)
@@ -101,7 +103,12 @@ class Poller:
             status = client.status()
         except ParamServeError as exc:
             self._models.pop(client.address, None)
-            return Sample(client.address, at, now, error=_one_line(exc))
+            what = (
+                "unreachable"
+                if isinstance(exc, UnavailableError | DeadlineExceededError)
+                else "refused"
+            )
+            return Sample(client.address, at, now, error=f"{what}: {_one_line(exc)}")
         model = self._model(client, status)
         last_snapshot, note = None, ""
         try:
@@ -221,7 +228,7 @@ def render(previous: Sequence[Sample | None], current: Sequence[Sample], interva
         if status is None:
             servers.add_row(
                 sample.address,
-                Text(f"unreachable: {sample.error}", style="bold red"),
+                Text(sample.error or "", style="bold red"),
                 *([NO_VALUE] * 12),
             )
             continue

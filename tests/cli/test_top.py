@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.cli.test_import_cost import heavy_in, run_cli
+from tests.support.credentials import ADMIN_TOKEN, WORKER_TOKEN, write_tokens_file
 from tests.support.models.tiny import SGD_JSON, grads_for, initial_variables
 from tests.support.processes import REPO, clean_env, free_port
 
@@ -68,7 +69,7 @@ def test_once_prints_servers_and_workers(start_server, connect, tmp_path):
     assert row[1:5] == ["serving", "async", "model (8 params)", "4"]
     assert row[-1].endswith("ago")
     [unreachable] = cells(out, down)
-    assert unreachable[1].startswith("unreachable")
+    assert unreachable[1].startswith("unreachable: UNAVAILABLE")
     workers = {r[1]: r for r in cells(out, server.address) if r[1].startswith("worker-")}
     # worker: pushes, pushes/s, last push, lag (version - base of its newest push), duplicates
     assert workers["worker-a"][2] == "3"
@@ -180,3 +181,29 @@ def test_live_view_refreshes_and_quits(start_server, connect, quit_with):
         assert "Traceback" not in terminal.text
     finally:
         terminal.close()
+
+
+def test_tokens_a_worker_token_sees_all_but_snapshots(start_server, connect, tmp_path):
+    server = start_server(
+        mode="async",
+        checkpoint_dir=tmp_path / "ckpt",
+        tokens_file=write_tokens_file(tmp_path / "tokens.toml"),
+    )
+    admin = connect(server, token=ADMIN_TOKEN, worker_id="worker-a")
+    admin.create_model(initial_variables(), json.loads(SGD_JSON))
+    admin.push(grads_for())
+    admin.snapshot()
+    seen = {}
+    for who, token in (("worker", WORKER_TOKEN), ("admin", ADMIN_TOKEN), ("nobody", None)):
+        flags = []
+        if token is not None:
+            token_file = tmp_path / f"{who}.token"
+            token_file.write_text(token)
+            token_file.chmod(0o600)
+            flags = ["--token-file", str(token_file)]
+        proc, _ = run_cli("top", "--once", "--interval", "0.05", *flags, server.address)
+        assert proc.returncode == 0, proc.stderr
+        seen[who] = cells(proc.stdout, server.address)[0]
+    assert seen["worker"][4] == "1" and seen["worker"][-1] == "admin only"
+    assert seen["admin"][4] == "1" and seen["admin"][-1].endswith("ago")
+    assert seen["nobody"][1].startswith("refused: UNAUTHENTICATED")

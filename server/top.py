@@ -446,7 +446,11 @@ def add_top_parser(sub: argparse._SubParsersAction, help_text: str) -> argparse.
         default=5.0,
         help="deadline of each call to a server (default: 5)",
     )
-    add_tls_token_flags(p, token_role="a worker's or an admin's (snapshot ages need an admin's)")
+    add_tls_token_flags(p, token_role="a worker's or an admin's")
+    p.epilog = (
+        "Keys: q quits (so does Ctrl-C). Snapshot ages need an admin's token; with a "
+        "worker's the column says 'admin only'."
+    )
     return p
 
 

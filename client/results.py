@@ -115,10 +115,20 @@ class WorkerStatus:
     pushes: int
     seconds_since_seen: float
     pending: bool
+    last_base_version: int = 0
+    duplicates: int = 0
 
     @classmethod
     def from_proto(cls, w: pb.WorkerStatus) -> WorkerStatus:
-        return cls(w.worker_id, w.last_sequence, w.pushes, w.seconds_since_seen, w.pending)
+        return cls(
+            w.worker_id,
+            w.last_sequence,
+            w.pushes,
+            w.seconds_since_seen,
+            w.pending,
+            w.last_base_version,
+            w.duplicates,
+        )
 
 
 @dataclass(frozen=True)
@@ -137,6 +147,8 @@ class ServerStatus:
     device: str
     uptime_s: float
     serving: bool
+    received_bytes: int = 0
+    sent_bytes: int = 0
 
     def worker(self, worker_id: str) -> WorkerStatus | None:
         """The entry for ``worker_id``, or None if the server has not seen that worker."""
@@ -157,6 +169,8 @@ class ServerStatus:
             device=r.device,
             uptime_s=r.uptime_s,
             serving=r.serving,
+            received_bytes=r.received_bytes,
+            sent_bytes=r.sent_bytes,
         )
 
 

@@ -66,6 +66,8 @@ class WorkerInfo:
     pushes: int
     seconds_since_seen: float  # -1.0 when not seen since this server started or restored
     pending: bool
+    last_base_version: int = 0  # base version of its newest push that took effect
+    duplicates: int = 0  # pushes acknowledged as duplicates since start or restore
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,9 @@ class _Worker:
     # the session that sent each (None: unknown, restored from a format-1 snapshot).
     recent: dict[int, str | None] = field(default_factory=dict)
     session: str | None = None  # the session of the newest push that took effect
+    # Shown by status() only, not kept in snapshots: since this server started or restored.
+    last_base_version: int = 0  # of the newest push that took effect
+    duplicates: int = 0  # pushes acknowledged as duplicates (resends that had taken effect)
 
 
 @dataclass
@@ -161,6 +164,22 @@ class Aggregator:
                 f"session must be a string; got {type(session).__name__}",
                 violations=[("session", "must be a string")],
             )
+        result = self._push(worker_id, sequence, base_version, grads, session, timeout_s)
+        if result.duplicate:
+            with self._store.lock:
+                self._worker(worker_id).duplicates += 1
+        return result
+
+    def _push(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        grads: dict[str, np.ndarray | SparseRows],
+        session: str,
+        timeout_s: float | None,
+    ) -> PushResult:
+        """:meth:`push` once its arguments are checked."""
         deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
         store = self._store
         while True:
@@ -276,10 +295,11 @@ class Aggregator:
                 metadata={"base_version": base_version, "version": version},
             )
 
-    def _record(self, worker_id: str, sequence: int, session: str) -> None:
+    def _record(self, worker_id: str, sequence: int, session: str, base_version: int) -> None:
         worker = self._worker(worker_id)
         if sequence >= worker.last_sequence:
             worker.session = session
+            worker.last_base_version = base_version
         worker.last_sequence = max(worker.last_sequence, sequence)
         worker.recent[sequence] = session
         if len(worker.recent) > 2 * RECENT_SEQUENCES:
@@ -468,7 +488,7 @@ class Aggregator:
             )
             raise
         for worker_id, (sequence, session, _) in round_.contributions.items():
-            self._record(worker_id, sequence, session)
+            self._record(worker_id, sequence, session, round_.version)
         if self._push_log is not None:
             self._push_log.write(
                 _push_entry(wid, sequence, version, applied=prepared is not None)
@@ -550,7 +570,7 @@ class Aggregator:
                 if not self._stale_waiting[worker_id]:
                     del self._stale_waiting[worker_id]
         version = self._apply(prepared) if prepared is not None else store.version
-        self._record(worker_id, sequence, session)
+        self._record(worker_id, sequence, session, base_version)
         applied = prepared is not None
         if self._push_log is not None:
             self._push_log.write([_push_entry(worker_id, sequence, version, applied=applied)])
@@ -587,6 +607,8 @@ class Aggregator:
                     pushes=w.pushes,
                     seconds_since_seen=now - w.last_seen if w.last_seen is not None else -1.0,
                     pending=wid in pending,
+                    last_base_version=w.last_base_version,
+                    duplicates=w.duplicates,
                 )
                 for wid, w in sorted(self._workers.items())
             ]

@@ -1,5 +1,6 @@
 """The ``paramserve`` command: ``serve`` runs the daemon; ``status``, ``snapshot``, ``snapshots``,
-``restore`` administer one through the client SDK; ``demo`` runs the end-to-end demo and
+``restore`` administer one through the client SDK; ``top`` watches a job's servers live
+(:mod:`paramserve.server.top`); ``demo`` runs the end-to-end demo and
 ``worker`` one demo worker against a running server.
 
 Flags of ``serve`` override the environment (``PARAMSERVE_*``), which overrides the TOML file
@@ -143,6 +144,7 @@ SUBCOMMANDS = {
     "snapshot": "take a snapshot on the server's disk and print it as JSON",
     "snapshots": "list the server's snapshots as JSON, oldest first",
     "restore": "validate a snapshot, restore it, and print the version the model is back at",
+    "top": "watch a job's servers live: versions, rounds, pushes, bytes, workers, snapshots",
     "demo": "run the end-to-end demo: a server and workers (see `paramserve demo --help`)",
     "worker": "run one demo worker against a running server (see `paramserve worker --help`)",
 }
@@ -328,6 +330,9 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
         _add_admin_parser(sub, name)
     restore = _add_admin_parser(sub, "restore")
     restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    from .top import add_top_parser  # its flags only: rich is imported when `top` runs
+
+    _add_logging_flags(add_top_parser(sub, SUBCOMMANDS["top"]))
     # Listed for --help only: main() hands `demo ...` to the demo's own parser.
     for name in ("demo", "worker"):
         sub.add_parser(name, help=SUBCOMMANDS[name], description=SUBCOMMANDS[name] + ".")
@@ -427,6 +432,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _run_serve(args)
+        if args.command == "top":
+            from .top import run_top
+
+            configure_logging(
+                level=args.log_level or "warning", log_format=args.log_format or "text"
+            )
+            return run_top(args)
         return _run_admin(args)
     except ConfigError as exc:
         print(f"{prefix}: configuration error: {exc}", file=sys.stderr)

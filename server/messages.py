@@ -231,8 +231,11 @@ def describe_response(description: ModelDescription) -> pb.DescribeResponse:
     )
 
 
-def status_response(status: CoreStatus) -> pb.GetStatusResponse:
-    """The server's version, rounds, workers, pending pushes, settings and state."""
+def status_response(
+    status: CoreStatus, *, received_bytes: int = 0, sent_bytes: int = 0
+) -> pb.GetStatusResponse:
+    """The server's version, rounds, workers, pending pushes, settings, state and the
+    payload bytes it received and sent."""
     aggregator = status.aggregator
     workers = [
         pb.WorkerStatus(
@@ -241,6 +244,8 @@ def status_response(status: CoreStatus) -> pb.GetStatusResponse:
             pushes=w.pushes,
             seconds_since_seen=w.seconds_since_seen,
             pending=w.pending,
+            last_base_version=w.last_base_version,
+            duplicates=w.duplicates,
         )
         for w in aggregator.workers
     ]
@@ -257,4 +262,6 @@ def status_response(status: CoreStatus) -> pb.GetStatusResponse:
         device=status.device,
         uptime_s=status.uptime_s,
         serving=status.serving,
+        received_bytes=received_bytes,
+        sent_bytes=sent_bytes,
     )

@@ -162,6 +162,10 @@ class ServerMetrics:
         elif counts_as == "push" and code != "OK":
             self._child(self.pushes, code.lower()).inc()
 
+    def payload_bytes(self) -> tuple[int, int]:
+        """Payload bytes received and sent so far, all methods together."""
+        return _counter_total(self.bytes_received), _counter_total(self.bytes_sent)
+
     # -- the core's hooks (CoreMetrics) ------------------------------------------------------
 
     def observe_apply(self, seconds: float) -> None:
@@ -230,3 +234,15 @@ class ServerMetrics:
             self._http_server = None
             if self._http_thread is not None:
                 self._http_thread.join(timeout=5)
+
+
+def _counter_total(counter: Counter) -> int:
+    """The sum of a counter family's ``_total`` samples over all its label values."""
+    return int(
+        sum(
+            sample.value
+            for family in counter.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
+    )

@@ -377,8 +377,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def GetStatus(  # noqa: N802
         self, request: pb.GetStatusRequest, context: grpc.ServicerContext
     ) -> pb.GetStatusResponse:
-        """Version, rounds, workers, pending pushes, settings."""
-        return messages.status_response(self._core.status())
+        """Version, rounds, workers, pending pushes, settings, payload bytes."""
+        received, sent = self._metrics.payload_bytes()
+        return messages.status_response(
+            self._core.status(), received_bytes=received, sent_bytes=sent
+        )
 
     # -- snapshots ---------------------------------------------------------------------------
 

@@ -85,6 +85,7 @@ SERVER_LAYERS: dict[str, str] = {
     "demo": "cli",
     "healthcheck": "cli",
     "client_flags": "cli",
+    "top": "cli",
 }
 _PACKAGE_LAYERS = {
     "paramserve.v1": "generated",

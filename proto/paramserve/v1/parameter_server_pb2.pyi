@@ -223,21 +223,25 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("worker_id", "last_sequence", "pushes", "seconds_since_seen", "pending")
+    __slots__ = ("worker_id", "last_sequence", "pushes", "seconds_since_seen", "pending", "last_base_version", "duplicates")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_SEEN_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    LAST_BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     last_sequence: int
     pushes: int
     seconds_since_seen: float
     pending: bool
-    def __init__(self, worker_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., pending: _Optional[bool] = ...) -> None: ...
+    last_base_version: int
+    duplicates: int
+    def __init__(self, worker_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., pending: _Optional[bool] = ..., last_base_version: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("server_version", "has_model", "version", "rounds_completed", "rounds_aborted", "rounds_partial", "workers", "pending_pushes", "aggregation", "device", "uptime_s", "serving")
+    __slots__ = ("server_version", "has_model", "version", "rounds_completed", "rounds_aborted", "rounds_partial", "workers", "pending_pushes", "aggregation", "device", "uptime_s", "serving", "received_bytes", "sent_bytes")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -250,6 +254,8 @@ class GetStatusResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     has_model: bool
     version: int
@@ -262,7 +268,9 @@ class GetStatusResponse(_message.Message):
     device: str
     uptime_s: float
     serving: bool
-    def __init__(self, server_version: _Optional[str] = ..., has_model: _Optional[bool] = ..., version: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_aborted: _Optional[int] = ..., rounds_partial: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pending_pushes: _Optional[int] = ..., aggregation: _Optional[_Union[AggregationInfo, _Mapping]] = ..., device: _Optional[str] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ...) -> None: ...
+    received_bytes: int
+    sent_bytes: int
+    def __init__(self, server_version: _Optional[str] = ..., has_model: _Optional[bool] = ..., version: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_aborted: _Optional[int] = ..., rounds_partial: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pending_pushes: _Optional[int] = ..., aggregation: _Optional[_Union[AggregationInfo, _Mapping]] = ..., device: _Optional[str] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
     __slots__ = ("id", "version", "size_bytes", "created_at")

@@ -57,14 +57,17 @@ from paramserve.wire import (
     DEFAULT_ADDRESS,
     STEP_CLIENT_OVERHEAD_BYTES,
     SparseRows,
+    header_for,
     json_default,
     payload_bytes,
     step_reply_bytes,
     step_request_bytes,
     whole_payload,
+    wire_dtype_code,
 )
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
+from .compression import ErrorFeedback, widen
 from .errors import FailedPreconditionError, NotFoundError
 from .resend import RESENT_METHODS, ResendPolicy, call_with_resends
 from .results import (
@@ -81,6 +84,7 @@ from .streams import (
     check_out_array,
     decode_stream_item,
     named_values,
+    receive_buffer,
     receive_inline,
     receive_tensors,
     request_stream,
@@ -93,6 +97,16 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
     from paramserve import optim_core
 
 R = TypeVar("R")
+
+
+class _ClientSetting:
+    """The default of a call's ``wire_dtype``: the client's own setting."""
+
+    def __repr__(self) -> str:
+        return "CLIENT_SETTING"
+
+
+CLIENT_SETTING: Any = _ClientSetting()
 
 
 def default_worker_id() -> str:
@@ -211,6 +225,8 @@ class Client:
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         strict_dtypes: bool = False,
+        wire_dtype: str | None = None,
+        error_feedback: bool = True,
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
@@ -242,7 +258,18 @@ class Client:
         ``strict_dtypes=True`` such a gradient is a TypeError naming the variable and both
         dtypes instead, before anything is sent. Integer, boolean and complex gradients for
         a floating-point variable are always refused (TypeError).
+
+        Fewer bytes on the wire: ``wire_dtype="bfloat16"`` or ``"float16"`` sends dense
+        gradients of float32 variables rounded to that dtype, and has pulls return float32
+        weights rounded to it (upcast back to float32 here); each call can override it
+        (``push(..., wire_dtype=None)`` is exact). The server keeps and applies float32.
+        ``error_feedback`` (on by default) adds each variable's rounding residual into its
+        next compressed push (see :mod:`paramserve.client.compression`); the residuals reset
+        when this client creates a new model, deletes it or restores a snapshot. float16:
+        a finite gradient beyond 65504 is refused (``Float16OverflowError``, a ValueError)
+        before anything is sent.
         """
+        wire_dtype_code(wire_dtype)  # ValueError for anything but bfloat16, float16, None
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
                 f"chunk_bytes must be in [1, max_message_bytes - 1024]. "
@@ -265,6 +292,8 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self._wait_for_ready = wait_for_ready
         self.strict_dtypes = strict_dtypes
+        self.wire_dtype = wire_dtype
+        self.error_feedback = ErrorFeedback(enabled=error_feedback)
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
@@ -478,6 +507,7 @@ class Client:
         )
         self._description = None
         if response.created:
+            self.error_feedback.reset()
             self._base_version = response.version
         elif not response.values_match:
             warnings.warn(
@@ -493,6 +523,7 @@ class Client:
         """Drop the model and its optimizer state (snapshots on disk stay)."""
         self._call("DeleteModel", self._stub.DeleteModel, pb.DeleteModelRequest(), timeout_s)
         self._description = None
+        self.error_feedback.reset()
 
     def describe(self, *, timeout_s: float | None = None) -> ModelDescription:
         """Variables (model order), optimizer config, hyperparameters, version, aggregation."""
@@ -528,7 +559,11 @@ class Client:
             return self._sequence
 
     def _push_header(
-        self, sequence: int, base_version: int, headers: list[tpb.TensorHeader]
+        self,
+        sequence: int,
+        base_version: int,
+        headers: list[tpb.TensorHeader],
+        wire_dtype: str | None = None,
     ) -> pb.PushHeader:
         """This client's identity (worker, session, sequence) and the tensors of one push."""
         return pb.PushHeader(
@@ -537,7 +572,34 @@ class Client:
             base_version=base_version,
             tensors=headers,
             session=self.session,
+            wire_dtype=wire_dtype_code(wire_dtype),
         )
+
+    def _wire_dtype(self, wire_dtype: Any) -> str | None:
+        """A call's wire dtype: its own, or the client's (ValueError for unknown ones)."""
+        chosen = self.wire_dtype if wire_dtype is CLIENT_SETTING else wire_dtype
+        wire_dtype_code(chosen)
+        return chosen
+
+    def _compress(
+        self, names: list[str], values: list[Any], wire_dtype: str | None
+    ) -> tuple[list[Any], dict[str, np.ndarray]]:
+        """Gradients as they travel, and the residuals to keep once the push is taken."""
+        if wire_dtype is None:
+            return values, {}
+        return self.error_feedback.compress(names, values, wire_dtype)
+
+    def _widened(self, tensors: Tensors) -> Tensors:
+        """A compressed pull's weights back in float32 for the float32 variables."""
+        description = self._description
+        if description is None or any(description.spec(n) is None for n in tensors):
+            description = self.describe()
+        for name, value in tensors.items():
+            spec = description.spec(name)
+            got = value.values.dtype if isinstance(value, SparseRows) else value.dtype
+            if spec is not None and spec.numpy_dtype == np.float32 and got != np.float32:
+                tensors[name] = widen(value)
+        return tensors
 
     def _sequenced(self, forced: int | None, send: Callable[[int], R]) -> tuple[int, R]:
         """``send(sequence)`` with the next sequence (or ``forced``), and that sequence.
@@ -567,6 +629,7 @@ class Client:
         base_version: int | None = None,
         sequence: int | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> PushResult:
         """Push gradients for any subset of variables; returns once they took effect.
 
@@ -578,14 +641,20 @@ class Client:
         A push that fails in transit is resent by the SDK itself, within the deadline, with
         the same sequence, session and base version; each attempt reads the arrays in
         ``grads`` again (no copy of them is kept), so they must not change until this returns.
+
+        ``wire_dtype`` ("bfloat16", "float16", or None for exact float32; default: the
+        client's) compresses dense float32 gradients, with error feedback (see
+        :class:`Client`); a compressed push is resent from its compressed copy.
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         names, values = named_values(grads)
         values = self._cast_gradients(names, values)
+        values, residuals = self._compress(names, values, wire_dtype)
         headers = tensor_headers(names, values, self._variable_shape)
         base = self._base_version if base_version is None else base_version
 
         def send(seq: int) -> pb.PushResponse:
-            header = self._push_header(seq, base, headers)
+            header = self._push_header(seq, base, headers, wire_dtype)
             first = pb.PushRequest(header=header).SerializeToString()
             return self._send_stream(
                 "Push",
@@ -595,6 +664,8 @@ class Client:
             )
 
         seq, response = self._sequenced(sequence, send)
+        if response.applied or response.duplicate:
+            self.error_feedback.commit(residuals)
         return _push_result(response, seq)
 
     def step(
@@ -606,6 +677,7 @@ class Client:
         base_version: int | None = None,
         sequence: int | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> Tensors:
         """Push ``grads`` and pull weights in one round trip: ``push()`` then ``pull()``.
 
@@ -617,11 +689,14 @@ class Client:
 
         Raises ValueError, before anything is sent, if the request or the reply would not
         fit one message (``max_message_bytes``); use :meth:`push` and :meth:`pull` then.
+        ``wire_dtype`` compresses both the gradients and the weights (see :meth:`push`).
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         grad_names, values = named_values(grads)
         values = self._cast_gradients(grad_names, values)
+        values, residuals = self._compress(grad_names, values, wire_dtype)
         headers = tensor_headers(grad_names, values, self._variable_shape)
-        pull = self._weights_request(names, rows, min_version=None)
+        pull = self._weights_request(names, rows, min_version=None, wire_dtype=wire_dtype)
         self._check_step_fits(headers, pull)
         base = self._base_version if base_version is None else base_version
         # The payloads are written into the request once (InlineTensor messages handed to
@@ -631,11 +706,15 @@ class Client:
             request.gradients.add().data = whole_payload(v)
 
         def send(seq: int) -> pb.StepResponse:
-            request.push.CopyFrom(self._push_header(seq, base, headers))
+            request.push.CopyFrom(self._push_header(seq, base, headers, wire_dtype))
             return self._call("Step", self._stub.Step, request, timeout_s)
 
         seq, response = self._sequenced(sequence, send)
+        if response.push.applied or response.push.duplicate:
+            self.error_feedback.commit(residuals)
         weights = receive_inline(response.weights, version=response.version)
+        if wire_dtype is not None:
+            weights = self._widened(weights)
         weights.push_result = _push_result(response.push, seq)
         self._base_version = weights.version
         return weights
@@ -671,6 +750,7 @@ class Client:
         min_version: int | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> Tensors:
         """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
 
@@ -683,14 +763,31 @@ class Client:
         C-contiguous, the variable's dtype and shape; ValueError otherwise): no array is
         allocated and no copy made for them, and the result holds these same arrays. If
         the call fails midway, they may be partly overwritten.
+
+        ``wire_dtype`` ("bfloat16", "float16", or None for exact; default: the client's):
+        float32 weights travel rounded to it and come back as float32 arrays holding the
+        rounded values (into ``out`` through one temporary array each).
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
-        request = self._weights_request(names, rows, min_version=min_version)
+        request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
+        direct = out if wire_dtype is None else {}
         tensors = self._receive_stream(
-            "Pull", self._pull, request, lambda items: receive_tensors(items, out=out), timeout_s
+            "Pull",
+            self._pull,
+            request,
+            lambda items: receive_tensors(items, out=direct),
+            timeout_s,
         )
+        if wire_dtype is not None:
+            tensors = self._widened(tensors)
+            for name, array in out.items():
+                if name in tensors:
+                    receive_buffer(header_for(name, tensors[name]), array)  # same checks
+                    np.copyto(array, tensors[name])
+                    tensors[name] = array
         self._base_version = tensors.version
         return tensors
 
@@ -700,6 +797,7 @@ class Client:
         rows: Mapping[str, Sequence[int] | np.ndarray] | None,
         *,
         min_version: int | None,
+        wire_dtype: str | None = None,
     ) -> pb.PullRequest:
         if isinstance(names, str):
             raise TypeError(
@@ -718,6 +816,7 @@ class Client:
             min_version=min_version or 0,
             scope=pb.PULL_SCOPE_WEIGHTS,
             worker_id=self.worker_id,
+            wire_dtype=wire_dtype_code(wire_dtype),
         )
 
     # --- optimizer --------------------------------------------------------------------------
@@ -776,6 +875,7 @@ class Client:
         request = pb.RestoreSnapshotRequest(id=_snapshot_id(snapshot))
         response = self._call("RestoreSnapshot", self._stub.RestoreSnapshot, request, timeout_s)
         self._description = None
+        self.error_feedback.reset()
         return SnapshotInfo.from_proto(response.snapshot)
 
     def download_snapshot(
@@ -828,4 +928,5 @@ class Client:
             )
         if restore:
             self._description = None
+            self.error_feedback.reset()
         return SnapshotInfo.from_proto(response.snapshot)

@@ -68,15 +68,16 @@ class ErrorFeedback:
                 residual = self.residual(name)
                 if residual is not None and residual.shape == value.shape:
                     total = value + residual
-            sent = total.astype(dtype)
-            if wire_dtype == "float16":
-                _check_float16(name, total, sent)
-            out.append(sent)
-            if self.enabled:
-                left = total - sent.astype(COMPRESSIBLE)
-                # A NaN or Inf gradient leaves no residual (it would poison the next push).
-                np.copyto(left, 0.0, where=~np.isfinite(left))
-                pending[name] = left
+            with np.errstate(over="ignore", invalid="ignore"):  # Inf is judged below
+                sent = total.astype(dtype)
+                if wire_dtype == "float16":
+                    _check_float16(name, total, sent)
+                out.append(sent)
+                if self.enabled:
+                    left = total - sent.astype(COMPRESSIBLE)
+                    # NaN and Inf leave no residual (it would poison the next pushes).
+                    np.copyto(left, 0.0, where=~np.isfinite(left))
+                    pending[name] = left
         return out, pending
 
     def commit(self, pending: dict[str, np.ndarray]) -> None:

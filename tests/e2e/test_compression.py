@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from paramserve.client import InvalidArgumentError
+from paramserve.client import Float16OverflowError, InvalidArgumentError
 from paramserve.client.streams import request_stream
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
@@ -139,3 +139,96 @@ def _same(actual: np.ndarray, expected: np.ndarray) -> None:
     """Same dtype, shape and bits."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape
     assert actual.tobytes() == expected.tobytes()
+
+
+def _drift(start_server, connect, *, call: str, feedback: bool, pushes: int) -> float:
+    """|sum of the gradients the server applied - sum of the true ones| after ``pushes``
+    compressed pushes of 1/3, which bfloat16 cannot represent (SGD, learning rate 1)."""
+    client = connect(start_server(mode="async"), wire_dtype="bfloat16", error_feedback=feedback)
+    client.create_model({"w": np.zeros(8, np.float32)}, "sgd")
+    client.set_hyperparameters(learning_rate=1.0)
+    third = np.full(8, 1 / 3, np.float32)
+    for _ in range(pushes):
+        getattr(client, call)({"w": third})
+    # Every applied value is a multiple of 2**-9 below 64: the sums are exact in float32.
+    applied = -client.pull(wire_dtype=None)["w"].astype(np.float64)
+    true = pushes * np.float64(third[0])
+    return float(np.max(np.abs(applied - true)))
+
+
+@pytest.mark.parametrize("call", ["push", "step"])
+def test_error_feedback_keeps_the_sum_within_one_rounding(start_server, connect, call):
+    one_rounding = 2.0**-9  # a bfloat16 ulp between 0.25 and 0.5
+    pushes = 100
+    with_feedback = _drift(start_server, connect, call=call, feedback=True, pushes=pushes)
+    without = _drift(start_server, connect, call=call, feedback=False, pushes=pushes)
+    assert with_feedback <= one_rounding
+    # Without feedback every push adds the same rounding error: the bias accumulates.
+    bias = float(np.float64(np.float32(1 / 3).astype(BF16)) - np.float64(np.float32(1 / 3)))
+    assert without == pytest.approx(pushes * abs(bias), rel=1e-6)
+    assert without > 30 * one_rounding
+
+
+def test_residual_is_kept_only_for_taken_pushes_and_reset_on_restore(start_server, connect):
+    client = connect(start_server(mode="async", nonfinite="reject"), wire_dtype="bfloat16")
+    client.create_model({"w": np.zeros(4, np.float32)}, "sgd")
+    third = np.full(4, 1 / 3, np.float32)
+    client.push({"w": third})
+    residual = client.error_feedback.residual("w")
+    _same(residual, third - third.astype(BF16).astype(np.float32))
+    snap = client.snapshot()
+    with pytest.raises(InvalidArgumentError):  # refused: the residual stays as it was
+        client.push({"w": np.array([np.nan, 0, 0, 0], np.float32)})
+    _same(client.error_feedback.residual("w"), residual)
+    client.restore(snap)
+    assert client.error_feedback.residual("w") is None
+
+
+@pytest.mark.parametrize("call", ["push", "step"])
+def test_bfloat16_overflow_is_a_nonfinite_gradient(start_server, connect, call):
+    """float32's largest values round to Inf in bfloat16: the server sees Inf after the
+    upcast and its non-finite policy applies as to any Inf gradient."""
+    big = np.array([np.finfo(np.float32).max, 1.0], np.float32)
+    assert np.isinf(big.astype(BF16)[0])
+    client = connect(start_server(mode="async", nonfinite="reject"), wire_dtype="bfloat16")
+    client.create_model({"w": np.zeros(2, np.float32)}, "sgd")
+    before = client.pull(wire_dtype=None)
+    with pytest.raises(InvalidArgumentError) as caught:
+        getattr(client, call)({"w": big})
+    assert caught.value.reason == "NONFINITE_GRADIENT"
+    assert_same(client.pull(wire_dtype=None), before)
+    skipping = connect(start_server(mode="async", nonfinite="skip"), wire_dtype="bfloat16")
+    skipping.create_model({"w": np.zeros(2, np.float32)}, "sgd")
+    assert not skipping.push({"w": big}).applied
+
+
+def test_float16_overflow_is_refused_before_sending(start_server, connect):
+    client = connect(start_server(mode="async"), wire_dtype="float16")
+    client.create_model({"w": np.zeros(3, np.float32)}, "sgd")
+    with pytest.raises(Float16OverflowError, match="beyond float16's largest 65504"):
+        client.push({"w": np.array([1.0, -70000.0, 2.0], np.float32)})
+    with pytest.raises(ValueError, match="Nothing was sent"):
+        client.step({"w": np.array([1e30, 0, 0], np.float32)})
+    assert client.status().version == 0
+    # 65519 still rounds to 65504; bfloat16 carries what float16 cannot.
+    assert client.push({"w": np.array([65519.0, 0, 0], np.float32)}).applied
+    assert client.push({"w": np.array([1e30, 0, 0], np.float32)}, wire_dtype="bfloat16").applied
+
+
+def test_remote_optimizer_follows_the_client(start_server, connect):
+    from paramserve.client import RemoteOptimizer
+
+    server = start_server(mode="async")
+    admin = connect(server)
+    weights = _weights()
+    admin.create_model(weights, "adam")
+    client = connect(server, wire_dtype="bfloat16", error_feedback=False)
+    for step_max_bytes in (0, 1 << 20):  # push + pull, then one Step
+        variables = {n: v.copy() for n, v in weights.items()}
+        opt = RemoteOptimizer(client, step_max_bytes=step_max_bytes)
+        opt.pull(variables)
+        grads = _grads(step_max_bytes)
+        opt.apply_gradients((grads[n], variables[n]) for n in variables)
+        exact = admin.pull()
+        for name, value in variables.items():
+            _same(value, exact[name].astype(BF16).astype(np.float32))

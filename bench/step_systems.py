@@ -169,9 +169,9 @@ def reference_weights(model: Model, steps: int, wire_dtype: str | None = None) -
         if wire_dtype is None:
             opt.apply(grads, variables)
             continue
-        sent, residuals = feedback.compress(names, grads, wire_dtype)
-        feedback.commit(residuals)
+        sent, made = feedback.compress(names, grads, wire_dtype)
         opt.apply([g.astype(np.float32) for g in sent], variables)
+        feedback.finish(made, taken=True)
     flat = np.concatenate([v.value.reshape(-1) for v in variables])
     if wire_dtype is None:
         return flat

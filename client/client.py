@@ -581,24 +581,52 @@ class Client:
         wire_dtype_code(chosen)
         return chosen
 
-    def _compress(
-        self, names: list[str], values: list[Any], wire_dtype: str | None
-    ) -> tuple[list[Any], dict[str, np.ndarray]]:
-        """Gradients as they travel, and the residuals to keep once the push is taken."""
+    def _compressed_push(
+        self,
+        names: list[str],
+        values: list[Any],
+        wire_dtype: str | None,
+        send: Callable[[list[Any]], R],
+        taken: Callable[[R], bool],
+    ) -> R:
+        """``send(values as they travel)``; compressed ones with error feedback, whose new
+        residuals are kept when ``taken(result)``."""
         if wire_dtype is None:
-            return values, {}
-        return self.error_feedback.compress(names, values, wire_dtype)
+            return send(values)
+        compressed, made = self.error_feedback.compress(names, values, wire_dtype)
+        ok = False
+        try:
+            result = send(compressed)
+            ok = taken(result)
+            return result
+        finally:
+            self.error_feedback.finish(made, taken=ok)
 
-    def _widened(self, tensors: Tensors) -> Tensors:
-        """A compressed pull's weights back in float32 for the float32 variables."""
+    def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
+        """A compressed pull's weights back in float32 for the float32 variables, those
+        named in ``out`` written into those arrays (checked as a direct pull checks them)."""
         description = self._description
         if description is None or any(description.spec(n) is None for n in tensors):
             description = self.describe()
+        out = out or {}
         for name, value in tensors.items():
             spec = description.spec(name)
             got = value.values.dtype if isinstance(value, SparseRows) else value.dtype
             if spec is not None and spec.numpy_dtype == np.float32 and got != np.float32:
-                tensors[name] = widen(value)
+                if name in out and not isinstance(value, SparseRows):
+                    target = out[name]
+                    if target.dtype != np.float32 or target.shape != value.shape:
+                        raise ValueError(
+                            f"out[{name!r}] is {target.dtype.name} {list(target.shape)}, but "
+                            f"the variable is float32 {list(value.shape)}"
+                        )
+                    tensors[name] = widen(value, into=target)
+                else:
+                    tensors[name] = widen(value)
+            elif name in out:
+                receive_buffer(header_for(name, value), out[name])
+                np.copyto(out[name], value)
+                tensors[name] = out[name]
         return tensors
 
     def _sequenced(self, forced: int | None, send: Callable[[int], R]) -> tuple[int, R]:
@@ -649,23 +677,26 @@ class Client:
         wire_dtype = self._wire_dtype(wire_dtype)
         names, values = named_values(grads)
         values = self._cast_gradients(names, values)
-        values, residuals = self._compress(names, values, wire_dtype)
-        headers = tensor_headers(names, values, self._variable_shape)
         base = self._base_version if base_version is None else base_version
 
-        def send(seq: int) -> pb.PushResponse:
-            header = self._push_header(seq, base, headers, wire_dtype)
-            first = pb.PushRequest(header=header).SerializeToString()
-            return self._send_stream(
-                "Push",
-                self._push,
-                lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
-                timeout_s,
-            )
+        def push_values(values: list[Any]) -> tuple[int, pb.PushResponse]:
+            headers = tensor_headers(names, values, self._variable_shape)
 
-        seq, response = self._sequenced(sequence, send)
-        if response.applied or response.duplicate:
-            self.error_feedback.commit(residuals)
+            def send(seq: int) -> pb.PushResponse:
+                header = self._push_header(seq, base, headers, wire_dtype)
+                first = pb.PushRequest(header=header).SerializeToString()
+                return self._send_stream(
+                    "Push",
+                    self._push,
+                    lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
+                    timeout_s,
+                )
+
+            return self._sequenced(sequence, send)
+
+        seq, response = self._compressed_push(
+            names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
+        )
         return _push_result(response, seq)
 
     def step(
@@ -694,24 +725,32 @@ class Client:
         wire_dtype = self._wire_dtype(wire_dtype)
         grad_names, values = named_values(grads)
         values = self._cast_gradients(grad_names, values)
-        values, residuals = self._compress(grad_names, values, wire_dtype)
-        headers = tensor_headers(grad_names, values, self._variable_shape)
         pull = self._weights_request(names, rows, min_version=None, wire_dtype=wire_dtype)
-        self._check_step_fits(headers, pull)
         base = self._base_version if base_version is None else base_version
-        # The payloads are written into the request once (InlineTensor messages handed to
-        # the constructor would be copied once more); a resend changes only its push header.
-        request = pb.StepRequest(pull=pull)
-        for v in values:
-            request.gradients.add().data = whole_payload(v)
 
-        def send(seq: int) -> pb.StepResponse:
-            request.push.CopyFrom(self._push_header(seq, base, headers, wire_dtype))
-            return self._call("Step", self._stub.Step, request, timeout_s)
+        def step_values(values: list[Any]) -> tuple[int, pb.StepResponse]:
+            headers = tensor_headers(grad_names, values, self._variable_shape)
+            self._check_step_fits(headers, pull)
+            # The payloads are written into the request once (InlineTensor messages handed
+            # to the constructor would be copied once more); a resend changes only its push
+            # header.
+            request = pb.StepRequest(pull=pull)
+            for v in values:
+                request.gradients.add().data = whole_payload(v)
 
-        seq, response = self._sequenced(sequence, send)
-        if response.push.applied or response.push.duplicate:
-            self.error_feedback.commit(residuals)
+            def send(seq: int) -> pb.StepResponse:
+                request.push.CopyFrom(self._push_header(seq, base, headers, wire_dtype))
+                return self._call("Step", self._stub.Step, request, timeout_s)
+
+            return self._sequenced(sequence, send)
+
+        seq, response = self._compressed_push(
+            grad_names,
+            values,
+            wire_dtype,
+            step_values,
+            lambda r: r[1].push.applied or r[1].push.duplicate,
+        )
         weights = receive_inline(response.weights, version=response.version)
         if wire_dtype is not None:
             weights = self._widened(weights)
@@ -782,12 +821,7 @@ class Client:
             timeout_s,
         )
         if wire_dtype is not None:
-            tensors = self._widened(tensors)
-            for name, array in out.items():
-                if name in tensors:
-                    receive_buffer(header_for(name, tensors[name]), array)  # same checks
-                    np.copyto(array, tensors[name])
-                    tensors[name] = array
+            tensors = self._widened(tensors, out)
         self._base_version = tensors.version
         return tensors
 

@@ -39,7 +39,9 @@ class ErrorFeedback:
     :meth:`compress` returns what to send; :meth:`finish` keeps the new residuals once the
     push was acknowledged (a refused or failed push leaves them as they were) and keeps the
     buffers for the next push, so a step at 16M floats page-faults no new memory.
-    :meth:`reset` forgets every residual.
+    :meth:`reset` forgets every residual. Pushes of one variable made at the same time
+    from several threads of one client each add the same residual; push a variable from
+    one thread at a time for exact feedback.
     """
 
     def __init__(self, *, enabled: bool = True) -> None:

@@ -232,3 +232,24 @@ def test_remote_optimizer_follows_the_client(start_server, connect):
         exact = admin.pull()
         for name, value in variables.items():
             _same(value, exact[name].astype(BF16).astype(np.float32))
+
+
+@pytest.mark.parametrize("step_max_bytes", [0, 1 << 20])
+def test_torch_adapter_follows_its_client(start_server, connect, step_max_bytes):
+    torch = pytest.importorskip("torch")
+    from paramserve.client.torch import RemoteOptimizer
+
+    server = start_server(mode="async")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(30, 20)
+    client = connect(server, wire_dtype="bfloat16")
+    opt = RemoteOptimizer(
+        model.named_parameters(), client, optimizer="sgd", step_max_bytes=step_max_bytes
+    )
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(4, 30)).sum().backward()
+        opt.step()
+    exact = connect(server).pull()
+    for name, param in model.named_parameters():
+        _same(param.detach().numpy(), exact[name].astype(BF16).astype(np.float32))

@@ -14,6 +14,10 @@ from this process:
   into new arrays, at every size;
 * ``paramserve-push-pull``: ``push`` then ``pull(out=...)`` (run only where ``paramserve``
   uses ``step``);
+* ``paramserve-bf16``: ``paramserve`` with ``Client(wire_dtype="bfloat16")``: gradients
+  (with error feedback) and weights travel as bfloat16, half the bytes; checked against a
+  local Adam replay of the same rounded gradients, its weights rounded as the pull rounds
+  them; ``vs ps`` is its speed-up over float32 ``paramserve`` in the same run;
 * ``socket-fast``: the yardstick of the targets (ratios are steps/s over this one's):
   bench/socket_baseline.py's streamed step, a hand-written TCP server holding w/m/v that
   applies each 4 MiB piece of the gradient with the fused numba Adam
@@ -189,7 +193,7 @@ def measure_size(
     sessions: Sessions,
 ) -> list[Result]:
     model.materialize()
-    expected = reference_weights(model, args.warmup)
+    expected: dict[str | None, np.ndarray] = {}
     with contextlib.ExitStack() as stack:
         runners: list[Runner] = []
         server_pids: dict[str, int | None] = {}
@@ -220,7 +224,10 @@ def measure_size(
                 t0 = time.perf_counter()
                 runner.step()
                 warm.append(time.perf_counter() - t0)
-            verified[runner.name] = bool(np.array_equal(runner.weights(), expected))
+            wire_dtype = getattr(runner, "wire_dtype", None)
+            if wire_dtype not in expected:
+                expected[wire_dtype] = reference_weights(model, args.warmup, wire_dtype)
+            verified[runner.name] = bool(np.array_equal(runner.weights(), expected[wire_dtype]))
             if not verified[runner.name]:
                 log(f"WARNING: {runner.name} at {model.label}: weights differ from local Adam")
             est = min(warm) if warm else 0.01

@@ -36,6 +36,7 @@ SYSTEMS = (
     "paramserve",
     "paramserve-pull",
     "paramserve-push-pull",
+    "paramserve-bf16",
     "grpc-raw",
     "core-socket",
     "socket",
@@ -55,6 +56,7 @@ SERVER_SCRIPTS = {
     "paramserve": "paramserve_server.py",
     "paramserve-pull": "paramserve_server.py",
     "paramserve-push-pull": "paramserve_server.py",
+    "paramserve-bf16": "paramserve_server.py",
     "grpc-raw": "grpc_floor.py",
     "core-socket": "core_socket.py",
     "socket": "socket_baseline.py",
@@ -147,17 +149,33 @@ def parse_size(text: str) -> Model:
     return Model(t.upper() if mult != 1 else t, {"w": (n,)})
 
 
-def reference_weights(model: Model, steps: int) -> np.ndarray:
-    """Flat weights after ``steps`` local optim_core Adam steps with the model's gradient."""
+def reference_weights(model: Model, steps: int, wire_dtype: str | None = None) -> np.ndarray:
+    """Flat weights after ``steps`` local optim_core Adam steps with the model's gradient.
+
+    ``wire_dtype``: each step applies what the SDK sends (the gradient plus its error-
+    feedback residual, rounded to that dtype, widened), and the weights come back rounded.
+    """
     from paramserve import optim_core
+    from paramserve.client import ErrorFeedback
+    from paramserve.wire import dtype_from_name
 
     variables = [optim_core.Variable(model.init[n].copy(), path=n) for n in model.shapes]
     opt = optim_core.get("adam")
     opt.build(variables)
-    grads = [model.grads[n] for n in model.shapes]
+    names = list(model.shapes)
+    grads = [model.grads[n] for n in names]
+    feedback = ErrorFeedback()
     for _ in range(steps):
-        opt.apply(grads, variables)
-    return np.concatenate([v.value.reshape(-1) for v in variables])
+        if wire_dtype is None:
+            opt.apply(grads, variables)
+            continue
+        sent, made = feedback.compress(names, grads, wire_dtype)
+        opt.apply([g.astype(np.float32) for g in sent], variables)
+        feedback.finish(made, taken=True)
+    flat = np.concatenate([v.value.reshape(-1) for v in variables])
+    if wire_dtype is None:
+        return flat
+    return flat.astype(dtype_from_name(wire_dtype)).astype(np.float32)
 
 
 # --- server subprocesses ------------------------------------------------------------------
@@ -293,20 +311,32 @@ class ParamserveRunner(Runner):
     ``STEP_MAX_BYTES`` each way, as RemoteOptimizer does, else ``push`` then ``pull`` into
     the worker's arrays (``out=``, as RemoteOptimizer does, and as grpc-raw's worker does);
     ``push_pull`` forces the latter; ``alloc`` is the plain call a user writes first,
-    ``push`` then ``pull()`` into new arrays, at every size."""
+    ``push`` then ``pull()`` into new arrays, at every size. ``wire_dtype``: the client's
+    compression (``paramserve-bf16``: gradients and weights as bfloat16, error feedback)."""
 
     def __init__(
-        self, port: int, model: Model, *, push_pull: bool = False, alloc: bool = False
+        self,
+        port: int,
+        model: Model,
+        *,
+        push_pull: bool = False,
+        alloc: bool = False,
+        wire_dtype: str | None = None,
     ) -> None:
         from paramserve.client import Client
 
         self.name = (
             "paramserve-pull" if alloc else "paramserve-push-pull" if push_pull else "paramserve"
         )
+        if wire_dtype == "bfloat16":
+            self.name = "paramserve-bf16"
+        self.wire_dtype = wire_dtype
         self.model = model
         self.alloc = alloc
         self.use_step = not push_pull and not alloc and fits_one_step(model)
-        self.client = Client(f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0)
+        self.client = Client(
+            f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0, wire_dtype=wire_dtype
+        )
         self.client.__enter__()
         self.client.create_model(dict(model.init), optimizer="adam")
         self.grads = dict(model.grads)
@@ -347,12 +377,13 @@ def systems_for(model: Model, systems: list[str]) -> list[str]:
 def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Runner:
     """The worker for ``system`` (one of SYSTEMS), connected and initialised; ``port`` is
     its server script's (unused by the peers in ``sessions``)."""
-    if system in ("paramserve", "paramserve-push-pull", "paramserve-pull"):
+    if system in ("paramserve", "paramserve-push-pull", "paramserve-pull", "paramserve-bf16"):
         return ParamserveRunner(
             port,
             model,
             push_pull=system == "paramserve-push-pull",
             alloc=system == "paramserve-pull",
+            wire_dtype="bfloat16" if system == "paramserve-bf16" else None,
         )
     if system == "grpc-raw":
         return GrpcRawRunner(port, model)

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 from paramserve.wire import DEFAULT_ADDRESS, SparseRows
 
 from .client import Client, default_worker_id
+from .compression import ErrorFeedback, Float16OverflowError
 from .errors import (
     AbortedError,
     AlreadyExistsError,
@@ -46,7 +47,9 @@ __all__ = [
     "CreateModelResult",
     "DataLossError",
     "DeadlineExceededError",
+    "ErrorFeedback",
     "FailedPreconditionError",
+    "Float16OverflowError",
     "InternalError",
     "InvalidArgumentError",
     "ModelDescription",

@@ -57,14 +57,17 @@ from paramserve.wire import (
     DEFAULT_ADDRESS,
     STEP_CLIENT_OVERHEAD_BYTES,
     SparseRows,
+    header_for,
     json_default,
     payload_bytes,
     step_reply_bytes,
     step_request_bytes,
     whole_payload,
+    wire_dtype_code,
 )
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
+from .compression import ErrorFeedback, widen
 from .errors import FailedPreconditionError, NotFoundError
 from .resend import RESENT_METHODS, ResendPolicy, call_with_resends
 from .results import (
@@ -81,6 +84,7 @@ from .streams import (
     check_out_array,
     decode_stream_item,
     named_values,
+    receive_buffer,
     receive_inline,
     receive_tensors,
     request_stream,
@@ -93,6 +97,16 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
     from paramserve import optim_core
 
 R = TypeVar("R")
+
+
+class _ClientSetting:
+    """The default of a call's ``wire_dtype``: the client's own setting."""
+
+    def __repr__(self) -> str:
+        return "CLIENT_SETTING"
+
+
+CLIENT_SETTING: Any = _ClientSetting()
 
 
 def default_worker_id() -> str:
@@ -211,6 +225,8 @@ class Client:
         token: str | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         strict_dtypes: bool = False,
+        wire_dtype: str | None = None,
+        error_feedback: bool = True,
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
@@ -242,7 +258,18 @@ class Client:
         ``strict_dtypes=True`` such a gradient is a TypeError naming the variable and both
         dtypes instead, before anything is sent. Integer, boolean and complex gradients for
         a floating-point variable are always refused (TypeError).
+
+        Fewer bytes on the wire: ``wire_dtype="bfloat16"`` or ``"float16"`` sends dense
+        gradients of float32 variables rounded to that dtype, and has pulls return float32
+        weights rounded to it (upcast back to float32 here); each call can override it
+        (``push(..., wire_dtype=None)`` is exact). The server keeps and applies float32.
+        ``error_feedback`` (on by default) adds each variable's rounding residual into its
+        next compressed push (see :mod:`paramserve.client.compression`); the residuals reset
+        when this client creates a new model, deletes it or restores a snapshot. float16:
+        a finite gradient beyond 65504 is refused (``Float16OverflowError``, a ValueError)
+        before anything is sent.
         """
+        wire_dtype_code(wire_dtype)  # ValueError for anything but bfloat16, float16, None
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
                 f"chunk_bytes must be in [1, max_message_bytes - 1024]. "
@@ -265,6 +292,8 @@ class Client:
         self.max_message_bytes = max_message_bytes
         self._wait_for_ready = wait_for_ready
         self.strict_dtypes = strict_dtypes
+        self.wire_dtype = wire_dtype
+        self.error_feedback = ErrorFeedback(enabled=error_feedback)
         self.worker_id = worker_id if worker_id is not None else default_worker_id()
         if not self.worker_id:
             raise ValueError("worker_id must not be empty")
@@ -478,6 +507,7 @@ class Client:
         )
         self._description = None
         if response.created:
+            self.error_feedback.reset()
             self._base_version = response.version
         elif not response.values_match:
             warnings.warn(
@@ -493,6 +523,7 @@ class Client:
         """Drop the model and its optimizer state (snapshots on disk stay)."""
         self._call("DeleteModel", self._stub.DeleteModel, pb.DeleteModelRequest(), timeout_s)
         self._description = None
+        self.error_feedback.reset()
 
     def describe(self, *, timeout_s: float | None = None) -> ModelDescription:
         """Variables (model order), optimizer config, hyperparameters, version, aggregation."""
@@ -528,7 +559,11 @@ class Client:
             return self._sequence
 
     def _push_header(
-        self, sequence: int, base_version: int, headers: list[tpb.TensorHeader]
+        self,
+        sequence: int,
+        base_version: int,
+        headers: list[tpb.TensorHeader],
+        wire_dtype: str | None = None,
     ) -> pb.PushHeader:
         """This client's identity (worker, session, sequence) and the tensors of one push."""
         return pb.PushHeader(
@@ -537,7 +572,62 @@ class Client:
             base_version=base_version,
             tensors=headers,
             session=self.session,
+            wire_dtype=wire_dtype_code(wire_dtype),
         )
+
+    def _wire_dtype(self, wire_dtype: Any) -> str | None:
+        """A call's wire dtype: its own, or the client's (ValueError for unknown ones)."""
+        chosen = self.wire_dtype if wire_dtype is CLIENT_SETTING else wire_dtype
+        wire_dtype_code(chosen)
+        return chosen
+
+    def _compressed_push(
+        self,
+        names: list[str],
+        values: list[Any],
+        wire_dtype: str | None,
+        send: Callable[[list[Any]], R],
+        taken: Callable[[R], bool],
+    ) -> R:
+        """``send(values as they travel)``; compressed ones with error feedback, whose new
+        residuals are kept when ``taken(result)``."""
+        if wire_dtype is None:
+            return send(values)
+        compressed, made = self.error_feedback.compress(names, values, wire_dtype)
+        ok = False
+        try:
+            result = send(compressed)
+            ok = taken(result)
+            return result
+        finally:
+            self.error_feedback.finish(made, taken=ok)
+
+    def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
+        """A compressed pull's weights back in float32 for the float32 variables, those
+        named in ``out`` written into those arrays (checked as a direct pull checks them)."""
+        description = self._description
+        if description is None or any(description.spec(n) is None for n in tensors):
+            description = self.describe()
+        out = out or {}
+        for name, value in tensors.items():
+            spec = description.spec(name)
+            got = value.values.dtype if isinstance(value, SparseRows) else value.dtype
+            if spec is not None and spec.numpy_dtype == np.float32 and got != np.float32:
+                if name in out and not isinstance(value, SparseRows):
+                    target = out[name]
+                    if target.dtype != np.float32 or target.shape != value.shape:
+                        raise ValueError(
+                            f"out[{name!r}] is {target.dtype.name} {list(target.shape)}, but "
+                            f"the variable is float32 {list(value.shape)}"
+                        )
+                    tensors[name] = widen(value, into=target)
+                else:
+                    tensors[name] = widen(value)
+            elif name in out:
+                receive_buffer(header_for(name, value), out[name])
+                np.copyto(out[name], value)
+                tensors[name] = out[name]
+        return tensors
 
     def _sequenced(self, forced: int | None, send: Callable[[int], R]) -> tuple[int, R]:
         """``send(sequence)`` with the next sequence (or ``forced``), and that sequence.
@@ -567,6 +657,7 @@ class Client:
         base_version: int | None = None,
         sequence: int | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> PushResult:
         """Push gradients for any subset of variables; returns once they took effect.
 
@@ -578,23 +669,34 @@ class Client:
         A push that fails in transit is resent by the SDK itself, within the deadline, with
         the same sequence, session and base version; each attempt reads the arrays in
         ``grads`` again (no copy of them is kept), so they must not change until this returns.
+
+        ``wire_dtype`` ("bfloat16", "float16", or None for exact float32; default: the
+        client's) compresses dense float32 gradients, with error feedback (see
+        :class:`Client`); a compressed push is resent from its compressed copy.
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         names, values = named_values(grads)
         values = self._cast_gradients(names, values)
-        headers = tensor_headers(names, values, self._variable_shape)
         base = self._base_version if base_version is None else base_version
 
-        def send(seq: int) -> pb.PushResponse:
-            header = self._push_header(seq, base, headers)
-            first = pb.PushRequest(header=header).SerializeToString()
-            return self._send_stream(
-                "Push",
-                self._push,
-                lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
-                timeout_s,
-            )
+        def push_values(values: list[Any]) -> tuple[int, pb.PushResponse]:
+            headers = tensor_headers(names, values, self._variable_shape)
 
-        seq, response = self._sequenced(sequence, send)
+            def send(seq: int) -> pb.PushResponse:
+                header = self._push_header(seq, base, headers, wire_dtype)
+                first = pb.PushRequest(header=header).SerializeToString()
+                return self._send_stream(
+                    "Push",
+                    self._push,
+                    lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
+                    timeout_s,
+                )
+
+            return self._sequenced(sequence, send)
+
+        seq, response = self._compressed_push(
+            names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
+        )
         return _push_result(response, seq)
 
     def step(
@@ -606,6 +708,7 @@ class Client:
         base_version: int | None = None,
         sequence: int | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> Tensors:
         """Push ``grads`` and pull weights in one round trip: ``push()`` then ``pull()``.
 
@@ -617,25 +720,40 @@ class Client:
 
         Raises ValueError, before anything is sent, if the request or the reply would not
         fit one message (``max_message_bytes``); use :meth:`push` and :meth:`pull` then.
+        ``wire_dtype`` compresses both the gradients and the weights (see :meth:`push`).
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         grad_names, values = named_values(grads)
         values = self._cast_gradients(grad_names, values)
-        headers = tensor_headers(grad_names, values, self._variable_shape)
-        pull = self._weights_request(names, rows, min_version=None)
-        self._check_step_fits(headers, pull)
+        pull = self._weights_request(names, rows, min_version=None, wire_dtype=wire_dtype)
         base = self._base_version if base_version is None else base_version
-        # The payloads are written into the request once (InlineTensor messages handed to
-        # the constructor would be copied once more); a resend changes only its push header.
-        request = pb.StepRequest(pull=pull)
-        for v in values:
-            request.gradients.add().data = whole_payload(v)
 
-        def send(seq: int) -> pb.StepResponse:
-            request.push.CopyFrom(self._push_header(seq, base, headers))
-            return self._call("Step", self._stub.Step, request, timeout_s)
+        def step_values(values: list[Any]) -> tuple[int, pb.StepResponse]:
+            headers = tensor_headers(grad_names, values, self._variable_shape)
+            self._check_step_fits(headers, pull)
+            # The payloads are written into the request once (InlineTensor messages handed
+            # to the constructor would be copied once more); a resend changes only its push
+            # header.
+            request = pb.StepRequest(pull=pull)
+            for v in values:
+                request.gradients.add().data = whole_payload(v)
 
-        seq, response = self._sequenced(sequence, send)
+            def send(seq: int) -> pb.StepResponse:
+                request.push.CopyFrom(self._push_header(seq, base, headers, wire_dtype))
+                return self._call("Step", self._stub.Step, request, timeout_s)
+
+            return self._sequenced(sequence, send)
+
+        seq, response = self._compressed_push(
+            grad_names,
+            values,
+            wire_dtype,
+            step_values,
+            lambda r: r[1].push.applied or r[1].push.duplicate,
+        )
         weights = receive_inline(response.weights, version=response.version)
+        if wire_dtype is not None:
+            weights = self._widened(weights)
         weights.push_result = _push_result(response.push, seq)
         self._base_version = weights.version
         return weights
@@ -671,6 +789,7 @@ class Client:
         min_version: int | None = None,
         out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
+        wire_dtype: str | None = CLIENT_SETTING,
     ) -> Tensors:
         """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
 
@@ -683,14 +802,26 @@ class Client:
         C-contiguous, the variable's dtype and shape; ValueError otherwise): no array is
         allocated and no copy made for them, and the result holds these same arrays. If
         the call fails midway, they may be partly overwritten.
+
+        ``wire_dtype`` ("bfloat16", "float16", or None for exact; default: the client's):
+        float32 weights travel rounded to it and come back as float32 arrays holding the
+        rounded values (into ``out`` through one temporary array each).
         """
+        wire_dtype = self._wire_dtype(wire_dtype)
         out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
-        request = self._weights_request(names, rows, min_version=min_version)
+        request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
+        direct = out if wire_dtype is None else {}
         tensors = self._receive_stream(
-            "Pull", self._pull, request, lambda items: receive_tensors(items, out=out), timeout_s
+            "Pull",
+            self._pull,
+            request,
+            lambda items: receive_tensors(items, out=direct),
+            timeout_s,
         )
+        if wire_dtype is not None:
+            tensors = self._widened(tensors, out)
         self._base_version = tensors.version
         return tensors
 
@@ -700,6 +831,7 @@ class Client:
         rows: Mapping[str, Sequence[int] | np.ndarray] | None,
         *,
         min_version: int | None,
+        wire_dtype: str | None = None,
     ) -> pb.PullRequest:
         if isinstance(names, str):
             raise TypeError(
@@ -718,6 +850,7 @@ class Client:
             min_version=min_version or 0,
             scope=pb.PULL_SCOPE_WEIGHTS,
             worker_id=self.worker_id,
+            wire_dtype=wire_dtype_code(wire_dtype),
         )
 
     # --- optimizer --------------------------------------------------------------------------
@@ -776,6 +909,7 @@ class Client:
         request = pb.RestoreSnapshotRequest(id=_snapshot_id(snapshot))
         response = self._call("RestoreSnapshot", self._stub.RestoreSnapshot, request, timeout_s)
         self._description = None
+        self.error_feedback.reset()
         return SnapshotInfo.from_proto(response.snapshot)
 
     def download_snapshot(
@@ -828,4 +962,5 @@ class Client:
             )
         if restore:
             self._description = None
+            self.error_feedback.reset()
         return SnapshotInfo.from_proto(response.snapshot)

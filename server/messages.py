@@ -79,8 +79,14 @@ def check_against(
     *,
     what: str,
     unknown: type[ParamServeError],
+    wire_dtype: int = tpb.DTYPE_UNSPECIFIED,
 ) -> None:
-    """Every header names a known tensor with its dtype and shape (before allocating)."""
+    """Every header names a known tensor with its dtype and shape (before allocating).
+
+    ``wire_dtype`` (a push's opt-in, FLOAT16 or BFLOAT16) also lets a float32 variable's
+    tensor arrive in that dtype; without it such a tensor is a DTYPE_MISMATCH.
+    """
+    compressed = wire_dtype_name(wire_dtype, "push.wire_dtype")
     for h in headers:
         if h.name not in expected:
             known = sorted(expected)
@@ -92,9 +98,17 @@ def check_against(
             )
         dtype, shape = expected[h.name]
         got_dtype = wire.dtype_name(h.dtype)
-        if got_dtype != dtype:
+        if got_dtype != dtype and not (
+            compressed is not None and got_dtype == compressed and dtype == "float32"
+        ):
+            hint = ""
+            if dtype == "float32" and got_dtype in wire.WIRE_DTYPES:
+                hint = (
+                    f" (a {got_dtype} gradient for a float32 variable is accepted only when "
+                    f"the push opts in with wire_dtype={got_dtype.upper()})"
+                )
             raise InvalidArgument(
-                f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}",
+                f"{what} {h.name!r}: dtype {got_dtype} does not match the expected {dtype}" + hint,
                 reason="DTYPE_MISMATCH",
                 metadata={"variable": h.name, "expected": dtype, "got": got_dtype},
                 violations=[(f"tensors[{h.name}].dtype", f"expected {dtype}")],
@@ -107,6 +121,45 @@ def check_against(
                 metadata={"variable": h.name, "expected": list(shape), "got": list(h.shape)},
                 violations=[(f"tensors[{h.name}].shape", f"expected {list(shape)}")],
             )
+
+
+def wire_dtype_name(code: int, field: str) -> str | None:
+    """The name of the wire dtype a request opted in to (None: none); INVALID_ARGUMENT for
+    a code other than DTYPE_UNSPECIFIED, FLOAT16 and BFLOAT16."""
+    try:
+        dtype = wire.wire_dtype_of(code)
+    except (ValueError, wire.WireError) as exc:
+        raise InvalidArgument(str(exc), violations=[(field, "FLOAT16 or BFLOAT16")]) from None
+    return None if dtype is None else dtype.name
+
+
+def upcast_compressed(grads: dict[str, wire.TensorValue], specs: Specs) -> None:
+    """Widen, in place, gradients that arrived in a wire dtype to their variable's float32
+    (exact: every bfloat16 and float16 value is a float32 value, Inf and NaN included)."""
+    for name, value in grads.items():
+        values = value.values if isinstance(value, wire.SparseRows) else value
+        if values.dtype != wire.COMPRESSIBLE and specs[name][0] == "float32":
+            grads[name] = wire.upcast(value)
+
+
+def compressed_weights(
+    tensors: dict[str, wire.TensorValue], specs: Specs, dtype: np.dtype
+) -> dict[str, wire.TensorValue]:
+    """The float32 weights among ``tensors`` rounded to the pull's wire ``dtype`` (copies);
+    the others as they are."""
+    return {
+        n: wire.rounded(v, dtype) if specs[n][0] == "float32" else v for n, v in tensors.items()
+    }
+
+
+def weight_headers(specs: Specs, tensors: dict[str, wire.TensorValue]) -> list[tpb.TensorHeader]:
+    """Headers of ``tensors`` as they are (compressed weights: not the variables' dtypes)."""
+    return [
+        wire.sparse_header(n, v, specs[n][1])
+        if isinstance(v, wire.SparseRows)
+        else wire.header_for(n, v)
+        for n, v in tensors.items()
+    ]
 
 
 def check_step_reply(sizes: dict[str, tuple[int, int]], limits: Limits) -> None:

@@ -143,7 +143,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._step_pulled = metrics.pulls.labels(outcome="ok")
         # Step header lists (their serialized headers) that passed the size and spec checks,
         # with the specs object they passed against.
-        self._checked_step_headers: dict[tuple[bytes, ...], Specs] = {}
+        self._checked_step_headers: dict[tuple[int | bytes, ...], Specs] = {}
 
     def count_call(self, method: str, code: str) -> None:
         """Count a finished call by method and status code name (also the auth interceptor's
@@ -194,12 +194,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         # A worker sends the same headers every step: ones that passed against this model's
         # specs (one object per model) pass again, so only their bytes are compared.
-        key = tuple(h.SerializeToString() for h in headers)
+        wire_dtype = request.push.wire_dtype
+        key = (wire_dtype, *(h.SerializeToString() for h in headers))
+        specs = self._core.variable_specs()
         checked = self._checked_step_headers.get(key)
-        if checked is None or checked is not self._core.variable_specs():
+        if checked is None or checked is not specs:
             messages.check_sizes(headers, self._limits, dense_only=False)
-            specs = self._core.variable_specs()
-            messages.check_against(headers, specs, what="variable", unknown=NotFound)
+            messages.check_against(
+                headers, specs, what="variable", unknown=NotFound, wire_dtype=wire_dtype
+            )
             if len(self._checked_step_headers) >= _CHECKED_HEADERS_MAX:
                 self._checked_step_headers.clear()
             self._checked_step_headers[key] = specs
@@ -212,7 +215,30 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 )
             grads[header.name] = wire.decode_whole(header, gradient.data)
         self._received["Step"].inc(sum(h.byte_length for h in headers))
+        if wire_dtype:
+            messages.upcast_compressed(grads, specs)
         return grads
+
+    @staticmethod
+    def _wire_dtype(request: pb.PullRequest) -> Any:
+        """The NumPy dtype a weights pull opted in to (None: exact)."""
+        name = messages.wire_dtype_name(request.wire_dtype, "wire_dtype")
+        return None if name is None else wire.dtype_from_name(name)
+
+    @staticmethod
+    def _compressed(
+        specs: Specs, tensors: dict[str, wire.TensorValue], dtype: Any
+    ) -> dict[str, wire.TensorValue]:
+        """``tensors``, their float32 ones rounded to the pull's wire ``dtype`` if any."""
+        return tensors if dtype is None else messages.compressed_weights(tensors, specs, dtype)
+
+    def _headers(
+        self, specs: Specs, tensors: dict[str, wire.TensorValue], dtype: Any
+    ) -> list[tpb.TensorHeader]:
+        """Reply headers: the cached ones of exact weights, else built from the tensors."""
+        if dtype is None:
+            return self._weight_headers(specs, tensors)
+        return messages.weight_headers(specs, tensors)
 
     @contextlib.contextmanager
     def _counted_as_push(self) -> Iterator[None]:
@@ -281,12 +307,16 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         header = streams.first_item(request_iterator, "header", "PushHeader")
         headers = list(header.tensors)
         messages.check_sizes(headers, self._limits, dense_only=False)
+        specs = self._core.variable_specs()
         messages.check_against(
-            headers, self._core.variable_specs(), what="variable", unknown=NotFound
+            headers, specs, what="variable", unknown=NotFound, wire_dtype=header.wire_dtype
         )
         grads = self._receive(
             "Push", headers, request_iterator, context, scan_finite=self._core.checks_finite
         )
+        if header.wire_dtype:
+            # After the finite scan, which holds for the upcast values too (exact widening).
+            messages.upcast_compressed(grads, specs)
         return messages.push_response(self._push(header, grads, context))
 
     @_rpc("Pull")
@@ -304,11 +334,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             headers = [wire.header_for(name, value) for name, value in items]
             chunks = wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
+            encode_as = self._wire_dtype(request)
+
             # Encoded from the live weights under the lock, then sent outside it; each chunk
             # is let go once gRPC has taken it.
             def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
+                tensors = self._compressed(specs, tensors, encode_as)
                 values = list(tensors.values())
-                return self._weight_headers(specs, tensors), collections.deque(
+                return self._headers(specs, tensors, encode_as), collections.deque(
                     wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
                 )
 
@@ -336,12 +369,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     "PULL_SCOPE_WEIGHTS); pull the optimizer state with Pull"
                 )
             # Everything is checked before the push, so a bad Step changes nothing.
+            encode_as = self._wire_dtype(request.pull)
             messages.check_step_reply(self._core.read_sizes(*selection), self._limits)
             result = self._push(request.push, self._step_gradients(request), context)
 
         def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, list]:
+            tensors = self._compressed(specs, tensors, encode_as)
             payloads = [wire.whole_payload(v) for v in tensors.values()]
-            return self._weight_headers(specs, tensors), payloads
+            return self._headers(specs, tensors, encode_as), payloads
 
         version, (headers, payloads) = self._core.read_weights(*selection, encode)
         response = pb.StepResponse(push=messages.push_response(result), version=version)

@@ -107,3 +107,8 @@ def test_missing_library_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert "'ray' is not installed" in (step_systems.missing_library("ray") or "")
     assert step_systems.missing_library("socket-fast") is None
+
+
+def test_paramserve_bf16_matches_its_rounded_adam_replay() -> None:
+    """bfloat16 on the wire, error feedback included, against the local replay of it."""
+    _check(_run_step("paramserve", "paramserve-bf16"), "paramserve", "paramserve-bf16")

@@ -99,18 +99,20 @@ class AggregationInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., replicas: _Optional[int] = ..., reduction: _Optional[str] = ..., round_timeout_s: _Optional[float] = ..., deadline_policy: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "sequence", "base_version", "tensors", "session")
+    __slots__ = ("worker_id", "sequence", "base_version", "tensors", "session", "wire_dtype")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     sequence: int
     base_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
     session: str
-    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ...) -> None: ...
+    wire_dtype: _tensor_pb2.DType
+    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -171,18 +173,20 @@ class RowSelection(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("names", "rows", "min_version", "scope", "worker_id")
+    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
     min_version: int
     scope: PullScope
     worker_id: str
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ...) -> None: ...
+    wire_dtype: _tensor_pb2.DType
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
 
 class SetOptimizerStateResponse(_message.Message):
     __slots__ = ("version",)

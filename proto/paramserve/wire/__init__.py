@@ -3,10 +3,20 @@
 ``tensors`` (dtypes, headers, payloads, strict reassembly), ``framing`` (chunks and the
 hand-encoded chunk messages of tensor streams), ``sizing`` (payload and Step message
 sizes), ``service`` (the service name, the default address, JSON values), ``allocator``
-(opt-in glibc tuning for processes that move tensor-sized buffers).
+(opt-in glibc tuning for processes that move tensor-sized buffers), ``compression``
+(float32 tensors travelling as bfloat16 or float16, opted in per request).
 """
 
 from .allocator import MALLOC_MMAP_THRESHOLD_BYTES, MALLOC_TRIM_THRESHOLD_BYTES, tune_malloc
+from .compression import (
+    COMPRESSIBLE,
+    FLOAT16_MAX,
+    WIRE_DTYPES,
+    rounded,
+    upcast,
+    wire_dtype_code,
+    wire_dtype_of,
+)
 from .framing import (
     CHUNK_BYTES,
     END_ITEM,
@@ -48,10 +58,12 @@ from .tensors import (
 
 __all__ = [
     "CHUNK_BYTES",
+    "COMPRESSIBLE",
     "DEFAULT_ADDRESS",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
     "END_ITEM",
+    "FLOAT16_MAX",
     "INDEX_DTYPE",
     "INLINE_OVERHEAD_BYTES",
     "MALLOC_MMAP_THRESHOLD_BYTES",
@@ -59,6 +71,7 @@ __all__ = [
     "SERVICE_NAME",
     "STEP_CLIENT_OVERHEAD_BYTES",
     "STEP_REPLY_OVERHEAD_BYTES",
+    "WIRE_DTYPES",
     "SparseRows",
     "TensorAssembler",
     "TensorValue",
@@ -81,9 +94,13 @@ __all__ = [
     "load_bfloat16",
     "payload_bytes",
     "payload_views",
+    "rounded",
     "sparse_header",
     "step_reply_bytes",
     "step_request_bytes",
     "tune_malloc",
+    "upcast",
     "whole_payload",
+    "wire_dtype_code",
+    "wire_dtype_of",
 ]

@@ -490,7 +490,8 @@ def build_worker_parser() -> argparse.ArgumentParser:
         "--timeout-s",
         type=float,
         default=120.0,
-        help="deadline of each call, waits for an unreachable server included (default 120)",
+        help="deadline of each call (default 120); a server never reached fails at once "
+        "unless $PARAMSERVE_WAIT_FOR_SERVER_S asks to wait",
     )
     p.add_argument(
         "--log-every", type=int, default=10, help="print progress every N steps (default 10)"

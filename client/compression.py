@@ -17,7 +17,14 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.wire import COMPRESSIBLE, FLOAT16_MAX, SparseRows, TensorValue, dtype_from_name
+from paramserve.wire import (
+    COMPRESSIBLE,
+    FLOAT16_MAX,
+    SparseRows,
+    TensorValue,
+    cast_tensor,
+    dtype_from_name,
+)
 
 
 class Float16OverflowError(ValueError):
@@ -135,9 +142,7 @@ def _check_float16(name: str, total: np.ndarray, sent: np.ndarray) -> None:
 def widen(value: Any, *, into: np.ndarray | None = None) -> Any:
     """A compressed weight (dense or rows) exactly widened to float32 (``into``: written
     into that float32 array of the same shape, which is returned)."""
-    if isinstance(value, SparseRows):
-        return SparseRows(value.indices, value.values.astype(COMPRESSIBLE))
-    if into is not None:
+    if into is not None and not isinstance(value, SparseRows):
         np.copyto(into, value, casting="unsafe")
         return into
-    return value.astype(COMPRESSIBLE)
+    return cast_tensor(value, COMPRESSIBLE)

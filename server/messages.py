@@ -139,7 +139,7 @@ def upcast_compressed(grads: dict[str, wire.TensorValue], specs: Specs) -> None:
     for name, value in grads.items():
         values = value.values if isinstance(value, wire.SparseRows) else value
         if values.dtype != wire.COMPRESSIBLE and specs[name][0] == "float32":
-            grads[name] = wire.upcast(value)
+            grads[name] = wire.cast_tensor(value, wire.COMPRESSIBLE)
 
 
 def compressed_weights(
@@ -148,7 +148,7 @@ def compressed_weights(
     """The float32 weights among ``tensors`` rounded to the pull's wire ``dtype`` (copies);
     the others as they are."""
     return {
-        n: wire.rounded(v, dtype) if specs[n][0] == "float32" else v for n, v in tensors.items()
+        n: wire.cast_tensor(v, dtype) if specs[n][0] == "float32" else v for n, v in tensors.items()
     }
 
 

@@ -50,15 +50,9 @@ def wire_dtype_of(code: int) -> np.dtype | None:
     return dtype_from_proto(code)
 
 
-def rounded(value: TensorValue, dtype: np.dtype) -> TensorValue:
-    """``value`` (dense, or the values of sparse rows) rounded to ``dtype`` (a copy)."""
-    if isinstance(value, SparseRows):
-        return SparseRows(value.indices, value.values.astype(dtype))
-    return np.asarray(value).astype(dtype)
-
-
-def upcast(value: Any, dtype: np.dtype = COMPRESSIBLE) -> TensorValue:
-    """``value`` (dense, or the values of sparse rows) exactly widened to ``dtype``."""
+def cast_tensor(value: Any, dtype: np.dtype) -> TensorValue:
+    """``value`` (dense, or the values of sparse rows) as ``dtype``, a copy: rounded to
+    nearest even when narrowing (float32 to the wire dtype), exact when widening back."""
     if isinstance(value, SparseRows):
         return SparseRows(value.indices, value.values.astype(dtype))
     return np.asarray(value).astype(dtype)

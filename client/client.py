@@ -59,6 +59,7 @@ from paramserve.wire import (
     SparseRows,
     header_for,
     json_default,
+    length_delimited,
     payload_bytes,
     step_reply_bytes,
     step_request_bytes,
@@ -79,6 +80,7 @@ from .results import (
     Tensors,
 )
 from .streams import (
+    ReplyLayouts,
     as_host_array,
     cast_gradient,
     check_out_array,
@@ -344,6 +346,10 @@ class Client:
         self._sequence_synced = worker_id is None
         self._base_version = 0
         self._description: ModelDescription | None = None
+        # Checked reply header lists (pulls of the same variables every step).
+        self._reply_layouts = ReplyLayouts()
+        # The serialized tensors part of the last push's header, with what it describes.
+        self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -558,6 +564,22 @@ class Client:
             self._sequence += 1
             return self._sequence
 
+    def _push_tensors_part(self, names: list[str], values: list[Any]) -> bytes:
+        """``PushHeader(tensors=...)`` serialized for these gradients; kept for the next push
+        whose dense gradients have the same names, dtypes and shapes (a worker pushes the
+        same every step), so their headers are built once."""
+        if any(type(v) is SparseRows for v in values):
+            headers = tensor_headers(names, values, self._variable_shape)
+            return pb.PushHeader(tensors=headers).SerializeToString()
+        key = (*names, *[(v.dtype, v.shape) for v in values])
+        cached = self._push_tensors
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        headers = tensor_headers(names, values, self._variable_shape)
+        body = pb.PushHeader(tensors=headers).SerializeToString()
+        self._push_tensors = (key, body)
+        return body
+
     def _push_header(
         self,
         sequence: int,
@@ -680,11 +702,14 @@ class Client:
         base = self._base_version if base_version is None else base_version
 
         def push_values(values: list[Any]) -> tuple[int, pb.PushResponse]:
-            headers = tensor_headers(names, values, self._variable_shape)
+            tensors = self._push_tensors_part(names, values)
 
             def send(seq: int) -> pb.PushResponse:
-                header = self._push_header(seq, base, headers, wire_dtype)
-                first = pb.PushRequest(header=header).SerializeToString()
+                # PushRequest(header=...): the tensors' part kept from the last push of the
+                # same gradients' names, dtypes and shapes, the rest serialized now
+                # (protobuf reads the two as one PushHeader).
+                own = self._push_header(seq, base, [], wire_dtype).SerializeToString()
+                first = length_delimited(1, tensors + own)
                 return self._send_stream(
                     "Push",
                     self._push,
@@ -817,7 +842,7 @@ class Client:
             "Pull",
             self._pull,
             request,
-            lambda items: receive_tensors(items, out=direct),
+            lambda items: receive_tensors(items, out=direct, layouts=self._reply_layouts),
             timeout_s,
         )
         if wire_dtype is not None:
@@ -851,6 +876,7 @@ class Client:
             scope=pb.PULL_SCOPE_WEIGHTS,
             worker_id=self.worker_id,
             wire_dtype=wire_dtype_code(wire_dtype),
+            packed_chunks=True,
         )
 
     # --- optimizer --------------------------------------------------------------------------
@@ -863,7 +889,9 @@ class Client:
 
     def optimizer_state(self, *, timeout_s: float | None = None) -> Tensors:
         """The server-side optimizer variables in optim_core (Keras 3) order, by name."""
-        request = pb.PullRequest(scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id)
+        request = pb.PullRequest(
+            scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id, packed_chunks=True
+        )
         return self._receive_stream("Pull", self._pull, request, receive_tensors, timeout_s)
 
     def set_optimizer_state(

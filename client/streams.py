@@ -18,6 +18,7 @@ from paramserve.wire import (
     END_ITEM,
     INDEX_DTYPE,
     SparseRows,
+    StreamLayout,
     TensorAssembler,
     TensorValue,
     WireError,
@@ -47,6 +48,8 @@ def as_host_array(value: Any) -> np.ndarray:
 
 def as_wire_value(value: Any) -> TensorValue:
     """Dense arrays stay arrays; ``(indices, values)`` tuples and IndexedSlices become rows."""
+    if type(value) is np.ndarray:  # the common case, before any import or lookup
+        return value
     from paramserve.optim_core import IndexedSlices
 
     if isinstance(value, SparseRows | IndexedSlices):
@@ -103,15 +106,69 @@ def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorSt
     return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
 
 
+class _ReplyPlan:
+    """A reply's checked header list, its stream layout, and the buffers of the last ``out``
+    arrays received into (checked once while the same arrays come back)."""
+
+    def __init__(self, headers: list[tpb.TensorHeader]) -> None:
+        check_headers(headers)
+        self.layout = StreamLayout(headers)
+        self._arrays: list[np.ndarray | None] | None = None
+        self._into: list[np.ndarray | None] | None = None
+
+    def into(self, out: Mapping[str, np.ndarray]) -> list[np.ndarray | None] | None:
+        """The byte buffers of ``out``'s arrays per tensor (None: not in ``out``); ValueError
+        for an array that does not fit its tensor (see :func:`receive_buffer`)."""
+        if not out:
+            return None
+        arrays = [out.get(n) for n in self.layout.names]
+        last = self._arrays
+        if last is not None and all(a is b for a, b in zip(arrays, last, strict=True)):
+            return self._into
+        into = [
+            None if a is None else receive_buffer(h, a)
+            for h, a in zip(self.layout.headers, arrays, strict=True)
+        ]
+        self._arrays, self._into = arrays, into
+        return into
+
+
+class ReplyLayouts:
+    """The :class:`_ReplyPlan` of each header list a client's pulls received, by the
+    header's bytes: a worker pulls the same variables every step, so their headers are
+    checked and laid out once (a few lists are kept; more clear the cache)."""
+
+    MAX = 16
+
+    def __init__(self) -> None:
+        self._plans: dict[bytes, _ReplyPlan] = {}
+
+    def plan(self, header: tpb.TensorStreamHeader) -> _ReplyPlan:
+        key = tpb.TensorStreamHeader()
+        key.CopyFrom(header)
+        key.ClearField("version")
+        raw = key.SerializeToString()
+        plan = self._plans.get(raw)
+        if plan is None:
+            plan = _ReplyPlan(list(header.tensors))
+            if len(self._plans) >= self.MAX:
+                self._plans.clear()
+            self._plans[raw] = plan
+        return plan
+
+
 def receive_tensors(
     items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem],
     *,
     out: Mapping[str, np.ndarray] | None = None,
+    layouts: ReplyLayouts | None = None,
 ) -> Tensors:
     """Assemble a header-then-chunks response into fresh, writable arrays.
 
     Dense tensors named in ``out`` are written straight into those arrays (checked by
-    :func:`receive_buffer` against the header), which the result then holds.
+    :func:`receive_buffer` against the header), which the result then holds. The other
+    tensors are views of one fresh buffer. ``layouts``: a cache of checked header lists
+    (the client's), for a stream whose headers came before.
 
     Raises :class:`DataLossError` if the stream is malformed (no header first, a second
     header, chunks out of order, a tensor cut short).
@@ -119,15 +176,15 @@ def receive_tensors(
     out = out or {}
     assembler: TensorAssembler | None = None
     version = 0
+    used: list[np.ndarray | None] | None = None
     try:
         for item in items:
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
-                headers = item.header.tensors
-                check_headers(headers)
-                into = [receive_buffer(h, out[h.name]) if h.name in out else None for h in headers]
-                assembler = TensorAssembler(headers, into=into)
+                plan = (layouts or ReplyLayouts()).plan(item.header)
+                used = plan.into(out)
+                assembler = TensorAssembler(plan.layout.headers, into=used, layout=plan.layout)
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":
@@ -139,8 +196,14 @@ def receive_tensors(
             assembler.add(*chunk)
         if assembler is None:
             raise WireError("the response stream was empty (no header)")
-        tensors = assembler.finish()
-        return Tensors({n: out.get(n, v) for n, v in tensors.items()}, version=version)
+        tensors = assembler.finish(decode_into=False)
+        if not used:
+            return Tensors(tensors, version=version)
+        names = assembler.layout.names
+        return Tensors(
+            {n: tensors[n] if a is None else out[n] for n, a in zip(names, used, strict=True)},
+            version=version,
+        )
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import os
+from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -118,42 +119,88 @@ def require_end(ended: bool, method: str, context: grpc.ServicerContext) -> None
         raise Cancelled(f"{method}: the call ended before the request was acted on")
 
 
+@dataclass(frozen=True)
+class ScanSegment:
+    """A stretch of dense float tensors of one dtype lying end to end in both the stream and
+    the receive buffer: scanned for NaN and Inf as one array."""
+
+    stream_start: int
+    stream_end: int
+    buffer_start: int
+    dtype: np.dtype
+    names: frozenset[str]
+
+
+def scan_segments(layout: wire.StreamLayout) -> list[ScanSegment]:
+    """The :class:`ScanSegment` s of a stream layout (one for a model whose variables share a
+    dtype), computed once per header list with its layout."""
+    out: list[ScanSegment] = []
+    current: list[Any] | None = None  # [stream_start, stream_end, buffer_start, dtype, names]
+    for h, s, b, length in zip(
+        layout.headers, layout.stream_starts, layout.buffer_starts, layout.lengths, strict=True
+    ):
+        if h.layout != tpb.LAYOUT_DENSE or h.dtype not in _FLOAT_CODES:
+            continue
+        dtype = wire.dtype_from_proto(h.dtype)
+        if (
+            current is not None
+            and current[3] == dtype
+            and current[1] == s
+            and current[2] + (s - current[0]) == b
+        ):
+            current[1] = s + length
+            current[4].append(h.name)
+            continue
+        if current is not None:
+            out.append(ScanSegment(*current[:4], frozenset(current[4])))
+        current = [s, s + length, b, dtype, [h.name]]
+    if current is not None:
+        out.append(ScanSegment(*current[:4], frozenset(current[4])))
+    return out
+
+
 class FiniteScan:
     """Tracks which dense float tensors of a stream are all-finite, piece by piece.
 
     Scanning each chunk while it arrives overlaps the check with the transfer, while the
     chunk is still in cache; the store's check then skips those tensors
     (:class:`~paramserve.server.gradients.FiniteChecked`) instead of reading them again.
+    Tensors of one dtype that lie end to end are scanned together (:class:`ScanSegment`),
+    so a model of many small variables costs one scan per chunk, not one per variable.
     """
 
-    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
-        self._headers = list(headers)
-        self._dtypes = {
-            i: wire.dtype_from_proto(h.dtype)
-            for i, h in enumerate(self._headers)
-            if h.layout == tpb.LAYOUT_DENSE and h.dtype in _FLOAT_CODES
-        }
-        self._checked = [0] * len(self._headers)
+    def __init__(self, segments: Sequence[ScanSegment]) -> None:
+        self._segments = list(segments)
+        self._next = 0  # the first segment not scanned completely
+        self._checked = 0  # stream bytes of that segment scanned so far (from its start)
         self._bad: set[int] = set()
 
-    def update(self, tensor: int, buffer: np.ndarray, received: int) -> None:
-        """Scan tensor ``tensor``'s whole elements in ``buffer[:received]`` not scanned yet."""
-        dtype = self._dtypes.get(tensor)
-        if dtype is None or tensor in self._bad:
-            return
-        start, end = self._checked[tensor], received - received % dtype.itemsize
-        if end > start:
-            if not all_finite(buffer[start:end].view(dtype)):
-                self._bad.add(tensor)
-            self._checked[tensor] = end
+    def update(self, buffer: np.ndarray, received: int) -> None:
+        """Scan the whole elements of ``buffer`` (the receive buffer) that arrived before
+        stream position ``received`` and were not scanned yet."""
+        segments = self._segments
+        while self._next < len(segments):
+            seg = segments[self._next]
+            start = seg.stream_start + self._checked
+            end = min(received, seg.stream_end)
+            end -= (end - seg.stream_start) % seg.dtype.itemsize
+            if end > start:
+                if self._next not in self._bad:
+                    at = seg.buffer_start + start - seg.stream_start
+                    if not all_finite(buffer[at : at + end - start].view(seg.dtype)):
+                        self._bad.add(self._next)
+                self._checked = end - seg.stream_start
+            if end < seg.stream_end:
+                return
+            self._next += 1
+            self._checked = 0
 
     def finite(self) -> frozenset[str]:
         """Names of the tensors scanned completely and found all-finite."""
-        return frozenset(
-            h.name
-            for i, h in enumerate(self._headers)
-            if i in self._dtypes and i not in self._bad and self._checked[i] == h.byte_length
-        )
+        done = [seg.names for i, seg in enumerate(self._segments[: self._next]) if i not in self._bad]
+        if len(done) == 1:
+            return done[0]
+        return frozenset().union(*done)
 
 
 def receive_tensors(
@@ -164,16 +211,23 @@ def receive_tensors(
     method: str,
     count_bytes: Callable[[int], None],
     scan_finite: bool = False,
+    layout: wire.StreamLayout | None = None,
+    segments: Sequence[ScanSegment] | None = None,
 ) -> dict[str, wire.TensorValue]:
     """The tensors whose chunks follow validated ``headers``, in strict order, then the end.
 
     ``count_bytes`` is told the payload bytes received once the stream ends, complete or
     not. ``scan_finite``: check dense gradients for NaN/Inf chunk by chunk as they arrive,
     and return them as ``FiniteChecked`` so the store's check does not read them again.
+    ``layout`` and ``segments``: the headers' stream layout and scan segments, when the
+    caller keeps them from an earlier stream with the same headers. The tensors are views
+    of one receive buffer (each aligned to its item size).
     """
-    assembler = wire.TensorAssembler(headers)
-    scan = FiniteScan(headers) if scan_finite else None
-    received = 0
+    assembler = wire.TensorAssembler(headers, layout=layout)
+    scan = None
+    if scan_finite:
+        scan = FiniteScan(segments if segments is not None else scan_segments(assembler.layout))
+    buffer = assembler.receive_buffer
     ended = False
     for item in requests:
         if ended:
@@ -187,11 +241,10 @@ def receive_tensors(
             continue
         else:
             raise InvalidArgument(f"{method}: only chunks and the end item may follow the header")
-        assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
+        assembler.add(tensor, offset, data)  # the one copy, into the receive buffer
         if scan is not None:
-            scan.update(tensor, assembler.buffer(tensor), offset + len(data))
-        received += len(data)
-    count_bytes(received)
+            scan.update(buffer, assembler.received)
+    count_bytes(assembler.received)
     tensors = assembler.finish()
     require_end(ended, method, context)
     return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors

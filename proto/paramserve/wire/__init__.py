@@ -23,6 +23,9 @@ from .framing import (
     encode_chunk_item,
     encoded_chunk_items,
     iter_chunks,
+    iter_packed_chunks,
+    length_delimited,
+    stream_header_item,
 )
 from .service import DEFAULT_ADDRESS, DEFAULT_HOST, DEFAULT_PORT, SERVICE_NAME, json_default
 from .sizing import (
@@ -37,6 +40,7 @@ from .sizing import (
 from .tensors import (
     INDEX_DTYPE,
     SparseRows,
+    StreamLayout,
     TensorAssembler,
     TensorValue,
     WireError,
@@ -72,6 +76,7 @@ __all__ = [
     "STEP_REPLY_OVERHEAD_BYTES",
     "WIRE_DTYPES",
     "SparseRows",
+    "StreamLayout",
     "TensorAssembler",
     "TensorValue",
     "WireError",
@@ -90,13 +95,16 @@ __all__ = [
     "header_for",
     "inline_tensor_bytes",
     "iter_chunks",
+    "iter_packed_chunks",
     "json_default",
+    "length_delimited",
     "load_bfloat16",
     "payload_bytes",
     "payload_views",
     "sparse_header",
     "step_reply_bytes",
     "step_request_bytes",
+    "stream_header_item",
     "tune_malloc",
     "whole_payload",
     "wire_dtype_code",

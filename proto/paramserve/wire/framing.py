@@ -3,11 +3,19 @@
 Every client and server tensor stream is a header message, chunk messages, and (client
 streams) an end item. This module cuts payloads into chunks and writes and reads the
 chunk messages' few bytes of protobuf framing directly, so a chunk costs one copy.
+
+Chunks are packed: the stream's payload is every tensor's payload end to end, in header
+order, cut every ``chunk_bytes`` regardless of where tensors begin and end, so many small
+tensors share one chunk message (a model of 1,000 small variables is one or two messages,
+not 1,000). A chunk names the tensor and offset its first byte belongs to; its data runs on
+into the tensors after it (see ``TensorChunk`` in tensor.proto).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from paramserve.v1 import tensor_pb2 as tpb
 
@@ -22,7 +30,9 @@ CHUNK_BYTES = 2 << 20
 def iter_chunks(
     values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[tuple[int, int, memoryview]]:
-    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order."""
+    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order, one
+    tensor per chunk (what a sender that does not pack writes; :func:`iter_packed_chunks`
+    is what the SDK and the daemon send)."""
     for i, value in enumerate(values):
         offset = 0
         for view in payload_views(value):
@@ -30,6 +40,67 @@ def iter_chunks(
                 piece = view[start : start + chunk_bytes]
                 yield i, offset, piece
                 offset += len(piece)
+
+
+def _pieces(values: Sequence[TensorValue]) -> Iterator[tuple[int, int, object, int]]:
+    """``(tensor, offset in it, buffer, bytes)`` of every non-empty payload piece, in order.
+
+    A little-endian C-contiguous array is its own buffer (no view to make: ``bytes.join``
+    reads it through the buffer protocol); anything else goes through ``payload_views``.
+    """
+    for i, value in enumerate(values):
+        if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype.byteorder != ">":
+            if value.nbytes:
+                yield i, 0, value, value.nbytes
+            continue
+        offset = 0
+        for view in payload_views(value):
+            if len(view):
+                yield i, offset, view, len(view)
+                offset += len(view)
+
+
+def _as_bytes_view(buffer: object) -> memoryview:
+    if isinstance(buffer, memoryview):
+        return buffer
+    assert isinstance(buffer, np.ndarray)
+    return memoryview(buffer.reshape(-1).view(np.uint8))
+
+
+def iter_packed_chunks(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, int, list[object]]]:
+    """``(tensor, offset, pieces)`` per chunk of the stream's whole payload, cut every
+    ``chunk_bytes`` whatever the tensors' sizes: the chunk's first byte is at ``offset`` of
+    tensor ``tensor``, and ``pieces`` (byte buffers, none copied) run on into the tensors
+    after it. Empty tensors take no bytes; a stream of only empty tensors has no chunks."""
+    pieces: list[object] = []
+    room = chunk_bytes
+    start: tuple[int, int] | None = None
+    for tensor, offset, buffer, size in _pieces(values):
+        if size <= room:  # the common case for small tensors: the whole piece fits
+            if start is None:
+                start = (tensor, offset)
+            pieces.append(buffer)
+            room -= size
+            if room == 0:
+                yield start[0], start[1], pieces
+                pieces, room, start = [], chunk_bytes, None
+            continue
+        view = _as_bytes_view(buffer)
+        pos = 0
+        while pos < size:
+            if start is None:
+                start = (tensor, offset + pos)
+            take = min(room, size - pos)
+            pieces.append(view[pos : pos + take])
+            pos += take
+            room -= take
+            if room == 0:
+                yield start[0], start[1], pieces
+                pieces, room, start = [], chunk_bytes, None
+    if start is not None:
+        yield start[0], start[1], pieces
 
 
 # --- Pre-encoded chunk messages ---------------------------------------------------------
@@ -46,6 +117,7 @@ _WRAPPER_CHUNK_TAG = 0x12  # field 2, wire type 2 (length-delimited)
 # one encoding serves them all.
 END_ITEM = tpb.TensorStreamItem(end=tpb.StreamEnd()).SerializeToString()
 _TENSOR_TAG, _OFFSET_TAG, _DATA_TAG = 0x08, 0x10, 0x1A  # TensorChunk fields 1, 2, 3
+_VERSION_TAG = 0x10  # TensorStreamHeader.version: field 2, varint
 
 
 def _varint(value: int) -> bytes:
@@ -60,29 +132,62 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_chunk_item(tensor: int, offset: int, piece: memoryview | bytes) -> bytes:
+def encode_chunk_item(
+    tensor: int, offset: int, piece: memoryview | bytes | Sequence[object]
+) -> bytes:
     """The serialized wrapper message holding ``TensorChunk(tensor, offset, data=piece)``.
 
     Byte-for-byte what protobuf writes for ``PushRequest(chunk=...)`` (and the other
-    wrappers), with one copy of ``piece``. Send it through a call with no serializer.
+    wrappers), with one copy of ``piece``, or of a list of byte buffers joined (a packed
+    chunk). Send it through a call with no serializer.
     """
+    pieces = piece if isinstance(piece, list | tuple) else (piece,)
+    size = sum(_nbytes(p) for p in pieces)
     inner = bytearray()
     if tensor:
         inner += bytes((_TENSOR_TAG,)) + _varint(tensor)
     if offset:
         inner += bytes((_OFFSET_TAG,)) + _varint(offset)
-    if len(piece):
-        inner += bytes((_DATA_TAG,)) + _varint(len(piece))
-    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + len(piece)) + inner
-    return b"".join((head, piece))
+    if size:
+        inner += bytes((_DATA_TAG,)) + _varint(size)
+    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + size) + inner
+    return b"".join((head, *pieces))
+
+
+def _nbytes(piece: object) -> int:
+    if isinstance(piece, np.ndarray | memoryview):
+        return piece.nbytes
+    return len(piece)  # type: ignore[arg-type]
 
 
 def encoded_chunk_items(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES, packed: bool = True
 ) -> Iterator[bytes]:
-    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order."""
-    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
-        yield encode_chunk_item(i, offset, piece)
+    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order: packed
+    (:func:`iter_packed_chunks`), or one tensor per chunk for a reader that asked for that
+    (:func:`iter_chunks`)."""
+    if not packed:
+        for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
+            yield encode_chunk_item(i, offset, piece)
+        return
+    for i, offset, pieces in iter_packed_chunks(values, chunk_bytes=chunk_bytes):
+        yield encode_chunk_item(i, offset, pieces)
+
+
+def length_delimited(field: int, body: bytes) -> bytes:
+    """Field ``field`` (a message or bytes) holding ``body``, serialized: a wrapper message
+    around an already serialized one (protobuf parses concatenated serializations of one
+    message as that message with their fields merged)."""
+    return b"".join((_varint(field << 3 | 2), _varint(len(body)), body))
+
+
+def stream_header_item(tensors: bytes, version: int) -> bytes:
+    """``TensorStreamItem(header=TensorStreamHeader(tensors=..., version=version))``
+    serialized, from the serialized ``TensorStreamHeader(tensors=...)`` kept for a header
+    list that replies send again and again."""
+    if version:
+        tensors += bytes((_VERSION_TAG,)) + _varint(version & 0xFFFFFFFFFFFFFFFF)
+    return length_delimited(1, tensors)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

@@ -10,8 +10,9 @@ with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,74 +192,236 @@ def check_headers(
             )
 
 
+def _alignment(header: tpb.TensorHeader) -> int:
+    """Where a tensor may start in a receive buffer: its item size (8 for sparse rows, whose
+    payload starts with int64 indices), so every view of it is aligned."""
+    if header.layout == tpb.LAYOUT_SPARSE_ROWS:
+        return INDEX_DTYPE.itemsize
+    return dtype_from_proto(header.dtype).itemsize
+
+
+class StreamLayout:
+    """Where each tensor of a checked header list lies: in the stream's payload (tensors end
+    to end, in header order) and in one receive buffer (each tensor aligned to its item size).
+
+    Computed once per header list and reusable for every stream with those headers (a
+    worker sends the same headers every step). ``runs`` are the stretches that are
+    contiguous in both, so a packed chunk is copied with one copy per run it touches
+    (one run for a model whose variables share a dtype).
+    """
+
+    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
+        self.headers = list(headers)
+        self.names = [h.name for h in self.headers]
+        self.lengths = [int(h.byte_length) for h in self.headers]
+        stream_starts: list[int] = []
+        buffer_starts: list[int] = []
+        runs: list[tuple[int, int, int]] = []  # (stream start, stream end, buffer start)
+        stream = position = 0
+        for h, length in zip(self.headers, self.lengths, strict=True):
+            align = _alignment(h)
+            padded = -(-position // align) * align
+            if runs and padded == position:
+                s0, _, b0 = runs[-1]
+                runs[-1] = (s0, stream + length, b0)
+            else:
+                runs.append((stream, stream + length, padded))
+            stream_starts.append(stream)
+            buffer_starts.append(padded)
+            stream += length
+            position = padded + length
+        self.stream_starts = stream_starts
+        self.buffer_starts = buffer_starts
+        self.total = stream
+        self.buffer_bytes = position
+        self.runs = runs
+        self._decoders = [
+            (dtype_from_proto(h.dtype), tuple(h.shape), h.layout, h.num_rows) for h in self.headers
+        ]
+
+    def tensor_at(self, position: int) -> int:
+        """The tensor that stream byte ``position`` (< ``total``) belongs to: the last one
+        starting at or before it (an empty tensor there is followed by the one holding it)."""
+        return max(bisect.bisect_right(self.stream_starts, position) - 1, 0)
+
+    def tensors(
+        self, buffer: np.ndarray, *, skip: Container[int] = ()
+    ) -> dict[str, TensorValue]:
+        """Views of every tensor (but those whose index is in ``skip``) in a receive buffer
+        laid out as this layout says."""
+        out: dict[str, TensorValue] = {}
+        flat: dict[np.dtype, np.ndarray] = {}
+        for i, (name, start, length, (dtype, shape, layout, rows)) in enumerate(
+            zip(self.names, self.buffer_starts, self.lengths, self._decoders, strict=True)
+        ):
+            if skip and i in skip:
+                continue
+            if layout == tpb.LAYOUT_DENSE:
+                size = dtype.itemsize
+                typed = flat.get(dtype)
+                if typed is None and buffer.size % size == 0:
+                    typed = flat[dtype] = buffer.view(dtype)
+                if typed is not None and start % size == 0:
+                    view = typed[start // size : (start + length) // size]
+                else:
+                    view = buffer[start : start + length].view(dtype)
+                out[name] = view if len(shape) == 1 else view.reshape(shape)
+            else:
+                split = rows * INDEX_DTYPE.itemsize
+                payload = buffer[start : start + length]
+                out[name] = SparseRows(
+                    indices=payload[:split].view(INDEX_DTYPE),
+                    values=payload[split:].view(dtype).reshape((rows, *shape[1:])),
+                )
+        return out
+
+
 class TensorAssembler:
-    """Rebuilds tensors from a validated header list and their chunks, in strict order."""
+    """Rebuilds tensors from a validated header list and their chunks, in strict order.
+
+    Chunks may be packed: one chunk's data runs on from the tensor and offset it names into
+    the tensors after it (see ``paramserve.wire.framing``). Anything out of order, repeated,
+    skipped, short or past the last tensor is refused.
+    """
 
     def __init__(
         self,
         headers: Sequence[tpb.TensorHeader],
         *,
         into: Sequence[np.ndarray | None] | None = None,
+        layout: StreamLayout | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
-        tensor ``i`` is written to instead of a fresh one, e.g. a view of a caller's array."""
-        self.headers = list(headers)
-        into = list(into) if into is not None else [None] * len(self.headers)
-        if len(into) != len(self.headers):
-            raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
-        self._buffers = []
-        for h, buf in zip(self.headers, into, strict=True):
-            if buf is None:
-                buf = np.empty(h.byte_length, dtype=np.uint8)
-            elif buf.dtype != np.uint8 or buf.shape != (h.byte_length,):
-                raise ValueError(
-                    f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
-                    f"{h.byte_length} bytes; got {buf.dtype.name} {buf.shape}"
-                )
-            self._buffers.append(buf)
-        self._received = [0] * len(self.headers)
-        self._current = 0
+        tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
+        caller's array. ``layout``: the headers' :class:`StreamLayout`, when the caller
+        keeps one (it is computed otherwise)."""
+        self.layout = layout if layout is not None else StreamLayout(headers)
+        self.headers = self.layout.headers
+        lay = self.layout
+        self._buffer = np.empty(lay.buffer_bytes, dtype=np.uint8)
+        self._into: dict[int, np.ndarray] = {}
+        if into is not None:
+            into = list(into)
+            if len(into) != len(self.headers):
+                raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+            for i, (h, buf) in enumerate(zip(self.headers, into, strict=True)):
+                if buf is None:
+                    continue
+                if buf.dtype != np.uint8 or buf.shape != (h.byte_length,):
+                    raise ValueError(
+                        f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
+                        f"{h.byte_length} bytes; got {buf.dtype.name} {buf.shape}"
+                    )
+                self._into[i] = buf
+        target = memoryview(self._buffer)
+        if not self._into:
+            self._runs = [(s, e, target, b) for s, e, b in lay.runs]
+        else:  # tensors with their own buffer are runs of their own
+            runs: list[tuple[int, int, memoryview, int]] = []
+            for i, (s, length, b) in enumerate(
+                zip(lay.stream_starts, lay.lengths, lay.buffer_starts, strict=True)
+            ):
+                own = self._into.get(i)
+                if own is not None:
+                    runs.append((s, s + length, memoryview(own), 0))
+                elif runs and runs[-1][2] is target and runs[-1][3] + (s - runs[-1][0]) == b:
+                    runs[-1] = (runs[-1][0], s + length, target, runs[-1][3])
+                else:
+                    runs.append((s, s + length, target, b))
+            self._runs = runs
+        self._run = 0
+        self._pos = 0  # stream bytes received
+        self._current = 0  # the tensor the last byte went to (or the last chunk named)
+
+    @property
+    def received(self) -> int:
+        """Payload bytes taken so far (the stream position)."""
+        return self._pos
+
+    @property
+    def receive_buffer(self) -> np.ndarray:
+        """The shared receive buffer (tensors not received into a buffer of their own)."""
+        return self._buffer
 
     def add(self, tensor: int, offset: int, data: bytes | memoryview) -> None:
         """Copy one chunk into place; WireError if it is not the next expected piece."""
-        if tensor >= len(self.headers):
-            raise WireError(f"chunk for tensor #{tensor}, but only {len(self.headers)} declared")
+        lay = self.layout
+        if tensor >= len(lay.lengths):
+            raise WireError(f"chunk for tensor #{tensor}, but only {len(lay.lengths)} declared")
+        pos = self._pos
+        if tensor < self._current or lay.stream_starts[tensor] + offset != pos:
+            self._refuse(tensor, offset)
+        if offset > lay.lengths[tensor]:
+            self._refuse(tensor, offset)
+        n = len(data)
+        if pos + n > lay.total:
+            h = lay.headers[tensor]
+            raise WireError(
+                f"tensor {h.name!r}: {offset + n} bytes sent from its start, past the end of "
+                f"the stream (the header declared {h.byte_length} bytes for it, "
+                f"{lay.total - lay.stream_starts[tensor]} with the tensors after it)"
+            )
+        if n:
+            source = data if isinstance(data, memoryview) else memoryview(data)
+            if source.format != "B" or source.ndim != 1:
+                source = source.cast("B")
+            runs, r, done = self._runs, self._run, 0
+            while done < n:
+                start, end, target, base = runs[r]
+                if pos >= end:
+                    r += 1
+                    continue
+                take = min(end - pos, n - done)
+                at = base + pos - start
+                target[at : at + take] = source[done : done + take]
+                done += take
+                pos += take
+            self._run = r
+            self._pos = pos
+            self._current = lay.tensor_at(pos - 1)
+        else:
+            self._current = max(self._current, tensor)
+
+    def _refuse(self, tensor: int, offset: int) -> None:
+        """Raise the WireError that says how chunk ``(tensor, offset)`` is out of order."""
+        lay = self.layout
         if tensor < self._current:
             raise WireError(f"chunk for tensor #{tensor} after tensor #{self._current} began")
         for skipped in range(self._current, tensor):
-            if self._received[skipped] != self.headers[skipped].byte_length:
+            got = max(0, min(self._pos - lay.stream_starts[skipped], lay.lengths[skipped]))
+            if got != lay.lengths[skipped]:
                 raise WireError(
-                    f"tensor {self.headers[skipped].name!r} ended early: "
-                    f"{self._received[skipped]} of {self.headers[skipped].byte_length} bytes"
+                    f"tensor {lay.names[skipped]!r} ended early: "
+                    f"{got} of {lay.lengths[skipped]} bytes"
                 )
-        self._current = tensor
-        if offset != self._received[tensor]:
-            raise WireError(
-                f"tensor {self.headers[tensor].name!r}: chunk at offset {offset}, "
-                f"expected offset {self._received[tensor]} (out of order or repeated)"
-            )
-        end = offset + len(data)
-        if end > self.headers[tensor].byte_length:
-            raise WireError(
-                f"tensor {self.headers[tensor].name!r}: {end} bytes sent, "
-                f"header declared {self.headers[tensor].byte_length}"
-            )
-        self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
-        self._received[tensor] = end
+        expected = max(0, self._pos - lay.stream_starts[tensor])
+        raise WireError(
+            f"tensor {lay.names[tensor]!r}: chunk at offset {offset}, "
+            f"expected offset {expected} (out of order or repeated)"
+        )
 
     def buffer(self, tensor: int) -> np.ndarray:
         """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived)."""
-        return self._buffers[tensor]
+        own = self._into.get(tensor)
+        if own is not None:
+            return own
+        start = self.layout.buffer_starts[tensor]
+        return self._buffer[start : start + self.layout.lengths[tensor]]
 
-    def finish(self) -> dict[str, TensorValue]:
-        """All tensors by name; WireError if any payload is incomplete."""
-        out: dict[str, TensorValue] = {}
-        for h, buf, got in zip(self.headers, self._buffers, self._received, strict=True):
-            if got != h.byte_length:
-                raise WireError(
-                    f"tensor {h.name!r} ended early: {got} of {h.byte_length} bytes received"
-                )
-            out[h.name] = decode_payload(h, buf)
+    def finish(self, *, decode_into: bool = True) -> dict[str, TensorValue]:
+        """All tensors by name; WireError if any payload is incomplete. ``decode_into=False``
+        leaves out the tensors received into buffers of their own (the caller holds them)."""
+        lay = self.layout
+        if self._pos != lay.total:
+            i = lay.tensor_at(self._pos)
+            got = self._pos - lay.stream_starts[i]
+            raise WireError(
+                f"tensor {lay.names[i]!r} ended early: {got} of {lay.lengths[i]} bytes received"
+            )
+        out = lay.tensors(self._buffer, skip=self._into)
+        if decode_into:
+            for i, buf in self._into.items():
+                out[lay.names[i]] = decode_payload(lay.headers[i], buf)
         return out
 
 

@@ -220,9 +220,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._push_plans[key] = plan
         return plan
 
-    def _stream_header(
-        self, headers: list[tpb.TensorHeader], version: int
-    ) -> tuple[bytes, int]:
+    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
         """The serialized ``TensorStreamItem(header=...)`` of a reply, and its payload bytes:
         the tensors' part is kept from the last reply with the same header list, the version
         appended by hand."""

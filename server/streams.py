@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import collections
 import os
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,7 +197,8 @@ class FiniteScan:
 
     def finite(self) -> frozenset[str]:
         """Names of the tensors scanned completely and found all-finite."""
-        done = [seg.names for i, seg in enumerate(self._segments[: self._next]) if i not in self._bad]
+        segments = self._segments[: self._next]
+        done = [seg.names for i, seg in enumerate(segments) if i not in self._bad]
         if len(done) == 1:
             return done[0]
         return frozenset().union(*done)

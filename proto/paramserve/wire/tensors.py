@@ -244,9 +244,7 @@ class StreamLayout:
         starting at or before it (an empty tensor there is followed by the one holding it)."""
         return max(bisect.bisect_right(self.stream_starts, position) - 1, 0)
 
-    def tensors(
-        self, buffer: np.ndarray, *, skip: Container[int] = ()
-    ) -> dict[str, TensorValue]:
+    def tensors(self, buffer: np.ndarray, *, skip: Container[int] = ()) -> dict[str, TensorValue]:
         """Views of every tensor (but those whose index is in ``skip``) in a receive buffer
         laid out as this layout says."""
         out: dict[str, TensorValue] = {}

@@ -13,6 +13,8 @@ class Adagrad(Optimizer):
     ``initial_accumulator_value``.
     """
 
+    elementwise_update = True  # the same rule per element: slabs update whole
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

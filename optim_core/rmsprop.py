@@ -13,6 +13,8 @@ class RMSprop(Optimizer):
     correction; centered keeps ``gbar`` likewise; momentum > 0 subtracts ``mom <- mu*mom + inc``.
     """
 
+    elementwise_update = True  # the same rule per element: slabs update whole
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

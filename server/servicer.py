@@ -374,6 +374,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             scan_finite=self._core.checks_finite,
             layout=plan.layout,
             segments=plan.segments,
+            packed=not header.wire_dtype,
         )
         if header.wire_dtype:
             # After the finite scan, which holds for the upcast values too (exact widening).

@@ -259,7 +259,18 @@ class ModelStore:
         ``generation`` before applying), so large pushes are checked in parallel.
         """
         with self.lock:
-            specs = self._require_model().specs
+            model = self._require_model()
+            specs, slabs = model.specs, model.slabs
+        if slabs and getattr(grads, "packed", None):
+            # Slabs the push carries whole are checked in bulk (one pass each).
+            return gradients.check_slab_push(
+                grads,
+                slabs,
+                specs,
+                nonfinite=self.nonfinite,
+                device=self.device,
+                max_tensor_bytes=self.limits.max_tensor_bytes,
+            )
         return gradients.check_push(
             grads,
             specs,
@@ -282,10 +293,14 @@ class ModelStore:
         """One optimizer step on the variables in ``grads``; returns the new version."""
         with self.lock:
             model = self._require_model()
-            if grads:
+            slabs = getattr(grads, "slabs", None) or {}
+            if grads or slabs:
                 names = list(grads)
+                # A slab with one flat gradient is updated whole where the optimizer's rule
+                # is element-wise, else variable by variable (optim_core decides).
                 model.optimizer.apply(
-                    [grads[n] for n in names], [model.variables[n] for n in names]
+                    [*slabs.values(), *(grads[n] for n in names)],
+                    [*slabs, *(model.variables[n] for n in names)],
                 )
                 self.changed.notify_all()
             return model.optimizer.iterations

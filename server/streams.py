@@ -129,6 +129,12 @@ class ScanSegment:
     buffer_start: int
     dtype: np.dtype
     names: frozenset[str]
+    order: tuple[str, ...]  # the names in stream order
+
+    def flat(self, buffer: np.ndarray) -> np.ndarray:
+        """The segment's tensors as one flat array (a view of the receive buffer)."""
+        end = self.buffer_start + self.stream_end - self.stream_start
+        return buffer[self.buffer_start : end].view(self.dtype)
 
 
 def scan_segments(layout: wire.StreamLayout) -> list[ScanSegment]:
@@ -152,10 +158,10 @@ def scan_segments(layout: wire.StreamLayout) -> list[ScanSegment]:
             current[4].append(h.name)
             continue
         if current is not None:
-            out.append(ScanSegment(*current[:4], frozenset(current[4])))
+            out.append(ScanSegment(*current[:4], frozenset(current[4]), tuple(current[4])))
         current = [s, s + length, b, dtype, [h.name]]
     if current is not None:
-        out.append(ScanSegment(*current[:4], frozenset(current[4])))
+        out.append(ScanSegment(*current[:4], frozenset(current[4]), tuple(current[4])))
     return out
 
 
@@ -214,6 +220,7 @@ def receive_tensors(
     scan_finite: bool = False,
     layout: wire.StreamLayout | None = None,
     segments: Sequence[ScanSegment] | None = None,
+    packed: bool = False,
 ) -> dict[str, wire.TensorValue]:
     """The tensors whose chunks follow validated ``headers``, in strict order, then the end.
 
@@ -222,12 +229,14 @@ def receive_tensors(
     and return them as ``FiniteChecked`` so the store's check does not read them again.
     ``layout`` and ``segments``: the headers' stream layout and scan segments, when the
     caller keeps them from an earlier stream with the same headers. The tensors are views
-    of one receive buffer (each aligned to its item size).
+    of one receive buffer (each aligned to its item size). ``packed``: return them as
+    ``FiniteChecked`` with each segment's tensors also as one flat array (``packed``), so the
+    store can check and apply a slab of the same variables whole.
     """
     assembler = wire.TensorAssembler(headers, layout=layout)
-    scan = None
-    if scan_finite:
-        scan = FiniteScan(segments if segments is not None else scan_segments(assembler.layout))
+    if segments is None and (scan_finite or packed):
+        segments = scan_segments(assembler.layout)
+    scan = FiniteScan(segments) if scan_finite and segments is not None else None
     buffer = assembler.receive_buffer
     ended = False
     for item in requests:
@@ -248,6 +257,10 @@ def receive_tensors(
     count_bytes(assembler.received)
     tensors = assembler.finish()
     require_end(ended, method, context)
+    if packed and segments:
+        flats = [(seg.order, seg.flat(buffer)) for seg in segments if len(seg.order) > 1]
+        finite = scan.finite() if scan is not None else frozenset()
+        return FiniteChecked(tensors, finite=finite, packed=flats)
     return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors
 
 

@@ -99,6 +99,7 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
     from paramserve import optim_core
 
 R = TypeVar("R")
+_FLOAT32 = {np.dtype(np.float32)}
 
 
 class _ClientSetting:
@@ -350,6 +351,8 @@ class Client:
         self._reply_layouts = ReplyLayouts()
         # The serialized tensors part of the last push's header, with what it describes.
         self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
+        self._float32_model: tuple[ModelDescription, bool] | None = None
+        self._last_out: dict[str, np.ndarray] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -454,6 +457,30 @@ class Client:
             raise NotFoundError(f"the model has no variable {name!r}")
         return spec.shape
 
+    def _all_float32(self, description: ModelDescription) -> bool:
+        """Whether every variable of ``description`` is float32 (kept per description)."""
+        cached = self._float32_model
+        if cached is None or cached[0] is not description:
+            every = all(v.numpy_dtype == np.float32 for v in description.variables)
+            self._float32_model = cached = (description, every)
+        return cached[1]
+
+    def _checked_out(self, out: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        """``out`` with every array checked (:func:`check_out_array`); the same arrays as
+        the last pull's are not checked again."""
+        if not out:
+            return {}
+        last = self._last_out
+        if (
+            last is not None
+            and len(last) == len(out)
+            and all(last.get(n) is a for n, a in out.items())
+        ):
+            return last
+        checked = {n: check_out_array(n, a) for n, a in out.items()}
+        self._last_out = checked
+        return checked
+
     def _cast_gradients(self, names: list[str], values: list[Any]) -> list[Any]:
         """Gradients in their variables' dtypes (see ``strict_dtypes``); checked before
         anything is sent. Variables the model lacks are left for the server to refuse.
@@ -463,9 +490,8 @@ class Client:
         and the server itself refuses one whose variable has another dtype.
         """
         description = self._description
-        if description is None and all(
-            (v.values if isinstance(v, SparseRows) else v).dtype == np.float32 for v in values
-        ):
+        dtypes = {v.dtype if type(v) is np.ndarray else v.values.dtype for v in values}
+        if dtypes == _FLOAT32 and (description is None or self._all_float32(description)):
             return values
         if description is None or any(description.spec(n) is None for n in names):
             try:
@@ -833,7 +859,7 @@ class Client:
         rounded values (into ``out`` through one temporary array each).
         """
         wire_dtype = self._wire_dtype(wire_dtype)
-        out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
+        out = self._checked_out(out)
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)

@@ -115,22 +115,25 @@ class _ReplyPlan:
         self.layout = StreamLayout(headers)
         self._arrays: list[np.ndarray | None] | None = None
         self._into: list[np.ndarray | None] | None = None
+        self._runs: list[Any] | None = None
 
-    def into(self, out: Mapping[str, np.ndarray]) -> list[np.ndarray | None] | None:
-        """The byte buffers of ``out``'s arrays per tensor (None: not in ``out``); ValueError
-        for an array that does not fit its tensor (see :func:`receive_buffer`)."""
+    def into(self, out: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | None] | None, Any]:
+        """The byte buffers of ``out``'s arrays per tensor (None: not in ``out``) and the
+        assembler's runs for them; ValueError for an array that does not fit its tensor
+        (see :func:`receive_buffer`)."""
         if not out:
-            return None
+            return None, None
         arrays = [out.get(n) for n in self.layout.names]
         last = self._arrays
         if last is not None and all(a is b for a, b in zip(arrays, last, strict=True)):
-            return self._into
+            return self._into, self._runs
         into = [
             None if a is None else receive_buffer(h, a)
             for h, a in zip(self.layout.headers, arrays, strict=True)
         ]
+        self._runs = self.layout.runs_into(into)
         self._arrays, self._into = arrays, into
-        return into
+        return into, self._runs
 
 
 class ReplyLayouts:
@@ -183,8 +186,10 @@ def receive_tensors(
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
                 plan = (layouts or ReplyLayouts()).plan(item.header)
-                used = plan.into(out)
-                assembler = TensorAssembler(plan.layout.headers, into=used, layout=plan.layout)
+                used, runs = plan.into(out)
+                assembler = TensorAssembler(
+                    plan.layout.headers, into=used, layout=plan.layout, runs=runs
+                )
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":

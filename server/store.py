@@ -341,6 +341,10 @@ class ModelStore:
             wanted, selections = _selection(model, names, rows)
             tensors: dict[str, np.ndarray | SparseRows] = {}
             xp = optim_core.array_module(self.device)
+            if xp is np and not selections:  # host arrays, whole: the live values themselves
+                variables = model.variables
+                tensors = {name: variables[name].value for name in wanted}
+                return model.optimizer.iterations, use(tensors)
             for name in wanted:
                 value = model.variables[name].value
                 if name in selections:

@@ -67,13 +67,10 @@ def _as_bytes_view(buffer: object) -> memoryview:
     return memoryview(buffer.reshape(-1).view(np.uint8))
 
 
-def iter_packed_chunks(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
-) -> Iterator[tuple[int, int, list[object]]]:
-    """``(tensor, offset, pieces)`` per chunk of the stream's whole payload, cut every
-    ``chunk_bytes`` whatever the tensors' sizes: the chunk's first byte is at ``offset`` of
-    tensor ``tensor``, and ``pieces`` (byte buffers, none copied) run on into the tensors
-    after it. Empty tensors take no bytes; a stream of only empty tensors has no chunks."""
+def _packed(
+    values: Sequence[TensorValue], chunk_bytes: int
+) -> Iterator[tuple[int, int, list[object], int]]:
+    """:func:`iter_packed_chunks` with each chunk's size in bytes."""
     pieces: list[object] = []
     room = chunk_bytes
     start: tuple[int, int] | None = None
@@ -84,7 +81,7 @@ def iter_packed_chunks(
             pieces.append(buffer)
             room -= size
             if room == 0:
-                yield start[0], start[1], pieces
+                yield start[0], start[1], pieces, chunk_bytes
                 pieces, room, start = [], chunk_bytes, None
             continue
         view = _as_bytes_view(buffer)
@@ -97,10 +94,21 @@ def iter_packed_chunks(
             pos += take
             room -= take
             if room == 0:
-                yield start[0], start[1], pieces
+                yield start[0], start[1], pieces, chunk_bytes
                 pieces, room, start = [], chunk_bytes, None
     if start is not None:
-        yield start[0], start[1], pieces
+        yield start[0], start[1], pieces, chunk_bytes - room
+
+
+def iter_packed_chunks(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, int, list[object]]]:
+    """``(tensor, offset, pieces)`` per chunk of the stream's whole payload, cut every
+    ``chunk_bytes`` whatever the tensors' sizes: the chunk's first byte is at ``offset`` of
+    tensor ``tensor``, and ``pieces`` (byte buffers, none copied) run on into the tensors
+    after it. Empty tensors take no bytes; a stream of only empty tensors has no chunks."""
+    for tensor, offset, pieces, _ in _packed(values, chunk_bytes):
+        yield tensor, offset, pieces
 
 
 # --- Pre-encoded chunk messages ---------------------------------------------------------
@@ -142,7 +150,10 @@ def encode_chunk_item(
     chunk). Send it through a call with no serializer.
     """
     pieces = piece if isinstance(piece, list | tuple) else (piece,)
-    size = sum(_nbytes(p) for p in pieces)
+    return _encode(tensor, offset, pieces, sum(_nbytes(p) for p in pieces))
+
+
+def _encode(tensor: int, offset: int, pieces: Sequence[object], size: int) -> bytes:
     inner = bytearray()
     if tensor:
         inner += bytes((_TENSOR_TAG,)) + _varint(tensor)
@@ -170,8 +181,8 @@ def encoded_chunk_items(
         for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
             yield encode_chunk_item(i, offset, piece)
         return
-    for i, offset, pieces in iter_packed_chunks(values, chunk_bytes=chunk_bytes):
-        yield encode_chunk_item(i, offset, pieces)
+    for i, offset, pieces, size in _packed(values, chunk_bytes):
+        yield _encode(i, offset, pieces, size)
 
 
 def length_delimited(field: int, body: bytes) -> bytes:

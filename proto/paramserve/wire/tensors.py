@@ -238,6 +238,58 @@ class StreamLayout:
         self._decoders = [
             (dtype_from_proto(h.dtype), tuple(h.shape), h.layout, h.num_rows) for h in self.headers
         ]
+        # Per tensor: (name, index of its dtype in _dtypes or -1, element range in the
+        # buffer viewed as that dtype, shape or None for 1-D, index) for tensors() to view
+        # it with one slice; -1: sparse rows (decoded on their own).
+        self._dtypes: list[np.dtype] = []
+        self._entries: list[tuple[str, int, int, int, tuple[int, ...] | None, int]] = []
+        for i, (name, start, length, (dtype, shape, layout, _)) in enumerate(
+            zip(self.names, self.buffer_starts, self.lengths, self._decoders, strict=True)
+        ):
+            if layout != tpb.LAYOUT_DENSE:
+                self._entries.append((name, -1, 0, 0, None, i))
+                continue
+            if dtype not in self._dtypes:
+                self._dtypes.append(dtype)
+            size = dtype.itemsize
+            self._entries.append(
+                (
+                    name,
+                    self._dtypes.index(dtype),
+                    start // size,
+                    (start + length) // size,
+                    None if len(shape) == 1 else shape,
+                    i,
+                )
+            )
+
+    def runs_into(
+        self, into: Sequence[np.ndarray | None] | None
+    ) -> list[tuple[int, int, memoryview | None, int]]:
+        """``(stream start, stream end, target, offset in it)`` stretches to copy chunks
+        into: the shared receive buffer (target None) as :attr:`runs` lays it out, and the
+        tensors with a buffer of their own in ``into`` (checked: 1-D uint8 of their
+        ``byte_length``) each in a stretch of its own."""
+        if not into or all(buf is None for buf in into):
+            return [(s, e, None, b) for s, e, b in self.runs]
+        if len(into) != len(self.headers):
+            raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+        runs: list[tuple[int, int, memoryview | None, int]] = []
+        for h, s, length, b, own in zip(
+            self.headers, self.stream_starts, self.lengths, self.buffer_starts, into, strict=True
+        ):
+            if own is not None:
+                if own.dtype != np.uint8 or own.shape != (h.byte_length,):
+                    raise ValueError(
+                        f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
+                        f"{h.byte_length} bytes; got {own.dtype.name} {own.shape}"
+                    )
+                runs.append((s, s + length, memoryview(own), 0))
+            elif runs and runs[-1][2] is None and runs[-1][3] + (s - runs[-1][0]) == b:
+                runs[-1] = (runs[-1][0], s + length, None, runs[-1][3])
+            else:
+                runs.append((s, s + length, None, b))
+        return runs
 
     def tensor_at(self, position: int) -> int:
         """The tensor that stream byte ``position`` (< ``total``) belongs to: the last one
@@ -248,29 +300,25 @@ class StreamLayout:
         """Views of every tensor (but those whose index is in ``skip``) in a receive buffer
         laid out as this layout says."""
         out: dict[str, TensorValue] = {}
-        flat: dict[np.dtype, np.ndarray] = {}
-        for i, (name, start, length, (dtype, shape, layout, rows)) in enumerate(
-            zip(self.names, self.buffer_starts, self.lengths, self._decoders, strict=True)
-        ):
+        if skip and len(skip) == len(self.names):
+            return out
+        # Each dtype's view of the whole buffer (tensors start at multiples of their size).
+        typed = [buffer[: buffer.size - buffer.size % d.itemsize].view(d) for d in self._dtypes]
+        for name, k, a, b, shape, i in self._entries:
             if skip and i in skip:
                 continue
-            if layout == tpb.LAYOUT_DENSE:
-                size = dtype.itemsize
-                typed = flat.get(dtype)
-                if typed is None and buffer.size % size == 0:
-                    typed = flat[dtype] = buffer.view(dtype)
-                if typed is not None and start % size == 0:
-                    view = typed[start // size : (start + length) // size]
-                else:
-                    view = buffer[start : start + length].view(dtype)
-                out[name] = view if len(shape) == 1 else view.reshape(shape)
-            else:
-                split = rows * INDEX_DTYPE.itemsize
-                payload = buffer[start : start + length]
-                out[name] = SparseRows(
-                    indices=payload[:split].view(INDEX_DTYPE),
-                    values=payload[split:].view(dtype).reshape((rows, *shape[1:])),
-                )
+            if k >= 0:
+                view = typed[k][a:b]
+                out[name] = view if shape is None else view.reshape(shape)
+                continue
+            dtype, shape_, _, rows = self._decoders[i]
+            start = self.buffer_starts[i]
+            payload = buffer[start : start + self.lengths[i]]
+            split = rows * INDEX_DTYPE.itemsize
+            out[name] = SparseRows(
+                indices=payload[:split].view(INDEX_DTYPE),
+                values=payload[split:].view(dtype).reshape((rows, *shape_[1:])),
+            )
         return out
 
 
@@ -288,45 +336,27 @@ class TensorAssembler:
         *,
         into: Sequence[np.ndarray | None] | None = None,
         layout: StreamLayout | None = None,
+        runs: list[tuple[int, int, memoryview | None, int]] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
         tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
         caller's array. ``layout``: the headers' :class:`StreamLayout`, when the caller
-        keeps one (it is computed otherwise)."""
+        keeps one (it is computed otherwise); ``runs``: ``layout.runs_into(into)``, when
+        the caller keeps that too."""
         self.layout = layout if layout is not None else StreamLayout(headers)
         self.headers = self.layout.headers
-        lay = self.layout
-        self._buffer = np.empty(lay.buffer_bytes, dtype=np.uint8)
         self._into: dict[int, np.ndarray] = {}
         if into is not None:
             into = list(into)
             if len(into) != len(self.headers):
                 raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
-            for i, (h, buf) in enumerate(zip(self.headers, into, strict=True)):
-                if buf is None:
-                    continue
-                if buf.dtype != np.uint8 or buf.shape != (h.byte_length,):
-                    raise ValueError(
-                        f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
-                        f"{h.byte_length} bytes; got {buf.dtype.name} {buf.shape}"
-                    )
-                self._into[i] = buf
-        target = memoryview(self._buffer)
-        if not self._into:
-            self._runs = [(s, e, target, b) for s, e, b in lay.runs]
-        else:  # tensors with their own buffer are runs of their own
-            runs: list[tuple[int, int, memoryview, int]] = []
-            for i, (s, length, b) in enumerate(
-                zip(lay.stream_starts, lay.lengths, lay.buffer_starts, strict=True)
-            ):
-                own = self._into.get(i)
-                if own is not None:
-                    runs.append((s, s + length, memoryview(own), 0))
-                elif runs and runs[-1][2] is target and runs[-1][3] + (s - runs[-1][0]) == b:
-                    runs[-1] = (runs[-1][0], s + length, target, runs[-1][3])
-                else:
-                    runs.append((s, s + length, target, b))
-            self._runs = runs
+            self._into = {i: buf for i, buf in enumerate(into) if buf is not None}
+        if runs is None:
+            runs = self.layout.runs_into(into)
+        shared = len(self._into) < len(self.headers)
+        self._buffer = np.empty(self.layout.buffer_bytes if shared else 0, dtype=np.uint8)
+        self._target = memoryview(self._buffer)
+        self._runs = runs
         self._run = 0
         self._pos = 0  # stream bytes received
         self._current = 0  # the tensor the last byte went to (or the last chunk named)
@@ -369,6 +399,8 @@ class TensorAssembler:
                 if pos >= end:
                     r += 1
                     continue
+                if target is None:
+                    target = self._target
                 take = min(end - pos, n - done)
                 at = base + pos - start
                 target[at : at + take] = source[done : done + take]

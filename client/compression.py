@@ -92,7 +92,8 @@ class ErrorFeedback:
             if isinstance(value, SparseRows) or value.dtype != COMPRESSIBLE:
                 out.append(value)
                 continue
-            value = np.ascontiguousarray(value)
+            if not value.flags.c_contiguous:  # (ascontiguousarray makes a scalar 1-D)
+                value = np.ascontiguousarray(value)
             total = value
             if self.enabled:
                 left = self._buffer(name, "residual", value, COMPRESSIBLE)

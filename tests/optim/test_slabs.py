@@ -215,3 +215,35 @@ def test_a_slab_without_its_optimizer_support_is_applied_variable_by_variable():
         np.testing.assert_array_equal(v.value, w.value, strict=True)
     with pytest.raises(ValueError, match="must be flat"):
         opt.apply([np.zeros(3, np.float32)], [slab])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [("adam", {"weight_decay": 0.01, "use_ema": True}), ("sgd", {"momentum": 0.9}), ("lamb", {})],
+)
+def test_gpu_slab_apply_equals_per_variable_apply(name, options):
+    """On CuPy a slab is one kernel launch per operation instead of one per variable, with
+    the same per-element operations: the same bits as variable by variable."""
+    if not optim_core.gpu_available():
+        pytest.skip("no usable GPU (CuPy) on this machine")
+    cupy = optim_core.array_module("gpu")
+    arrays = _arrays()
+    results = []
+    for packed in (True, False):
+        opt = _make(name, options, slabs=packed)
+        if packed:
+            variables, slabs = pack(list(arrays.items()), device="gpu")
+        else:
+            variables = [Variable(a.copy(), path=n, device="gpu") for n, a in arrays.items()]
+            slabs = []
+        opt.build(variables)
+        for step in range(3):
+            grads = {n: cupy.asarray(g) for n, g in _grads(step, arrays).items()}
+            if packed:
+                flat = cupy.concatenate([grads[v.path].reshape(-1) for v in slabs[0].variables])
+                opt.apply([flat], slabs)
+            else:
+                opt.apply([grads[v.path] for v in variables], variables)
+        results.append((opt, {v.path: cupy.asnumpy(v.value) for v in variables}))
+    _assert_same(*results)

@@ -244,7 +244,7 @@ class WeightHeaders:
             self._dense = {h.name: h for h in self._all}
             self._names = list(self._dense)
             self._specs = specs
-        if (
+        if getattr(tensors, "whole", False) or (
             len(tensors) == len(self._names)
             and list(tensors) == self._names
             and not any(type(v) is wire.SparseRows for v in tensors.values())

@@ -74,6 +74,12 @@ class Model:
     # push carrying one flat gradient per slab is checked and applied per slab, not per
     # variable (see store.validate_push).
     slabs: dict[tuple[str, ...], Slab] = field(default_factory=dict, repr=False)
+    # Where consecutive variables are one stretch of a slab (store._weight_runs, cached).
+    weight_runs: list[tuple[int, int, np.ndarray, list[int]]] | None = field(
+        default=None, repr=False
+    )
+    # Every variable's live host array by name (store._whole_model, cached).
+    weights: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:

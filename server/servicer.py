@@ -407,7 +407,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 values = list(tensors.values())
                 return self._headers(specs, tensors, encode_as), collections.deque(
                     wire.encoded_chunk_items(
-                        values, chunk_bytes=self._chunk_bytes, packed=request.packed_chunks
+                        values,
+                        chunk_bytes=self._chunk_bytes,
+                        packed=request.packed_chunks,
+                        runs=getattr(tensors, "runs", None),  # slabs' stretches, whole
                     )
                 )
 

@@ -13,6 +13,7 @@ into the tensors after it (see ``TensorChunk`` in tensor.proto).
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -42,24 +43,6 @@ def iter_chunks(
                 offset += len(piece)
 
 
-def _pieces(values: Sequence[TensorValue]) -> Iterator[tuple[int, int, object, int]]:
-    """``(tensor, offset in it, buffer, bytes)`` of every non-empty payload piece, in order.
-
-    A little-endian C-contiguous array is its own buffer (no view to make: ``bytes.join``
-    reads it through the buffer protocol); anything else goes through ``payload_views``.
-    """
-    for i, value in enumerate(values):
-        if type(value) is np.ndarray and value.flags.c_contiguous and value.dtype.byteorder != ">":
-            if value.nbytes:
-                yield i, 0, value, value.nbytes
-            continue
-        offset = 0
-        for view in payload_views(value):
-            if len(view):
-                yield i, offset, view, len(view)
-                offset += len(view)
-
-
 def _as_bytes_view(buffer: object) -> memoryview:
     if isinstance(buffer, memoryview):
         return buffer
@@ -68,34 +51,85 @@ def _as_bytes_view(buffer: object) -> memoryview:
 
 
 def _packed(
-    values: Sequence[TensorValue], chunk_bytes: int
+    values: Sequence[TensorValue],
+    chunk_bytes: int,
+    runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
 ) -> Iterator[tuple[int, int, list[object], int]]:
-    """:func:`iter_packed_chunks` with each chunk's size in bytes."""
+    """:func:`iter_packed_chunks` with each chunk's size in bytes.
+
+    ``runs``: ``(first, end, flat, starts)`` where ``values[first:end]`` are, end to end,
+    the one C-contiguous array ``flat`` (``starts``: each one's byte offset in it, and
+    ``flat``'s size last), sent as one piece instead of one per tensor.
+    """
     pieces: list[object] = []
     room = chunk_bytes
     start: tuple[int, int] | None = None
-    for tensor, offset, buffer, size in _pieces(values):
-        if size <= room:  # the common case for small tensors: the whole piece fits
-            if start is None:
-                start = (tensor, offset)
-            pieces.append(buffer)
-            room -= size
+    by_first = {r[0]: r for r in runs} if runs else {}
+    i, n = 0, len(values)
+    while i < n:
+        value = values[i]
+        run = by_first.get(i) if by_first else None
+        if run is not None:
+            first, end, flat, starts = run
+            size = starts[-1]
+            if size <= room:
+                if size:
+                    if start is None:
+                        start = (first, 0)
+                    pieces.append(flat)
+                    room -= size
+            else:  # cut inside the run: name the tensor and offset each chunk starts at
+                view = _as_bytes_view(flat)
+                pos = 0
+                while pos < size:
+                    if start is None:
+                        k = bisect.bisect_right(starts, pos) - 1
+                        start = (first + k, pos - starts[k])
+                    take = min(room, size - pos)
+                    pieces.append(view[pos : pos + take])
+                    pos += take
+                    room -= take
+                    if room == 0:
+                        yield start[0], start[1], pieces, chunk_bytes
+                        pieces, room, start = [], chunk_bytes, None
             if room == 0:
-                yield start[0], start[1], pieces, chunk_bytes
+                yield start[0], start[1], pieces, chunk_bytes  # type: ignore[index]
                 pieces, room, start = [], chunk_bytes, None
+            i = end
             continue
-        view = _as_bytes_view(buffer)
-        pos = 0
-        while pos < size:
-            if start is None:
-                start = (tensor, offset + pos)
-            take = min(room, size - pos)
-            pieces.append(view[pos : pos + take])
-            pos += take
-            room -= take
-            if room == 0:
-                yield start[0], start[1], pieces, chunk_bytes
-                pieces, room, start = [], chunk_bytes, None
+        i += 1
+        if type(value) is np.ndarray and value.dtype.byteorder != ">" and value.flags.c_contiguous:
+            size = value.nbytes
+            if size <= room:  # the common case for small tensors: the whole tensor fits
+                if size:
+                    if start is None:
+                        start = (i - 1, 0)
+                    pieces.append(value)
+                    room -= size
+                    if room == 0:
+                        yield start[0], start[1], pieces, chunk_bytes
+                        pieces, room, start = [], chunk_bytes, None
+                continue
+            parts: Sequence[tuple[int, object, int]] = ((0, value, size),)
+        else:
+            parts = []
+            offset = 0
+            for view in payload_views(value):
+                parts.append((offset, view, len(view)))
+                offset += len(view)
+        for offset, buffer, size in parts:
+            view = _as_bytes_view(buffer)
+            pos = 0
+            while pos < size:
+                if start is None:
+                    start = (i - 1, offset + pos)
+                take = min(room, size - pos)
+                pieces.append(view[pos : pos + take])
+                pos += take
+                room -= take
+                if room == 0:
+                    yield start[0], start[1], pieces, chunk_bytes
+                    pieces, room, start = [], chunk_bytes, None
     if start is not None:
         yield start[0], start[1], pieces, chunk_bytes - room
 
@@ -172,16 +206,21 @@ def _nbytes(piece: object) -> int:
 
 
 def encoded_chunk_items(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES, packed: bool = True
+    values: Sequence[TensorValue],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    packed: bool = True,
+    runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
 ) -> Iterator[bytes]:
     """:func:`encode_chunk_item` for every chunk of ``values``, in wire order: packed
     (:func:`iter_packed_chunks`), or one tensor per chunk for a reader that asked for that
-    (:func:`iter_chunks`)."""
+    (:func:`iter_chunks`). ``runs``: stretches of ``values`` that are one flat array end to
+    end, ``(first, end, flat, byte starts)``, each sent as one piece (packed only)."""
     if not packed:
         for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
             yield encode_chunk_item(i, offset, piece)
         return
-    for i, offset, pieces, size in _packed(values, chunk_bytes):
+    for i, offset, pieces, size in _packed(values, chunk_bytes, runs):
         yield _encode(i, offset, pieces, size)
 
 

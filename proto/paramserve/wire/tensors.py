@@ -262,6 +262,11 @@ class StreamLayout:
                     i,
                 )
             )
+        # Every tensor dense and of one dtype (the usual stream): tensors() slices them all
+        # in one C loop (map over slice objects), then reshapes the few that are not 1-D.
+        self._uniform = len(self._dtypes) == 1 and all(e[1] == 0 for e in self._entries)
+        self._slices = [slice(e[2], e[3]) for e in self._entries]
+        self._reshapes = [(e[0], e[4]) for e in self._entries if e[4] is not None]
 
     def runs_into(
         self, into: Sequence[np.ndarray | None] | None
@@ -304,6 +309,11 @@ class StreamLayout:
             return out
         # Each dtype's view of the whole buffer (tensors start at multiples of their size).
         typed = [buffer[: buffer.size - buffer.size % d.itemsize].view(d) for d in self._dtypes]
+        if self._uniform and not skip:
+            out = dict(zip(self.names, map(typed[0].__getitem__, self._slices), strict=True))
+            for name, shape in self._reshapes:
+                out[name] = out[name].reshape(shape)
+            return out
         for name, k, a, b, shape, i in self._entries:
             if skip and i in skip:
                 continue

@@ -44,6 +44,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -352,7 +353,7 @@ class Client:
         # The serialized tensors part of the last push's header, with what it describes.
         self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
         self._float32_model: tuple[ModelDescription, bool] | None = None
-        self._last_out: dict[str, np.ndarray] | None = None
+        self._last_out: Mapping[str, np.ndarray] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -465,9 +466,9 @@ class Client:
             self._float32_model = cached = (description, every)
         return cached[1]
 
-    def _checked_out(self, out: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
-        """``out`` with every array checked (:func:`check_out_array`); the same arrays as
-        the last pull's are not checked again."""
+    def _checked_out(self, out: Mapping[str, np.ndarray] | None) -> Mapping[str, np.ndarray]:
+        """``out`` with every array checked (:func:`check_out_array`), read-only; the same
+        arrays as the last pull's are not checked again (the same mapping comes back)."""
         if not out:
             return {}
         last = self._last_out
@@ -477,7 +478,7 @@ class Client:
             and all(last.get(n) is a for n, a in out.items())
         ):
             return last
-        checked = {n: check_out_array(n, a) for n, a in out.items()}
+        checked = MappingProxyType({n: check_out_array(n, a) for n, a in out.items()})
         self._last_out = checked
         return checked
 

@@ -9,6 +9,7 @@ which hands chunk payloads to the assembler as views of the received bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -116,6 +117,8 @@ class _ReplyPlan:
         self._arrays: list[np.ndarray | None] | None = None
         self._into: list[np.ndarray | None] | None = None
         self._runs: list[Any] | None = None
+        self._out: Mapping[str, np.ndarray] | None = None
+        self.all_into = False  # every tensor of the last into() has its own array
 
     def into(self, out: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | None] | None, Any]:
         """The byte buffers of ``out``'s arrays per tensor (None: not in ``out``) and the
@@ -123,6 +126,8 @@ class _ReplyPlan:
         (see :func:`receive_buffer`)."""
         if not out:
             return None, None
+        if out is self._out:  # the same read-only mapping as last time (the client's own)
+            return self._into, self._runs
         arrays = [out.get(n) for n in self.layout.names]
         last = self._arrays
         if last is not None and all(a is b for a, b in zip(arrays, last, strict=True)):
@@ -133,6 +138,8 @@ class _ReplyPlan:
         ]
         self._runs = self.layout.runs_into(into)
         self._arrays, self._into = arrays, into
+        self._out = out if isinstance(out, MappingProxyType) else None
+        self.all_into = all(a is not None for a in arrays)
         return into, self._runs
 
 
@@ -205,6 +212,8 @@ def receive_tensors(
         if not used:
             return Tensors(tensors, version=version)
         names = assembler.layout.names
+        if plan.all_into:
+            return Tensors(zip(names, map(out.__getitem__, names), strict=True), version=version)
         return Tensors(
             {n: tensors[n] if a is None else out[n] for n, a in zip(names, used, strict=True)},
             version=version,
@@ -282,7 +291,10 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"Variable names must be strings. Received: {name!r}")
-    return names, [as_wire_value(values[n]) for n in names]
+    given = list(map(values.__getitem__, names))
+    if all(type(v) is np.ndarray for v in given):  # NumPy arrays already (the common case)
+        return names, given
+    return names, [as_wire_value(v) for v in given]
 
 
 _FLOAT_DTYPES = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))

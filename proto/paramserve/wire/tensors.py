@@ -411,7 +411,9 @@ class TensorAssembler:
                     continue
                 if target is None:
                     target = self._target
-                take = min(end - pos, n - done)
+                take = end - pos
+                if take > n - done:
+                    take = n - done
                 at = base + pos - start
                 target[at : at + take] = source[done : done + take]
                 done += take

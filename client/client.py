@@ -204,7 +204,19 @@ def _wait_from_environment() -> float:
 
 
 class Client:
-    """A connection to one parameter server; thread-safe, close it (or use ``with``)."""
+    """A connection to one parameter server; thread-safe, close it (or use ``with``).
+
+    ``Client([address, ...])`` (a list of shard addresses, shard 0 first) is one sharded
+    job with the same methods: a :class:`~paramserve.client.sharded.ShardedClient`.
+    """
+
+    def __new__(cls, address: str | Sequence[str] = DEFAULT_ADDRESS, *args: Any, **kwargs: Any):
+        """A :class:`ShardedClient` for a sequence of addresses, else a plain one."""
+        if cls is Client and not isinstance(address, str | bytes) and isinstance(address, Sequence):
+            from .sharded import ShardedClient
+
+            return super().__new__(ShardedClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -564,6 +576,7 @@ class Client:
         base_version: int,
         headers: list[tpb.TensorHeader],
         wire_dtype: str | None = None,
+        prepare: bool = False,
     ) -> pb.PushHeader:
         """This client's identity (worker, session, sequence) and the tensors of one push."""
         return pb.PushHeader(
@@ -573,6 +586,7 @@ class Client:
             tensors=headers,
             session=self.session,
             wire_dtype=wire_dtype_code(wire_dtype),
+            prepare=prepare,
         )
 
     def _wire_dtype(self, wire_dtype: Any) -> str | None:
@@ -674,6 +688,20 @@ class Client:
         client's) compresses dense float32 gradients, with error feedback (see
         :class:`Client`); a compressed push is resent from its compressed copy.
         """
+        return self._push_grads(grads, base_version, sequence, timeout_s, wire_dtype)
+
+    def _push_grads(
+        self,
+        grads: Mapping[str, Any],
+        base_version: int | None,
+        sequence: int | None,
+        timeout_s: float | None,
+        wire_dtype: str | None,
+        *,
+        prepare: bool = False,
+    ) -> PushResult:
+        """:meth:`push`; ``prepare`` holds it on a shard of a sharded sync job (see
+        :mod:`.sharded`), with ``applied`` False when that shard dropped it as non-finite."""
         wire_dtype = self._wire_dtype(wire_dtype)
         names, values = named_values(grads)
         values = self._cast_gradients(names, values)
@@ -683,7 +711,7 @@ class Client:
             headers = tensor_headers(names, values, self._variable_shape)
 
             def send(seq: int) -> pb.PushResponse:
-                header = self._push_header(seq, base, headers, wire_dtype)
+                header = self._push_header(seq, base, headers, wire_dtype, prepare)
                 first = pb.PushRequest(header=header).SerializeToString()
                 return self._send_stream(
                     "Push",
@@ -698,6 +726,32 @@ class Client:
             names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
         )
         return _push_result(response, seq)
+
+    def _commit_round(
+        self,
+        sequence: int,
+        base_version: int,
+        *,
+        skipped: bool,
+        timeout_s: float | None,
+    ) -> tuple[PushResult, pb.RoundDecision | None]:
+        """Commit a prepared push to a sharded sync job's coordinator (this client's
+        server): the push's outcome once its round closed, and the round's decision."""
+        request = pb.CommitRoundRequest(
+            worker_id=self.worker_id,
+            sequence=sequence,
+            session=self.session,
+            base_version=base_version,
+            skipped=skipped,
+        )
+        response = self._call("CommitRound", self._stub.CommitRound, request, timeout_s)
+        decision = response.decision if response.HasField("decision") else None
+        return _push_result(response.push, sequence), decision
+
+    def _apply_round(self, decision: pb.RoundDecision, *, timeout_s: float | None) -> int:
+        """Hand a sharded round's decision to this shard; its version after it."""
+        request = pb.ApplyRoundRequest(decision=decision)
+        return self._call("ApplyRound", self._stub.ApplyRound, request, timeout_s).version
 
     def step(
         self,

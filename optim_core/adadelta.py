@@ -13,6 +13,8 @@ class Adadelta(Optimizer):
     Ex <- rho*Ex + (1-rho)*d^2; w += lr*d`` (``Ex`` read before its update).
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

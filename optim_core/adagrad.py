@@ -13,6 +13,8 @@ class Adagrad(Optimizer):
     ``initial_accumulator_value``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

@@ -16,6 +16,8 @@ class Adam(Optimizer):
     w -= m*alpha/(sqrt(v)+eps)``; with ``amsgrad`` the max of the raw ``v`` is used.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

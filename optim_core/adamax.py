@@ -13,6 +13,8 @@ from .variables import Variable
 class Adamax(Optimizer):
     """``m += (g-m)(1-b1); u <- max(b2*u, |g|); w -= lr*m / ((1-b1^t)*(u+eps))``."""
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

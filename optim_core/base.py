@@ -54,6 +54,11 @@ class Optimizer:
     # Run the fused CPU kernels where they apply (fused.can_fuse); False always runs the xp
     # rule. Not part of the config: tests and benchmarks compare the two on one instance.
     use_fused_kernels: bool = True
+    # True when each element's update reads only that element's gradient and slots and
+    # step-wide scalars (learning rate, step count): a variable may then be split by rows
+    # across shards with results identical to one server. A rule reading a whole variable
+    # (a norm, a matrix product, factored statistics) leaves it False.
+    rows_separable: bool = False
 
     def __init__(
         self,
@@ -412,6 +417,25 @@ class Optimizer:
 
     def assign_sub(self, variable: Variable, value: Any) -> None:
         variable.assign_sub(value)
+
+    # --- spreading one model over several shards -----------------------------------------
+    def splits_rows(self) -> bool:
+        """Whether a variable may be split by rows across shards without changing results.
+
+        True for a :attr:`rows_separable` rule without ``clipnorm`` (a norm of the whole
+        variable's gradient).
+        """
+        return self.rows_separable and not self.clipnorm
+
+    def cross_variable_options(self) -> list[str]:
+        """The options of this optimizer that read every variable at once.
+
+        A job whose variables live on several shards cannot apply them shard by shard: the
+        sharded client refuses them, naming each.
+        """
+        if self.global_clipnorm:
+            return [f"global_clipnorm={self.global_clipnorm} (the norm of all gradients)"]
+        return []
 
     # --- clipping, weight decay, EMA ---------------------------------------------------
     def _clip_gradients(self, grads: list[Any]) -> list[Any]:

@@ -11,6 +11,8 @@ from .variables import Variable
 class Lion(Optimizer):
     """``w -= lr*sign(b1*m + (1-b1)*g)`` with the old ``m``; then ``m <- b2*m + (1-b2)*g``."""
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

@@ -69,6 +69,17 @@ class LossScaleOptimizer(Optimizer):
         # The inner optimizer must not unscale a second time.
         inner_optimizer.loss_scale_factor = None
 
+    def splits_rows(self) -> bool:
+        """The inner optimizer's answer (the loss scale itself is one scalar)."""
+        return self.inner_optimizer.splits_rows()
+
+    def cross_variable_options(self) -> list[str]:
+        """Dynamic loss scaling reads every gradient: one non-finite value skips the step."""
+        return [
+            "LossScaleOptimizer (one non-finite gradient anywhere skips the whole step)",
+            *self.inner_optimizer.cross_variable_options(),
+        ]
+
     def build(self, variables: Any) -> None:
         if self.built:
             return

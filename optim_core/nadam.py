@@ -18,6 +18,8 @@ class Nadam(Optimizer):
     w -= lr*(mu_{t+1}*m/(1-P*mu_{t+1}) + (1-mu_t)*g/(1-P)) / (sqrt(v/(1-b2^t)) + eps)``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

@@ -13,6 +13,8 @@ class RMSprop(Optimizer):
     correction; centered keeps ``gbar`` likewise; momentum > 0 subtracts ``mom <- mu*mom + inc``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

@@ -15,6 +15,8 @@ class SGD(Optimizer):
     With ``momentum == 0.0`` no slot is created and the rule is ``w <- w - g*lr``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.01,

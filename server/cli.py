@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from paramserve.wire import DEFAULT_ADDRESS
 
-from .client_flags import add_tls_token_flags, client_security
+from .client_flags import add_tls_token_flags, client_security, job_address
 from .errors import StartupRefused
 from .settings import LOG_FORMATS, LOG_LEVELS, ConfigError
 
@@ -237,6 +237,16 @@ def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) 
         help=d("stale mode: pushes a worker may run ahead of the slowest", "max_staleness"),
     )
     train.add_argument(
+        "--shards", type=int, help=d("server processes of the job (sharded jobs)", "shards")
+    )
+    train.add_argument(
+        "--shard-index",
+        type=int,
+        help=d(
+            "this daemon's index in [0, --shards) (a StatefulSet: the pod ordinal)", "shard_index"
+        ),
+    )
+    train.add_argument(
         "--nonfinite",
         choices=NONFINITE_POLICIES,
         help=d("what a gradient with NaN/Inf gets", "nonfinite"),
@@ -307,7 +317,8 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument(
         "--address",
         default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server host:port (default: $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        help="server host:port, or every shard's host:port of a sharded job, comma-separated, "
+        f"shard 0 first (default: $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--timeout-s", type=float, default=60.0, help="deadline of the call (default: 60)"
@@ -384,9 +395,15 @@ def _run_admin(args: argparse.Namespace) -> int:
 
     configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
     security = client_security(args)  # a cert without its key, a token file others can read
-    with Client(args.address, timeout_s=args.timeout_s, wait_for_ready=False, **security) as client:
+    address = job_address(args.address)
+    with Client(address, timeout_s=args.timeout_s, wait_for_ready=False, **security) as client:
         if args.command == "status":
             result = client.status()
+            if not isinstance(address, str):
+                # A sharded job: where each variable lives, besides each shard's status.
+                description = client.describe() if result.has_model else None
+                layout = description.layout.to_json() if description is not None else None
+                result = {"status": result, "layout": layout}
         elif args.command == "snapshot":
             result = client.snapshot()
         elif args.command == "snapshots":

@@ -88,6 +88,10 @@ class ServerConfig:
     tokens_file: Path | None = None
     admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     worker_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # This daemon's place in a sharded job: shard `shard_index` of `shards` (1: on its own).
+    # It serves only clients that see the job the same way (see client/sharded.py).
+    shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         """ConfigError for a setting out of range (the nested groups checked themselves)."""
@@ -102,6 +106,13 @@ class ServerConfig:
                 f"`metrics_port` must be in [0, 65535]. Received: metrics_port={self.metrics_port}"
             )
         check_min("max_workers", self.max_workers, 2)
+        check_min("shards", self.shards, 1, integer=True)
+        check_min("shard_index", self.shard_index, 0, integer=True)
+        if self.shard_index >= self.shards:
+            raise ConfigError(
+                f"`shard_index` must be in [0, shards) = [0, {self.shards}). Received: "
+                f"shard_index={self.shard_index}"
+            )
         check_min("snapshot_every_s", self.snapshot_every_s, 0)
         check_min("grace_s", self.grace_s, 0)
         if self.keep_snapshots is not None:

@@ -31,7 +31,7 @@ import numpy as np
 from paramserve.wire import TensorValue
 
 from .aggregation import AggregationConfig, AggregatorStatus, PushResult
-from .aggregator import Aggregator
+from .aggregator import Aggregator, RoundDecision
 from .checkpoint_dir import ModelIdentity
 from .config import ServerConfig
 from .errors import FailedPrecondition, NotFound, Unavailable
@@ -73,6 +73,9 @@ class CoreStatus:
     device: str
     uptime_s: float
     serving: bool
+    shard_index: int = 0
+    shards: int = 1
+    last_round: RoundDecision | None = None  # a sharded sync job's coordinator only
 
 
 @dataclass
@@ -213,6 +216,53 @@ class ServerCore:
         )
         return result
 
+    def prepare(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        grads: dict[str, TensorValue],
+        *,
+        session: str = "",
+    ) -> PushResult:
+        """Hold a sharded sync push for its commit (see :meth:`Aggregator.prepare`)."""
+        return self.aggregator.prepare(worker_id, sequence, base_version, grads, session=session)
+
+    def commit_round(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        *,
+        session: str = "",
+        skipped: bool = False,
+        timeout_s: float | None = None,
+    ) -> tuple[PushResult, RoundDecision | None]:
+        """Commit a prepared push into the coordinator's round and wait for the round."""
+        start = time.perf_counter()
+        try:
+            result, decision = self.aggregator.commit(
+                worker_id,
+                sequence,
+                base_version,
+                session=session,
+                skipped=skipped,
+                timeout_s=timeout_s,
+            )
+        finally:
+            self.metrics.observe_round_wait(time.perf_counter() - start)
+        self.metrics.record_push(
+            duplicate=result.duplicate, applied=result.applied, version=result.version
+        )
+        return result, decision
+
+    def apply_round(self, decision: RoundDecision) -> tuple[int, bool]:
+        """Apply the coordinator's decision on this shard: ``(version, applied now)``."""
+        version, applied = self.aggregator.apply_decision(decision)
+        if applied:
+            self.metrics.set_model_version(version)
+        return version, applied
+
     def read_sizes(
         self, names: list[str] | None, rows: dict[str, np.ndarray] | None
     ) -> dict[str, tuple[int, int]]:
@@ -266,6 +316,9 @@ class ServerCore:
                 device=self.store.device,
                 uptime_s=time.monotonic() - self.started_at,
                 serving=self.accepting.is_set(),
+                shard_index=self.config.shard_index,
+                shards=self.config.shards,
+                last_round=self.aggregator.last_decision,
             )
 
     # --- snapshots -----------------------------------------------------------------------
@@ -445,6 +498,8 @@ def build_core(config: ServerConfig, metrics: CoreMetrics = NO_METRICS) -> Serve
             config.aggregation,
             push_log=PushLog(config.push_log) if config.push_log is not None else None,
             metrics=metrics,
+            shard_index=config.shard_index,
+            shards=config.shards,
         )
     except BaseException:
         if snapshots is not None:

@@ -43,7 +43,7 @@ from paramserve.client import (
 from paramserve.wire import DEFAULT_ADDRESS
 
 from .auth import SecurityConfigError
-from .client_flags import add_tls_token_flags, client_security
+from .client_flags import add_tls_token_flags, client_security, job_address
 
 HIDDEN_UNITS = 64
 CLASSES = 3
@@ -448,7 +448,8 @@ def build_worker_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server host:port (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        help="server host:port, or every shard's host:port of a sharded job, comma-separated, "
+        f"shard 0 first (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--rank", type=int, default=0, help="this worker's index in [0, --workers) (default 0)"
@@ -629,7 +630,7 @@ def _train_worker(args: argparse.Namespace, security: dict[str, Any]) -> None:
     params = list(named.values())
     worker_id = f"demo-worker-{args.rank}"
     options = {"timeout_s": args.timeout_s, "wire_dtype": args.wire_dtype, **security}
-    with Client(args.address, worker_id=worker_id, **options) as client:
+    with Client(job_address(args.address), worker_id=worker_id, **options) as client:
         try:
             _join_model(client, named, args, worker_id)
         except (UnavailableError, DeadlineExceededError) as exc:  # the first call failed

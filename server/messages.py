@@ -20,6 +20,7 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .aggregation import AggregationConfig, PushResult
+from .aggregator import RoundDecision, RoundMember
 from .core import CoreStatus, ModelDescription, Specs
 from .errors import InvalidArgument, ParamServeError, limit_exceeded
 from .limits import Limits
@@ -315,6 +316,30 @@ def status_response(
         device=status.device,
         uptime_s=status.uptime_s,
         serving=status.serving,
+        shard_index=status.shard_index,
+        shards=status.shards,
+        last_round=round_decision_message(status.last_round),
         received_bytes=received_bytes,
         sent_bytes=sent_bytes,
+    )
+
+
+def round_decision_message(decision: RoundDecision | None) -> pb.RoundDecision | None:
+    """A sharded round's decision as its message (None stays unset)."""
+    if decision is None:
+        return None
+    return pb.RoundDecision(
+        version=decision.version,
+        members=[
+            pb.RoundMember(worker_id=m.worker_id, sequence=m.sequence, applied=m.applied)
+            for m in decision.members
+        ],
+    )
+
+
+def round_decision(message: pb.RoundDecision) -> RoundDecision:
+    """The decision an ApplyRound carries."""
+    return RoundDecision(
+        message.version,
+        tuple(RoundMember(m.worker_id, m.sequence, m.applied) for m in message.members),
     )

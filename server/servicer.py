@@ -25,11 +25,12 @@ from paramserve import wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
+from paramserve.wire.partition import SHARD_METADATA_KEY
 
 from . import messages, streams
 from .aggregation import PushResult
 from .core import ServerCore, Specs
-from .errors import InvalidArgument, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import ServerMetrics
 from .status import grpc_status, status_of
 
@@ -46,6 +47,8 @@ COUNTS_AS = {"Push": "push", "Pull": "pull"}
 _RAW_CHUNKS_IN = ("CreateModel", "Push", "SetOptimizerState")
 _RAW_CHUNKS_OUT = ("Pull",)
 # Step header lists remembered as checked (a few per worker; cleared when full).
+# Answered whatever the caller's view of the job (operators' tools ask any shard).
+_ANY_VIEW = frozenset({"GetStatus"})
 _CHECKED_HEADERS_MAX = 256
 
 
@@ -73,6 +76,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             @functools.wraps(fn)
             def stream_handler(self, request, context):
                 try:
+                    if method not in _ANY_VIEW:
+                        self.check_shard_view(context)
                     yield from fn(self, streams.decoded(request), context)
                 except Exception as exc:
                     fail(self, context, exc)
@@ -84,6 +89,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(fn)
         def handler(self, request, context):
             try:
+                if method not in _ANY_VIEW:
+                    self.check_shard_view(context)
                 response = fn(self, streams.decoded(request), context)
             except Exception as exc:
                 fail(self, context, exc)
@@ -144,6 +151,37 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # Step header lists (their serialized headers) that passed the size and spec checks,
         # with the specs object they passed against.
         self._checked_step_headers: dict[tuple[int | bytes, ...], Specs] = {}
+        self._shard = (core.config.shard_index, core.config.shards)
+        self._shard_view = f"{self._shard[0]}/{self._shard[1]}"
+
+    def check_shard_view(self, context: grpc.ServicerContext) -> None:
+        """FailedPrecondition (SHARD_MISMATCH) unless the caller sees this daemon's place in
+        its job as the daemon does: a sharded client sends ``INDEX/SHARDS`` with every call,
+        and a plain client (no such metadata) may talk only to a job of one shard."""
+        index, shards = self._shard
+        view = None
+        for key, value in context.invocation_metadata() or ():
+            if key == SHARD_METADATA_KEY:
+                view = value
+                break
+        if view is None:
+            if shards == 1:
+                return
+            raise FailedPrecondition(
+                f"this daemon is shard {index} of a job of {shards} shards: connect with "
+                "Client([every shard's address, in shard order]), not to one shard alone",
+                reason="SHARD_MISMATCH",
+                metadata={"shard_index": index, "shards": shards},
+            )
+        if view == self._shard_view:
+            return
+        raise FailedPrecondition(
+            f"the client sees this server as shard {view.replace('/', ' of ')}, but it is shard "
+            f"{index} of {shards}: list every shard's address in shard order (shard i at "
+            "position i), the same number as the job's --shards",
+            reason="SHARD_MISMATCH",
+            metadata={"shard_index": index, "shards": shards, "client_view": view},
+        )
 
     def count_call(self, method: str, code: str) -> None:
         """Count a finished call by method and status code name (also the auth interceptor's
@@ -317,7 +355,44 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if header.wire_dtype:
             # After the finite scan, which holds for the upcast values too (exact widening).
             messages.upcast_compressed(grads, specs)
+        if header.prepare:
+            result = self._core.prepare(
+                header.worker_id,
+                header.sequence,
+                header.base_version,
+                grads,
+                session=header.session,
+            )
+            return messages.push_response(result)
         return messages.push_response(self._push(header, grads, context))
+
+    @_rpc("CommitRound")
+    def CommitRound(  # noqa: N802
+        self, request: pb.CommitRoundRequest, context: grpc.ServicerContext
+    ) -> pb.CommitRoundResponse:
+        """Commit a prepared push into the coordinator's round; answers when it closes."""
+        self._core.require_accepting()
+        result, decision = self._core.commit_round(
+            request.worker_id,
+            request.sequence,
+            request.base_version,
+            session=request.session,
+            skipped=request.skipped,
+            timeout_s=_remaining_s(context),
+        )
+        return pb.CommitRoundResponse(
+            push=messages.push_response(result),
+            decision=messages.round_decision_message(decision),
+        )
+
+    @_rpc("ApplyRound")
+    def ApplyRound(  # noqa: N802
+        self, request: pb.ApplyRoundRequest, context: grpc.ServicerContext
+    ) -> pb.ApplyRoundResponse:
+        """Apply the coordinator's decision of a round on this shard (idempotent)."""
+        self._core.require_accepting()
+        version, applied = self._core.apply_round(messages.round_decision(request.decision))
+        return pb.ApplyRoundResponse(version=version, applied=applied)
 
     @_rpc("Pull")
     def Pull(  # noqa: N802

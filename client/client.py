@@ -948,6 +948,25 @@ class Client:
         response = self._call("CreateSnapshot", self._stub.CreateSnapshot, request, timeout_s)
         return SnapshotInfo.from_proto(response)
 
+    def _snapshot_part(
+        self, cut: pb.SnapshotCut, at_version: int, *, timeout_s: float | None
+    ) -> SnapshotInfo:
+        """This shard's part of a sharded snapshot, taken at ``at_version``."""
+        request = pb.CreateSnapshotRequest(cut=cut, at_version=at_version)
+        response = self._call("CreateSnapshot", self._stub.CreateSnapshot, request, timeout_s)
+        return SnapshotInfo.from_proto(response)
+
+    def _hold_updates(self, hold_s: float, *, timeout_s: float | None) -> int:
+        """Have this shard apply no update for ``hold_s`` seconds (0 releases); its version."""
+        request = pb.HoldUpdatesRequest(hold_s=hold_s)
+        return self._call("HoldUpdates", self._stub.HoldUpdates, request, timeout_s).version
+
+    def _validate_snapshot(self, snapshot_id: str, *, timeout_s: float | None) -> SnapshotInfo:
+        """Load and check a snapshot on the server completely, changing nothing."""
+        request = pb.RestoreSnapshotRequest(id=snapshot_id, validate_only=True)
+        response = self._call("RestoreSnapshot", self._stub.RestoreSnapshot, request, timeout_s)
+        return SnapshotInfo.from_proto(response.snapshot)
+
     def list_snapshots(self, *, timeout_s: float | None = None) -> list[SnapshotInfo]:
         """Snapshots on the server's disk, oldest first."""
         request = pb.ListSnapshotsRequest()

@@ -185,16 +185,23 @@ class ServerStatus:
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """A snapshot on the server's disk; ``created_at`` is RFC 3339 UTC."""
+    """A snapshot on the server's disk; ``created_at`` is RFC 3339 UTC.
+
+    ``cut_id`` names the sharded snapshot a shard's file belongs to (empty otherwise). A
+    sharded job's snapshot has its ``cut_id`` as ``id``, the sum of its files' sizes, and
+    each shard's own snapshot in ``shard_snapshots`` (shard order).
+    """
 
     id: str
     version: int
     size_bytes: int
     created_at: str
+    cut_id: str = ""
+    shard_snapshots: tuple[SnapshotInfo, ...] = ()
 
     @classmethod
     def from_proto(cls, s: pb.SnapshotInfo) -> SnapshotInfo:
-        return cls(s.id, s.version, s.size_bytes, s.created_at)
+        return cls(s.id, s.version, s.size_bytes, s.created_at, s.cut.cut_id)
 
 
 class Tensors(dict):

@@ -19,6 +19,10 @@ A worker that dies before it commits is in no round on any shard; one that dies 
 the round everywhere, since its gradients are on every shard already. Async and stale modes
 are per shard: each shard applies each push when its part arrives.
 
+Snapshots of the job are cuts: every shard's part at one version (see :meth:`snapshot`),
+restored all together after each part was checked, and saved as a directory (each shard's
+file and a manifest) that ``paramserve snapshot reshard`` re-places for another shard count.
+
 Options that read every variable at once (``global_clipnorm``, the loss-scale wrapper) are
 refused when the model is created; Lamb, Muon, Adafactor and ``clipnorm`` read whole
 variables, so with them no variable is split.
@@ -26,11 +30,16 @@ variables, so with them no variable is split.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import secrets
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -39,6 +48,7 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.wire import SparseRows
 from paramserve.wire.partition import (
     DEFAULT_SPLIT_THRESHOLD_BYTES,
+    PARTITIONER_VERSION,
     SHARD_METADATA_KEY,
     Layout,
     Placement,
@@ -47,7 +57,7 @@ from paramserve.wire.partition import (
 )
 
 from .client import CLIENT_SETTING, Client, default_worker_id, optimizer_json
-from .errors import FailedPreconditionError
+from .errors import FailedPreconditionError, NotFoundError
 from .results import (
     CreateModelResult,
     ModelDescription,
@@ -717,33 +727,212 @@ class ShardedClient(Client):
             shard_statuses=parts,
         )
 
-    def _no_sharded_snapshots(self, what: str) -> None:
-        raise NotImplementedError(
-            f"{what} of a sharded job is not available yet (a consistent cut across shards "
-            "needs the sharded snapshot manifest); take it per shard with Client(address) "
-            "on a job of one server"
+    def snapshot(self, *, timeout_s: float | None = None) -> SnapshotInfo:
+        """A consistent snapshot of the whole job: every shard's part at one cut.
+
+        Sync jobs: the coordinator holds its rounds, so every shard reaches, and stays at,
+        its version while each writes its part. Async and stale jobs: every shard holds its
+        pushes while it writes; a push already applied on some shards and not yet on others
+        when the hold began shows as shards one version apart in the cut.
+        """
+        cut_id = f"cut-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}Z-{secrets.token_hex(3)}"
+        shards = len(self.shards)
+        hold_s = float(self.timeout_s if timeout_s is None else timeout_s)
+        coordinated = self._coordinated
+        holders = [0] if coordinated else list(range(shards))
+        if coordinated:
+            self.catch_up(timeout_s=timeout_s)
+        try:
+            held = self._each(lambda i, c: c._hold_updates(hold_s, timeout_s=timeout_s), holders)
+            versions = [held[0]] * shards if coordinated else held
+            parts = self._each(
+                lambda i, c: c._snapshot_part(
+                    pb.SnapshotCut(cut_id=cut_id, shard_index=i, shards=shards),
+                    versions[i],
+                    timeout_s=timeout_s,
+                )
+            )
+        finally:
+            with contextlib.suppress(Exception):  # the hold is a lease: it ends by itself
+                self._each(lambda i, c: c._hold_updates(0, timeout_s=timeout_s), holders)
+        return self._cut_info(cut_id, parts)
+
+    @staticmethod
+    def _cut_info(cut_id: str, parts: Sequence[SnapshotInfo]) -> SnapshotInfo:
+        return SnapshotInfo(
+            id=cut_id,
+            version=min(p.version for p in parts),
+            size_bytes=sum(p.size_bytes for p in parts),
+            created_at=parts[0].created_at,
+            cut_id=cut_id,
+            shard_snapshots=tuple(parts),
         )
 
-    def snapshot(self, *, timeout_s: float | None = None) -> SnapshotInfo:
-        """Not available yet for sharded jobs (NotImplementedError)."""
-        self._no_sharded_snapshots("a snapshot")
-        raise AssertionError  # unreachable
-
     def list_snapshots(self, *, timeout_s: float | None = None) -> list[SnapshotInfo]:
-        """Not available yet for sharded jobs (NotImplementedError)."""
-        self._no_sharded_snapshots("listing the snapshots")
-        raise AssertionError  # unreachable
+        """The job's snapshots held by every shard, oldest first (a cut missing on any shard,
+        e.g. one still being written, or lost with a shard's disk, is left out)."""
+        listed = self._each(lambda i, c: c.list_snapshots(timeout_s=timeout_s))
+        cuts: dict[str, list[SnapshotInfo | None]] = {}
+        for index, infos in enumerate(listed):
+            for info in infos:
+                if info.cut_id:
+                    cuts.setdefault(info.cut_id, [None] * len(self.shards))[index] = info
+        complete = [
+            self._cut_info(cut_id, parts)  # type: ignore[arg-type]
+            for cut_id, parts in cuts.items()
+            if all(p is not None for p in parts)
+        ]
+        return sorted(complete, key=lambda c: (c.created_at, c.id))
 
-    def restore(self, snapshot: Any, *, timeout_s: float | None = None) -> SnapshotInfo:
-        """Not available yet for sharded jobs (NotImplementedError)."""
-        self._no_sharded_snapshots("restoring a snapshot")
-        raise AssertionError  # unreachable
+    def _cut(self, snapshot: str | SnapshotInfo, timeout_s: float | None) -> SnapshotInfo:
+        cut_id = snapshot.id if isinstance(snapshot, SnapshotInfo) else snapshot
+        for cut in self.list_snapshots(timeout_s=timeout_s):
+            if cut.id == cut_id:
+                return cut
+        raise NotFoundError(
+            f"no snapshot {cut_id!r} is held by every shard of {list(self.addresses)}: "
+            "list_snapshots() (or `paramserve snapshots --address ...`) names the ones there are"
+        )
 
-    def download_snapshot(self, snapshot: Any, path: str | os.PathLike[str], **_: Any) -> Any:
-        """Not available yet for sharded jobs (NotImplementedError)."""
-        self._no_sharded_snapshots("downloading a snapshot")
+    def restore(
+        self, snapshot: str | SnapshotInfo, *, timeout_s: float | None = None
+    ) -> SnapshotInfo:
+        """Restore every shard to one cut: each shard's part is checked completely first,
+        and none is restored unless all pass."""
+        cut = self._cut(snapshot, timeout_s)
+        parts = cut.shard_snapshots
+        self._each(lambda i, c: c._validate_snapshot(parts[i].id, timeout_s=timeout_s))
+        restored = self._each(lambda i, c: c.restore(parts[i].id, timeout_s=timeout_s))
+        self._description = None
+        return self._cut_info(cut.id, restored)
 
-    def upload_snapshot(self, path: str | os.PathLike[str], **_: Any) -> SnapshotInfo:
-        """Not available yet for sharded jobs (NotImplementedError)."""
-        self._no_sharded_snapshots("uploading a snapshot")
-        raise AssertionError  # unreachable
+    def download_snapshot(
+        self,
+        snapshot: str | SnapshotInfo,
+        path: str | os.PathLike[str],
+        *,
+        progress: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> Path:
+        """Save a cut to the directory ``path``: each shard's file and ``manifest.json``
+        (the layout, and each file's size and sha256), the form ``paramserve snapshot
+        reshard`` and :meth:`upload_snapshot` read."""
+        cut = self._cut(snapshot, timeout_s)
+        directory = Path(path)
+        directory.mkdir(parents=True, exist_ok=True)
+        names = [f"shard-{i}.safetensors" for i in range(len(self.shards))]
+        self._each(
+            lambda i, c: c.download_snapshot(
+                cut.shard_snapshots[i].id,
+                directory / names[i],
+                progress=progress,
+                timeout_s=timeout_s,
+            )
+        )
+        layout = self.describe(timeout_s=timeout_s).layout
+        manifest = {
+            "format": SHARDED_FORMAT,
+            "format_version": SHARDED_FORMAT_VERSION,
+            "cut_id": cut.id,
+            "version": cut.version,
+            "shards": len(self.shards),
+            "partitioner_version": PARTITIONER_VERSION,
+            "split_threshold_bytes": self.split_threshold_bytes,
+            "layout": layout.to_json() if layout is not None else None,
+            "created_at": cut.created_at,
+            "files": [
+                {
+                    "shard": i,
+                    "file": names[i],
+                    "snapshot_id": cut.shard_snapshots[i].id,
+                    "sha256": _file_sha256(directory / names[i]),
+                    "size_bytes": (directory / names[i]).stat().st_size,
+                }
+                for i in range(len(self.shards))
+            ],
+        }
+        temp = directory / "manifest.json.tmp"
+        temp.write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(temp, directory / "manifest.json")
+        return directory
+
+    def upload_snapshot(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        restore: bool = False,
+        progress: bool | None = None,
+        timeout_s: float | None = None,
+    ) -> SnapshotInfo:
+        """Upload a sharded snapshot directory (see :meth:`download_snapshot`) to this job,
+        each file to its shard, checked against the manifest first; ``restore`` then
+        restores it (all shards or none)."""
+        directory = Path(path)
+        manifest = read_sharded_manifest(directory)
+        if manifest["shards"] != len(self.shards):
+            raise ValueError(
+                f"{directory} holds a snapshot of {manifest['shards']} shards, and this job has "
+                f"{len(self.shards)}: re-shard it first with `paramserve snapshot reshard "
+                f"{directory} OUT --shards {len(self.shards)}`"
+            )
+        files = sorted(manifest["files"], key=lambda f: f["shard"])
+        uploaded = self._each(
+            lambda i, c: c.upload_snapshot(
+                directory / files[i]["file"], progress=progress, timeout_s=timeout_s
+            )
+        )
+        cut = self._cut_info(manifest["cut_id"], uploaded)
+        return self.restore(cut, timeout_s=timeout_s) if restore else cut
+
+
+# The sharded snapshot directory: manifest.json beside one snapshot file per shard.
+SHARDED_FORMAT = "paramserve.sharded_snapshot"
+SHARDED_FORMAT_VERSION = 1
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_sharded_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of a sharded snapshot directory, every file checked against it
+    (present, its size and sha256); ValueError naming what is wrong."""
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{directory} has no manifest.json: not a sharded snapshot") from None
+    except ValueError as exc:
+        raise ValueError(f"{directory}/manifest.json is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != SHARDED_FORMAT:
+        raise ValueError(f"{directory}/manifest.json is not a {SHARDED_FORMAT} manifest")
+    if manifest.get("format_version") != SHARDED_FORMAT_VERSION:
+        raise ValueError(
+            f"{directory}/manifest.json: format_version {manifest.get('format_version')!r} is "
+            f"not supported (expected {SHARDED_FORMAT_VERSION})"
+        )
+    files = manifest.get("files")
+    shards = manifest.get("shards")
+    if (
+        not isinstance(shards, int)
+        or not isinstance(files, list)
+        or sorted(f.get("shard") for f in files if isinstance(f, dict)) != list(range(shards))
+        or not isinstance(manifest.get("cut_id"), str)
+    ):
+        raise ValueError(f"{directory}/manifest.json: malformed shards, files or cut_id")
+    for entry in files:
+        file = directory / str(entry.get("file"))
+        if Path(str(entry.get("file"))).name != entry.get("file") or not file.is_file():
+            raise ValueError(
+                f"{directory}: shard {entry['shard']}'s file {entry.get('file')!r} is missing"
+            )
+        if file.stat().st_size != entry.get("size_bytes") or _file_sha256(file) != entry.get(
+            "sha256"
+        ):
+            raise ValueError(
+                f"{file}: its size or sha256 differs from the manifest's (damaged or replaced)"
+            )
+    return manifest

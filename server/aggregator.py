@@ -143,6 +143,8 @@ class Aggregator:
         self.shard_index, self.shards = shard_index, shards
         self._prepared: dict[str, _Prepared] = {}
         self._decisions: list[RoundDecision] = []  # the coordinator's newest, oldest first
+        # Until then no update is applied: a sharded snapshot is being cut (see hold()).
+        self._hold_until = 0.0
         self.config = config
         self._clock = clock
         # Told of every apply and of each sync round's end (full, partial, aborted); under
@@ -454,7 +456,7 @@ class Aggregator:
                     Aborted("the model was replaced while the round was open; pull and push again"),
                 )
                 break
-            round_deadline = round_.opened_at + self.config.round_timeout_s
+            round_deadline = self._round_deadline(round_)
             if now >= round_deadline:
                 self._expire_round(round_)
                 break
@@ -480,8 +482,12 @@ class Aggregator:
     def _check_round_deadline(self) -> None:
         """Resolve an open round whose deadline passed while nobody was waiting on it."""
         round_ = self._open_round()
-        if round_ is not None and self._clock() >= round_.opened_at + self.config.round_timeout_s:
+        if round_ is not None and self._clock() >= self._round_deadline(round_):
             self._expire_round(round_)
+
+    def _round_deadline(self, round_: _Round) -> float:
+        """When an open round expires: its deadline, or the end of a hold if later."""
+        return max(round_.opened_at + self.config.round_timeout_s, self._hold_until)
 
     def _expire_round(self, round_: _Round) -> None:
         if round_.done:
@@ -598,6 +604,7 @@ class Aggregator:
     ) -> PushResult:
         store = self._store
         started = self._clock()
+        self._wait_unheld(deadline)
         while True:
             self._check_generation(generation)
             duplicate = self._duplicate(worker_id, sequence, session)
@@ -749,6 +756,7 @@ class Aggregator:
         deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
         store = self._store
         with store.lock:
+            self._wait_unheld(deadline)
             self._check_open()
             self._check_round_deadline()
             self._require_model()
@@ -850,6 +858,38 @@ class Aggregator:
             self._metrics.record_round("partial" if partial else "full")
             store.changed.notify_all()
             return version, True
+
+    def hold(self, hold_s: float) -> int:
+        """Apply no update for ``hold_s`` seconds (0: release now); the version held at.
+
+        What a sharded snapshot needs: on the coordinator of a sync job no round closes
+        (commits wait, deadlines are extended), so no shard can pass its version; on an
+        async shard pushes wait before they apply. A lease: it ends by itself.
+        """
+        if not isinstance(hold_s, int | float) or not 0 <= hold_s <= 3600:
+            raise InvalidArgument(
+                f"hold_s must be in [0, 3600] seconds; got {hold_s!r}",
+                violations=[("hold_s", "must be in [0, 3600]")],
+            )
+        with self._store.lock:
+            self._check_open()
+            self._hold_until = self._clock() + hold_s if hold_s else 0.0
+            self._store.changed.notify_all()
+            return self._store.version
+
+    def _wait_unheld(self, deadline: float | None) -> None:
+        """Wait (under the lock) while updates are held; DeadlineExceeded past ``deadline``."""
+        while True:
+            now = self._clock()
+            if now >= self._hold_until:
+                return
+            if deadline is not None and now >= deadline:
+                raise DeadlineExceeded(
+                    "updates are held while a sharded snapshot is taken, and the deadline "
+                    "passed while waiting; resend the push with the same sequence"
+                )
+            end = self._hold_until if deadline is None else min(self._hold_until, deadline)
+            self._store.changed.wait(max(0.0, end - now))
 
     @property
     def last_decision(self) -> RoundDecision | None:

@@ -257,9 +257,28 @@ def aggregation_info(config: AggregationConfig) -> pb.AggregationInfo:
 
 def snapshot_info(info: SnapshotInfo) -> pb.SnapshotInfo:
     """A snapshot's id, version, size and creation time."""
+    cut = info.cut
     return pb.SnapshotInfo(
-        id=info.id, version=info.version, size_bytes=info.size_bytes, created_at=info.created_at
+        id=info.id,
+        version=info.version,
+        size_bytes=info.size_bytes,
+        created_at=info.created_at,
+        cut=None if cut is None else pb.SnapshotCut(**cut),
     )
+
+
+def snapshot_cut(request: pb.CreateSnapshotRequest) -> dict[str, Any] | None:
+    """The cut a CreateSnapshot asks for (None: a snapshot of this server alone)."""
+    if not request.HasField("cut"):
+        return None
+    cut = request.cut
+    if not cut.cut_id or len(cut.cut_id) > 128 or not 0 <= cut.shard_index < cut.shards:
+        raise InvalidArgument(
+            "cut needs a cut_id of 1 to 128 characters and 0 <= shard_index < shards; got "
+            f"{cut.cut_id!r:.140}, {cut.shard_index}, {cut.shards}",
+            violations=[("cut", "cut_id of 1 to 128 characters, 0 <= shard_index < shards")],
+        )
+    return {"cut_id": cut.cut_id, "shard_index": cut.shard_index, "shards": cut.shards}
 
 
 def push_response(result: PushResult) -> pb.PushResponse:

@@ -501,7 +501,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     ) -> pb.SnapshotInfo:
         """Take a snapshot on the server's disk."""
         self._core.require_accepting()
-        return messages.snapshot_info(self._core.take_snapshot(trigger="rpc"))
+        info = self._core.take_snapshot(
+            trigger="rpc",
+            cut=messages.snapshot_cut(request),
+            at_version=request.at_version,
+            timeout_s=_remaining_s(context),
+        )
+        return messages.snapshot_info(info)
+
+    @_rpc("HoldUpdates")
+    def HoldUpdates(  # noqa: N802
+        self, request: pb.HoldUpdatesRequest, context: grpc.ServicerContext
+    ) -> pb.HoldUpdatesResponse:
+        """Apply no update for a while (a sharded snapshot's cut); 0 releases."""
+        return pb.HoldUpdatesResponse(version=self._core.hold_updates(request.hold_s))
 
     @_rpc("ListSnapshots")
     def ListSnapshots(  # noqa: N802
@@ -517,7 +530,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     ) -> pb.RestoreSnapshotResponse:
         """Validate a snapshot, then swap it in."""
         self._core.require_accepting()
-        info = self._core.restore_snapshot(request.id)
+        info = self._core.restore_snapshot(request.id, validate_only=request.validate_only)
         return pb.RestoreSnapshotResponse(snapshot=messages.snapshot_info(info))
 
     @_rpc("DownloadSnapshot")

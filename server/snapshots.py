@@ -92,6 +92,8 @@ class SnapshotState:
     model: ModelState
     aggregation: dict[str, Any]
     created_at: str = field(default_factory=utc_now)
+    # One shard's part of a sharded job's snapshot: {"cut_id", "shard_index", "shards"}.
+    cut: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,37 @@ class SnapshotInfo:
     size_bytes: int
     created_at: str
     path: Path
+    cut: dict[str, Any] | None = None  # see SnapshotState.cut
+
+
+def _check_cut(cut: Any, label: str) -> dict[str, Any] | None:
+    """A manifest's cut (None when absent); InvalidArgument when malformed."""
+    if cut is None:
+        return None
+    ok = (
+        isinstance(cut, dict)
+        and set(cut) == {"cut_id", "shard_index", "shards"}
+        and isinstance(cut["cut_id"], str)
+        and 0 < len(cut["cut_id"]) <= 128
+        and all(
+            isinstance(cut[k], int) and not isinstance(cut[k], bool)
+            for k in ("shard_index", "shards")
+        )
+        and 0 <= cut["shard_index"] < cut["shards"]
+    )
+    if not ok:
+        raise InvalidArgument(f"{label}: malformed manifest cut: {cut!r:.200}")
+    return dict(cut)
+
+
+def _cut_of_file(path: Path) -> dict[str, Any] | None:
+    """The cut recorded in a snapshot file's manifest (None: none, or unreadable)."""
+    try:
+        header = json.loads(_header_bytes(path))
+        manifest = json.loads(header["__metadata__"]["manifest"])
+        return _check_cut(manifest.get("cut"), path.name)
+    except (OSError, ValueError, KeyError, TypeError, InvalidArgument):
+        return None
 
 
 def _stored(array: np.ndarray) -> tuple[np.ndarray, str]:
@@ -343,7 +376,12 @@ class SnapshotStore:
         except (OSError, ValueError):
             return None
         return SnapshotInfo(
-            path.name[: -len(SUFFIX)], int(match.group(1)), size, _rfc3339(moment), path
+            path.name[: -len(SUFFIX)],
+            int(match.group(1)),
+            size,
+            _rfc3339(moment),
+            path,
+            _cut_of_file(path),
         )
 
     def list(self) -> list[SnapshotInfo]:
@@ -455,6 +493,8 @@ class SnapshotStore:
             "created_at": state.created_at,
             **sections,
         }
+        if state.cut is not None:
+            manifest["cut"] = _check_cut(state.cut, "the snapshot")
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -753,5 +793,8 @@ class SnapshotStore:
         )
         check_model_state(model, label)
         return SnapshotState(
-            model=model, aggregation=aggregation, created_at=manifest["created_at"]
+            model=model,
+            aggregation=aggregation,
+            created_at=manifest["created_at"],
+            cut=_check_cut(manifest.get("cut"), label),
         )

@@ -285,20 +285,36 @@ class GetStatusResponse(_message.Message):
     def __init__(self, server_version: _Optional[str] = ..., has_model: _Optional[bool] = ..., version: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_aborted: _Optional[int] = ..., rounds_partial: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pending_pushes: _Optional[int] = ..., aggregation: _Optional[_Union[AggregationInfo, _Mapping]] = ..., device: _Optional[str] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., shard_index: _Optional[int] = ..., shards: _Optional[int] = ..., last_round: _Optional[_Union[RoundDecision, _Mapping]] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("id", "version", "size_bytes", "created_at")
+    __slots__ = ("id", "version", "size_bytes", "created_at", "cut")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     size_bytes: int
     created_at: str
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ...) -> None: ...
+    cut: SnapshotCut
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., cut: _Optional[_Union[SnapshotCut, _Mapping]] = ...) -> None: ...
+
+class SnapshotCut(_message.Message):
+    __slots__ = ("cut_id", "shard_index", "shards")
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    cut_id: str
+    shard_index: int
+    shards: int
+    def __init__(self, cut_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cut", "at_version")
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    cut: SnapshotCut
+    at_version: int
+    def __init__(self, cut: _Optional[_Union[SnapshotCut, _Mapping]] = ..., at_version: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
     __slots__ = ()
@@ -311,10 +327,12 @@ class ListSnapshotsResponse(_message.Message):
     def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class RestoreSnapshotRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "validate_only")
     ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class RestoreSnapshotResponse(_message.Message):
     __slots__ = ("snapshot",)
@@ -417,3 +435,15 @@ class ApplyRoundResponse(_message.Message):
     version: int
     applied: bool
     def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class HoldUpdatesRequest(_message.Message):
+    __slots__ = ("hold_s",)
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    hold_s: float
+    def __init__(self, hold_s: _Optional[float] = ...) -> None: ...
+
+class HoldUpdatesResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...

@@ -115,6 +115,11 @@ class ParameterServerStub:
                 request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.SerializeToString,
                 response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.FromString,
                 _registered_method=True)
+        self.HoldUpdates = channel.unary_unary(
+                '/paramserve.v1.ParameterServer/HoldUpdates',
+                request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.SerializeToString,
+                response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -235,6 +240,14 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HoldUpdates(self, request, context):
+        """A sharded job's consistent snapshot: hold rounds (sync: the coordinator closes none)
+        or pushes (async: every shard applies none) while every shard writes its part. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -317,6 +330,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.ApplyRound,
                     request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.FromString,
                     response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.SerializeToString,
+            ),
+            'HoldUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldUpdates,
+                    request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.FromString,
+                    response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -751,6 +769,33 @@ class ParameterServer:
             '/paramserve.v1.ParameterServer/ApplyRound',
             paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.SerializeToString,
             paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserve.v1.ParameterServer/HoldUpdates',
+            paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.SerializeToString,
+            paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

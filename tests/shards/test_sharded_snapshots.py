@@ -98,7 +98,7 @@ def test_a_damaged_part_restores_no_shard(servers: LocalServers, tmp_path: Path)
         data = bytearray(damaged.read_bytes())
         data[-5] ^= 0xFF  # a flipped bit in the last tensor's bytes
         damaged.write_bytes(bytes(data))
-        with pytest.raises(InvalidArgumentError, match="sha256|checksum|corrupt"):
+        with pytest.raises(InvalidArgumentError, match="sha256"):
             client.restore(cut.id)
         _assert_same(before, _state(client))
 

@@ -144,6 +144,8 @@ SUBCOMMANDS = {
     "snapshot": "take a snapshot on the server's disk and print it as JSON",
     "snapshots": "list the server's snapshots as JSON, oldest first",
     "restore": "validate a snapshot, restore it, and print the version the model is back at",
+    "download": "save a snapshot to a file (a sharded job's: to a directory with a manifest)",
+    "upload": "store a snapshot file (or a sharded snapshot directory) on the server(s)",
     "top": "watch a job's servers live: versions, rounds, pushes, bytes, workers, snapshots",
     "demo": "run the end-to-end demo: a server and workers (see `paramserve demo --help`)",
     "worker": "run one demo worker against a running server (see `paramserve worker --help`)",
@@ -341,6 +343,16 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
         _add_admin_parser(sub, name)
     restore = _add_admin_parser(sub, "restore")
     restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    download = _add_admin_parser(sub, "download")
+    download.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    download.add_argument(
+        "path", type=Path, metavar="PATH", help="file to write (a sharded job: a directory)"
+    )
+    upload = _add_admin_parser(sub, "upload")
+    upload.add_argument(
+        "path", type=Path, metavar="PATH", help="snapshot file (a sharded job: its directory)"
+    )
+    upload.add_argument("--restore", action="store_true", help="restore it once stored and checked")
     from .top import add_top_parser  # its flags only: rich is imported when `top` runs
 
     _add_logging_flags(add_top_parser(sub, SUBCOMMANDS["top"]))
@@ -408,6 +420,10 @@ def _run_admin(args: argparse.Namespace) -> int:
             result = client.snapshot()
         elif args.command == "snapshots":
             result = client.list_snapshots()
+        elif args.command == "download":
+            result = {"path": str(client.download_snapshot(args.snapshot_id, args.path))}
+        elif args.command == "upload":
+            result = client.upload_snapshot(args.path, restore=args.restore)
         else:
             result = client.restore(args.snapshot_id)
     print(json.dumps(_jsonable(result), indent=2))

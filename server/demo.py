@@ -248,7 +248,9 @@ class _Progress:
 
 def _evaluate(client: Client, x: np.ndarray, labels: np.ndarray) -> tuple[int, float, float]:
     weights = client.pull()
-    loss, accuracy, _ = forward_backward(list(weights.values()), x, labels)
+    # By name: a sharded job lists its variables shard by shard, not in model order.
+    params = [weights[name] for name in init_params(0)]
+    loss, accuracy, _ = forward_backward(params, x, labels)
     return weights.version, loss, accuracy
 
 

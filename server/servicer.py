@@ -49,6 +49,9 @@ _RAW_CHUNKS_OUT = ("Pull",)
 # Step header lists remembered as checked (a few per worker; cleared when full).
 # Answered whatever the caller's view of the job (operators' tools ask any shard).
 _ANY_VIEW = frozenset({"GetStatus"})
+# Read-only calls a plain client (no view of a sharded job at all) may make of one shard:
+# what `paramserve top` and `paramserve snapshots --address SHARD` show of it.
+_OBSERVER_CALLS = frozenset({"Describe", "ListSnapshots"})
 _CHECKED_HEADERS_MAX = 256
 
 
@@ -77,7 +80,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             def stream_handler(self, request, context):
                 try:
                     if method not in _ANY_VIEW:
-                        self.check_shard_view(context)
+                        self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                     yield from fn(self, streams.decoded(request), context)
                 except Exception as exc:
                     fail(self, context, exc)
@@ -90,7 +93,7 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         def handler(self, request, context):
             try:
                 if method not in _ANY_VIEW:
-                    self.check_shard_view(context)
+                    self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                 response = fn(self, streams.decoded(request), context)
             except Exception as exc:
                 fail(self, context, exc)
@@ -154,10 +157,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._shard = (core.config.shard_index, core.config.shards)
         self._shard_view = f"{self._shard[0]}/{self._shard[1]}"
 
-    def check_shard_view(self, context: grpc.ServicerContext) -> None:
+    def check_shard_view(self, context: grpc.ServicerContext, *, observer: bool = False) -> None:
         """FailedPrecondition (SHARD_MISMATCH) unless the caller sees this daemon's place in
         its job as the daemon does: a sharded client sends ``INDEX/SHARDS`` with every call,
-        and a plain client (no such metadata) may talk only to a job of one shard."""
+        and a plain client (no such metadata) may talk only to a job of one shard, or, with
+        ``observer``, make a read-only call of one shard."""
         index, shards = self._shard
         view = None
         for key, value in context.invocation_metadata() or ():
@@ -165,7 +169,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 view = value
                 break
         if view is None:
-            if shards == 1:
+            if shards == 1 or observer:
                 return
             raise FailedPrecondition(
                 f"this daemon is shard {index} of a job of {shards} shards: connect with "

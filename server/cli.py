@@ -344,7 +344,9 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
     restore = _add_admin_parser(sub, "restore")
     restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
     download = _add_admin_parser(sub, "download")
-    download.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    download.add_argument(
+        "snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`), or latest"
+    )
     download.add_argument(
         "path", type=Path, metavar="PATH", help="file to write (a sharded job: a directory)"
     )
@@ -421,7 +423,14 @@ def _run_admin(args: argparse.Namespace) -> int:
         elif args.command == "snapshots":
             result = client.list_snapshots()
         elif args.command == "download":
-            result = {"path": str(client.download_snapshot(args.snapshot_id, args.path))}
+            snapshot_id = args.snapshot_id
+            if snapshot_id == "latest":
+                listed = client.list_snapshots()
+                if not listed:
+                    raise ValueError(f"{args.address} holds no snapshot to download")
+                snapshot_id = listed[-1].id
+            path = client.download_snapshot(snapshot_id, args.path)
+            result = {"id": snapshot_id, "path": str(path)}
         elif args.command == "upload":
             result = client.upload_snapshot(args.path, restore=args.restore)
         else:

@@ -542,7 +542,7 @@ def _check_demo_model(
     the one asked for (the model's own is used)."""
     theirs = [(v.name, tuple(v.shape)) for v in description.variables]
     ours = [(name, value.shape) for name, value in named.items()]
-    if theirs != ours:
+    if sorted(theirs) != sorted(ours):  # a sharded job lists them shard by shard
         raise _WorkerStop(
             f"the model on {args.address} is not the demo's MLP (its variables: "
             f"{', '.join(f'{n}{list(s)}' for n, s in theirs)}); paramserve worker trains only "

@@ -93,7 +93,7 @@ def _check_shape(objects: list[dict], shards: int, workers: int, tmp_path: Path)
     port = port_of(container(sts, "paramserve"), "grpc")
     assert sts["spec"]["replicas"] == shards
     config, _, env = _shard_config(objects, tmp_path)
-    assert env["PARAMSERVE_SHARDS"] == str(shards)
+    assert (config.shards, env["PARAMSERVE_SHARDS"]) == (shards, str(shards))
     assert config.aggregation.replicas == workers  # one synchronous round: every worker
     addresses = ",".join(f"ps-{i}.{service['metadata']['name']}:{port}" for i in range(shards))
     create = demo.build_worker_parser().parse_args(
@@ -176,8 +176,8 @@ def test_each_shard_takes_its_index_from_its_pod_ordinal(objects, tmp_path):
     assert sts["spec"]["podManagementPolicy"] == "Parallel"
     index = env_entry(container(sts, "paramserve"), "PARAMSERVE_SHARD_INDEX")
     assert index["valueFrom"] == {"fieldRef": {"fieldPath": f"metadata.labels['{POD_INDEX}']"}}
-    _, _, env = _shard_config(objects, tmp_path, index=2)
-    assert env["PARAMSERVE_SHARD_INDEX"] == "2"
+    config, _, _ = _shard_config(objects, tmp_path, index=2)
+    assert (config.shard_index, config.shards) == (2, sts["spec"]["replicas"])
 
 
 # -- the shards ---------------------------------------------------------------------------

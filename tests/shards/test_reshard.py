@@ -27,6 +27,7 @@ from paramserve import optim_core
 from paramserve.client import Client
 from paramserve.client.sharded import ShardedClient
 from paramserve.optim_core import Variable
+from paramserve.server import cli
 from paramserve.server.aggregation import check_aggregation_state
 from paramserve.server.model import ModelState
 from paramserve.server.reshard import (
@@ -541,3 +542,23 @@ def test_merge_aggregation() -> None:
     assert merged["workers"]["c"]["last_sequence"] == 1
     # Equal tables (a sync job at one version) merge into shard 0's.
     assert merge_aggregation([shard0, shard0, shard0]) == shard0
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_cli(cut: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    argv = ["snapshot", "reshard", str(cut["cut"]), str(out), "--shards", "2"]
+    assert cli.main([*argv, "--split-threshold-bytes", "1KiB"]) == 0
+    captured = capsys.readouterr()
+    manifest = json.loads(captured.out)
+    assert manifest == json.loads((out / MANIFEST).read_text())
+    assert manifest["split_threshold_bytes"] == 1024
+    assert captured.err.strip() == (
+        f"resharded {cut['cut']} (version 2) for 2 shard(s) into {out}: restore "
+        "shard-i.safetensors on shard i"
+    )
+    # A refusal is one line, exit status 1.
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith("paramserve snapshot reshard: ") and "is not empty" in err

@@ -130,6 +130,8 @@ class Optimizer:
         self._exclude_pattern: re.Pattern[str] | None = None
         self._model_variables_moving_average: list[Variable] = []
         self._accumulated_gradients: list[Variable] = []
+        # id(slot) -> path of the model variable it belongs to (see state_owners).
+        self._slot_owners: dict[int, str] = {}
 
         self._iterations = self.add_variable((), dtype="int32", name="iteration")
         if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
@@ -153,8 +155,13 @@ class Optimizer:
         name: str | None = None,
         *,
         xp: Any = np,
+        owner: Variable | str | None = None,
     ) -> Variable:
-        """Create and track an optimizer variable (in creation order, as Keras lists them)."""
+        """Create and track an optimizer variable (in creation order, as Keras lists them).
+
+        ``owner`` (an extension of Keras's API): the model variable (or its path) the slot
+        belongs to, for :meth:`state_owners`; None for state of the whole step.
+        """
         dtype = np.dtype(dtype if dtype is not None else "float32")
         value = xp.zeros(tuple(shape), dtype=dtype)
         if initializer == "ones":
@@ -168,6 +175,8 @@ class Optimizer:
         name = name or "variable"
         var = Variable(value, name=name, path=f"{self.name}/{name}")
         self._variables.append(var)
+        if owner is not None:
+            self._slot_owners[id(var)] = owner.path if isinstance(owner, Variable) else owner
         return var
 
     def add_variable_from_reference(
@@ -181,6 +190,7 @@ class Optimizer:
             dtype=reference_variable.dtype,
             name=f"{prefix}_{name}",
             xp=reference_variable.xp,
+            owner=reference_variable,
         )
 
     def add_optimizer_variables(
@@ -602,6 +612,16 @@ class Optimizer:
                 f"`optimizer.variables`), received {len(weights)}."
             )
         self._load_checked(items, [np.asarray(to_numpy(w)) for w in weights])
+
+    def state_owners(self) -> dict[str, str | None]:
+        """For every key of :meth:`state_dict`, in its order: the path of the model variable
+        the slot belongs to, or None for state of the whole step (the iteration count, the
+        learning rate, Nadam's momentum-cache product, the dynamic loss scale ...).
+
+        A job split over shards holds a variable's slots where the variable is, and the
+        step-wide state on every shard; ``paramserve snapshot reshard`` moves them by this.
+        """
+        return {k: self._slot_owners.get(id(v)) for k, v in self._state_items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every optimizer variable as ``{unique name: host array}``, in :attr:`variables` order."""

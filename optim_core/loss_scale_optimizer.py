@@ -143,6 +143,12 @@ class LossScaleOptimizer(Optimizer):
         inner = self.inner_optimizer._state_items()
         return super()._state_items() + [(INNER_PREFIX + k, v) for k, v in inner]
 
+    def state_owners(self) -> dict[str, str | None]:
+        """Its own (step-wide) variables, then the inner optimizer's owners."""
+        inner = self.inner_optimizer.state_owners()
+        own = {k: self._slot_owners.get(id(v)) for k, v in super()._state_items()}
+        return {**own, **{INNER_PREFIX + k: owner for k, owner in inner.items()}}
+
     # --- config -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:
         from .registry import serialize

@@ -1,5 +1,6 @@
 """The ``paramserve`` command: ``serve`` runs the daemon; ``status``, ``snapshot``, ``snapshots``,
-``restore`` administer one through the client SDK; ``top`` watches a job's servers live
+``restore`` administer one through the client SDK; ``snapshot reshard`` re-shards a sharded
+snapshot offline (:mod:`paramserve.server.reshard`); ``top`` watches a job's servers live
 (:mod:`paramserve.server.top`); ``demo`` runs the end-to-end demo and
 ``worker`` one demo worker against a running server.
 
@@ -141,7 +142,8 @@ SERVE_HELP = "run the parameter server until SIGTERM/SIGINT"
 SUBCOMMANDS = {
     "serve": SERVE_HELP,
     "status": "print a server's status (version, rounds, workers) as JSON",
-    "snapshot": "take a snapshot on the server's disk and print it as JSON",
+    "snapshot": "take a snapshot on the server's disk and print it as JSON (`snapshot "
+    "reshard`: re-shard a sharded snapshot offline)",
     "snapshots": "list the server's snapshots as JSON, oldest first",
     "restore": "validate a snapshot, restore it, and print the version the model is back at",
     "download": "save a snapshot to a file (a sharded job's: to a directory with a manifest)",
@@ -331,6 +333,53 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
     return p
 
 
+RESHARD_HELP = (
+    "re-shard a sharded snapshot offline: read the directory IN (manifest.json and one "
+    "shard-i.safetensors per shard), verify every file, and write the same model and optimizer "
+    "state for a job of --shards shards into the new directory OUT"
+)
+
+
+def _add_reshard_parser(snapshot: argparse.ArgumentParser) -> None:
+    """``paramserve snapshot reshard IN OUT --shards N``: no server, no SDK call."""
+    sub = snapshot.add_subparsers(dest="snapshot_command", metavar="{reshard}")
+    p = sub.add_parser(
+        "reshard", help=RESHARD_HELP, description=RESHARD_HELP + ".", allow_abbrev=False
+    )
+    p.add_argument("in_dir", type=Path, metavar="IN", help="the sharded snapshot to read")
+    p.add_argument("out_dir", type=Path, metavar="OUT", help="new (or empty) directory to write")
+    p.add_argument(
+        "--shards", type=int, required=True, metavar="N", help="shards of the job to restore into"
+    )
+    p.add_argument(
+        "--split-threshold-bytes",
+        type=_bytes_arg,
+        metavar="BYTES",
+        help="split variables of at least this size by rows across the shards, if the "
+        "optimizer allows (default: the threshold in IN's manifest, the job's own)",
+    )
+    _add_logging_flags(p)
+
+
+def _run_reshard(args: argparse.Namespace) -> int:
+    from .reshard import reshard  # numpy, safetensors, optim_core: only when it runs
+
+    configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
+    manifest = reshard(
+        args.in_dir,
+        args.out_dir,
+        args.shards,
+        split_threshold_bytes=args.split_threshold_bytes,
+    )
+    print(json.dumps(manifest, indent=2))
+    print(
+        f"resharded {args.in_dir} (version {manifest['version']}) for {manifest['shards']} "
+        f"shard(s) into {args.out_dir}: restore shard-i.safetensors on shard i",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
     """The ``paramserve`` command line; ``serve_options=False`` leaves out ``serve``'s flags
     (and the daemon modules their choices and defaults come from)."""
@@ -341,6 +390,7 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
     _add_serve_parser(sub, options=serve_options)
     for name in ("status", "snapshot", "snapshots"):
         _add_admin_parser(sub, name)
+    _add_reshard_parser(sub.choices["snapshot"])
     restore = _add_admin_parser(sub, "restore")
     restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
     download = _add_admin_parser(sub, "download")
@@ -481,6 +531,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 level=args.log_level or "warning", log_format=args.log_format or "text"
             )
             return run_top(args)
+        if getattr(args, "snapshot_command", None) == "reshard":
+            prefix += " reshard"
+            return _run_reshard(args)
         return _run_admin(args)
     except ConfigError as exc:
         print(f"{prefix}: configuration error: {exc}", file=sys.stderr)

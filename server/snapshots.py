@@ -267,14 +267,14 @@ def check_model_state(model: ModelState, label: str) -> None:
 
 
 def _invalid_snapshot(
-    read: Callable[[SnapshotStore, Path, str], SnapshotState],
-) -> Callable[[SnapshotStore, Path, str], SnapshotState]:
+    read: Callable[[Path, str], SnapshotState],
+) -> Callable[[Path, str], SnapshotState]:
     """``read`` whose InvalidArgument errors (a defective file) say SNAPSHOT_INVALID."""
 
     @functools.wraps(read)
-    def checked(store: SnapshotStore, path: Path, label: str) -> SnapshotState:
+    def checked(path: Path, label: str) -> SnapshotState:
         try:
-            return read(store, path, label)
+            return read(path, label)
         except InvalidArgument as exc:
             if exc.reason == InvalidArgument.reason:
                 exc.add_details(reason="SNAPSHOT_INVALID")
@@ -750,8 +750,9 @@ class SnapshotStore:
             )
         return None
 
+    @staticmethod
     @_invalid_snapshot
-    def _read(self, path: Path, label: str) -> SnapshotState:
+    def _read(path: Path, label: str) -> SnapshotState:
         try:
             with safetensors.safe_open(path, framework="np") as handle:
                 manifest = _manifest(handle.metadata() or {}, label)
@@ -798,3 +799,27 @@ class SnapshotStore:
             created_at=manifest["created_at"],
             cut=_check_cut(manifest.get("cut"), label),
         )
+
+
+# --- one file anywhere (sharded snapshot directories: paramserve.server.reshard) ----------
+def read_snapshot_file(path: str | os.PathLike[str], label: str | None = None) -> SnapshotState:
+    """The snapshot in the file ``path``, wherever it is, checked fully as a store loads one:
+    NotFound, or InvalidArgument (reason SNAPSHOT_INVALID) for any defect. ``label`` names
+    the file in messages (default: ``snapshot file NAME``)."""
+    path = Path(path)
+    return SnapshotStore._read(path, label or f"snapshot file {path.name}")
+
+
+def write_snapshot_file(path: str | os.PathLike[str], state: SnapshotState) -> SnapshotInfo:
+    """Write ``state`` to the file ``path`` (replacing it) exactly as a store saves it, by
+    way of a private scratch folder next to it; returns its info (``id``: the id a store
+    gives it on upload, ``path``: ``path``)."""
+    path = Path(path)
+    scratch = checkpoint_dir.make_private_dir(path.parent, "write")
+    try:
+        info = SnapshotStore(scratch).save(state)
+        os.replace(info.path, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SnapshotInfo(info.id, info.version, info.size_bytes, info.created_at, path)

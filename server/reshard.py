@@ -26,6 +26,7 @@ be, each file restorable by ``UploadSnapshot`` on its shard.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -568,7 +569,9 @@ def write_sharded_snapshot(
         files = []
         for shard, state in enumerate(states):
             path = temp / shard_file_name(shard)
-            info = write_snapshot_file(path, state)
+            # Each file names its cut, so that a job it is uploaded to offers it as one.
+            cut = {"cut_id": cut_id, "shard_index": shard, "shards": layout.shards}
+            info = write_snapshot_file(path, dataclasses.replace(state, cut=cut))
             files.append(
                 {
                     "shard": shard,

@@ -431,6 +431,23 @@ class ShardedClient(Client):
         )
         return response.last_round if response.HasField("last_round") else None
 
+    def _not_one_cut(self, versions: list[int | None]) -> None:
+        """FailedPreconditionError: the shards are more than one round apart."""
+        cuts = self.list_snapshots()
+        advice = (
+            f"the newest cut every shard holds is {cuts[-1].id} (version {cuts[-1].version}): "
+            f"restore it with `paramserve restore {cuts[-1].id} --address {self.address}` or "
+            "client.restore(...)"
+            if cuts
+            else "no cut is held by every shard: restore each shard from snapshots of one "
+            "version, or start the job again"
+        )
+        raise FailedPreconditionError(
+            f"the shards of {list(self.addresses)} are at versions {versions}, more than one "
+            f"round apart: a shard restarted from an older snapshot? The job must continue "
+            f"from one cut; {advice}"
+        )
+
     def catch_up(self, *, timeout_s: float | None = None) -> None:
         """Hand the coordinator's newest round decision to every other shard.
 
@@ -635,6 +652,8 @@ class ShardedClient(Client):
         )
         versions = {t.version for t in pulled if t is not None}
         if len(versions) > 1 and self._coordinated and min_version is None:
+            if max(versions) - min(versions) > 1:
+                self._not_one_cut([t.version if t is not None else None for t in pulled])
             self.catch_up(timeout_s=timeout_s)
             behind = [
                 i for i, t in enumerate(pulled) if t is not None and t.version < max(versions)

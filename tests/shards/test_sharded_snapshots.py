@@ -12,7 +12,12 @@ import numpy as np
 import pytest
 
 from paramserve import optim_core
-from paramserve.client import Client, InvalidArgumentError, NotFoundError
+from paramserve.client import (
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 from tests.support.processes import Processes
 from tests.support.servers import LocalServers
 from tests.support.shards import SPLIT_BYTES, shard_gradients, shard_initial
@@ -153,6 +158,8 @@ def test_a_killed_shard_resumes_and_the_job_rolls_back_to_the_cut(
     with Client(addresses, worker_id="w", timeout_s=60) as client:
         versions = [s.version for s in client.status().shard_statuses]
         assert versions == [5, 2, 5]  # shard 1 resumed the cut; the others ran on
+        with pytest.raises(FailedPreconditionError, match=f"paramserve restore {cut.id}"):
+            client.pull()
         client.restore(cut.id)
         _assert_same(at_cut, _state(client))
         _train(client, range(2, 5))

@@ -446,6 +446,9 @@ class Row:
     server_cpu_ms_per_step: float = 0.0  # all shards together, per worker step
     server_cores: list[float] = field(default_factory=list)  # per shard: CPU s / wall s
     worker_cpu_ms_per_step: float = 0.0
+    # CPU seconds per GB moved (gradient + weights): all shards together, one worker.
+    server_cpu_s_per_gb: float = 0.0
+    worker_cpu_s_per_gb: float = 0.0
     ratio_vs_fast: float | None = None
     scaling: float | None = None
     efficiency: float | None = None
@@ -605,6 +608,9 @@ def summarize(row: Row, model: Model) -> None:
     row.worker_cpu_ms_per_step = 1e3 * statistics.median(
         x / row.steps for r in reps for x in r["worker_cpu_s"]
     )
+    step_gb = 2 * model.nbytes / 1e9
+    row.server_cpu_s_per_gb = row.server_cpu_ms_per_step / 1e3 / step_gb
+    row.worker_cpu_s_per_gb = row.worker_cpu_ms_per_step / 1e3 / step_gb
     for r in reps:  # the JSON keeps per-repeat summaries, not every step
         r["worker_steps_per_s"] = [round(x, 3) for x in r["worker_steps_per_s"]]
         del r["per_step_s"]

@@ -25,7 +25,7 @@ worker's steps/s (median over workers and repeats); ``agg st/s`` every worker's 
 the wall time of the run (in sync mode a round is W steps); ``GB/s`` the gradient and weight
 bytes of those steps over the wall time, and per shard; ``srv cpu`` all shard processes' CPU
 (user + system, from /proc) per worker step, ``srv cores`` the mean CPU each shard process
-used over the wall time (a gRPC Python server tops out near one core), ``wrk cpu`` one
+used over the wall time (how near it comes to the cores it can use), ``wrk cpu`` one
 worker process's CPU per step (getrusage, gRPC threads included). Ratios: ``vs fast`` is one
 worker's steps/s over socket-fast's; ``scale`` is the aggregate steps/s over the one-shard
 job's with the same mode and W, and ``eff`` that over S (1.0: linear).
@@ -638,15 +638,19 @@ def _closing(thing: Any) -> Iterator[Any]:
 
 
 def run_all(
-    args: argparse.Namespace, models: list[Model], log: Any
-) -> tuple[list[FastResult], list[Row]]:
+    args: argparse.Namespace,
+    models: list[Model],
+    log: Any,
+    fast: list[FastResult],
+    rows: list[Row],
+) -> None:
+    """Measure everything into ``fast`` and ``rows`` (what was measured stays there if the
+    run stops early)."""
     started = time.monotonic()
 
     def note(msg: str) -> None:
         log(f"[{time.monotonic() - started:7.1f} s] {msg}")
 
-    fast: list[FastResult] = []
-    rows: list[Row] = []
     for model in models:
         note(f"{YARDSTICK} at {model.label}")
         fast.append(measure_fast(model, args))
@@ -691,8 +695,6 @@ def run_all(
         fast[i].repeats += again.repeats
         fast[i].steps_per_s = statistics.median(fast[i].repeats)
         fast[i].verified = fast[i].verified and again.verified
-    ratios(fast, rows)
-    return fast, rows
 
 
 def ratios(fast: list[FastResult], rows: list[Row]) -> None:
@@ -863,10 +865,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(args.time_limit)
     started = time.monotonic()
+    fast: list[FastResult] = []
+    rows: list[Row] = []
+    timed_out = False
     try:
-        fast, rows = run_all(args, models, log)
+        run_all(args, models, log, fast, rows)
+    except TimeoutError as exc:  # servers and workers are already stopped
+        log(f"{exc}; configurations not reached are left out")
+        timed_out = True
     finally:
         signal.alarm(0)
+    ratios(fast, rows)
     goals = targets(rows)
     load_after = os.getloadavg()
     print_table(fast, rows, goals)
@@ -888,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
             "targets": goals,
         }
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    if timed_out:
+        return 2
     ok = all(f.verified for f in fast) and all(r.verified for r in rows)
     return 0 if ok else 1
 

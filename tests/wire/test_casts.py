@@ -135,3 +135,29 @@ def test_fused_error_feedback_equals_numpy(dtype: np.dtype, carry: bool) -> None
     _same_bits(left, want_left)
     assert overflow == want_overflow
     assert np.isfinite(left).all()
+
+
+@pytest.mark.parametrize("dtype", WIRE, ids=str)
+@pytest.mark.parametrize("chunk_bytes", [1, 7, 64, 4096])
+def test_assembler_widens_chunks_as_they_arrive(dtype: np.dtype, chunk_bytes: int) -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((50, 9)).astype(np.float32).astype(dtype)
+    b = rng.standard_normal(33).astype(np.float32).astype(dtype)
+    b[5] = np.inf
+    c = np.arange(4, dtype=np.float32)
+    values = [a, b, c]
+    headers = [wire.header_for(n, v) for n, v in zip("abc", values, strict=True)]
+    target = np.zeros(a.shape, np.float32)
+    asm = wire.TensorAssembler(
+        headers, widen=[True, True, False], into=[target.reshape(-1).view(np.uint8), None, None]
+    )
+    for i, offset, piece in wire.iter_chunks(values, chunk_bytes=chunk_bytes):
+        asm.add(i, offset, bytes(piece))
+    out = asm.finish()
+    _same_bits(out["a"], a.astype(np.float32))
+    assert np.shares_memory(out["a"], target)
+    _same_bits(out["b"], b.astype(np.float32))
+    _same_bits(out["c"], c)
+    assert asm.widened_finite() == {"a"}
+    with pytest.raises(ValueError, match="only dense bfloat16 or float16"):
+        wire.TensorAssembler(headers, widen=[False, False, True])

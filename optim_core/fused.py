@@ -211,27 +211,30 @@ DEFAULT_MIN_ELEMENTS = 1 << 20
 _MIN_PIECE = 1 << 16
 _PIECES_PER_THREAD = 8
 
-# (threads, min_elements, pool of threads - 1 helpers): read and replaced as one.
+# (threads, min_elements, pool of at least threads - 1 helpers or None): replaced as one.
 _parallel: tuple[int, int, ThreadPoolExecutor | None] = (1, DEFAULT_MIN_ELEMENTS, None)
+# The helper threads, kept when the count goes down (a pool starts its threads as pieces are
+# handed out, so a smaller count uses fewer of them), replaced by a larger pool when it rises.
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
 
 
 def set_threads(threads: int = 1, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> None:
     """Run the fused kernels on ``threads`` cores for variables of at least ``min_elements``
     elements (1, the default: the calling thread alone). Process-wide; the results are
     bit-identical to one thread's. Takes effect for the next kernel call."""
-    global _parallel
+    global _parallel, _pool, _pool_workers
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise ValueError(f"threads must be an integer >= 1. Received: {threads!r}")
     if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 1:
         raise ValueError(f"min_elements must be an integer >= 1. Received: {min_elements!r}")
     with _lock:
-        old_threads, _, pool = _parallel
-        if pool is not None and old_threads != threads:
-            pool.shutdown(wait=False)  # its threads finish the pieces they hold, then leave
-            pool = None
-        if pool is None and threads > 1:
-            pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optim-kernel")
-        _parallel = (threads, min_elements, pool)
+        if threads - 1 > _pool_workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads finish the pieces they hold, then leave
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optim-kernel")
+            _pool_workers = threads - 1
+        _parallel = (threads, min_elements, _pool if threads > 1 else None)
 
 
 def threads() -> tuple[int, int]:

@@ -616,6 +616,21 @@ class Client:
         finally:
             self.error_feedback.finish(made, taken=ok)
 
+    def _widened_on_arrival(self, out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of ``out`` a compressed pull may widen its weights into as they arrive:
+        float32 ones of float32 variables (as the described model says; none before it was
+        described, when :meth:`_widened` does it after)."""
+        description = self._description
+        if description is None:
+            return {}
+        return {
+            name: array
+            for name, array in out.items()
+            if array.dtype == np.float32
+            and (spec := description.spec(name)) is not None
+            and spec.numpy_dtype == np.float32
+        }
+
     def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
         """A compressed pull's weights back in float32 for the float32 variables, those
         named in ``out`` written into those arrays (checked as a direct pull checks them)."""
@@ -637,7 +652,7 @@ class Client:
                     tensors[name] = widen(value, into=target)
                 else:
                     tensors[name] = widen(value)
-            elif name in out:
+            elif name in out and value is not out[name]:  # (not widened on arrival)
                 receive_buffer(header_for(name, value), out[name])
                 np.copyto(out[name], value)
                 tensors[name] = out[name]
@@ -867,11 +882,12 @@ class Client:
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
         direct = out if wire_dtype is None else {}
+        widened = {} if wire_dtype is None else self._widened_on_arrival(out)
         tensors = self._receive_stream(
             "Pull",
             self._pull,
             request,
-            lambda items: receive_tensors(items, out=direct),
+            lambda items: receive_tensors(items, out=direct, widen_into=widened),
             timeout_s,
         )
         if wire_dtype is not None:

@@ -107,16 +107,21 @@ def receive_tensors(
     items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem],
     *,
     out: Mapping[str, np.ndarray] | None = None,
+    widen_into: Mapping[str, np.ndarray] | None = None,
 ) -> Tensors:
     """Assemble a header-then-chunks response into fresh, writable arrays.
 
     Dense tensors named in ``out`` are written straight into those arrays (checked by
-    :func:`receive_buffer` against the header), which the result then holds.
+    :func:`receive_buffer` against the header), which the result then holds. Those named
+    in ``widen_into`` (float32 arrays) that arrive as dense bfloat16 or float16 of the
+    array's shape are widened into them chunk by chunk as they arrive; others named there
+    arrive as they are.
 
     Raises :class:`DataLossError` if the stream is malformed (no header first, a second
     header, chunks out of order, a tensor cut short).
     """
     out = out or {}
+    widen_into = widen_into or {}
     assembler: TensorAssembler | None = None
     version = 0
     try:
@@ -126,8 +131,16 @@ def receive_tensors(
             elif item.WhichOneof("item") == "header" and assembler is None:
                 headers = item.header.tensors
                 check_headers(headers)
-                into = [receive_buffer(h, out[h.name]) if h.name in out else None for h in headers]
-                assembler = TensorAssembler(headers, into=into)
+                widen = [_widens(h, widen_into.get(h.name)) for h in headers]
+                into = [
+                    widen_into[h.name].reshape(-1).view(np.uint8)
+                    if wide
+                    else receive_buffer(h, out[h.name])
+                    if h.name in out
+                    else None
+                    for h, wide in zip(headers, widen, strict=True)
+                ]
+                assembler = TensorAssembler(headers, into=into, widen=widen)
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":
@@ -140,9 +153,25 @@ def receive_tensors(
         if assembler is None:
             raise WireError("the response stream was empty (no header)")
         tensors = assembler.finish()
-        return Tensors({n: out.get(n, v) for n, v in tensors.items()}, version=version)
+        arrays = {
+            n: widen_into[n] if assembler.widens(i) else out.get(n, v)
+            for i, (n, v) in enumerate(tensors.items())
+        }
+        return Tensors(arrays, version=version)
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
+
+
+def _widens(header: tpb.TensorHeader, array: np.ndarray | None) -> bool:
+    """Whether ``header``'s tensor, dense bfloat16 or float16 of ``array``'s shape, can be
+    widened into ``array`` (float32) as it arrives."""
+    return (
+        array is not None
+        and header.layout == tpb.LAYOUT_DENSE
+        and header.dtype in (tpb.BFLOAT16, tpb.FLOAT16)
+        and array.dtype == np.float32
+        and tuple(array.shape) == tuple(header.shape)
+    )
 
 
 def check_out_array(name: str, array: Any) -> np.ndarray:

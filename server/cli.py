@@ -255,6 +255,15 @@ def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) 
         choices=NONFINITE_POLICIES,
         help=d("what a gradient with NaN/Inf gets", "nonfinite"),
     )
+    train.add_argument(
+        "--apply-threads",
+        type=int,
+        help=d(
+            "cores the fused optimizer kernels use on variables of 1M elements or more; "
+            "0 = auto: the cores less two, at most 4",
+            "apply_threads",
+        ),
+    )
     snap = p.add_argument_group("snapshots")
     snap.add_argument(
         "--checkpoint-dir",

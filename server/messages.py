@@ -134,6 +134,18 @@ def wire_dtype_name(code: int, field: str) -> str | None:
     return None if dtype is None else dtype.name
 
 
+def widened_on_arrival(headers: list[tpb.TensorHeader], specs: Specs) -> list[bool]:
+    """For each header of a compressed push (checked against ``specs``): whether it is a
+    dense tensor of a float32 variable arriving in the wire dtype, to be widened as it
+    arrives (see ``wire.TensorAssembler``)."""
+    return [
+        h.layout == tpb.LAYOUT_DENSE
+        and h.dtype in wire.WIRE_DTYPES.values()
+        and specs[h.name][0] == "float32"
+        for h in headers
+    ]
+
+
 def upcast_compressed(grads: dict[str, wire.TensorValue], specs: Specs) -> None:
     """Widen, in place, gradients that arrived in a wire dtype to their variable's float32
     (exact: every bfloat16 and float16 value is a float32 value, Inf and NaN included)."""

@@ -202,6 +202,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         context: grpc.ServicerContext,
         *,
         scan_finite: bool = False,
+        widen: list[bool] | None = None,
     ) -> dict[str, wire.TensorValue]:
         """The tensors of a client stream whose ``headers`` were checked."""
         return streams.receive_tensors(
@@ -211,6 +212,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             method=method,
             count_bytes=self._received[method].inc,
             scan_finite=scan_finite,
+            widen=widen,
         )
 
     def _push(
@@ -265,7 +267,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def _wire_dtype(request: pb.PullRequest) -> Any:
         """The NumPy dtype a weights pull opted in to (None: exact)."""
         name = messages.wire_dtype_name(request.wire_dtype, "wire_dtype")
-        return None if name is None else wire.dtype_from_name(name)
+        if name is None:
+            return None
+        wire.prepare_casts()  # compiled or loaded once, here rather than under the model lock
+        return wire.dtype_from_name(name)
 
     @staticmethod
     def _compressed(
@@ -353,11 +358,21 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         messages.check_against(
             headers, specs, what="variable", unknown=NotFound, wire_dtype=header.wire_dtype
         )
+        widen = None
+        if header.wire_dtype:
+            wire.prepare_casts()  # compiled or loaded once, before anything is received
+            widen = messages.widened_on_arrival(headers, specs)
         grads = self._receive(
-            "Push", headers, request_iterator, context, scan_finite=self._core.checks_finite
+            "Push",
+            headers,
+            request_iterator,
+            context,
+            scan_finite=self._core.checks_finite,
+            widen=widen,
         )
         if header.wire_dtype:
-            # After the finite scan, which holds for the upcast values too (exact widening).
+            # Sparse rows, widened after the finite scan, which holds for the upcast values
+            # too (exact widening); dense ones arrived widened.
             messages.upcast_compressed(grads, specs)
         if header.prepare:
             result = self._core.prepare(

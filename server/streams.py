@@ -164,14 +164,17 @@ def receive_tensors(
     method: str,
     count_bytes: Callable[[int], None],
     scan_finite: bool = False,
+    widen: Sequence[bool] | None = None,
 ) -> dict[str, wire.TensorValue]:
     """The tensors whose chunks follow validated ``headers``, in strict order, then the end.
 
     ``count_bytes`` is told the payload bytes received once the stream ends, complete or
     not. ``scan_finite``: check dense gradients for NaN/Inf chunk by chunk as they arrive,
     and return them as ``FiniteChecked`` so the store's check does not read them again.
+    ``widen[i]``: tensor ``i`` (dense bfloat16 or float16) arrives widened to float32, each
+    chunk widened straight from the received bytes (the scan comes with the widening).
     """
-    assembler = wire.TensorAssembler(headers)
+    assembler = wire.TensorAssembler(headers, widen=widen)
     scan = FiniteScan(headers) if scan_finite else None
     received = 0
     ended = False
@@ -188,13 +191,15 @@ def receive_tensors(
         else:
             raise InvalidArgument(f"{method}: only chunks and the end item may follow the header")
         assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
-        if scan is not None:
+        if scan is not None and not assembler.widens(tensor):
             scan.update(tensor, assembler.buffer(tensor), offset + len(data))
         received += len(data)
     count_bytes(received)
     tensors = assembler.finish()
     require_end(ended, method, context)
-    return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors
+    if scan is None:
+        return tensors
+    return FiniteChecked(tensors, finite=scan.finite() | assembler.widened_finite())
 
 
 class UploadChunks:

@@ -199,23 +199,54 @@ class TensorAssembler:
         headers: Sequence[tpb.TensorHeader],
         *,
         into: Sequence[np.ndarray | None] | None = None,
+        widen: Sequence[bool] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
-        tensor ``i`` is written to instead of a fresh one, e.g. a view of a caller's array."""
+        tensor ``i`` is written to instead of a fresh one, e.g. a view of a caller's array.
+
+        ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32
+        chunk by chunk as it arrives, straight from the received bytes (no buffer of the wire
+        dtype), and :meth:`finish` returns it as float32; ``into[i]`` then is the float32
+        array's bytes (twice ``byte_length``). Whether its values were all finite comes with
+        the widening, at no extra pass (:meth:`widened_finite`).
+        """
         self.headers = list(headers)
         into = list(into) if into is not None else [None] * len(self.headers)
         if len(into) != len(self.headers):
             raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+        widen = list(widen) if widen is not None else [False] * len(self.headers)
+        if len(widen) != len(self.headers):
+            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
         self._buffers = []
-        for h, buf in zip(self.headers, into, strict=True):
+        # Per widened tensor: its wire dtype, a byte of an element split between two chunks,
+        # and whether every value so far was finite.
+        self._widen: dict[int, np.dtype] = {}
+        self._pending: dict[int, int] = {}
+        self._finite: dict[int, bool] = {}
+        for i, (h, buf, wide) in enumerate(zip(self.headers, into, widen, strict=True)):
+            size = h.byte_length
+            if wide:
+                dtype = dtype_from_proto(h.dtype)
+                if h.layout != tpb.LAYOUT_DENSE or dtype.name not in ("bfloat16", "float16"):
+                    raise ValueError(
+                        f"tensor {h.name!r}: only dense bfloat16 or float16 is widened; "
+                        f"got {dtype.name}"
+                    )
+                self._widen[i] = dtype
+                self._finite[i] = True
+                size *= 2
             if buf is None:
-                buf = np.empty(h.byte_length, dtype=np.uint8)
-            elif buf.dtype != np.uint8 or buf.shape != (h.byte_length,):
+                buf = np.empty(size, dtype=np.uint8)
+            elif buf.dtype != np.uint8 or buf.shape != (size,):
                 raise ValueError(
                     f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
-                    f"{h.byte_length} bytes; got {buf.dtype.name} {buf.shape}"
+                    f"{size} bytes; got {buf.dtype.name} {buf.shape}"
                 )
             self._buffers.append(buf)
+        if self._widen:
+            from .compression import widen_bytes
+
+            self._widen_bytes = widen_bytes
         self._received = [0] * len(self.headers)
         self._current = 0
 
@@ -243,22 +274,63 @@ class TensorAssembler:
                 f"tensor {self.headers[tensor].name!r}: {end} bytes sent, "
                 f"header declared {self.headers[tensor].byte_length}"
             )
-        self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
+        if tensor in self._widen:
+            self._add_widened(tensor, offset, memoryview(data).cast("B"))
+        else:
+            self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
         self._received[tensor] = end
 
+    def _add_widened(self, tensor: int, offset: int, data: memoryview) -> None:
+        """Widen the 2-byte elements completed by ``data`` into the tensor's float32 values;
+        an element split between two chunks waits for its second byte."""
+        if not len(data):
+            return
+        wire = self._widen[tensor]
+        wide = self._buffers[tensor].view(np.float32)
+        first, start = offset // 2, 0
+        if offset % 2:  # the second byte of an element whose first byte came before
+            pair = bytes((self._pending.pop(tensor), data[0]))
+            self._finite[tensor] &= self._widen_bytes(pair, wide[first : first + 1], wire)
+            first, start = first + 1, 1
+        count = (len(data) - start) // 2
+        if count:
+            piece = data[start : start + 2 * count]
+            finite = self._widen_bytes(piece, wide[first : first + count], wire)
+            self._finite[tensor] &= finite
+        if (len(data) - start) % 2:
+            self._pending[tensor] = data[-1]
+
     def buffer(self, tensor: int) -> np.ndarray:
-        """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived)."""
+        """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived);
+        for a widened tensor, its float32 values' bytes."""
         return self._buffers[tensor]
+
+    def widens(self, tensor: int) -> bool:
+        """Whether tensor ``tensor`` is widened to float32 as it arrives."""
+        return tensor in self._widen
+
+    def widened_finite(self) -> frozenset[str]:
+        """Names of the widened tensors received completely with no NaN or Inf."""
+        return frozenset(
+            self.headers[i].name
+            for i, finite in self._finite.items()
+            if finite and self._received[i] == self.headers[i].byte_length
+        )
 
     def finish(self) -> dict[str, TensorValue]:
         """All tensors by name; WireError if any payload is incomplete."""
         out: dict[str, TensorValue] = {}
-        for h, buf, got in zip(self.headers, self._buffers, self._received, strict=True):
+        for i, (h, buf, got) in enumerate(
+            zip(self.headers, self._buffers, self._received, strict=True)
+        ):
             if got != h.byte_length:
                 raise WireError(
                     f"tensor {h.name!r} ended early: {got} of {h.byte_length} bytes received"
                 )
-            out[h.name] = decode_payload(h, buf)
+            if i in self._widen:
+                out[h.name] = buf.view(np.float32).reshape(tuple(h.shape))
+            else:
+                out[h.name] = decode_payload(h, buf)
         return out
 
 

@@ -1,6 +1,7 @@
-"""Optimizer apply throughput on one CPU thread against Adam's memory floor (fused vs NumPy)."""
+"""Optimizer apply throughput against Adam's memory floor (fused vs NumPy), 1 or more threads."""
 
-# Usage: python bench/optimizer_apply.py [--sizes 1M,16M,64M] [--repeat N] [--json]
+# Usage: python bench/optimizer_apply.py [--sizes 1M,16M,64M] [--threads 1,2] [--repeat N]
+#                                        [--min-elements N] [--json]
 #
 # The floor is a numba loop with Adam's own access pattern (read w, g, m, v; write w, m, v:
 # 28 bytes per float32 element) and trivial arithmetic; STREAM triad is the wrong yardstick.
@@ -15,12 +16,19 @@
 # floor" compares the fastest call of each, which is what bursts of other processes on a
 # shared machine disturb least; read "loadavg" in the header before trusting a figure.
 # Sizes take K/M/G suffixes in powers of two (16M = 16 * 2**20 elements).
+#
+# --threads (default 1): every case, the floor included, runs at each count of threads
+# (optim_core.set_kernel_threads from --min-elements up; the floor loop is cut into the same
+# pieces), all counts interleaved in the same rounds. "x floor" compares with the floor at
+# the same count, "x 1 thread" with the same case on one thread. NumPy rules always run on
+# one thread (only the fused kernels are cut into pieces).
 
 from __future__ import annotations
 
 import os
 
-# One thread everywhere, set before numpy/numba are imported.
+# One thread everywhere, set before numpy/numba are imported (--threads uses optim_core's own
+# pool, not numba's or BLAS's threads).
 for _var in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
@@ -67,6 +75,8 @@ class Row:
     gbytes_per_s: float | None
     bw_ratio_to_floor: float | None
     best_ratio_to_floor: float | None  # fastest case call / fastest floor call
+    threads: int = 1
+    speedup_vs_1_thread: float | None = None  # median over rounds of t(1 thread) / t
 
 
 def parse_size(text: str) -> int:
@@ -139,7 +149,10 @@ def _floor_and_direct(opt: Any, w: np.ndarray, g: np.ndarray) -> list[_Case]:
     slots = {v.name.rsplit("_", 1)[-1]: v.value for v in opt.variables}
     m, v = slots["momentum"], slots["velocity"]
     s = DTYPE(0.5)
-    cases = [_Case("floor (Adam pattern)", "floor", 7, lambda: floor(w, g, m, v, s), [])]
+    # Through fused._run: cut into pieces on several threads as the kernels are.
+    cases = [
+        _Case("floor (Adam pattern)", "floor", 7, lambda: fused._run(floor, (w, g, m, v), (s,)), [])
+    ]
     if fused.available():
         args = (DTYPE(1e-3), DTYPE(1 - 0.9), DTYPE(1 - 0.999), DTYPE(1e-7))
         cases.append(
@@ -169,9 +182,10 @@ def _api_case(
     return _Case(name, path, accesses, lambda: opt.apply([g], [w]), []), opt, w
 
 
-def bench_size(n: int, repeat: int) -> list[Row]:
-    """All rows for one size. Cases are timed in interleaved rounds, so that a noisy
-    neighbour slows the floor and the rules alike; ratios are medians of per-round ratios."""
+def bench_size(n: int, repeat: int, counts: list[int], min_elements: int) -> list[Row]:
+    """All rows for one size. Cases (at every thread count) are timed in interleaved rounds,
+    so that a noisy neighbour slows the floor and the rules alike; ratios are medians of
+    per-round ratios."""
     rng = np.random.default_rng(0)
     inner = max(1, (16 * 2**20) // n)
     g = rng.standard_normal(n, dtype=DTYPE)
@@ -179,28 +193,38 @@ def bench_size(n: int, repeat: int) -> list[Row]:
     _, adam_opt, adam_w = api[0]  # CASES[0] is the fused Adam case
     cases = _floor_and_direct(adam_opt, adam_w, g) + [case for case, _, _ in api]
     timed = [c for c in cases if c.path != "not implemented"]
+    times: dict[tuple[str, int], list[float]] = {(c.name, t): [] for c in timed for t in counts}
     for c in timed:
         c.fn()  # warm-up: JIT compile, first-touch page faults of slots
+    runs = [(c, t) for c in timed for t in counts]
     for r in range(repeat):
-        k = r % len(timed)
-        for c in timed[k:] + timed[:k]:
+        k = r % len(runs)
+        for c, t in runs[k:] + runs[:k]:
+            fused.set_threads(t, min_elements=min_elements)
             t0 = time.perf_counter()
             for _ in range(inner):
                 c.fn()
-            c.times.append((time.perf_counter() - t0) / inner)
+            times[(c.name, t)].append((time.perf_counter() - t0) / inner)
+    fused.set_threads(1)
 
-    floor = cases[0]
     rows = []
-    for c in cases:
-        if not c.times:
-            rows.append(Row(c.name, n, c.path, None, None, None, None, None))
-            continue
-        eps = n / statistics.median(c.times)
-        ratio = statistics.median(f / t for f, t in zip(floor.times, c.times, strict=True))
-        bps = eps * c.accesses * np.dtype(DTYPE).itemsize
-        best = min(floor.times) / min(c.times)
-        bw = ratio * c.accesses / 7
-        rows.append(Row(c.name, n, c.path, eps, ratio, bps / 1e9, bw, best))
+    for t in counts:
+        floor = times[(cases[0].name, t)]
+        for c in cases:
+            mine = times.get((c.name, t))
+            if not mine:
+                rows.append(Row(c.name, n, c.path, None, None, None, None, None, t))
+                continue
+            eps = n / statistics.median(mine)
+            ratio = statistics.median(f / x for f, x in zip(floor, mine, strict=True))
+            bps = eps * c.accesses * np.dtype(DTYPE).itemsize
+            best = min(floor) / min(mine)
+            one = times.get((c.name, 1))
+            speedup = (
+                statistics.median(a / b for a, b in zip(one, mine, strict=True)) if one else None
+            )
+            bw = ratio * c.accesses / 7
+            rows.append(Row(c.name, n, c.path, eps, ratio, bps / 1e9, bw, best, t, speedup))
     del cases, timed, api, adam_opt, adam_w
     gc.collect()
     return rows
@@ -208,8 +232,9 @@ def bench_size(n: int, repeat: int) -> list[Row]:
 
 def format_table(rows: list[Row]) -> str:
     """A fixed-width table, one block per size."""
-    head = f"{'size':>10}  {'case':<22} {'path':<16} {'Gelem/s':>8} {'x floor':>8}"
-    head += f" {'GB/s':>7} {'x floor BW':>10} {'best x floor':>12}"
+    head = f"{'size':>10}  {'case':<22} {'path':<16} {'threads':>7} {'Gelem/s':>8}"
+    head += f" {'x floor':>8} {'GB/s':>7} {'x floor BW':>10} {'best x floor':>12}"
+    head += f" {'x 1 thread':>10}"
     lines = [head, "-" * len(head)]
     last = None
     for r in rows:
@@ -217,12 +242,13 @@ def format_table(rows: list[Row]) -> str:
             lines.append("")
         last = r.size
         if r.elems_per_s is None:
-            lines.append(f"{r.size:>10}  {r.name:<22} {r.path:<16}")
+            lines.append(f"{r.size:>10}  {r.name:<22} {r.path:<16} {r.threads:>7}")
             continue
+        speedup = "" if r.speedup_vs_1_thread is None else f"{r.speedup_vs_1_thread:.2f}"
         lines.append(
-            f"{r.size:>10}  {r.name:<22} {r.path:<16} {r.elems_per_s / 1e9:>8.3f}"
-            f" {r.ratio_to_floor:>8.2f} {r.gbytes_per_s:>7.2f} {r.bw_ratio_to_floor:>10.2f}"
-            f" {r.best_ratio_to_floor:>12.2f}"
+            f"{r.size:>10}  {r.name:<22} {r.path:<16} {r.threads:>7}"
+            f" {r.elems_per_s / 1e9:>8.3f} {r.ratio_to_floor:>8.2f} {r.gbytes_per_s:>7.2f}"
+            f" {r.bw_ratio_to_floor:>10.2f} {r.best_ratio_to_floor:>12.2f} {speedup:>10}"
         )
     return "\n".join(lines)
 
@@ -242,9 +268,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--sizes", default="1M,16M,64M", help="comma-separated, e.g. 1M,16M")
     parser.add_argument("--repeat", type=int, default=11, help="timed repeats per case")
+    parser.add_argument(
+        "--threads", default="1", help="comma-separated thread counts, e.g. 1,2 (default: 1)"
+    )
+    parser.add_argument(
+        "--min-elements",
+        type=int,
+        default=fused.DEFAULT_MIN_ELEMENTS,
+        help="smallest variable cut into pieces when threads > 1 (default: optim_core's)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ns = parser.parse_args(argv)
     sizes = [parse_size(s) for s in ns.sizes.split(",") if s.strip()]
+    counts = sorted({int(t) for t in ns.threads.split(",") if t.strip()})
 
     info = {
         "python": platform.python_version(),
@@ -253,13 +289,14 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "loadavg_start": round(os.getloadavg()[0], 2),
         "fused_available": fused.available(),
-        "threads": 1,
+        "threads": counts,
+        "min_elements": ns.min_elements,
         "repeat": ns.repeat,
         "dtype": np.dtype(DTYPE).name,
     }
     rows: list[Row] = []
     for n in sizes:
-        rows.extend(bench_size(n, ns.repeat))
+        rows.extend(bench_size(n, ns.repeat, counts, ns.min_elements))
         if not ns.json:
             print(f"# done {n} elements", file=sys.stderr, flush=True)
     # Other processes share the memory bus: a high load average means noisy figures.
@@ -269,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(" ".join(f"{k}={str(v).replace(' ', '_')}" for k, v in info.items()))
         print(format_table(rows))
-        adam = [r for r in rows if r.name == "Adam fused" and r.ratio_to_floor is not None]
+        adam = [
+            r
+            for r in rows
+            if r.name == "Adam fused" and r.ratio_to_floor is not None and r.threads == counts[0]
+        ]
         ratios = {str(r.size): round(r.ratio_to_floor, 3) for r in adam}
         print("RESULT adam_fused_x_floor " + json.dumps(ratios))
     return 0

@@ -3,7 +3,9 @@
 Started as a subprocess by the benchmark. Builds the server with the public
 ``paramserve.server.app.create_server`` (the same code path as ``paramserve serve``), prints
 ``PORT <n>`` on stdout once it accepts calls, and stops when stdin closes (the benchmark,
-which holds the other end, exited or died) or on SIGTERM/SIGINT.
+which holds the other end, exited or died) or on SIGTERM/SIGINT. Other settings come from
+``PARAMSERVE_*`` environment variables as the daemon takes them (``PARAMSERVE_APPLY_THREADS=2
+python bench/step.py ...``), those above excepted.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,19 +27,20 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
 
-    from paramserve.server.aggregation import AggregationConfig
     from paramserve.server.app import create_server
-    from paramserve.server.config import ServerConfig
+    from paramserve.server.config import ServerConfig, read_env
 
-    config = ServerConfig(
-        host=args.host,
-        port=args.port,
-        device="cpu",
-        optimizer="adam",
-        aggregation=AggregationConfig(mode="async", replicas=1),
-        checkpoint_dir=None,
-        snapshot_on_exit=False,
-    )
+    fixed = {
+        "host": args.host,
+        "port": args.port,
+        "device": "cpu",
+        "optimizer": "adam",
+        "mode": "async",
+        "replicas": 1,
+        "checkpoint_dir": None,
+        "snapshot_on_exit": False,
+    }
+    config = ServerConfig().replace(**{**read_env(os.environ), **fixed})
     server = create_server(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -208,7 +208,19 @@ def _wait_from_environment() -> float:
 
 
 class Client:
-    """A connection to one parameter server; thread-safe, close it (or use ``with``)."""
+    """A connection to one parameter server; thread-safe, close it (or use ``with``).
+
+    ``Client([address, ...])`` (a list of shard addresses, shard 0 first) is one sharded
+    job with the same methods: a :class:`~paramserve.client.sharded.ShardedClient`.
+    """
+
+    def __new__(cls, address: str | Sequence[str] = DEFAULT_ADDRESS, *args: Any, **kwargs: Any):
+        """A :class:`ShardedClient` for a sequence of addresses, else a plain one."""
+        if cls is Client and not isinstance(address, str | bytes) and isinstance(address, Sequence):
+            from .sharded import ShardedClient
+
+            return super().__new__(ShardedClient)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -613,6 +625,7 @@ class Client:
         base_version: int,
         headers: list[tpb.TensorHeader],
         wire_dtype: str | None = None,
+        prepare: bool = False,
     ) -> pb.PushHeader:
         """This client's identity (worker, session, sequence) and the tensors of one push."""
         return pb.PushHeader(
@@ -622,6 +635,7 @@ class Client:
             tensors=headers,
             session=self.session,
             wire_dtype=wire_dtype_code(wire_dtype),
+            prepare=prepare,
         )
 
     def _wire_dtype(self, wire_dtype: Any) -> str | None:
@@ -651,6 +665,21 @@ class Client:
         finally:
             self.error_feedback.finish(made, taken=ok)
 
+    def _widened_on_arrival(self, out: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The arrays of ``out`` a compressed pull may widen its weights into as they arrive:
+        float32 ones of float32 variables (as the described model says; none before it was
+        described, when :meth:`_widened` does it after)."""
+        description = self._description
+        if description is None:
+            return {}
+        return {
+            name: array
+            for name, array in out.items()
+            if array.dtype == np.float32
+            and (spec := description.spec(name)) is not None
+            and spec.numpy_dtype == np.float32
+        }
+
     def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
         """A compressed pull's weights back in float32 for the float32 variables, those
         named in ``out`` written into those arrays (checked as a direct pull checks them)."""
@@ -672,7 +701,7 @@ class Client:
                     tensors[name] = widen(value, into=target)
                 else:
                     tensors[name] = widen(value)
-            elif name in out:
+            elif name in out and value is not out[name]:  # (not widened on arrival)
                 receive_buffer(header_for(name, value), out[name])
                 np.copyto(out[name], value)
                 tensors[name] = out[name]
@@ -723,6 +752,20 @@ class Client:
         client's) compresses dense float32 gradients, with error feedback (see
         :class:`Client`); a compressed push is resent from its compressed copy.
         """
+        return self._push_grads(grads, base_version, sequence, timeout_s, wire_dtype)
+
+    def _push_grads(
+        self,
+        grads: Mapping[str, Any],
+        base_version: int | None,
+        sequence: int | None,
+        timeout_s: float | None,
+        wire_dtype: str | None,
+        *,
+        prepare: bool = False,
+    ) -> PushResult:
+        """:meth:`push`; ``prepare`` holds it on a shard of a sharded sync job (see
+        :mod:`.sharded`), with ``applied`` False when that shard dropped it as non-finite."""
         wire_dtype = self._wire_dtype(wire_dtype)
         names, values = named_values(grads)
         values = self._cast_gradients(names, values)
@@ -735,7 +778,7 @@ class Client:
                 # PushRequest(header=...): the tensors' part kept from the last push of the
                 # same gradients' names, dtypes and shapes, the rest serialized now
                 # (protobuf reads the two as one PushHeader).
-                own = self._push_header(seq, base, [], wire_dtype).SerializeToString()
+                own = self._push_header(seq, base, [], wire_dtype, prepare).SerializeToString()
                 first = length_delimited(1, tensors + own)
                 return self._send_stream(
                     "Push",
@@ -750,6 +793,32 @@ class Client:
             names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
         )
         return _push_result(response, seq)
+
+    def _commit_round(
+        self,
+        sequence: int,
+        base_version: int,
+        *,
+        skipped: bool,
+        timeout_s: float | None,
+    ) -> tuple[PushResult, pb.RoundDecision | None]:
+        """Commit a prepared push to a sharded sync job's coordinator (this client's
+        server): the push's outcome once its round closed, and the round's decision."""
+        request = pb.CommitRoundRequest(
+            worker_id=self.worker_id,
+            sequence=sequence,
+            session=self.session,
+            base_version=base_version,
+            skipped=skipped,
+        )
+        response = self._call("CommitRound", self._stub.CommitRound, request, timeout_s)
+        decision = response.decision if response.HasField("decision") else None
+        return _push_result(response.push, sequence), decision
+
+    def _apply_round(self, decision: pb.RoundDecision, *, timeout_s: float | None) -> int:
+        """Hand a sharded round's decision to this shard; its version after it."""
+        request = pb.ApplyRoundRequest(decision=decision)
+        return self._call("ApplyRound", self._stub.ApplyRound, request, timeout_s).version
 
     def step(
         self,
@@ -865,11 +934,14 @@ class Client:
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
         direct = out if wire_dtype is None else {}
+        widened = {} if wire_dtype is None else self._widened_on_arrival(out)
         tensors = self._receive_stream(
             "Pull",
             self._pull,
             request,
-            lambda items: receive_tensors(items, out=direct, layouts=self._reply_layouts),
+            lambda items: receive_tensors(
+                items, out=direct, layouts=self._reply_layouts, widen_into=widened
+            ),
             timeout_s,
         )
         if wire_dtype is not None:
@@ -948,6 +1020,25 @@ class Client:
         request = pb.CreateSnapshotRequest()
         response = self._call("CreateSnapshot", self._stub.CreateSnapshot, request, timeout_s)
         return SnapshotInfo.from_proto(response)
+
+    def _snapshot_part(
+        self, cut: pb.SnapshotCut, at_version: int, *, timeout_s: float | None
+    ) -> SnapshotInfo:
+        """This shard's part of a sharded snapshot, taken at ``at_version``."""
+        request = pb.CreateSnapshotRequest(cut=cut, at_version=at_version)
+        response = self._call("CreateSnapshot", self._stub.CreateSnapshot, request, timeout_s)
+        return SnapshotInfo.from_proto(response)
+
+    def _hold_updates(self, hold_s: float, *, timeout_s: float | None) -> int:
+        """Have this shard apply no update for ``hold_s`` seconds (0 releases); its version."""
+        request = pb.HoldUpdatesRequest(hold_s=hold_s)
+        return self._call("HoldUpdates", self._stub.HoldUpdates, request, timeout_s).version
+
+    def _validate_snapshot(self, snapshot_id: str, *, timeout_s: float | None) -> SnapshotInfo:
+        """Load and check a snapshot on the server completely, changing nothing."""
+        request = pb.RestoreSnapshotRequest(id=snapshot_id, validate_only=True)
+        response = self._call("RestoreSnapshot", self._stub.RestoreSnapshot, request, timeout_s)
+        return SnapshotInfo.from_proto(response.snapshot)
 
     def list_snapshots(self, *, timeout_s: float | None = None) -> list[SnapshotInfo]:
         """Snapshots on the server's disk, oldest first."""

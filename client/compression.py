@@ -22,8 +22,10 @@ from paramserve.wire import (
     FLOAT16_MAX,
     SparseRows,
     TensorValue,
+    cast_into,
     cast_tensor,
     dtype_from_name,
+    round_with_feedback,
 )
 
 
@@ -94,13 +96,31 @@ class ErrorFeedback:
                 continue
             if not value.flags.c_contiguous:  # (ascontiguousarray makes a scalar 1-D)
                 value = np.ascontiguousarray(value)
-            total = value
+            sent = self._buffer(name, "sent", value, dtype)
+            residual = None
             if self.enabled:
                 left = self._buffer(name, "residual", value, COMPRESSIBLE)
                 residual = self.residual(name)
-                if residual is not None and residual.shape == value.shape:
-                    total = np.add(value, residual, out=left)
-            sent = self._buffer(name, "sent", value, dtype)
+                if residual is not None and residual.shape != value.shape:
+                    residual = None
+                # One fused pass (sum, round, residual) where the kernels run.
+                overflow = round_with_feedback(value, residual, sent, left)
+                if overflow is not None:
+                    if overflow and wire_dtype == "float16":
+                        total = value if residual is None else np.add(value, residual)
+                        _check_float16(name, total, sent)
+                    out.append(sent)
+                    made.sent[name] = sent
+                    made.residuals[name] = left
+                    continue
+            elif cast_into(value, sent):
+                if wire_dtype == "float16":
+                    _check_float16(name, value, sent)
+                out.append(sent)
+                made.sent[name] = sent
+                continue
+            # NumPy's way, the same bits: without the kernels, or for arrays they do not take.
+            total = value if residual is None else np.add(value, residual, out=left)
             with np.errstate(over="ignore", invalid="ignore"):  # Inf is judged below
                 np.copyto(sent, total, casting="unsafe")
                 if wire_dtype == "float16":
@@ -144,6 +164,7 @@ def widen(value: Any, *, into: np.ndarray | None = None) -> Any:
     """A compressed weight (dense or rows) exactly widened to float32 (``into``: written
     into that float32 array of the same shape, which is returned)."""
     if into is not None and not isinstance(value, SparseRows):
-        np.copyto(into, value, casting="unsafe")
+        if not cast_into(value, into):
+            np.copyto(into, value, casting="unsafe")
         return into
     return cast_tensor(value, COMPRESSIBLE)

@@ -60,7 +60,19 @@ R = TypeVar("R")
 # Calls that are safe to send again: reads, and the writes the server deduplicates. Not
 # CreateModel, SetHyperparameters, SetOptimizerState, snapshots, restore, upload or delete.
 RESENT_METHODS = frozenset(
-    {"Describe", "Pull", "GetStatus", "ListSnapshots", "DownloadSnapshot", "Push", "Step"}
+    {
+        "Describe",
+        "Pull",
+        "GetStatus",
+        "ListSnapshots",
+        "DownloadSnapshot",
+        "Push",
+        "Step",
+        # A sharded sync job's round calls: a commit carries the push's (worker_id,
+        # sequence, session), and a decision applied twice is applied once.
+        "CommitRound",
+        "ApplyRound",
+    }
 )
 
 # Details gRPC Python gives a call this process cancelled: never resent.

@@ -12,6 +12,7 @@ import numpy as np
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 from paramserve.wire import dtype_from_name, dtype_name
+from paramserve.wire.partition import Layout
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,8 @@ class ModelDescription:
     version: int
     optimizer_variables: list[TensorSpec]
     aggregation: AggregationInfo
+    # A sharded job's placement of every variable (None: one server).
+    layout: Layout | None = None
 
     @property
     def variable_names(self) -> list[str]:
@@ -149,6 +152,10 @@ class ServerStatus:
     serving: bool
     received_bytes: int = 0
     sent_bytes: int = 0
+    shard_index: int = 0
+    shards: int = 1
+    # A sharded job: each shard's own status, in shard order (this object sums them up).
+    shard_statuses: list[ServerStatus] | None = None
 
     def worker(self, worker_id: str) -> WorkerStatus | None:
         """The entry for ``worker_id``, or None if the server has not seen that worker."""
@@ -171,21 +178,30 @@ class ServerStatus:
             serving=r.serving,
             received_bytes=r.received_bytes,
             sent_bytes=r.sent_bytes,
+            shard_index=r.shard_index,
+            shards=r.shards or 1,
         )
 
 
 @dataclass(frozen=True)
 class SnapshotInfo:
-    """A snapshot on the server's disk; ``created_at`` is RFC 3339 UTC."""
+    """A snapshot on the server's disk; ``created_at`` is RFC 3339 UTC.
+
+    ``cut_id`` names the sharded snapshot a shard's file belongs to (empty otherwise). A
+    sharded job's snapshot has its ``cut_id`` as ``id``, the sum of its files' sizes, and
+    each shard's own snapshot in ``shard_snapshots`` (shard order).
+    """
 
     id: str
     version: int
     size_bytes: int
     created_at: str
+    cut_id: str = ""
+    shard_snapshots: tuple[SnapshotInfo, ...] = ()
 
     @classmethod
     def from_proto(cls, s: pb.SnapshotInfo) -> SnapshotInfo:
-        return cls(s.id, s.version, s.size_bytes, s.created_at)
+        return cls(s.id, s.version, s.size_bytes, s.created_at, s.cut.cut_id)
 
 
 class Tensors(dict):

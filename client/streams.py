@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -107,6 +107,17 @@ def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorSt
     return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
 
 
+class _Receive(NamedTuple):
+    """Where a reply's tensors go (see :meth:`_ReplyPlan.into`), kept as one object so that
+    threads pulling with one plan each see a consistent one."""
+
+    into: list[np.ndarray | None]  # per tensor: the byte buffer of its array, or None
+    runs: Any  # the assembler's runs for them
+    widen: list[bool] | None  # per tensor: widened on arrival into its array
+    arrays: list[np.ndarray | None]  # per tensor: the array received into, or None
+    all_into: bool  # every tensor has an array of its own
+
+
 class _ReplyPlan:
     """A reply's checked header list, its stream layout, and the buffers of the last ``out``
     arrays received into (checked once while the same arrays come back)."""
@@ -114,33 +125,52 @@ class _ReplyPlan:
     def __init__(self, headers: list[tpb.TensorHeader]) -> None:
         check_headers(headers)
         self.layout = StreamLayout(headers)
-        self._arrays: list[np.ndarray | None] | None = None
-        self._into: list[np.ndarray | None] | None = None
-        self._runs: list[Any] | None = None
+        self._last: _Receive | None = None
         self._out: Mapping[str, np.ndarray] | None = None
-        self.all_into = False  # every tensor of the last into() has its own array
 
-    def into(self, out: Mapping[str, np.ndarray]) -> tuple[list[np.ndarray | None] | None, Any]:
-        """The byte buffers of ``out``'s arrays per tensor (None: not in ``out``) and the
-        assembler's runs for them; ValueError for an array that does not fit its tensor
-        (see :func:`receive_buffer`)."""
-        if not out:
-            return None, None
-        if out is self._out:  # the same read-only mapping as last time (the client's own)
-            return self._into, self._runs
-        arrays = [out.get(n) for n in self.layout.names]
-        last = self._arrays
-        if last is not None and all(a is b for a, b in zip(arrays, last, strict=True)):
-            return self._into, self._runs
-        into = [
-            None if a is None else receive_buffer(h, a)
-            for h, a in zip(self.layout.headers, arrays, strict=True)
-        ]
-        self._runs = self.layout.runs_into(into)
-        self._arrays, self._into = arrays, into
-        self._out = out if isinstance(out, MappingProxyType) else None
-        self.all_into = all(a is not None for a in arrays)
-        return into, self._runs
+    def into(
+        self, out: Mapping[str, np.ndarray], widen_into: Mapping[str, np.ndarray] | None = None
+    ) -> _Receive | None:
+        """Where the tensors go: into ``out``'s arrays, or widened on arrival into the
+        float32 arrays of ``widen_into`` (see :func:`receive_tensors`); None when neither
+        names one. ValueError for an array of ``out`` that does not fit its tensor (see
+        :func:`receive_buffer`)."""
+        if not out and not widen_into:
+            return None
+        last = self._last
+        if out is self._out and not widen_into:  # the same read-only mapping as last time
+            return last
+        names, headers = self.layout.names, self.layout.headers
+        widen = None
+        if widen_into:
+            widen = [_widens(h, widen_into.get(n)) for h, n in zip(headers, names, strict=True)]
+            if not any(widen):
+                widen = None
+        if widen is None:
+            arrays = [out.get(n) for n in names]
+        else:
+            arrays = [widen_into[n] if w else out.get(n) for n, w in zip(names, widen, strict=True)]
+        if (
+            last is not None
+            and widen == last.widen
+            and all(a is b for a, b in zip(arrays, last.arrays, strict=True))
+        ):
+            return last
+        if widen is None:
+            into = [
+                None if a is None else receive_buffer(h, a)
+                for h, a in zip(headers, arrays, strict=True)
+            ]
+        else:
+            into = [
+                None if a is None else a.reshape(-1).view(np.uint8) if w else receive_buffer(h, a)
+                for h, a, w in zip(headers, arrays, widen, strict=True)
+            ]
+        runs = self.layout.runs_into(into, widen)
+        last = _Receive(into, runs, widen, arrays, all(a is not None for a in arrays))
+        self._last = last
+        self._out = out if isinstance(out, MappingProxyType) and not widen_into else None
+        return last
 
 
 class ReplyLayouts:
@@ -172,13 +202,17 @@ def receive_tensors(
     *,
     out: Mapping[str, np.ndarray] | None = None,
     layouts: ReplyLayouts | None = None,
+    widen_into: Mapping[str, np.ndarray] | None = None,
 ) -> Tensors:
     """Assemble a header-then-chunks response into fresh, writable arrays.
 
     Dense tensors named in ``out`` are written straight into those arrays (checked by
-    :func:`receive_buffer` against the header), which the result then holds. The other
-    tensors are views of one fresh buffer. ``layouts``: a cache of checked header lists
-    (the client's), for a stream whose headers came before.
+    :func:`receive_buffer` against the header), which the result then holds. Those named
+    in ``widen_into`` (float32 arrays) that arrive as dense bfloat16 or float16 of the
+    array's shape are widened into them chunk by chunk as they arrive (the result holds
+    those arrays too); others named there arrive as they are. The other tensors are views
+    of one fresh buffer. ``layouts``: a cache of checked header lists (the client's), for
+    a stream whose headers came before.
 
     Raises :class:`DataLossError` if the stream is malformed (no header first, a second
     header, chunks out of order, a tensor cut short).
@@ -186,17 +220,24 @@ def receive_tensors(
     out = out or {}
     assembler: TensorAssembler | None = None
     version = 0
-    used: list[np.ndarray | None] | None = None
+    used: _Receive | None = None
     try:
         for item in items:
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
                 plan = (layouts or ReplyLayouts()).plan(item.header)
-                used, runs = plan.into(out)
-                assembler = TensorAssembler(
-                    plan.layout.headers, into=used, layout=plan.layout, runs=runs
-                )
+                used = plan.into(out, widen_into)
+                if used is None:
+                    assembler = TensorAssembler(plan.layout.headers, layout=plan.layout)
+                else:
+                    assembler = TensorAssembler(
+                        plan.layout.headers,
+                        into=used.into,
+                        widen=used.widen,
+                        layout=plan.layout,
+                        runs=used.runs,
+                    )
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":
@@ -209,17 +250,29 @@ def receive_tensors(
         if assembler is None:
             raise WireError("the response stream was empty (no header)")
         tensors = assembler.finish(decode_into=False)
-        if not used:
+        if used is None:
             return Tensors(tensors, version=version)
         names = assembler.layout.names
-        if plan.all_into:
-            return Tensors(zip(names, map(out.__getitem__, names), strict=True), version=version)
+        if used.all_into:
+            return Tensors(zip(names, used.arrays, strict=True), version=version)
         return Tensors(
-            {n: tensors[n] if a is None else out[n] for n, a in zip(names, used, strict=True)},
+            {n: tensors[n] if a is None else a for n, a in zip(names, used.arrays, strict=True)},
             version=version,
         )
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
+
+
+def _widens(header: tpb.TensorHeader, array: np.ndarray | None) -> bool:
+    """Whether ``header``'s tensor, dense bfloat16 or float16 of ``array``'s shape, can be
+    widened into ``array`` (float32) as it arrives."""
+    return (
+        array is not None
+        and header.layout == tpb.LAYOUT_DENSE
+        and header.dtype in (tpb.BFLOAT16, tpb.FLOAT16)
+        and array.dtype == np.float32
+        and tuple(array.shape) == tuple(header.shape)
+    )
 
 
 def check_out_array(name: str, array: Any) -> np.ndarray:

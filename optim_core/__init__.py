@@ -17,6 +17,8 @@ from .base import Optimizer
 from .ftrl import Ftrl
 from .fused import prepare as prepare_kernels
 from .fused import prepared as kernels_prepared
+from .fused import set_threads as set_kernel_threads
+from .fused import threads as kernel_threads
 from .lamb import Lamb
 from .lion import Lion
 from .loss_scale_optimizer import LossScaleOptimizer
@@ -77,6 +79,7 @@ __all__ = [
     "deserialize",
     "get",
     "gpu_available",
+    "kernel_threads",
     "kernels_prepared",
     "pack",
     "prepare_kernels",
@@ -85,6 +88,7 @@ __all__ = [
     "resolve_device",
     "schedules",
     "serialize",
+    "set_kernel_threads",
     "to_device",
     "to_numpy",
 ]

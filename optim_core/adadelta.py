@@ -13,6 +13,7 @@ class Adadelta(Optimizer):
     Ex <- rho*Ex + (1-rho)*d^2; w += lr*d`` (``Ex`` read before its update).
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

@@ -60,7 +60,7 @@ class Adafactor(Optimizer):
             else:
                 r_shape, c_shape = var.shape[:-1], var.shape[:-2] + var.shape[-1:]
                 r, c = (
-                    self.add_variable(shape, dtype=var.dtype, name=var.name, xp=var.xp)
+                    self.add_variable(shape, dtype=var.dtype, name=var.name, xp=var.xp, owner=var)
                     for shape in (r_shape, c_shape)
                 )
             self._slot_keys[id(r)], self._slot_keys[id(c)] = f"{prefix}_r", f"{prefix}_c"
@@ -69,7 +69,7 @@ class Adafactor(Optimizer):
             self._v.append(self.add_variable_from_reference(var, "velocity"))
 
     def _placeholder(self, var: Variable) -> Variable:
-        slot = self.add_variable((), dtype="int32", name=var.name, xp=var.xp)
+        slot = self.add_variable((), dtype="int32", name=var.name, xp=var.xp, owner=var)
         slot.path = var.name
         return slot
 

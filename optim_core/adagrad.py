@@ -13,6 +13,7 @@ class Adagrad(Optimizer):
     ``initial_accumulator_value``.
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

@@ -16,6 +16,7 @@ class Adam(Optimizer):
     w -= m*alpha/(sqrt(v)+eps)``; with ``amsgrad`` the max of the raw ``v`` is used.
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

@@ -55,6 +55,11 @@ class Optimizer:
     # Run the fused CPU kernels where they apply (fused.can_fuse); False always runs the xp
     # rule. Not part of the config: tests and benchmarks compare the two on one instance.
     use_fused_kernels: bool = True
+    # True when each element's update reads only that element's gradient and slots and
+    # step-wide scalars (learning rate, step count): a variable may then be split by rows
+    # across shards with results identical to one server. A rule reading a whole variable
+    # (a norm, a matrix product, factored statistics) leaves it False.
+    rows_separable: bool = False
     # Set (in its own body) by a class whose update_step is element-wise: every element goes
     # through the same operations with per-step scalars that depend on the dtype only, and
     # its slots come from add_optimizer_variables. Such an optimizer updates a whole slab of
@@ -134,6 +139,8 @@ class Optimizer:
         self._exclude_pattern: re.Pattern[str] | None = None
         self._model_variables_moving_average: list[Variable] = []
         self._accumulated_gradients: list[Variable] = []
+        # id(slot) -> path of the model variable it belongs to (see state_owners).
+        self._slot_owners: dict[int, str] = {}
         # Slabs updated whole: id(slab) -> (slab, the Variable standing for it). Its index
         # (after the real variables') picks its slot slabs out of every slot list.
         self._slabs: dict[int, tuple[Slab, Variable]] = {}
@@ -161,8 +168,13 @@ class Optimizer:
         name: str | None = None,
         *,
         xp: Any = np,
+        owner: Variable | str | None = None,
     ) -> Variable:
-        """Create and track an optimizer variable (in creation order, as Keras lists them)."""
+        """Create and track an optimizer variable (in creation order, as Keras lists them).
+
+        ``owner`` (an extension of Keras's API): the model variable (or its path) the slot
+        belongs to, for :meth:`state_owners`; None for state of the whole step.
+        """
         dtype = np.dtype(dtype if dtype is not None else "float32")
         value = xp.zeros(tuple(shape), dtype=dtype)
         if initializer == "ones":
@@ -176,6 +188,8 @@ class Optimizer:
         name = name or "variable"
         var = Variable(value, name=name, path=f"{self.name}/{name}")
         self._variables.append(var)
+        if owner is not None:
+            self._slot_owners[id(var)] = owner.path if isinstance(owner, Variable) else owner
         return var
 
     def add_variable_from_reference(
@@ -189,6 +203,7 @@ class Optimizer:
             dtype=reference_variable.dtype,
             name=f"{prefix}_{name}",
             xp=reference_variable.xp,
+            owner=reference_variable,
         )
 
     def add_optimizer_variables(
@@ -222,6 +237,7 @@ class Optimizer:
                 slot_name = f"{var.path.replace('/', '_')}_{n}"
                 slot = Variable(value, name=slot_name, path=f"{self.name}/{slot_name}")
                 self._variables.append(slot)
+                self._slot_owners[id(slot)] = var.path
                 created[i].append(slot)
         for (key, i), buffer in slot_slabs.items():
             stand_in = self._slabs[key][1]
@@ -570,6 +586,25 @@ class Optimizer:
     def assign_sub(self, variable: Variable, value: Any) -> None:
         variable.assign_sub(value)
 
+    # --- spreading one model over several shards -----------------------------------------
+    def splits_rows(self) -> bool:
+        """Whether a variable may be split by rows across shards without changing results.
+
+        True for a :attr:`rows_separable` rule without ``clipnorm`` (a norm of the whole
+        variable's gradient).
+        """
+        return self.rows_separable and not self.clipnorm
+
+    def cross_variable_options(self) -> list[str]:
+        """The options of this optimizer that read every variable at once.
+
+        A job whose variables live on several shards cannot apply them shard by shard: the
+        sharded client refuses them, naming each.
+        """
+        if self.global_clipnorm:
+            return [f"global_clipnorm={self.global_clipnorm} (the norm of all gradients)"]
+        return []
+
     # --- clipping, weight decay, EMA ---------------------------------------------------
     def _clip_gradients(self, grads: list[Any]) -> list[Any]:
         if self.clipnorm and self.clipnorm > 0:
@@ -746,6 +781,16 @@ class Optimizer:
                 f"`optimizer.variables`), received {len(weights)}."
             )
         self._load_checked(items, [np.asarray(to_numpy(w)) for w in weights])
+
+    def state_owners(self) -> dict[str, str | None]:
+        """For every key of :meth:`state_dict`, in its order: the path of the model variable
+        the slot belongs to, or None for state of the whole step (the iteration count, the
+        learning rate, Nadam's momentum-cache product, the dynamic loss scale ...).
+
+        A job split over shards holds a variable's slots where the variable is, and the
+        step-wide state on every shard; ``paramserve snapshot reshard`` moves them by this.
+        """
+        return {k: self._slot_owners.get(id(v)) for k, v in self._state_items()}
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """Every optimizer variable as ``{unique name: host array}``, in :attr:`variables` order."""

@@ -13,6 +13,8 @@ class Ftrl(Optimizer):
     w = (clip(z, -l1, l1) - z) / (n'^-p/lr + 2*(l2 + beta/(2*lr))); n = n'``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.001,

@@ -13,12 +13,24 @@
 # numba is imported lazily, on the first can_fuse() call (or prepare()), never at package
 # import. If it is missing or fails to compile, can_fuse() answers False and the xp rules run.
 # The compiled kernels are cached per user (cache_dir()), never inside the installed package.
+#
+# Several cores (set_threads): a large variable's kernel runs on pieces of the flat arrays
+# at once, the calling thread and pool threads taking the next piece as they finish one
+# (nogil kernels, so they run in parallel). Every element goes through the same serial
+# kernel, so the results are bit-identical whatever the thread count. A Python thread pool
+# rather than numba's parallel=True: numba's OpenMP layer collapses when the machine is
+# oversubscribed (measured 10-100x slower than serial at load 16 on 2 cores: its threads
+# wait at a barrier for a descheduled one), its workqueue layer is not thread-safe, and
+# parallel kernels cost extra compiles; here a thread that is late only leaves its pieces
+# to the others.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -190,6 +202,76 @@ def prepared() -> bool:
     return _state.get("kernels") is not None
 
 
+# --- several cores ---------------------------------------------------------------------
+# Variables below this many elements run on the calling thread alone: waking pool threads
+# costs tens of microseconds, and small arrays sit in one core's cache.
+DEFAULT_MIN_ELEMENTS = 1 << 20
+# Pieces are at least this many elements (256 KiB of float32 per array) and about
+# 8 per thread, so a thread that is descheduled holds up little.
+_MIN_PIECE = 1 << 16
+_PIECES_PER_THREAD = 8
+
+# (threads, min_elements, pool of at least threads - 1 helpers or None): replaced as one.
+_parallel: tuple[int, int, ThreadPoolExecutor | None] = (1, DEFAULT_MIN_ELEMENTS, None)
+# The helper threads, kept when the count goes down (a pool starts its threads as pieces are
+# handed out, so a smaller count uses fewer of them), replaced by a larger pool when it rises.
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def set_threads(threads: int = 1, *, min_elements: int = DEFAULT_MIN_ELEMENTS) -> None:
+    """Run the fused kernels on ``threads`` cores for variables of at least ``min_elements``
+    elements (1, the default: the calling thread alone). Process-wide; the results are
+    bit-identical to one thread's. Takes effect for the next kernel call."""
+    global _parallel, _pool, _pool_workers
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1. Received: {threads!r}")
+    if isinstance(min_elements, bool) or not isinstance(min_elements, int) or min_elements < 1:
+        raise ValueError(f"min_elements must be an integer >= 1. Received: {min_elements!r}")
+    with _lock:
+        if threads - 1 > _pool_workers:
+            if _pool is not None:
+                _pool.shutdown(wait=False)  # its threads finish the pieces they hold, then leave
+            _pool = ThreadPoolExecutor(threads - 1, thread_name_prefix="optim-kernel")
+            _pool_workers = threads - 1
+        _parallel = (threads, min_elements, _pool if threads > 1 else None)
+
+
+def threads() -> tuple[int, int]:
+    """``(threads, min_elements)`` as :func:`set_threads` set them."""
+    return _parallel[0], _parallel[1]
+
+
+def _run(kernel: Any, arrays: tuple[np.ndarray, ...], scalars: tuple[Any, ...]) -> None:
+    """``kernel(*arrays, *scalars)`` on flat arrays, in pieces on several threads when the
+    arrays are large enough and :func:`set_threads` asked for more than one."""
+    n = arrays[0].shape[0]
+    count, min_elements, pool = _parallel
+    if pool is None or n < max(min_elements, 2 * _MIN_PIECE):
+        kernel(*arrays, *scalars)
+        return
+    piece = max(_MIN_PIECE, -(-n // (count * _PIECES_PER_THREAD)))
+    piece = -(-piece // 1024) * 1024  # whole cache lines and pages per piece
+    pieces = -(-n // piece)
+    taken = itertools.count()  # next() is atomic under the GIL
+
+    def work() -> None:
+        while (i := next(taken)) < pieces:
+            start = i * piece
+            kernel(*(a[start : start + piece] for a in arrays), *scalars)
+
+    helpers = []
+    try:
+        for _ in range(min(count - 1, pieces - 1)):
+            helpers.append(pool.submit(work))
+    except RuntimeError:  # the pool was shut down by set_threads meanwhile: fewer helpers
+        pass
+    work()
+    for helper in helpers:
+        if not helper.cancel():  # one that never started has nothing left to do
+            helper.result()
+
+
 def can_fuse(optimizer: Optimizer, *arrays: Any) -> bool:
     """True when a fused kernel may replace the xp rule for ``(variable, gradient, *slots)``.
 
@@ -249,14 +331,14 @@ def adam(
     dt = w.dtype.type
     scalars = (_cast(dt, alpha), _cast(dt, one_minus_b1), _cast(dt, one_minus_b2), _cast(dt, eps))
     if v_hat is None:
-        k.adam(_flat(w), _flat(g), _flat(m), _flat(v), *scalars)
+        _run(k.adam, (_flat(w), _flat(g), _flat(m), _flat(v)), scalars)
     else:
-        k.adam_amsgrad(_flat(w), _flat(g), _flat(m), _flat(v), _flat(v_hat), *scalars)
+        _run(k.adam_amsgrad, (_flat(w), _flat(g), _flat(m), _flat(v), _flat(v_hat)), scalars)
 
 
 def sgd(w: np.ndarray, g: np.ndarray, lr: Any) -> None:
     """Plain SGD in place: ``w -= g*lr``."""
-    _kernels().sgd(_flat(w), _flat(g), w.dtype.type(lr))
+    _run(_kernels().sgd, (_flat(w), _flat(g)), (w.dtype.type(lr),))
 
 
 def sgd_momentum(
@@ -266,16 +348,16 @@ def sgd_momentum(
     k = _kernels()
     dt = w.dtype.type
     kernel = k.sgd_nesterov if nesterov else k.sgd_momentum
-    kernel(_flat(w), _flat(g), _flat(m), dt(momentum), dt(lr))
+    _run(kernel, (_flat(w), _flat(g), _flat(m)), (dt(momentum), dt(lr)))
 
 
 def weight_decay(w: np.ndarray, wd: Any, lr: Any) -> None:
     """Decoupled weight decay in place: ``w = w - w*wd*lr`` (the base class's decay step)."""
     dt = w.dtype.type
-    _kernels().weight_decay(_flat(w), dt(wd), dt(lr))
+    _run(_kernels().weight_decay, (_flat(w),), (dt(wd), dt(lr)))
 
 
 def ema(average: np.ndarray, w: np.ndarray, momentum: Any, one_minus_momentum: Any) -> None:
     """The base class's EMA step in place: ``average = momentum*average + (1-momentum)*w``."""
     dt = w.dtype.type
-    _kernels().ema(_flat(average), _flat(w), dt(momentum), dt(one_minus_momentum))
+    _run(_kernels().ema, (_flat(average), _flat(w)), (dt(momentum), dt(one_minus_momentum)))

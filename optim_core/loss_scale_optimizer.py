@@ -69,6 +69,17 @@ class LossScaleOptimizer(Optimizer):
         # The inner optimizer must not unscale a second time.
         inner_optimizer.loss_scale_factor = None
 
+    def splits_rows(self) -> bool:
+        """The inner optimizer's answer (the loss scale itself is one scalar)."""
+        return self.inner_optimizer.splits_rows()
+
+    def cross_variable_options(self) -> list[str]:
+        """Dynamic loss scaling reads every gradient: one non-finite value skips the step."""
+        return [
+            "LossScaleOptimizer (one non-finite gradient anywhere skips the whole step)",
+            *self.inner_optimizer.cross_variable_options(),
+        ]
+
     def build(self, variables: Any) -> None:
         if self.built:
             return
@@ -131,6 +142,12 @@ class LossScaleOptimizer(Optimizer):
     def _state_items(self) -> list[tuple[str, Variable]]:
         inner = self.inner_optimizer._state_items()
         return super()._state_items() + [(INNER_PREFIX + k, v) for k, v in inner]
+
+    def state_owners(self) -> dict[str, str | None]:
+        """Its own (step-wide) variables, then the inner optimizer's owners."""
+        inner = self.inner_optimizer.state_owners()
+        own = {k: self._slot_owners.get(id(v)) for k, v in super()._state_items()}
+        return {**own, **{INNER_PREFIX + k: owner for k, owner in inner.items()}}
 
     # --- config -------------------------------------------------------------------------
     def get_config(self) -> dict[str, Any]:

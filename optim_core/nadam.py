@@ -18,6 +18,7 @@ class Nadam(Optimizer):
     w -= lr*(mu_{t+1}*m/(1-P*mu_{t+1}) + (1-mu_t)*g/(1-P)) / (sqrt(v/(1-b2^t)) + eps)``.
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

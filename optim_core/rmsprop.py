@@ -13,6 +13,7 @@ class RMSprop(Optimizer):
     correction; centered keeps ``gbar`` likewise; momentum > 0 subtracts ``mom <- mu*mom + inc``.
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

@@ -18,6 +18,8 @@ class ScheduleFreeAdamW(Optimizer):
     ``x = (w - (1-b1)*z_old)/b1``; ``x = (1-1/t)*x + z/t``; ``w <- (1-b1)*z + b1*x``.
     """
 
+    rows_separable = True
+
     def __init__(
         self,
         learning_rate: Any = 0.0025,

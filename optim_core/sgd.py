@@ -15,6 +15,7 @@ class SGD(Optimizer):
     With ``momentum == 0.0`` no slot is created and the rule is ``w <- w - g*lr``.
     """
 
+    rows_separable = True
     elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(

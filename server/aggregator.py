@@ -87,6 +87,38 @@ class _Round:
     error: ParamServeError | None = None
 
 
+@dataclass(frozen=True)
+class RoundMember:
+    """One worker's push in a sharded sync round; ``applied`` False: dropped as non-finite."""
+
+    worker_id: str
+    sequence: int
+    applied: bool
+
+
+@dataclass(frozen=True)
+class RoundDecision:
+    """The coordinator's decision of the round opened at ``version``: its members."""
+
+    version: int
+    members: tuple[RoundMember, ...]
+
+
+@dataclass
+class _Prepared:
+    """A sharded sync push held until its round is decided (see :meth:`Aggregator.prepare`)."""
+
+    sequence: int
+    session: str
+    base_version: int
+    generation: int
+    gradients: dict[str, Any] | None  # None: dropped as non-finite (policy "skip")
+
+
+# Decisions the coordinator remembers, to answer a commit resent after its round closed.
+_RECENT_DECISIONS = 64
+
+
 class _Revalidate(Exception):
     """The model was replaced while a push was being validated: check it again."""
 
@@ -102,8 +134,17 @@ class Aggregator:
         clock: Callable[[], float] = time.monotonic,
         push_log: PushLog | None = None,
         metrics: CoreMetrics = NO_METRICS,
+        shard_index: int = 0,
+        shards: int = 1,
     ) -> None:
         self._store = store
+        # A sharded sync job (shards > 1, sync): pushes are prepared, rounds are decided by
+        # the coordinator (shard 0) and applied on the other shards by ApplyRound.
+        self.shard_index, self.shards = shard_index, shards
+        self._prepared: dict[str, _Prepared] = {}
+        self._decisions: list[RoundDecision] = []  # the coordinator's newest, oldest first
+        # Until then no update is applied: a sharded snapshot is being cut (see hold()).
+        self._hold_until = 0.0
         self.config = config
         self._clock = clock
         # Told of every apply and of each sync round's end (full, partial, aborted); under
@@ -138,6 +179,25 @@ class Aggregator:
         sequence at or below the worker's last one is a duplicate only if this session
         sent it (see :meth:`_duplicate`); ``base_version`` must be in [0, version].
         """
+        self._check_push_arguments(worker_id, sequence, base_version, session)
+        if self.sharded_sync:
+            raise FailedPrecondition(
+                f"this is shard {self.shard_index} of a sharded sync job: its pushes are "
+                "prepared on every shard and committed to shard 0; use "
+                "Client([every shard's address]) (PushHeader.prepare, CommitRound)",
+                reason="SHARD_MISMATCH",
+            )
+        result = self._push(worker_id, sequence, base_version, grads, session, timeout_s)
+        if result.duplicate:
+            with self._store.lock:
+                self._worker(worker_id).duplicates += 1
+        return result
+
+    @staticmethod
+    def _check_push_arguments(
+        worker_id: str, sequence: int, base_version: int, session: str
+    ) -> None:
+        """InvalidArgument for a malformed worker_id, sequence, base_version or session."""
         if not isinstance(worker_id, str) or not worker_id:
             raise InvalidArgument(
                 "a push needs a non-empty worker_id",
@@ -164,11 +224,6 @@ class Aggregator:
                 f"session must be a string; got {type(session).__name__}",
                 violations=[("session", "must be a string")],
             )
-        result = self._push(worker_id, sequence, base_version, grads, session, timeout_s)
-        if result.duplicate:
-            with self._store.lock:
-                self._worker(worker_id).duplicates += 1
-        return result
 
     def _push(
         self,
@@ -401,7 +456,7 @@ class Aggregator:
                     Aborted("the model was replaced while the round was open; pull and push again"),
                 )
                 break
-            round_deadline = round_.opened_at + self.config.round_timeout_s
+            round_deadline = self._round_deadline(round_)
             if now >= round_deadline:
                 self._expire_round(round_)
                 break
@@ -427,8 +482,12 @@ class Aggregator:
     def _check_round_deadline(self) -> None:
         """Resolve an open round whose deadline passed while nobody was waiting on it."""
         round_ = self._open_round()
-        if round_ is not None and self._clock() >= round_.opened_at + self.config.round_timeout_s:
+        if round_ is not None and self._clock() >= self._round_deadline(round_):
             self._expire_round(round_)
+
+    def _round_deadline(self, round_: _Round) -> float:
+        """When an open round expires: its deadline, or the end of a hold if later."""
+        return max(round_.opened_at + self.config.round_timeout_s, self._hold_until)
 
     def _expire_round(self, round_: _Round) -> None:
         if round_.done:
@@ -464,23 +523,12 @@ class Aggregator:
 
     def _close_round(self, round_: _Round, *, partial: bool) -> None:
         """Combine the contributions (sorted by worker_id), apply once, record sequences."""
-        store, cfg = self._store, self.config
         valid = sorted(
             ((wid, p) for wid, (_, _, p) in round_.contributions.items() if p is not None),
             key=lambda item: item[0],
         )
         try:
-            if valid:
-                # Fewer gradients than replicas (deadline, or skipped non-finite pushes):
-                # a sum is scaled up to `replicas`; a mean is over the gradients received.
-                short = len(valid) < cfg.replicas and cfg.reduction == "sum"
-                scale = cfg.replicas / len(valid) if short else 1.0
-                combined = store.combine(
-                    [p for _, p in valid], reduction=cfg.reduction, scale=scale
-                )
-                version = self._apply(combined)
-            else:
-                version = store.version
+            version = self._apply_round([p for _, p in valid])
         except Exception:
             logger.exception("applying the round for version %d failed", round_.version)
             self._fail_round(
@@ -489,6 +537,16 @@ class Aggregator:
             raise
         for worker_id, (sequence, session, _) in round_.contributions.items():
             self._record(worker_id, sequence, session, round_.version)
+        if self.sharded_sync:
+            self._decided(
+                RoundDecision(
+                    round_.version,
+                    tuple(
+                        RoundMember(wid, sequence, prepared is not None)
+                        for wid, (sequence, _, prepared) in sorted(round_.contributions.items())
+                    ),
+                )
+            )
         if self._push_log is not None:
             self._push_log.write(
                 _push_entry(wid, sequence, version, applied=prepared is not None)
@@ -501,6 +559,18 @@ class Aggregator:
         round_.contributors = len(valid)
         round_.applied_workers = {wid for wid, _ in valid}
         self._finish(round_)
+
+    def _apply_round(self, gradients: list[dict[str, Any]]) -> int:
+        """Combine a round's gradients (in worker_id order) and apply once; the version."""
+        cfg = self.config
+        if not gradients:
+            return self._store.version
+        # Fewer gradients than replicas (deadline, or skipped non-finite pushes): a sum is
+        # scaled up to `replicas`; a mean is over the gradients received.
+        short = len(gradients) < cfg.replicas and cfg.reduction == "sum"
+        scale = cfg.replicas / len(gradients) if short else 1.0
+        combined = self._store.combine(gradients, reduction=cfg.reduction, scale=scale)
+        return self._apply(combined)
 
     def _finish(self, round_: _Round) -> None:
         round_.done = True
@@ -534,6 +604,7 @@ class Aggregator:
     ) -> PushResult:
         store = self._store
         started = self._clock()
+        self._wait_unheld(deadline)
         while True:
             self._check_generation(generation)
             duplicate = self._duplicate(worker_id, sequence, session)
@@ -591,6 +662,270 @@ class Aggregator:
         last_seen = max(self._workers[wid].last_seen or now for wid in blockers)
         return last_seen + self.config.round_timeout_s
 
+    # --- sharded sync jobs -----------------------------------------------------------------
+    # Every shard holds a worker's push as *prepared* (prepare); once the worker holds every
+    # shard's acknowledgement it commits to the coordinator, shard 0 (commit), whose round
+    # logic (replicas, deadline, partial or abort) alone decides who is in each round and
+    # applies its part; every member hands the decision to the other shards (apply_decision).
+    # A worker that dies before committing is in no round anywhere; one that dies after is
+    # in the round on every shard, since its gradients are already on each.
+    @property
+    def sharded_sync(self) -> bool:
+        """Whether this is a shard of a sharded synchronous job."""
+        return self.shards > 1 and self.config.mode == "sync"
+
+    def _require_sharded_sync(self, what: str, *, coordinator: bool | None = None) -> None:
+        if not self.sharded_sync:
+            raise FailedPrecondition(
+                f"{what} is for shards of a sharded sync job; this server is "
+                + (
+                    f"in {self.config.mode} mode"
+                    if self.shards > 1
+                    else "a job of its own (started without --shards)"
+                ),
+                reason="SHARD_MISMATCH",
+            )
+        if coordinator is not None and coordinator != (self.shard_index == 0):
+            where = "the coordinator (shard 0)" if coordinator else "shards other than 0"
+            raise FailedPrecondition(
+                f"{what} goes to {where}; this is shard {self.shard_index} of {self.shards}",
+                reason="SHARD_MISMATCH",
+            )
+
+    def prepare(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        grads: dict[str, np.ndarray | SparseRows],
+        *,
+        session: str = "",
+    ) -> PushResult:
+        """Check and hold a push for the worker's next commit; answers at once.
+
+        ``applied`` False (not a duplicate): the non-finite policy dropped it here, and the
+        worker must commit it as skipped. A newer push of the worker replaces an older one.
+        """
+        self._require_sharded_sync("a prepared push")
+        self._check_push_arguments(worker_id, sequence, base_version, session)
+        store = self._store
+        while True:
+            with store.lock:
+                self._check_open()
+                self._require_model()
+                self._see(worker_id)
+                duplicate = self._duplicate(worker_id, sequence, session)
+                if duplicate is not None:
+                    return duplicate
+                self._check_round_version(base_version)
+                generation = store.generation
+            prepared = store.validate_push(grads)
+            with store.lock:
+                if store.generation != generation:
+                    continue
+                self._check_open()
+                self._check_round_version(base_version)
+                self._prepared[worker_id] = _Prepared(
+                    sequence, session, base_version, generation, prepared
+                )
+                store.changed.notify_all()
+                return PushResult(
+                    duplicate=False,
+                    applied=prepared is not None,
+                    version=store.version,
+                    contributors=0,
+                )
+
+    def commit(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        *,
+        session: str = "",
+        skipped: bool = False,
+        timeout_s: float | None = None,
+    ) -> tuple[PushResult, RoundDecision | None]:
+        """Join the round with a prepared push (coordinator only); waits for the round.
+
+        Returns the push's outcome and the decision of its round (None for a duplicate
+        older than the decisions remembered).
+        """
+        self._require_sharded_sync("CommitRound", coordinator=True)
+        self._check_push_arguments(worker_id, sequence, base_version, session)
+        deadline = None if timeout_s is None else self._clock() + max(0.0, timeout_s)
+        store = self._store
+        with store.lock:
+            self._wait_unheld(deadline)
+            self._check_open()
+            self._check_round_deadline()
+            self._require_model()
+            self._see(worker_id)
+            duplicate = self._duplicate(worker_id, sequence, session)
+            if duplicate is None:
+                pending = self._pending_round(worker_id, sequence, session, base_version)
+                if pending is not None:
+                    duplicate = self._await_round(pending, worker_id, deadline, duplicate=True)
+            if duplicate is not None:
+                return duplicate, self._decision_with(worker_id, sequence)
+            entry = self._prepared.get(worker_id)
+            if (
+                entry is None
+                or (entry.sequence, entry.session) != (sequence, session)
+                or entry.generation != store.generation
+            ):
+                raise FailedPrecondition(
+                    f"worker {worker_id!r} commits sequence {sequence}, but this shard holds "
+                    + (
+                        "no prepared push of it"
+                        if entry is None
+                        else f"its prepared sequence {entry.sequence}"
+                    )
+                    + ": push to every shard with prepare set first, then commit",
+                    reason="ROUND_NOT_PREPARED",
+                    metadata={"worker_id": worker_id, "sequence": sequence},
+                )
+            gradients = None if skipped else entry.gradients
+            result = self._join_round(
+                worker_id,
+                sequence,
+                session,
+                base_version,
+                gradients,
+                store.generation,
+                deadline,
+            )
+            return result, self._decision_with(worker_id, sequence)
+
+    def apply_decision(self, decision: RoundDecision) -> tuple[int, bool]:
+        """Apply the coordinator's decision here: ``(version, applied now)``; idempotent.
+
+        Aborted (ROUND_OUT_OF_ORDER) for a decision past this shard's version: the decision
+        before it must come first.
+        """
+        self._require_sharded_sync("ApplyRound", coordinator=False)
+        store = self._store
+        with store.lock:
+            self._check_open()
+            self._require_model()
+            current = store.version
+            done = all(
+                self._worker(m.worker_id).recent.get(m.sequence, _UNSEEN) is not _UNSEEN
+                for m in decision.members
+            )
+            if decision.version < current or (decision.members and done):
+                return current, False
+            if decision.version > current:
+                raise Aborted(
+                    f"this shard is at version {current}; the round decided for version "
+                    f"{decision.version} needs the one for version {current} first (the SDK "
+                    "applies the coordinator's last decision itself)",
+                    reason="ROUND_OUT_OF_ORDER",
+                    metadata={"version": current, "decision_version": decision.version},
+                )
+            gradients = []
+            for member in sorted(decision.members, key=lambda m: m.worker_id):
+                entry = self._prepared.get(member.worker_id)
+                if (
+                    entry is None
+                    or entry.sequence != member.sequence
+                    or entry.generation != store.generation
+                    or (member.applied and entry.gradients is None)
+                ):
+                    raise FailedPrecondition(
+                        f"the round for version {current} includes worker "
+                        f"{member.worker_id!r}'s sequence {member.sequence}, which this shard "
+                        "never held as prepared: the shards disagree (restore every shard "
+                        "from one sharded snapshot)",
+                        reason="ROUND_NOT_PREPARED",
+                        metadata={"worker_id": member.worker_id, "sequence": member.sequence},
+                    )
+                if member.applied:
+                    gradients.append(entry.gradients)
+            version = self._apply_round(gradients)
+            for member in decision.members:
+                entry = self._prepared[member.worker_id]
+                self._record(member.worker_id, member.sequence, entry.session, current)
+            self._drop_prepared(current)
+            if self._push_log is not None:
+                self._push_log.write(
+                    _push_entry(m.worker_id, m.sequence, version, applied=m.applied)
+                    for m in sorted(decision.members, key=lambda m: m.worker_id)
+                )
+            partial = len(decision.members) < self.config.replicas
+            self._rounds_completed += 1
+            self._rounds_partial += int(partial)
+            self._metrics.record_round("partial" if partial else "full")
+            store.changed.notify_all()
+            return version, True
+
+    def hold(self, hold_s: float) -> int:
+        """Apply no update for ``hold_s`` seconds (0: release now); the version held at.
+
+        What a sharded snapshot needs: on the coordinator of a sync job no round closes
+        (commits wait, deadlines are extended), so no shard can pass its version; on an
+        async shard pushes wait before they apply. A lease: it ends by itself.
+        """
+        if not isinstance(hold_s, int | float) or not 0 <= hold_s <= 3600:
+            raise InvalidArgument(
+                f"hold_s must be in [0, 3600] seconds; got {hold_s!r}",
+                violations=[("hold_s", "must be in [0, 3600]")],
+            )
+        with self._store.lock:
+            self._check_open()
+            self._hold_until = self._clock() + hold_s if hold_s else 0.0
+            self._store.changed.notify_all()
+            return self._store.version
+
+    def _wait_unheld(self, deadline: float | None) -> None:
+        """Wait (under the lock) while updates are held; DeadlineExceeded past ``deadline``."""
+        while True:
+            now = self._clock()
+            if now >= self._hold_until:
+                return
+            if deadline is not None and now >= deadline:
+                raise DeadlineExceeded(
+                    "updates are held while a sharded snapshot is taken, and the deadline "
+                    "passed while waiting; resend the push with the same sequence"
+                )
+            end = self._hold_until if deadline is None else min(self._hold_until, deadline)
+            self._store.changed.wait(max(0.0, end - now))
+
+    @property
+    def last_decision(self) -> RoundDecision | None:
+        """The coordinator's newest decision (None before its first round)."""
+        with self._store.lock:
+            return self._decisions[-1] if self._decisions else None
+
+    def _decided(self, decision: RoundDecision) -> None:
+        self._decisions.append(decision)
+        del self._decisions[:-_RECENT_DECISIONS]
+        self._drop_prepared(decision.version)
+
+    def _drop_prepared(self, version: int) -> None:
+        """Forget pushes prepared for rounds up to ``version`` (applied, or too late)."""
+        self._prepared = {wid: p for wid, p in self._prepared.items() if p.base_version > version}
+
+    def _decision_with(self, worker_id: str, sequence: int) -> RoundDecision | None:
+        for decision in reversed(self._decisions):
+            if any((m.worker_id, m.sequence) == (worker_id, sequence) for m in decision.members):
+                return decision
+        return None
+
+    def _check_round_version(self, base_version: int) -> None:
+        version = self._store.version
+        if base_version != version:
+            raise FailedPrecondition(
+                f"the gradients were computed from version {base_version}; the open round is "
+                f"for version {version}: pull and recompute",
+                reason="STALE_BASE_VERSION",
+                metadata={"base_version": base_version, "version": version},
+            )
+
+    def _require_model(self) -> None:
+        if not self._store.has_model:
+            raise NotFound("no model exists on this server; create one first", reason="NO_MODEL")
+
     # --- status, state, shutdown ---------------------------------------------------------
     def status(self) -> AggregatorStatus:
         with self._store.lock:
@@ -600,6 +935,8 @@ class Aggregator:
             round_ = self._open_round()
             pending = set(round_.contributions) if round_ is not None else set()
             pending |= set(self._stale_waiting)
+            if self.shard_index:
+                pending |= set(self._prepared)
             workers = [
                 WorkerInfo(
                     worker_id=wid,
@@ -617,7 +954,8 @@ class Aggregator:
                 rounds_aborted=self._rounds_aborted,
                 rounds_partial=self._rounds_partial,
                 pending_pushes=(len(round_.contributions) if round_ is not None else 0)
-                + sum(self._stale_waiting.values()),
+                + sum(self._stale_waiting.values())
+                + (len(self._prepared) if self.shard_index else 0),
                 workers=workers,
             )
 
@@ -664,6 +1002,8 @@ class Aggregator:
             self._rounds_completed = checked["rounds_completed"]
             self._rounds_aborted = checked["rounds_aborted"]
             self._rounds_partial = checked["rounds_partial"]
+            self._prepared.clear()
+            self._decisions.clear()
             if self._push_log is not None:
                 self._push_log.write([{"event": "restore", "version": self._store.version}])
             self._store.changed.notify_all()

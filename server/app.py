@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from paramserve import optim_core
 from paramserve.wire import SERVICE_NAME, tune_malloc
 
 from . import auth
-from .config import ServerConfig, format_address
+from .config import ServerConfig, apply_threads_for, format_address
 from .core import ServerCore, build_core
 from .errors import ParamServeError
 from .metrics import ServerMetrics
@@ -264,6 +265,8 @@ def create_server(config: ServerConfig) -> RunningServer:
     # Reuse freed tensor-sized buffers instead of page-faulting new ones (glibc only; the
     # MALLOC_* environment variables take precedence): see paramserve.wire.
     tune_malloc()
+    # The fused optimizer kernels on several cores for large variables (process-wide).
+    optim_core.set_kernel_threads(apply_threads_for(config.apply_threads))
     metrics = ServerMetrics()
     core = build_core(config, metrics)
     try:
@@ -336,16 +339,18 @@ def _start(config: ServerConfig, core: ServerCore, metrics: ServerMetrics) -> Ru
         )
         running._periodic.start()
     logger.info(
-        "paramserve listening on %s (mode=%s, replicas=%d, device=%s)",
+        "paramserve listening on %s (mode=%s, replicas=%d, device=%s, apply_threads=%d)",
         running.address,
         config.aggregation.mode,
         config.aggregation.replicas,
         core.store.device,
+        optim_core.kernel_threads()[0],
         extra={
             "event": "listening",
             "address": running.address,
             "metrics_port": metrics_port,
             "version": core.model_version() or 0,
+            "apply_threads": optim_core.kernel_threads()[0],
         },
     )
     return running

@@ -2,7 +2,8 @@
 
 Every call to ``paramserve.v1.ParameterServer`` must carry ``authorization: Bearer <token>``
 metadata once tokens are configured. A *worker* token may call :data:`WORKER_METHODS` (Push,
-Pull, Step, GetStatus, and the read-only Describe, which the SDK needs to know variable shapes);
+Pull, Step, GetStatus, a sharded job's CommitRound and ApplyRound, and the read-only Describe,
+which the SDK needs to know variable shapes);
 an *admin* token may call everything. Methods not listed in :data:`WORKER_METHODS` need an
 admin token, so a new RPC is admin-only until someone classifies it. Health checking and
 reflection stay open: probes and tools carry no token.
@@ -45,7 +46,9 @@ WORKER = "worker"
 ADMIN = "admin"
 ROLES = (WORKER, ADMIN)
 # What a training worker needs; everything else of the service is admin-only.
-WORKER_METHODS = frozenset({"Push", "Pull", "Step", "GetStatus", "Describe"})
+WORKER_METHODS = frozenset(
+    {"Push", "Pull", "Step", "GetStatus", "Describe", "CommitRound", "ApplyRound"}
+)
 # Services anyone may call: probes (grpc_health_probe, Kubernetes) and grpcurl carry no token.
 OPEN_SERVICES = frozenset(
     {

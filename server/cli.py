@@ -1,5 +1,6 @@
 """The ``paramserve`` command: ``serve`` runs the daemon; ``status``, ``snapshot``, ``snapshots``,
-``restore`` administer one through the client SDK; ``top`` watches a job's servers live
+``restore`` administer one through the client SDK; ``snapshot reshard`` re-shards a sharded
+snapshot offline (:mod:`paramserve.server.reshard`); ``top`` watches a job's servers live
 (:mod:`paramserve.server.top`); ``demo`` runs the end-to-end demo and
 ``worker`` one demo worker against a running server.
 
@@ -22,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from paramserve.wire import DEFAULT_ADDRESS
 
-from .client_flags import add_tls_token_flags, client_security
+from .client_flags import add_tls_token_flags, client_security, job_address
 from .errors import StartupRefused
 from .settings import LOG_FORMATS, LOG_LEVELS, ConfigError
 
@@ -141,9 +142,12 @@ SERVE_HELP = "run the parameter server until SIGTERM/SIGINT"
 SUBCOMMANDS = {
     "serve": SERVE_HELP,
     "status": "print a server's status (version, rounds, workers) as JSON",
-    "snapshot": "take a snapshot on the server's disk and print it as JSON",
+    "snapshot": "take a snapshot on the server's disk and print it as JSON (`snapshot "
+    "reshard`: re-shard a sharded snapshot offline)",
     "snapshots": "list the server's snapshots as JSON, oldest first",
     "restore": "validate a snapshot, restore it, and print the version the model is back at",
+    "download": "save a snapshot to a file (a sharded job's: to a directory with a manifest)",
+    "upload": "store a snapshot file (or a sharded snapshot directory) on the server(s)",
     "top": "watch a job's servers live: versions, rounds, pushes, bytes, workers, snapshots",
     "demo": "run the end-to-end demo: a server and workers (see `paramserve demo --help`)",
     "worker": "run one demo worker against a running server (see `paramserve worker --help`)",
@@ -237,9 +241,28 @@ def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) 
         help=d("stale mode: pushes a worker may run ahead of the slowest", "max_staleness"),
     )
     train.add_argument(
+        "--shards", type=int, help=d("server processes of the job (sharded jobs)", "shards")
+    )
+    train.add_argument(
+        "--shard-index",
+        type=int,
+        help=d(
+            "this daemon's index in [0, --shards) (a StatefulSet: the pod ordinal)", "shard_index"
+        ),
+    )
+    train.add_argument(
         "--nonfinite",
         choices=NONFINITE_POLICIES,
         help=d("what a gradient with NaN/Inf gets", "nonfinite"),
+    )
+    train.add_argument(
+        "--apply-threads",
+        type=int,
+        help=d(
+            "cores the fused optimizer kernels use on variables of 1M elements or more; "
+            "0 = auto: the cores less two, at most 4",
+            "apply_threads",
+        ),
     )
     snap = p.add_argument_group("snapshots")
     snap.add_argument(
@@ -307,7 +330,8 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
     p.add_argument(
         "--address",
         default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server host:port (default: $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        help="server host:port, or every shard's host:port of a sharded job, comma-separated, "
+        f"shard 0 first (default: $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--timeout-s", type=float, default=60.0, help="deadline of the call (default: 60)"
@@ -316,6 +340,53 @@ def _add_admin_parser(sub: argparse._SubParsersAction, name: str) -> argparse.Ar
     add_tls_token_flags(p, token_role=role)
     _add_logging_flags(p)
     return p
+
+
+RESHARD_HELP = (
+    "re-shard a sharded snapshot offline: read the directory IN (manifest.json and one "
+    "shard-i.safetensors per shard), verify every file, and write the same model and optimizer "
+    "state for a job of --shards shards into the new directory OUT"
+)
+
+
+def _add_reshard_parser(snapshot: argparse.ArgumentParser) -> None:
+    """``paramserve snapshot reshard IN OUT --shards N``: no server, no SDK call."""
+    sub = snapshot.add_subparsers(dest="snapshot_command", metavar="{reshard}")
+    p = sub.add_parser(
+        "reshard", help=RESHARD_HELP, description=RESHARD_HELP + ".", allow_abbrev=False
+    )
+    p.add_argument("in_dir", type=Path, metavar="IN", help="the sharded snapshot to read")
+    p.add_argument("out_dir", type=Path, metavar="OUT", help="new (or empty) directory to write")
+    p.add_argument(
+        "--shards", type=int, required=True, metavar="N", help="shards of the job to restore into"
+    )
+    p.add_argument(
+        "--split-threshold-bytes",
+        type=_bytes_arg,
+        metavar="BYTES",
+        help="split variables of at least this size by rows across the shards, if the "
+        "optimizer allows (default: the threshold in IN's manifest, the job's own)",
+    )
+    _add_logging_flags(p)
+
+
+def _run_reshard(args: argparse.Namespace) -> int:
+    from .reshard import reshard  # numpy, safetensors, optim_core: only when it runs
+
+    configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
+    manifest = reshard(
+        args.in_dir,
+        args.out_dir,
+        args.shards,
+        split_threshold_bytes=args.split_threshold_bytes,
+    )
+    print(json.dumps(manifest, indent=2))
+    print(
+        f"resharded {args.in_dir} (version {manifest['version']}) for {manifest['shards']} "
+        f"shard(s) into {args.out_dir}: restore shard-i.safetensors on shard i",
+        file=sys.stderr,
+    )
+    return 0
 
 
 def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
@@ -328,8 +399,21 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
     _add_serve_parser(sub, options=serve_options)
     for name in ("status", "snapshot", "snapshots"):
         _add_admin_parser(sub, name)
+    _add_reshard_parser(sub.choices["snapshot"])
     restore = _add_admin_parser(sub, "restore")
     restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    download = _add_admin_parser(sub, "download")
+    download.add_argument(
+        "snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`), or latest"
+    )
+    download.add_argument(
+        "path", type=Path, metavar="PATH", help="file to write (a sharded job: a directory)"
+    )
+    upload = _add_admin_parser(sub, "upload")
+    upload.add_argument(
+        "path", type=Path, metavar="PATH", help="snapshot file (a sharded job: its directory)"
+    )
+    upload.add_argument("--restore", action="store_true", help="restore it once stored and checked")
     from .top import add_top_parser  # its flags only: rich is imported when `top` runs
 
     _add_logging_flags(add_top_parser(sub, SUBCOMMANDS["top"]))
@@ -384,13 +468,30 @@ def _run_admin(args: argparse.Namespace) -> int:
 
     configure_logging(level=args.log_level or "warning", log_format=args.log_format or "text")
     security = client_security(args)  # a cert without its key, a token file others can read
-    with Client(args.address, timeout_s=args.timeout_s, wait_for_ready=False, **security) as client:
+    address = job_address(args.address)
+    with Client(address, timeout_s=args.timeout_s, wait_for_ready=False, **security) as client:
         if args.command == "status":
             result = client.status()
+            if not isinstance(address, str):
+                # A sharded job: where each variable lives, besides each shard's status.
+                description = client.describe() if result.has_model else None
+                layout = description.layout.to_json() if description is not None else None
+                result = {"status": result, "layout": layout}
         elif args.command == "snapshot":
             result = client.snapshot()
         elif args.command == "snapshots":
             result = client.list_snapshots()
+        elif args.command == "download":
+            snapshot_id = args.snapshot_id
+            if snapshot_id == "latest":
+                listed = client.list_snapshots()
+                if not listed:
+                    raise ValueError(f"{args.address} holds no snapshot to download")
+                snapshot_id = listed[-1].id
+            path = client.download_snapshot(snapshot_id, args.path)
+            result = {"id": snapshot_id, "path": str(path)}
+        elif args.command == "upload":
+            result = client.upload_snapshot(args.path, restore=args.restore)
         else:
             result = client.restore(args.snapshot_id)
     print(json.dumps(_jsonable(result), indent=2))
@@ -439,6 +540,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 level=args.log_level or "warning", log_format=args.log_format or "text"
             )
             return run_top(args)
+        if getattr(args, "snapshot_command", None) == "reshard":
+            prefix += " reshard"
+            return _run_reshard(args)
         return _run_admin(args)
     except ConfigError as exc:
         print(f"{prefix}: configuration error: {exc}", file=sys.stderr)

@@ -60,3 +60,16 @@ def client_security(args: argparse.Namespace) -> dict[str, Any]:
         "tls_key": args.tls_key,
         "token": token,
     }
+
+
+def job_address(text: str) -> str | list[str]:
+    """``--address`` as ``Client`` takes it: ``host:port``, or a comma-separated list of
+    every shard's ``host:port`` in shard order (one sharded job)."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"--address {text!r}: every shard's host:port, separated by commas, shard 0 first"
+        )
+    return parts

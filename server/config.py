@@ -75,6 +75,10 @@ class ServerConfig:
     grace_s: float = 10.0
     # Threads serving RPCs; sync rounds hold one per waiting worker.
     max_workers: int = 64
+    # Cores the fused CPU optimizer kernels use on a large variable (see apply_threads_for);
+    # 0: auto, the cores this process may run on less two for the RPC threads, at most 4
+    # (1, one thread, on 3 cores or fewer).
+    apply_threads: int = 0
     log_level: str = "info"
     log_format: str = "text"
     # TLS from PEM files; with tls_client_ca, clients must present a certificate that CA
@@ -88,6 +92,10 @@ class ServerConfig:
     tokens_file: Path | None = None
     admin_tokens: tuple[str, ...] = field(default=(), repr=False)
     worker_tokens: tuple[str, ...] = field(default=(), repr=False)
+    # This daemon's place in a sharded job: shard `shard_index` of `shards` (1: on its own).
+    # It serves only clients that see the job the same way (see client/sharded.py).
+    shards: int = 1
+    shard_index: int = 0
 
     def __post_init__(self) -> None:
         """ConfigError for a setting out of range (the nested groups checked themselves)."""
@@ -102,6 +110,14 @@ class ServerConfig:
                 f"`metrics_port` must be in [0, 65535]. Received: metrics_port={self.metrics_port}"
             )
         check_min("max_workers", self.max_workers, 2)
+        check_min("shards", self.shards, 1, integer=True)
+        check_min("shard_index", self.shard_index, 0, integer=True)
+        if self.shard_index >= self.shards:
+            raise ConfigError(
+                f"`shard_index` must be in [0, shards) = [0, {self.shards}). Received: "
+                f"shard_index={self.shard_index}"
+            )
+        check_min("apply_threads", self.apply_threads, 0, integer=True)
         check_min("snapshot_every_s", self.snapshot_every_s, 0)
         check_min("grace_s", self.grace_s, 0)
         if self.keep_snapshots is not None:
@@ -143,6 +159,22 @@ class ServerConfig:
         """A copy with ``changes`` applied, each setting by its flat name (``mode``,
         ``max_message_bytes``, ``port``, ...), converted as a TOML or environment value is."""
         return _build(self, changes)
+
+
+# apply_threads = 0 (auto) uses at most this many: the kernels stream memory, and on the
+# machines measured more threads than this gained nothing.
+AUTO_APPLY_THREADS_MAX = 4
+
+
+def apply_threads_for(setting: int, cores: int | None = None) -> int:
+    """The optimizer kernels' thread count for an ``apply_threads`` setting (0: auto, from
+    ``cores``, by default the cores this process may run on)."""
+    if setting > 0:
+        return setting
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+    return max(1, min(cores - 2, AUTO_APPLY_THREADS_MAX))
 
 
 def _check_optimizer(optimizer: str) -> None:

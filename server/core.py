@@ -31,7 +31,7 @@ import numpy as np
 from paramserve.wire import TensorValue
 
 from .aggregation import AggregationConfig, AggregatorStatus, PushResult
-from .aggregator import Aggregator
+from .aggregator import Aggregator, RoundDecision
 from .checkpoint_dir import ModelIdentity
 from .config import ServerConfig
 from .errors import FailedPrecondition, NotFound, Unavailable
@@ -73,6 +73,9 @@ class CoreStatus:
     device: str
     uptime_s: float
     serving: bool
+    shard_index: int = 0
+    shards: int = 1
+    last_round: RoundDecision | None = None  # a sharded sync job's coordinator only
 
 
 @dataclass
@@ -213,6 +216,53 @@ class ServerCore:
         )
         return result
 
+    def prepare(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        grads: dict[str, TensorValue],
+        *,
+        session: str = "",
+    ) -> PushResult:
+        """Hold a sharded sync push for its commit (see :meth:`Aggregator.prepare`)."""
+        return self.aggregator.prepare(worker_id, sequence, base_version, grads, session=session)
+
+    def commit_round(
+        self,
+        worker_id: str,
+        sequence: int,
+        base_version: int,
+        *,
+        session: str = "",
+        skipped: bool = False,
+        timeout_s: float | None = None,
+    ) -> tuple[PushResult, RoundDecision | None]:
+        """Commit a prepared push into the coordinator's round and wait for the round."""
+        start = time.perf_counter()
+        try:
+            result, decision = self.aggregator.commit(
+                worker_id,
+                sequence,
+                base_version,
+                session=session,
+                skipped=skipped,
+                timeout_s=timeout_s,
+            )
+        finally:
+            self.metrics.observe_round_wait(time.perf_counter() - start)
+        self.metrics.record_push(
+            duplicate=result.duplicate, applied=result.applied, version=result.version
+        )
+        return result, decision
+
+    def apply_round(self, decision: RoundDecision) -> tuple[int, bool]:
+        """Apply the coordinator's decision on this shard: ``(version, applied now)``."""
+        version, applied = self.aggregator.apply_decision(decision)
+        if applied:
+            self.metrics.set_model_version(version)
+        return version, applied
+
     def read_sizes(
         self, names: list[str] | None, rows: dict[str, np.ndarray] | None
     ) -> dict[str, tuple[int, int]]:
@@ -266,12 +316,40 @@ class ServerCore:
                 device=self.store.device,
                 uptime_s=time.monotonic() - self.started_at,
                 serving=self.accepting.is_set(),
+                shard_index=self.config.shard_index,
+                shards=self.config.shards,
+                last_round=self.aggregator.last_decision,
             )
 
     # --- snapshots -----------------------------------------------------------------------
-    def take_snapshot(self, *, trigger: str) -> SnapshotInfo:
-        """Copy model and aggregation state at one version (under the lock), then write it."""
+    def hold_updates(self, hold_s: float) -> int:
+        """Apply no update for ``hold_s`` seconds (0 releases); the version held at."""
+        return self.aggregator.hold(hold_s)
+
+    def take_snapshot(
+        self,
+        *,
+        trigger: str,
+        cut: dict[str, Any] | None = None,
+        at_version: int = 0,
+        timeout_s: float | None = None,
+    ) -> SnapshotInfo:
+        """Copy model and aggregation state at one version (under the lock), then write it.
+
+        ``cut`` (``cut_id``, ``shard_index``, ``shards``) marks the file as this shard's
+        part of a sharded snapshot, taken at ``at_version`` (waited for within ``timeout_s``;
+        FailedPrecondition once past it).
+        """
         snapshots = self.require_snapshots()
+        if cut is not None:
+            if (cut["shard_index"], cut["shards"]) != (self.config.shard_index, self.config.shards):
+                raise FailedPrecondition(
+                    f"a snapshot of shard {cut['shard_index']} of {cut['shards']} was asked of "
+                    f"shard {self.config.shard_index} of {self.config.shards}",
+                    reason="SHARD_MISMATCH",
+                )
+            if at_version > 0:
+                self.store.wait_for_version(at_version, timeout_s)
         with self._snapshot_lock, self.metrics.time_snapshot(trigger):
             with self.store.lock:
                 if not self.store.has_model:
@@ -279,12 +357,19 @@ class ServerCore:
                         "no model to snapshot: create one with CreateModel first",
                         reason="NO_MODEL",
                     )
+                if at_version > 0 and self.store.version != at_version:
+                    raise FailedPrecondition(
+                        f"the sharded snapshot is cut at version {at_version}, and this shard "
+                        f"is at version {self.store.version} already: take it again (hold "
+                        "updates first with HoldUpdates)",
+                        metadata={"version": self.store.version, "at_version": at_version},
+                    )
                 model = self.store.export_state()
                 aggregation = self.aggregator.export_state()
                 # A no-op unless the record is missing (a directory of an older paramserve).
                 snapshots.record_model(ModelIdentity.of_state(model), reason="snapshot")
             info = snapshots.save(
-                SnapshotState(model=model, aggregation=aggregation, created_at=utc_now())
+                SnapshotState(model=model, aggregation=aggregation, created_at=utc_now(), cut=cut)
             )
             self.metrics.set_snapshot_size(info.size_bytes)
         logger.info(
@@ -329,12 +414,19 @@ class ServerCore:
                 "delete the model first (DeleteModel) to load a different one"
             )
 
-    def restore_snapshot(self, snapshot_id: str) -> SnapshotInfo:
-        """Load and fully validate a snapshot, then swap it in under the lock."""
+    def restore_snapshot(self, snapshot_id: str, *, validate_only: bool = False) -> SnapshotInfo:
+        """Load and fully validate a snapshot, then swap it in under the lock (with
+        ``validate_only``, only load, check and check it fits the live model)."""
         snapshots = self.require_snapshots()
         state = snapshots.load(snapshot_id)  # validates everything before we touch live state
         path = snapshots.path(snapshot_id)
-        info = SnapshotInfo(snapshot_id, state.model.version, path.stat().st_size, "", path)
+        info = SnapshotInfo(
+            snapshot_id, state.model.version, path.stat().st_size, "", path, state.cut
+        )
+        if validate_only:
+            with self.store.lock:
+                self._check_same_definition(state.model)
+            return dataclasses.replace(info, created_at=state.created_at)
         return self.restore_loaded(info, state)
 
     def restore_loaded(self, info: SnapshotInfo, state: SnapshotState) -> SnapshotInfo:
@@ -354,7 +446,9 @@ class ServerCore:
                 "version": state.model.version,
             },
         )
-        return dataclasses.replace(info, version=state.model.version, created_at=state.created_at)
+        return dataclasses.replace(
+            info, version=state.model.version, created_at=state.created_at, cut=state.cut
+        )
 
     def upload_snapshot(
         self, chunks: Iterator[bytes], *, size_bytes: int, restore: bool
@@ -445,6 +539,8 @@ def build_core(config: ServerConfig, metrics: CoreMetrics = NO_METRICS) -> Serve
             config.aggregation,
             push_log=PushLog(config.push_log) if config.push_log is not None else None,
             metrics=metrics,
+            shard_index=config.shard_index,
+            shards=config.shards,
         )
     except BaseException:
         if snapshots is not None:

@@ -43,7 +43,7 @@ from paramserve.client import (
 from paramserve.wire import DEFAULT_ADDRESS
 
 from .auth import SecurityConfigError
-from .client_flags import add_tls_token_flags, client_security
+from .client_flags import add_tls_token_flags, client_security, job_address
 
 HIDDEN_UNITS = 64
 CLASSES = 3
@@ -248,7 +248,9 @@ class _Progress:
 
 def _evaluate(client: Client, x: np.ndarray, labels: np.ndarray) -> tuple[int, float, float]:
     weights = client.pull()
-    loss, accuracy, _ = forward_backward(list(weights.values()), x, labels)
+    # By name: a sharded job lists its variables shard by shard, not in model order.
+    params = [weights[name] for name in init_params(0)]
+    loss, accuracy, _ = forward_backward(params, x, labels)
     return weights.version, loss, accuracy
 
 
@@ -448,7 +450,8 @@ def build_worker_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--address",
         default=os.environ.get("PARAMSERVE_ADDRESS", DEFAULT_ADDRESS),
-        help=f"server host:port (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
+        help="server host:port, or every shard's host:port of a sharded job, comma-separated, "
+        f"shard 0 first (default $PARAMSERVE_ADDRESS or {DEFAULT_ADDRESS})",
     )
     p.add_argument(
         "--rank", type=int, default=0, help="this worker's index in [0, --workers) (default 0)"
@@ -539,7 +542,7 @@ def _check_demo_model(
     the one asked for (the model's own is used)."""
     theirs = [(v.name, tuple(v.shape)) for v in description.variables]
     ours = [(name, value.shape) for name, value in named.items()]
-    if theirs != ours:
+    if sorted(theirs) != sorted(ours):  # a sharded job lists them shard by shard
         raise _WorkerStop(
             f"the model on {args.address} is not the demo's MLP (its variables: "
             f"{', '.join(f'{n}{list(s)}' for n, s in theirs)}); paramserve worker trains only "
@@ -629,7 +632,7 @@ def _train_worker(args: argparse.Namespace, security: dict[str, Any]) -> None:
     params = list(named.values())
     worker_id = f"demo-worker-{args.rank}"
     options = {"timeout_s": args.timeout_s, "wire_dtype": args.wire_dtype, **security}
-    with Client(args.address, worker_id=worker_id, **options) as client:
+    with Client(job_address(args.address), worker_id=worker_id, **options) as client:
         try:
             _join_model(client, named, args, worker_id)
         except (UnavailableError, DeadlineExceededError) as exc:  # the first call failed

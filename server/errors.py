@@ -53,8 +53,21 @@ REASONS: dict[str, tuple[str, str]] = {
         "FAILED_PRECONDITION",
         "the worker already pushed into the open sync round",
     ),
+    "SHARD_MISMATCH": (
+        "FAILED_PRECONDITION",
+        "the client's view of a sharded job (shard count, this shard's index) differs from the "
+        "server's, or a call meant for another kind of shard",
+    ),
+    "ROUND_NOT_PREPARED": (
+        "FAILED_PRECONDITION",
+        "a sharded round names a push this shard does not hold as prepared",
+    ),
     "FAILED_PRECONDITION": ("FAILED_PRECONDITION", "any other operation invalid in this state"),
     "ROUND_ABORTED": ("ABORTED", "the push's round was aborted; retry with the same sequence"),
+    "ROUND_OUT_OF_ORDER": (
+        "ABORTED",
+        "a sharded round's decision arrived before the one it follows; apply that one first",
+    ),
     "LIMIT_EXCEEDED": ("RESOURCE_EXHAUSTED", "a request or the state is over a --max-* limit"),
     "SHUTTING_DOWN": ("UNAVAILABLE", "the server is draining"),
     "DEADLINE_EXCEEDED": ("DEADLINE_EXCEEDED", "a wait ran out of time"),

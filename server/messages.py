@@ -20,6 +20,7 @@ from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import tensor_pb2 as tpb
 
 from .aggregation import AggregationConfig, PushResult
+from .aggregator import RoundDecision, RoundMember
 from .core import CoreStatus, ModelDescription, Specs
 from .errors import InvalidArgument, ParamServeError, limit_exceeded
 from .limits import Limits
@@ -131,6 +132,18 @@ def wire_dtype_name(code: int, field: str) -> str | None:
     except (ValueError, wire.WireError) as exc:
         raise InvalidArgument(str(exc), violations=[(field, "FLOAT16 or BFLOAT16")]) from None
     return None if dtype is None else dtype.name
+
+
+def widened_on_arrival(headers: list[tpb.TensorHeader], specs: Specs) -> list[bool]:
+    """For each header of a compressed push (checked against ``specs``): whether it is a
+    dense tensor of a float32 variable arriving in the wire dtype, to be widened as it
+    arrives (see ``wire.TensorAssembler``)."""
+    return [
+        h.layout == tpb.LAYOUT_DENSE
+        and h.dtype in wire.WIRE_DTYPES.values()
+        and specs[h.name][0] == "float32"
+        for h in headers
+    ]
 
 
 def upcast_compressed(grads: dict[str, wire.TensorValue], specs: Specs) -> None:
@@ -270,9 +283,28 @@ def aggregation_info(config: AggregationConfig) -> pb.AggregationInfo:
 
 def snapshot_info(info: SnapshotInfo) -> pb.SnapshotInfo:
     """A snapshot's id, version, size and creation time."""
+    cut = info.cut
     return pb.SnapshotInfo(
-        id=info.id, version=info.version, size_bytes=info.size_bytes, created_at=info.created_at
+        id=info.id,
+        version=info.version,
+        size_bytes=info.size_bytes,
+        created_at=info.created_at,
+        cut=None if cut is None else pb.SnapshotCut(**cut),
     )
+
+
+def snapshot_cut(request: pb.CreateSnapshotRequest) -> dict[str, Any] | None:
+    """The cut a CreateSnapshot asks for (None: a snapshot of this server alone)."""
+    if not request.HasField("cut"):
+        return None
+    cut = request.cut
+    if not cut.cut_id or len(cut.cut_id) > 128 or not 0 <= cut.shard_index < cut.shards:
+        raise InvalidArgument(
+            "cut needs a cut_id of 1 to 128 characters and 0 <= shard_index < shards; got "
+            f"{cut.cut_id!r:.140}, {cut.shard_index}, {cut.shards}",
+            violations=[("cut", "cut_id of 1 to 128 characters, 0 <= shard_index < shards")],
+        )
+    return {"cut_id": cut.cut_id, "shard_index": cut.shard_index, "shards": cut.shards}
 
 
 def push_response(result: PushResult) -> pb.PushResponse:
@@ -329,6 +361,30 @@ def status_response(
         device=status.device,
         uptime_s=status.uptime_s,
         serving=status.serving,
+        shard_index=status.shard_index,
+        shards=status.shards,
+        last_round=round_decision_message(status.last_round),
         received_bytes=received_bytes,
         sent_bytes=sent_bytes,
+    )
+
+
+def round_decision_message(decision: RoundDecision | None) -> pb.RoundDecision | None:
+    """A sharded round's decision as its message (None stays unset)."""
+    if decision is None:
+        return None
+    return pb.RoundDecision(
+        version=decision.version,
+        members=[
+            pb.RoundMember(worker_id=m.worker_id, sequence=m.sequence, applied=m.applied)
+            for m in decision.members
+        ],
+    )
+
+
+def round_decision(message: pb.RoundDecision) -> RoundDecision:
+    """The decision an ApplyRound carries."""
+    return RoundDecision(
+        message.version,
+        tuple(RoundMember(m.worker_id, m.sequence, m.applied) for m in message.members),
     )

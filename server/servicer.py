@@ -26,11 +26,12 @@ from paramserve import wire
 from paramserve.v1 import parameter_server_pb2 as pb
 from paramserve.v1 import parameter_server_pb2_grpc as pb_grpc
 from paramserve.v1 import tensor_pb2 as tpb
+from paramserve.wire.partition import SHARD_METADATA_KEY
 
 from . import messages, streams
 from .aggregation import PushResult
 from .core import ServerCore, Specs
-from .errors import InvalidArgument, NotFound
+from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import ServerMetrics
 from .status import grpc_status, status_of
 
@@ -47,6 +48,11 @@ COUNTS_AS = {"Push": "push", "Pull": "pull"}
 _RAW_CHUNKS_IN = ("CreateModel", "Push", "SetOptimizerState")
 _RAW_CHUNKS_OUT = ("Pull",)
 # Step header lists remembered as checked (a few per worker; cleared when full).
+# Answered whatever the caller's view of the job (operators' tools ask any shard).
+_ANY_VIEW = frozenset({"GetStatus"})
+# Read-only calls a plain client (no view of a sharded job at all) may make of one shard:
+# what `paramserve top` and `paramserve snapshots --address SHARD` show of it.
+_OBSERVER_CALLS = frozenset({"Describe", "ListSnapshots"})
 _CHECKED_HEADERS_MAX = 256
 # Push header lists remembered as checked, with their stream layouts (cleared when full).
 _PUSH_PLANS_MAX = 64
@@ -69,7 +75,7 @@ def _push_plan_key(header: pb.PushHeader) -> bytes:
     wire dtype are (one copy and one serialization, in C, however many tensors)."""
     key = pb.PushHeader()
     key.CopyFrom(header)
-    for field in ("worker_id", "sequence", "base_version", "session"):
+    for field in ("worker_id", "sequence", "base_version", "session", "prepare"):
         key.ClearField(field)
     return key.SerializeToString()
 
@@ -98,6 +104,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
             @functools.wraps(fn)
             def stream_handler(self, request, context):
                 try:
+                    if method not in _ANY_VIEW:
+                        self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                     yield from fn(self, streams.decoded(request), context)
                 except Exception as exc:
                     fail(self, context, exc)
@@ -109,6 +117,8 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
         @functools.wraps(fn)
         def handler(self, request, context):
             try:
+                if method not in _ANY_VIEW:
+                    self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                 response = fn(self, streams.decoded(request), context)
             except Exception as exc:
                 fail(self, context, exc)
@@ -173,6 +183,38 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # The serialized TensorStreamHeader (tensors only) of the last header list a pull
         # replied with, for the next pull of the same list (WeightHeaders hands it out again).
         self._reply_headers: tuple[list[tpb.TensorHeader], bytes, int] | None = None
+        self._shard = (core.config.shard_index, core.config.shards)
+        self._shard_view = f"{self._shard[0]}/{self._shard[1]}"
+
+    def check_shard_view(self, context: grpc.ServicerContext, *, observer: bool = False) -> None:
+        """FailedPrecondition (SHARD_MISMATCH) unless the caller sees this daemon's place in
+        its job as the daemon does: a sharded client sends ``INDEX/SHARDS`` with every call,
+        and a plain client (no such metadata) may talk only to a job of one shard, or, with
+        ``observer``, make a read-only call of one shard."""
+        index, shards = self._shard
+        view = None
+        for key, value in context.invocation_metadata() or ():
+            if key == SHARD_METADATA_KEY:
+                view = value
+                break
+        if view is None:
+            if shards == 1 or observer:
+                return
+            raise FailedPrecondition(
+                f"this daemon is shard {index} of a job of {shards} shards: connect with "
+                "Client([every shard's address, in shard order]), not to one shard alone",
+                reason="SHARD_MISMATCH",
+                metadata={"shard_index": index, "shards": shards},
+            )
+        if view == self._shard_view:
+            return
+        raise FailedPrecondition(
+            f"the client sees this server as shard {view.replace('/', ' of ')}, but it is shard "
+            f"{index} of {shards}: list every shard's address in shard order (shard i at "
+            "position i), the same number as the job's --shards",
+            reason="SHARD_MISMATCH",
+            metadata={"shard_index": index, "shards": shards, "client_view": view},
+        )
 
     def count_call(self, method: str, code: str) -> None:
         """Count a finished call by method and status code name (also the auth interceptor's
@@ -213,7 +255,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         messages.check_against(
             headers, specs, what="variable", unknown=NotFound, wire_dtype=header.wire_dtype
         )
-        layout = wire.StreamLayout(headers)
+        widen = None
+        if header.wire_dtype:
+            wire.prepare_casts()  # compiled or loaded once, before anything is received
+            widen = messages.widened_on_arrival(headers, specs)
+        layout = wire.StreamLayout(headers, widen=widen if widen and any(widen) else None)
         plan = _PushPlan(specs, headers, layout, streams.scan_segments(layout))
         if len(self._push_plans) >= _PUSH_PLANS_MAX:
             self._push_plans.clear()
@@ -282,7 +328,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     def _wire_dtype(request: pb.PullRequest) -> Any:
         """The NumPy dtype a weights pull opted in to (None: exact)."""
         name = messages.wire_dtype_name(request.wire_dtype, "wire_dtype")
-        return None if name is None else wire.dtype_from_name(name)
+        if name is None:
+            return None
+        wire.prepare_casts()  # compiled or loaded once, here rather than under the model lock
+        return wire.dtype_from_name(name)
 
     @staticmethod
     def _compressed(
@@ -374,12 +423,52 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             scan_finite=self._core.checks_finite,
             layout=plan.layout,
             segments=plan.segments,
-            packed=not header.wire_dtype,
+            # Dense gradients of a compressed push arrive widened to float32 in the receive
+            # buffer, so slabs can take them whole as well.
+            packed=True,
         )
         if header.wire_dtype:
-            # After the finite scan, which holds for the upcast values too (exact widening).
+            # Sparse rows, widened after the finite scan, which holds for the upcast values
+            # too (exact widening); dense ones arrived widened.
             messages.upcast_compressed(grads, plan.specs)
+        if header.prepare:
+            result = self._core.prepare(
+                header.worker_id,
+                header.sequence,
+                header.base_version,
+                grads,
+                session=header.session,
+            )
+            return messages.push_response(result)
         return messages.push_response(self._push(header, grads, context))
+
+    @_rpc("CommitRound")
+    def CommitRound(  # noqa: N802
+        self, request: pb.CommitRoundRequest, context: grpc.ServicerContext
+    ) -> pb.CommitRoundResponse:
+        """Commit a prepared push into the coordinator's round; answers when it closes."""
+        self._core.require_accepting()
+        result, decision = self._core.commit_round(
+            request.worker_id,
+            request.sequence,
+            request.base_version,
+            session=request.session,
+            skipped=request.skipped,
+            timeout_s=_remaining_s(context),
+        )
+        return pb.CommitRoundResponse(
+            push=messages.push_response(result),
+            decision=messages.round_decision_message(decision),
+        )
+
+    @_rpc("ApplyRound")
+    def ApplyRound(  # noqa: N802
+        self, request: pb.ApplyRoundRequest, context: grpc.ServicerContext
+    ) -> pb.ApplyRoundResponse:
+        """Apply the coordinator's decision of a round on this shard (idempotent)."""
+        self._core.require_accepting()
+        version, applied = self._core.apply_round(messages.round_decision(request.decision))
+        return pb.ApplyRoundResponse(version=version, applied=applied)
 
     @_rpc("Pull")
     def Pull(  # noqa: N802
@@ -496,7 +585,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     ) -> pb.SnapshotInfo:
         """Take a snapshot on the server's disk."""
         self._core.require_accepting()
-        return messages.snapshot_info(self._core.take_snapshot(trigger="rpc"))
+        info = self._core.take_snapshot(
+            trigger="rpc",
+            cut=messages.snapshot_cut(request),
+            at_version=request.at_version,
+            timeout_s=_remaining_s(context),
+        )
+        return messages.snapshot_info(info)
+
+    @_rpc("HoldUpdates")
+    def HoldUpdates(  # noqa: N802
+        self, request: pb.HoldUpdatesRequest, context: grpc.ServicerContext
+    ) -> pb.HoldUpdatesResponse:
+        """Apply no update for a while (a sharded snapshot's cut); 0 releases."""
+        return pb.HoldUpdatesResponse(version=self._core.hold_updates(request.hold_s))
 
     @_rpc("ListSnapshots")
     def ListSnapshots(  # noqa: N802
@@ -512,7 +614,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     ) -> pb.RestoreSnapshotResponse:
         """Validate a snapshot, then swap it in."""
         self._core.require_accepting()
-        info = self._core.restore_snapshot(request.id)
+        info = self._core.restore_snapshot(request.id, validate_only=request.validate_only)
         return pb.RestoreSnapshotResponse(snapshot=messages.snapshot_info(info))
 
     @_rpc("DownloadSnapshot")

@@ -92,6 +92,8 @@ class SnapshotState:
     model: ModelState
     aggregation: dict[str, Any]
     created_at: str = field(default_factory=utc_now)
+    # One shard's part of a sharded job's snapshot: {"cut_id", "shard_index", "shards"}.
+    cut: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,37 @@ class SnapshotInfo:
     size_bytes: int
     created_at: str
     path: Path
+    cut: dict[str, Any] | None = None  # see SnapshotState.cut
+
+
+def _check_cut(cut: Any, label: str) -> dict[str, Any] | None:
+    """A manifest's cut (None when absent); InvalidArgument when malformed."""
+    if cut is None:
+        return None
+    ok = (
+        isinstance(cut, dict)
+        and set(cut) == {"cut_id", "shard_index", "shards"}
+        and isinstance(cut["cut_id"], str)
+        and 0 < len(cut["cut_id"]) <= 128
+        and all(
+            isinstance(cut[k], int) and not isinstance(cut[k], bool)
+            for k in ("shard_index", "shards")
+        )
+        and 0 <= cut["shard_index"] < cut["shards"]
+    )
+    if not ok:
+        raise InvalidArgument(f"{label}: malformed manifest cut: {cut!r:.200}")
+    return dict(cut)
+
+
+def _cut_of_file(path: Path) -> dict[str, Any] | None:
+    """The cut recorded in a snapshot file's manifest (None: none, or unreadable)."""
+    try:
+        header = json.loads(_header_bytes(path))
+        manifest = json.loads(header["__metadata__"]["manifest"])
+        return _check_cut(manifest.get("cut"), path.name)
+    except (OSError, ValueError, KeyError, TypeError, InvalidArgument):
+        return None
 
 
 def _stored(array: np.ndarray) -> tuple[np.ndarray, str]:
@@ -234,14 +267,14 @@ def check_model_state(model: ModelState, label: str) -> None:
 
 
 def _invalid_snapshot(
-    read: Callable[[SnapshotStore, Path, str], SnapshotState],
-) -> Callable[[SnapshotStore, Path, str], SnapshotState]:
+    read: Callable[[Path, str], SnapshotState],
+) -> Callable[[Path, str], SnapshotState]:
     """``read`` whose InvalidArgument errors (a defective file) say SNAPSHOT_INVALID."""
 
     @functools.wraps(read)
-    def checked(store: SnapshotStore, path: Path, label: str) -> SnapshotState:
+    def checked(path: Path, label: str) -> SnapshotState:
         try:
-            return read(store, path, label)
+            return read(path, label)
         except InvalidArgument as exc:
             if exc.reason == InvalidArgument.reason:
                 exc.add_details(reason="SNAPSHOT_INVALID")
@@ -343,7 +376,12 @@ class SnapshotStore:
         except (OSError, ValueError):
             return None
         return SnapshotInfo(
-            path.name[: -len(SUFFIX)], int(match.group(1)), size, _rfc3339(moment), path
+            path.name[: -len(SUFFIX)],
+            int(match.group(1)),
+            size,
+            _rfc3339(moment),
+            path,
+            _cut_of_file(path),
         )
 
     def list(self) -> list[SnapshotInfo]:
@@ -455,6 +493,8 @@ class SnapshotStore:
             "created_at": state.created_at,
             **sections,
         }
+        if state.cut is not None:
+            manifest["cut"] = _check_cut(state.cut, "the snapshot")
         metadata = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -710,8 +750,9 @@ class SnapshotStore:
             )
         return None
 
+    @staticmethod
     @_invalid_snapshot
-    def _read(self, path: Path, label: str) -> SnapshotState:
+    def _read(path: Path, label: str) -> SnapshotState:
         try:
             with safetensors.safe_open(path, framework="np") as handle:
                 manifest = _manifest(handle.metadata() or {}, label)
@@ -753,5 +794,32 @@ class SnapshotStore:
         )
         check_model_state(model, label)
         return SnapshotState(
-            model=model, aggregation=aggregation, created_at=manifest["created_at"]
+            model=model,
+            aggregation=aggregation,
+            created_at=manifest["created_at"],
+            cut=_check_cut(manifest.get("cut"), label),
         )
+
+
+# --- one file anywhere (sharded snapshot directories: paramserve.server.reshard) ----------
+def read_snapshot_file(path: str | os.PathLike[str], label: str | None = None) -> SnapshotState:
+    """The snapshot in the file ``path``, wherever it is, checked fully as a store loads one:
+    NotFound, or InvalidArgument (reason SNAPSHOT_INVALID) for any defect. ``label`` names
+    the file in messages (default: ``snapshot file NAME``)."""
+    path = Path(path)
+    return SnapshotStore._read(path, label or f"snapshot file {path.name}")
+
+
+def write_snapshot_file(path: str | os.PathLike[str], state: SnapshotState) -> SnapshotInfo:
+    """Write ``state`` to the file ``path`` (replacing it) exactly as a store saves it, by
+    way of a private scratch folder next to it; returns its info (``id``: the id a store
+    gives it on upload, ``path``: ``path``)."""
+    path = Path(path)
+    scratch = checkpoint_dir.make_private_dir(path.parent, "write")
+    try:
+        info = SnapshotStore(scratch).save(state)
+        os.replace(info.path, path)
+        _fsync_dir(path.parent)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return SnapshotInfo(info.id, info.version, info.size_bytes, info.created_at, path)

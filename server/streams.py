@@ -32,6 +32,7 @@ from .gradients import FiniteChecked, all_finite
 # A client-stream item after deserialization: a chunk decoded straight from the received
 # bytes as ``(tensor, offset, data view)``, or the parsed protobuf message (headers).
 ChunkView = tuple[int, int, memoryview]
+_WIDENED = np.dtype("float32")  # what a tensor widened on arrival becomes
 _FLOAT_CODES = frozenset((tpb.FLOAT32, tpb.FLOAT64, tpb.FLOAT16, tpb.BFLOAT16))
 
 
@@ -130,38 +131,55 @@ class ScanSegment:
     dtype: np.dtype
     names: frozenset[str]
     order: tuple[str, ...]  # the names in stream order
+    # Widened to float32 (``dtype``) on arrival, from bfloat16 or float16: twice the
+    # stream's bytes in the receive buffer, and never scanned (the widening tells).
+    widened: bool = False
 
     def flat(self, buffer: np.ndarray) -> np.ndarray:
         """The segment's tensors as one flat array (a view of the receive buffer)."""
-        end = self.buffer_start + self.stream_end - self.stream_start
+        length = self.stream_end - self.stream_start
+        end = self.buffer_start + (2 * length if self.widened else length)
         return buffer[self.buffer_start : end].view(self.dtype)
 
 
 def scan_segments(layout: wire.StreamLayout) -> list[ScanSegment]:
     """The :class:`ScanSegment` s of a stream layout (one for a model whose variables share a
-    dtype), computed once per header list with its layout."""
+    dtype), computed once per header list with its layout. Tensors the layout widens on
+    arrival make segments of their float32 values."""
     out: list[ScanSegment] = []
-    current: list[Any] | None = None  # [stream_start, stream_end, buffer_start, dtype, names]
-    for h, s, b, length in zip(
-        layout.headers, layout.stream_starts, layout.buffer_starts, layout.lengths, strict=True
+    # [stream_start, stream_end, buffer_start, dtype, names, widened]
+    current: list[Any] | None = None
+
+    def close(current: list[Any]) -> None:
+        names = current[4]
+        out.append(ScanSegment(*current[:4], frozenset(names), tuple(names), current[5]))
+
+    for h, s, b, length, wide in zip(
+        layout.headers,
+        layout.stream_starts,
+        layout.buffer_starts,
+        layout.lengths,
+        layout.widened,
+        strict=True,
     ):
         if h.layout != tpb.LAYOUT_DENSE or h.dtype not in _FLOAT_CODES:
             continue
-        dtype = wire.dtype_from_proto(h.dtype)
+        dtype = _WIDENED if wide else wire.dtype_from_proto(h.dtype)
         if (
             current is not None
             and current[3] == dtype
+            and current[5] == wide
             and current[1] == s
-            and current[2] + (s - current[0]) == b
+            and current[2] + (s - current[0]) * (2 if wide else 1) == b
         ):
             current[1] = s + length
             current[4].append(h.name)
             continue
         if current is not None:
-            out.append(ScanSegment(*current[:4], frozenset(current[4]), tuple(current[4])))
-        current = [s, s + length, b, dtype, [h.name]]
+            close(current)
+        current = [s, s + length, b, dtype, [h.name], wide]
     if current is not None:
-        out.append(ScanSegment(*current[:4], frozenset(current[4]), tuple(current[4])))
+        close(current)
     return out
 
 
@@ -176,7 +194,8 @@ class FiniteScan:
     """
 
     def __init__(self, segments: Sequence[ScanSegment]) -> None:
-        self._segments = list(segments)
+        # Widened segments are not scanned: the assembler tells whether they are finite.
+        self._segments = [seg for seg in segments if not seg.widened]
         self._next = 0  # the first segment not scanned completely
         self._checked = 0  # stream bytes of that segment scanned so far (from its start)
         self._bad: set[int] = set()
@@ -221,6 +240,7 @@ def receive_tensors(
     layout: wire.StreamLayout | None = None,
     segments: Sequence[ScanSegment] | None = None,
     packed: bool = False,
+    widen: Sequence[bool] | None = None,
 ) -> dict[str, wire.TensorValue]:
     """The tensors whose chunks follow validated ``headers``, in strict order, then the end.
 
@@ -232,8 +252,14 @@ def receive_tensors(
     of one receive buffer (each aligned to its item size). ``packed``: return them as
     ``FiniteChecked`` with each segment's tensors also as one flat array (``packed``), so the
     store can check and apply a slab of the same variables whole.
+    ``widen[i]`` (or the ``layout``'s own ``widen``): tensor ``i`` (dense bfloat16 or
+    float16) arrives widened to float32, each chunk widened straight from the received
+    bytes into the receive buffer (the scan comes with the widening).
     """
-    assembler = wire.TensorAssembler(headers, layout=layout)
+    if layout is None:
+        assembler = wire.TensorAssembler(headers, widen=widen)
+    else:
+        assembler = wire.TensorAssembler(headers, layout=layout, widen=widen)
     if segments is None and (scan_finite or packed):
         segments = scan_segments(assembler.layout)
     scan = FiniteScan(segments) if scan_finite and segments is not None else None
@@ -257,11 +283,16 @@ def receive_tensors(
     count_bytes(assembler.received)
     tensors = assembler.finish()
     require_end(ended, method, context)
+    finite = frozenset()
+    if scan is not None:
+        finite = scan.finite()
+        widened = assembler.widened_finite()
+        if widened:
+            finite = finite | widened if finite else widened
     if packed and segments:
         flats = [(seg.order, seg.flat(buffer)) for seg in segments if len(seg.order) > 1]
-        finite = scan.finite() if scan is not None else frozenset()
         return FiniteChecked(tensors, finite=finite, packed=flats)
-    return FiniteChecked(tensors, finite=scan.finite()) if scan is not None else tensors
+    return FiniteChecked(tensors, finite=finite) if scan is not None else tensors
 
 
 class UploadChunks:

@@ -238,7 +238,8 @@ def render(previous: Sequence[Sample | None], current: Sequence[Sample], interva
         if not status.has_model:
             state = Text("no model", style="yellow")
         servers.add_row(
-            sample.address,
+            sample.address
+            + (f" ({status.shard_index}/{status.shards})" if status.shards > 1 else ""),
             state,
             _mode(status),
             _model_text(sample.model),

@@ -69,6 +69,15 @@ def test_help_imports_nothing_heavy() -> None:
     assert heavy_in(modules) == []
 
 
+def test_snapshot_help_imports_nothing_heavy() -> None:
+    """``snapshot reshard`` imports the snapshot code when it runs, not for its help."""
+    for argv in (["snapshot", "--help"], ["snapshot", "reshard", "--help"]):
+        proc, modules = run_cli(*argv)
+        assert proc.returncode == 0, proc.stderr
+        assert "reshard" in proc.stdout
+        assert heavy_in(modules) == []
+
+
 def test_admin_commands_against_a_server_import_nothing_heavy(start_server, tmp_path) -> None:
     server = start_server(checkpoint_dir=tmp_path / "ckpt")
     server.create()

@@ -51,6 +51,7 @@ BAD = [
     ("round_timeout_s", "inf", "inf", r"`round_timeout_s` must be a finite number"),
     ("max_staleness", "-2", "-2", r"`max_staleness` must be >= 0"),
     ("max_workers", "1", "1", r"`max_workers` must be >= 2"),
+    ("apply_threads", "-1", "-1", r"`apply_threads` must be >= 0"),
     ("port", "70000", "70000", r"`port` must be in \[0, 65535\]"),
     ("metrics_port", "-1", "-1", r"`metrics_port` must be in \[0, 65535\]"),
     ("max_message_bytes", '"1KiB"', "1KiB", r"`max_message_bytes` must be >= 65536"),
@@ -112,6 +113,17 @@ def test_replicas_beyond_the_rpc_threads_are_refused(capsys) -> None:
     # Async and stale modes hold no thread per waiting worker.
     overrides = {"replicas": 8, "max_workers": 4, "mode": "async"}
     assert load_config(env={}, overrides=overrides).aggregation.replicas == 8
+
+
+def test_apply_threads_auto_leaves_two_cores_and_stops_at_four() -> None:
+    from paramserve.server.config import apply_threads_for
+
+    assert [apply_threads_for(0, cores) for cores in (1, 2, 3, 4, 5, 6, 16)] == [
+        1, 1, 1, 2, 3, 4, 4,
+    ]  # fmt: skip
+    assert apply_threads_for(3, 2) == 3  # a number is taken as it is
+    assert load_config(env={"PARAMSERVE_APPLY_THREADS": "2"}).apply_threads == 2
+    assert load_config(env={}).apply_threads == 0
 
 
 def test_missing_tls_and_token_files_are_refused(capsys, tmp_path) -> None:

@@ -253,3 +253,45 @@ def test_torch_adapter_follows_its_client(start_server, connect, step_max_bytes)
     exact = connect(server).pull()
     for name, param in model.named_parameters():
         _same(param.detach().numpy(), exact[name].astype(BF16).astype(np.float32))
+
+
+@pytest.mark.parametrize("wire_dtype", ["bfloat16", "float16"])
+def test_error_feedback_fused_equals_numpys(monkeypatch, wire_dtype):
+    """The fused kernel (sum, round, residual in one pass) runs, and sends and keeps the very
+    bits NumPy's astype route does."""
+    from paramserve.client import compression as client_compression
+    from paramserve.wire import compression
+
+    if not compression.prepare_casts():
+        pytest.skip("numba casts unavailable")
+    rng = np.random.default_rng(3)
+    grads = [rng.standard_normal((300, 7)).astype(np.float32) for _ in range(4)]
+    grads[2][0, :3] = [np.inf, np.nan, 1e30]
+
+    def run() -> list[np.ndarray]:
+        feedback = client_compression.ErrorFeedback()
+        out = []
+        for g in grads:
+            values, made = feedback.compress(["w"], [g], wire_dtype)
+            out.append(values[0].copy())
+            feedback.finish(made, taken=True)
+        return [*out, feedback.residual("w").copy()]
+
+    calls: list[int] = []
+    real = client_compression.round_with_feedback
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    if wire_dtype == "float16":
+        grads[2][0, 2] = 1.0  # finite and too large for float16 is refused, tested above
+    monkeypatch.setattr(client_compression, "round_with_feedback", counted)
+    fused = run()
+    assert len(calls) == len(grads)
+    monkeypatch.setitem(compression._casts, "kernels", None)  # NumPy's astype route
+    plain = run()
+    assert len(calls) == 2 * len(grads)  # asked, and declined without the kernels
+    for a, b in zip(fused, plain, strict=True):
+        assert a.dtype == b.dtype
+        assert np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))

@@ -313,3 +313,47 @@ def test_client_reuses_checked_reply_headers(server):
         # A different array for one name is checked again (and refused if it does not fit).
         with pytest.raises(ValueError, match="layer001/w"):
             client.pull(out={**out, "layer001/w": np.empty(99, np.float32)})
+
+
+@pytest.mark.parametrize("wire_dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("chunk_bytes", [63, 4096])
+def test_compressed_pushes_widen_packed_chunks_into_whole_slabs(
+    server, connect, wire_dtype, chunk_bytes, applied_whole
+):
+    # Odd chunk sizes split 2-byte elements between chunks; the small tensors share them.
+    model = _model(90)
+    client = connect(server, chunk_bytes=chunk_bytes, wire_dtype=wire_dtype, error_feedback=False)
+    client.create_model(model, ADAM)
+    client.describe()  # so pulls widen into out= as they arrive
+    replay = Replay(model)
+    narrow = wire.dtype_from_name(wire_dtype)
+    out = {n: np.empty_like(v) for n, v in model.items()}
+    for step in range(2):
+        grads = _grads(model, step)
+        assert client.push(grads).applied
+        replay.apply({n: g.astype(narrow).astype(np.float32) for n, g in grads.items()})
+        pulled = client.pull(out=out)
+        assert all(pulled[n] is out[n] for n in model)
+        rounded = {n: w.astype(narrow).astype(np.float32) for n, w in replay.weights().items()}
+        assert_same(pulled, rounded)
+    # The widened gradients went through the slabs whole, as exact pushes do.
+    assert applied_whole == [len(model)] * 2
+    assert_same(client.pull(wire_dtype=None), replay.weights())
+
+
+def test_a_nan_in_one_small_tensor_of_a_compressed_push_is_named(start_server, connect):
+    for nonfinite in ("reject", "skip"):
+        server = start_server(mode="async", nonfinite=nonfinite)
+        model = _model(50)
+        client = connect(server, chunk_bytes=101, wire_dtype="bfloat16", error_feedback=False)
+        client.create_model(model, ADAM)
+        before = server.state()
+        grads = _grads(model, 0)
+        grads["layer031/w"] = grads["layer031/w"].copy()
+        grads["layer031/w"][-1] = np.nan
+        if nonfinite == "skip":
+            assert not client.push(grads).applied
+        else:
+            with pytest.raises(Exception, match=r"layer031/w.*NaN"):
+                client.push(grads)
+        server.assert_unchanged(before)

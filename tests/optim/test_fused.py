@@ -6,8 +6,10 @@ import contextlib
 import json
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -292,6 +294,99 @@ def test_weight_decay_and_ema_kernels(shape: str, dtype: str) -> None:
     fused.ema(avg, w, mu, dt(1) - mu)
     assert_bit_equal(got_w, expected_w, "weight decay")
     assert_bit_equal(avg, expected_avg, "ema")
+
+
+# --- several threads: bit-identical to one -----------------------------------------------
+@pytest.fixture
+def threads(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Three threads from 1 element up, in pieces of 1024 elements (so the test sizes run in
+    several pieces, a ragged one last); yields the sizes of the pieces the kernels ran on."""
+    pieces: list[int] = []
+    kernels = fused._kernels()
+
+    def counting(kernel: Any) -> Any:
+        def run(*args: Any) -> None:
+            pieces.append(args[0].shape[0])
+            kernel(*args)
+
+        return run
+
+    counted = SimpleNamespace(**{n: counting(k) for n, k in vars(kernels).items()})
+    monkeypatch.setattr(fused, "_MIN_PIECE", 256)
+    monkeypatch.setattr(fused, "_kernels", lambda: counted)
+    fused.set_threads(3, min_elements=1)
+    try:
+        yield pieces
+    finally:
+        fused.set_threads(1)
+
+
+PARALLEL_SHAPES = [(1,), (511,), (1024,), (3001,), (20_011,), (37, 1001)]
+
+
+@needs_numba
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "case", [*CORE, "Adam-ema", "AdamW-amsgrad", "SGD-nesterov-ema-accumulation"]
+)
+def test_several_threads_are_bit_identical(case: str, dtype: str, threads: list[int]) -> None:
+    """Every fused optimizer, on odd sizes, equals the NumPy rule (which equals the one-thread
+    kernels, above) while its kernels run in pieces on three threads."""
+    cls, config, _ = {**CORE, **OPTIONS}[case]
+    init, stream = make_problem(PARALLEL_SHAPES, dtype, steps=6)
+    check_same(cls, config, init, stream)
+    assert 1024 in threads and 20_011 not in threads, "the large variables ran whole"
+
+
+@needs_numba
+def test_weight_decay_and_ema_on_several_threads(threads: list[int]) -> None:
+    rng = np.random.default_rng(5)
+    w0 = rng.standard_normal(10_007).astype(np.float32)
+    avg0 = rng.standard_normal(10_007).astype(np.float32)
+    dt = np.float32
+    wd, lr, mu = dt(0.05), dt(0.01), dt(0.99)
+    w, avg = w0.copy(), avg0.copy()
+    fused.weight_decay(w, wd, lr)
+    fused.ema(avg, w0, mu, dt(1) - mu)
+    assert_bit_equal(w, w0 - w0 * wd * lr, "weight decay")
+    assert_bit_equal(avg, mu * avg0 + (dt(1) - mu) * w0, "ema")
+    assert sorted(set(threads)) == [791, 1024]  # 10,007 = 9 x 1024 + 791
+
+
+@needs_numba
+def test_pool_threads_take_pieces(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first piece waits until another thread has run one: the call completes only if
+    a pool thread takes pieces while the calling thread is busy."""
+    ran_elsewhere = threading.Event()
+    caller = threading.get_ident()
+    sgd = fused._kernels().sgd
+
+    def kernel(w: np.ndarray, g: np.ndarray, lr: Any) -> None:
+        if threading.get_ident() == caller:
+            assert ran_elsewhere.wait(timeout=60), "no pool thread took a piece"
+        else:
+            ran_elsewhere.set()
+        sgd(w, g, lr)
+
+    monkeypatch.setattr(fused, "_MIN_PIECE", 256)
+    monkeypatch.setattr(fused, "_kernels", lambda: SimpleNamespace(sgd=kernel))
+    fused.set_threads(2, min_elements=1)
+    try:
+        w, g = np.ones(4096, np.float32), np.full(4096, 2.0, np.float32)
+        fused.sgd(w, g, 0.5)
+    finally:
+        fused.set_threads(1)
+    assert (w == 0).all()
+
+
+def test_set_threads_checks_its_arguments() -> None:
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads must be an integer"):
+            fused.set_threads(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="min_elements"):
+        fused.set_threads(2, min_elements=0)
+    assert fused.threads() == (1, fused.DEFAULT_MIN_ELEMENTS)
+    assert optim_core.kernel_threads() == fused.threads()
 
 
 # --- can_fuse itself ------------------------------------------------------------------------

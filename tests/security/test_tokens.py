@@ -42,6 +42,9 @@ ROLE_OF_METHOD = {
     "Step": "worker",
     "GetStatus": "worker",
     "Describe": "worker",  # read-only; the SDK needs it for shapes and optimizer slots
+    "CommitRound": "worker",  # a sharded sync job's push, phases 2 and 3
+    "ApplyRound": "worker",
+    "HoldUpdates": "admin",  # a sharded snapshot's cut
     "CreateModel": "admin",
     "DeleteModel": "admin",
     "SetOptimizerState": "admin",

@@ -251,6 +251,33 @@ def stale_worker(address: str, worker_id: str, pushes: int) -> list[float]:
     return done
 
 
+def sharded_stopper(
+    addresses: list[str], worker_id: str, events: str, stage: str, seed: int, prepare_on: int
+) -> None:
+    """A worker of a sharded sync job that stops midway through a push and waits there
+    (to be killed): after preparing it on the first ``prepare_on`` shards only (stage
+    "prepared"), or while its commit waits for the round (stage "committed")."""
+    from tests.support.shards import shard_gradients
+
+    log = EventLog(events)
+    client = Client(addresses, worker_id=worker_id, timeout_s=CALL_TIMEOUT_S)
+    client.pull()
+    parts = client._split(shard_gradients(seed))
+    sequence = client._next_sequence(None)
+    base = client.base_version
+    shards = client.shards[:prepare_on] if stage == "prepared" else client.shards
+    for index, shard in enumerate(shards):
+        shard._push_grads(parts[index], base, sequence, None, None, prepare=True)
+    log("prepared", shards=len(shards), sequence=sequence)
+    if stage == "committed":
+        log("committing")
+        client.shards[0]._commit_round(sequence, base, skipped=False, timeout_s=GO_TIMEOUT_S)
+        log("committed")  # not reached in the tests: the worker is killed before the round ends
+    time.sleep(GO_TIMEOUT_S)
+
+
 if __name__ == "__main__":
     name, arguments = sys.argv[1], json.loads(sys.argv[2])
-    {"sync_trainer": sync_trainer, "load_pusher": load_pusher}[name](**arguments)
+    {"sync_trainer": sync_trainer, "load_pusher": load_pusher, "sharded_stopper": sharded_stopper}[
+        name
+    ](**arguments)

@@ -99,20 +99,22 @@ class AggregationInfo(_message.Message):
     def __init__(self, mode: _Optional[str] = ..., replicas: _Optional[int] = ..., reduction: _Optional[str] = ..., round_timeout_s: _Optional[float] = ..., deadline_policy: _Optional[str] = ..., max_staleness: _Optional[int] = ...) -> None: ...
 
 class PushHeader(_message.Message):
-    __slots__ = ("worker_id", "sequence", "base_version", "tensors", "session", "wire_dtype")
+    __slots__ = ("worker_id", "sequence", "base_version", "tensors", "session", "wire_dtype", "prepare")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     sequence: int
     base_version: int
     tensors: _containers.RepeatedCompositeFieldContainer[_tensor_pb2.TensorHeader]
     session: str
     wire_dtype: _tensor_pb2.DType
-    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    prepare: bool
+    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., prepare: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")
@@ -247,7 +249,7 @@ class WorkerStatus(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., last_sequence: _Optional[int] = ..., pushes: _Optional[int] = ..., seconds_since_seen: _Optional[float] = ..., pending: _Optional[bool] = ..., last_base_version: _Optional[int] = ..., duplicates: _Optional[int] = ...) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("server_version", "has_model", "version", "rounds_completed", "rounds_aborted", "rounds_partial", "workers", "pending_pushes", "aggregation", "device", "uptime_s", "serving", "received_bytes", "sent_bytes")
+    __slots__ = ("server_version", "has_model", "version", "rounds_completed", "rounds_aborted", "rounds_partial", "workers", "pending_pushes", "aggregation", "device", "uptime_s", "serving", "received_bytes", "sent_bytes", "shard_index", "shards", "last_round")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     HAS_MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +264,9 @@ class GetStatusResponse(_message.Message):
     SERVING_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     SENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     has_model: bool
     version: int
@@ -276,23 +281,42 @@ class GetStatusResponse(_message.Message):
     serving: bool
     received_bytes: int
     sent_bytes: int
-    def __init__(self, server_version: _Optional[str] = ..., has_model: _Optional[bool] = ..., version: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_aborted: _Optional[int] = ..., rounds_partial: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pending_pushes: _Optional[int] = ..., aggregation: _Optional[_Union[AggregationInfo, _Mapping]] = ..., device: _Optional[str] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ...) -> None: ...
+    shard_index: int
+    shards: int
+    last_round: RoundDecision
+    def __init__(self, server_version: _Optional[str] = ..., has_model: _Optional[bool] = ..., version: _Optional[int] = ..., rounds_completed: _Optional[int] = ..., rounds_aborted: _Optional[int] = ..., rounds_partial: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., pending_pushes: _Optional[int] = ..., aggregation: _Optional[_Union[AggregationInfo, _Mapping]] = ..., device: _Optional[str] = ..., uptime_s: _Optional[float] = ..., serving: _Optional[bool] = ..., received_bytes: _Optional[int] = ..., sent_bytes: _Optional[int] = ..., shard_index: _Optional[int] = ..., shards: _Optional[int] = ..., last_round: _Optional[_Union[RoundDecision, _Mapping]] = ...) -> None: ...
 
 class SnapshotInfo(_message.Message):
-    __slots__ = ("id", "version", "size_bytes", "created_at")
+    __slots__ = ("id", "version", "size_bytes", "created_at", "cut")
     ID_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    CUT_FIELD_NUMBER: _ClassVar[int]
     id: str
     version: int
     size_bytes: int
     created_at: str
-    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ...) -> None: ...
+    cut: SnapshotCut
+    def __init__(self, id: _Optional[str] = ..., version: _Optional[int] = ..., size_bytes: _Optional[int] = ..., created_at: _Optional[str] = ..., cut: _Optional[_Union[SnapshotCut, _Mapping]] = ...) -> None: ...
+
+class SnapshotCut(_message.Message):
+    __slots__ = ("cut_id", "shard_index", "shards")
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    cut_id: str
+    shard_index: int
+    shards: int
+    def __init__(self, cut_id: _Optional[str] = ..., shard_index: _Optional[int] = ..., shards: _Optional[int] = ...) -> None: ...
 
 class CreateSnapshotRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("cut", "at_version")
+    CUT_FIELD_NUMBER: _ClassVar[int]
+    AT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    cut: SnapshotCut
+    at_version: int
+    def __init__(self, cut: _Optional[_Union[SnapshotCut, _Mapping]] = ..., at_version: _Optional[int] = ...) -> None: ...
 
 class ListSnapshotsRequest(_message.Message):
     __slots__ = ()
@@ -305,10 +329,12 @@ class ListSnapshotsResponse(_message.Message):
     def __init__(self, snapshots: _Optional[_Iterable[_Union[SnapshotInfo, _Mapping]]] = ...) -> None: ...
 
 class RestoreSnapshotRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "validate_only")
     ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class RestoreSnapshotResponse(_message.Message):
     __slots__ = ("snapshot",)
@@ -357,3 +383,69 @@ class UploadSnapshotResponse(_message.Message):
     snapshot: SnapshotInfo
     restored: bool
     def __init__(self, snapshot: _Optional[_Union[SnapshotInfo, _Mapping]] = ..., restored: _Optional[bool] = ...) -> None: ...
+
+class RoundMember(_message.Message):
+    __slots__ = ("worker_id", "sequence", "applied")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    sequence: int
+    applied: bool
+    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class RoundDecision(_message.Message):
+    __slots__ = ("version", "members")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    members: _containers.RepeatedCompositeFieldContainer[RoundMember]
+    def __init__(self, version: _Optional[int] = ..., members: _Optional[_Iterable[_Union[RoundMember, _Mapping]]] = ...) -> None: ...
+
+class CommitRoundRequest(_message.Message):
+    __slots__ = ("worker_id", "sequence", "session", "base_version", "skipped")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    sequence: int
+    session: str
+    base_version: int
+    skipped: bool
+    def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., session: _Optional[str] = ..., base_version: _Optional[int] = ..., skipped: _Optional[bool] = ...) -> None: ...
+
+class CommitRoundResponse(_message.Message):
+    __slots__ = ("push", "decision")
+    PUSH_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    push: PushResponse
+    decision: RoundDecision
+    def __init__(self, push: _Optional[_Union[PushResponse, _Mapping]] = ..., decision: _Optional[_Union[RoundDecision, _Mapping]] = ...) -> None: ...
+
+class ApplyRoundRequest(_message.Message):
+    __slots__ = ("decision",)
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    decision: RoundDecision
+    def __init__(self, decision: _Optional[_Union[RoundDecision, _Mapping]] = ...) -> None: ...
+
+class ApplyRoundResponse(_message.Message):
+    __slots__ = ("version", "applied")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    applied: bool
+    def __init__(self, version: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+
+class HoldUpdatesRequest(_message.Message):
+    __slots__ = ("hold_s",)
+    HOLD_S_FIELD_NUMBER: _ClassVar[int]
+    hold_s: float
+    def __init__(self, hold_s: _Optional[float] = ...) -> None: ...
+
+class HoldUpdatesResponse(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...

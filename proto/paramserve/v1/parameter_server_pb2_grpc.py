@@ -105,6 +105,21 @@ class ParameterServerStub:
                 request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotRequest.SerializeToString,
                 response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotResponse.FromString,
                 _registered_method=True)
+        self.CommitRound = channel.unary_unary(
+                '/paramserve.v1.ParameterServer/CommitRound',
+                request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundRequest.SerializeToString,
+                response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundResponse.FromString,
+                _registered_method=True)
+        self.ApplyRound = channel.unary_unary(
+                '/paramserve.v1.ParameterServer/ApplyRound',
+                request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.SerializeToString,
+                response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.FromString,
+                _registered_method=True)
+        self.HoldUpdates = channel.unary_unary(
+                '/paramserve.v1.ParameterServer/HoldUpdates',
+                request_serializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.SerializeToString,
+                response_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -209,6 +224,30 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitRound(self, request, context):
+        """Sharded synchronous jobs (see "Sharded jobs" in the README). A worker first pushes its
+        gradients to every shard with PushHeader.prepare set, then commits them to the
+        coordinator (shard 0), which decides each round's members and applies its own part;
+        the worker then hands that decision to every other shard with ApplyRound.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApplyRound(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def HoldUpdates(self, request, context):
+        """A sharded job's consistent snapshot: hold rounds (sync: the coordinator closes none)
+        or pushes (async: every shard applies none) while every shard writes its part. Admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +320,21 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.UploadSnapshot,
                     request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotRequest.FromString,
                     response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotResponse.SerializeToString,
+            ),
+            'CommitRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitRound,
+                    request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundRequest.FromString,
+                    response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundResponse.SerializeToString,
+            ),
+            'ApplyRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyRound,
+                    request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.FromString,
+                    response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.SerializeToString,
+            ),
+            'HoldUpdates': grpc.unary_unary_rpc_method_handler(
+                    servicer.HoldUpdates,
+                    request_deserializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.FromString,
+                    response_serializer=paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -661,6 +715,87 @@ class ParameterServer:
             '/paramserve.v1.ParameterServer/UploadSnapshot',
             paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotRequest.SerializeToString,
             paramserve_dot_v1_dot_parameter__server__pb2.UploadSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserve.v1.ParameterServer/CommitRound',
+            paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundRequest.SerializeToString,
+            paramserve_dot_v1_dot_parameter__server__pb2.CommitRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserve.v1.ParameterServer/ApplyRound',
+            paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundRequest.SerializeToString,
+            paramserve_dot_v1_dot_parameter__server__pb2.ApplyRoundResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HoldUpdates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/paramserve.v1.ParameterServer/HoldUpdates',
+            paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesRequest.SerializeToString,
+            paramserve_dot_v1_dot_parameter__server__pb2.HoldUpdatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

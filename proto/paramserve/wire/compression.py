@@ -5,6 +5,9 @@ they are); a gradient or a weight is rounded to nearest even into the wire dtype
 upcast exactly back to float32 on arrival. The request says which wire dtype it opts in to
 (``PushHeader.wire_dtype``, ``PullRequest.wire_dtype``), so a tensor of another dtype than
 its variable's without that opt-in is still refused as a dtype mismatch.
+
+The casts run as fused numba loops (:mod:`.casts`, loaded on first use), bit for bit
+``astype``; without numba, ``astype`` itself runs.
 """
 
 from __future__ import annotations
@@ -54,5 +57,153 @@ def cast_tensor(value: Any, dtype: np.dtype) -> TensorValue:
     """``value`` (dense, or the values of sparse rows) as ``dtype``, a copy: rounded to
     nearest even when narrowing (float32 to the wire dtype), exact when widening back."""
     if isinstance(value, SparseRows):
-        return SparseRows(value.indices, value.values.astype(dtype))
-    return np.asarray(value).astype(dtype)
+        return SparseRows(value.indices, _cast(value.values, dtype))
+    return _cast(np.asarray(value), dtype)
+
+
+def _cast(array: np.ndarray, dtype: Any) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if _kernel_name(array, dtype) is None:
+        return array.astype(dtype)
+    out = np.empty(array.shape, dtype)
+    if not cast_into(array, out):
+        return array.astype(dtype)
+    return out
+
+
+# --- the fused casts (numba) -------------------------------------------------------------
+_casts: dict[str, Any] = {}
+
+
+def _kernels() -> Any:
+    """The compiled casts of :mod:`.casts`, or None (no numba, or it failed): astype then."""
+    if "kernels" not in _casts:
+        try:
+            from . import casts
+        except ImportError:
+            _casts["kernels"] = None
+        else:
+            _casts["kernels"] = casts.load()
+    return _casts["kernels"]
+
+
+def prepare_casts() -> bool:
+    """Compile the fused casts now, or load them from the cache (seconds the first time on
+    a machine, a fraction of a second after), so no request pays for it under a lock;
+    True when they are available. Thread-safe."""
+    return _kernels() is not None
+
+
+def _usable(array: np.ndarray) -> bool:
+    return (
+        type(array) is np.ndarray
+        and array.flags.c_contiguous
+        and array.flags.aligned
+        and array.dtype.isnative
+    )
+
+
+def _kernel_name(src: np.ndarray, dtype: np.dtype) -> str | None:
+    """The kernel casting ``src`` to ``dtype`` (a pair float32 <-> bfloat16/float16), or None."""
+    if not isinstance(src, np.ndarray) or src.size == 0:
+        return None
+    if src.dtype == COMPRESSIBLE:
+        op, wire = "round", dtype
+    elif dtype == COMPRESSIBLE:
+        op, wire = "widen", src.dtype
+    else:
+        return None
+    if wire.name not in WIRE_DTYPES or not wire.isnative:
+        return None
+    return f"{op}_{'bf16' if wire.name == 'bfloat16' else 'f16'}"
+
+
+def cast_into(src: np.ndarray, dst: np.ndarray) -> bool:
+    """``dst[...] = src`` (the same shape) cast as ``astype`` casts, bit for bit, by a fused
+    kernel: float32 rounded to bfloat16 or float16, or those widened to float32. False, with
+    ``dst`` untouched, when no kernel applies (another pair of dtypes, an array that is not
+    C-contiguous, aligned and native, no numba): cast with NumPy then."""
+    name = _kernel_name(src, dst.dtype)
+    if (
+        name is None
+        or src.shape != dst.shape
+        or not (_usable(src) and _usable(dst) and dst.flags.writeable)
+    ):
+        return False
+    kernels = _kernels()
+    if kernels is None:
+        return False
+    flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+    if name.startswith("round"):
+        nan = getattr(kernels, name)(flat_src.view(np.uint32), flat_dst.view(np.uint16))
+    else:
+        nan = getattr(kernels, name)(flat_src.view(np.uint16), flat_dst.view(np.uint32))
+    if nan:
+        _nan_as_numpy(flat_src, flat_dst)
+    return True
+
+
+def widen_bytes(data: Any, dst: np.ndarray, wire: np.dtype) -> bool:
+    """``dst`` (float32, 1-D) = the ``wire`` dtype (bfloat16 or float16) values in the bytes
+    ``data`` (any alignment, ``2 * dst.size`` bytes), exactly; returns whether all of them
+    were finite. NumPy does it when the kernels are unavailable."""
+    src = np.frombuffer(data, dtype=wire)
+    kernels = _kernels()
+    if kernels is None or not _usable(dst):
+        np.copyto(dst, src, casting="unsafe")
+        return bool(np.isfinite(dst).all())
+    kernel = kernels.widen_bf16 if wire.name == "bfloat16" else kernels.widen_f16
+    bad = kernel(src.view(np.uint16), dst.view(np.uint32)) if src.size else 0
+    if bad:
+        _nan_as_numpy(src, dst)
+    return not bad
+
+
+def _nan_as_numpy(src: np.ndarray, dst: np.ndarray) -> None:
+    """The elements of ``dst`` cast from a NaN of ``src``, as ``astype`` writes them: NaN
+    payloads are the library's choice (ml_dtypes quiets them, NumPy keeps the high bits)."""
+    nan = np.isnan(src)
+    if nan.any():
+        with np.errstate(invalid="ignore"):
+            dst[nan] = src[nan].astype(dst.dtype)
+
+
+def round_with_feedback(
+    g: np.ndarray, carried: np.ndarray | None, sent: np.ndarray, left: np.ndarray
+) -> int | None:
+    """Error feedback's step, fused: ``t = g + carried`` (``g`` when ``carried`` is None),
+    ``sent = t`` rounded to ``sent``'s dtype (bfloat16 or float16) and ``left = t - sent``,
+    0 where that is not finite; all float32 arrays of one shape, C-contiguous, ``left``
+    distinct from the others. Bit for bit NumPy's ``add``, ``astype``, ``subtract``.
+
+    Returns the number of finite sums rounded to Inf (overflow), or None, with nothing
+    written, when the kernels do not apply (NumPy's turn).
+    """
+    name = _kernel_name(g, sent.dtype)
+    arrays = (g, sent, left) if carried is None else (g, carried, sent, left)
+    if (
+        name is None
+        or not name.startswith("round")
+        or any(a.shape != g.shape or not _usable(a) for a in arrays)
+        or left.dtype != COMPRESSIBLE
+        or (carried is not None and carried.dtype != COMPRESSIBLE)
+    ):
+        return None
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    kernel = kernels.feedback_bf16 if name == "round_bf16" else kernels.feedback_f16
+    flat_g = g.reshape(-1)
+    flat_sent = sent.reshape(-1)
+    nan, overflow = kernel(
+        flat_g,
+        flat_g if carried is None else carried.reshape(-1),
+        flat_sent.view(np.uint16),
+        left.reshape(-1),
+        carried is not None,
+    )
+    if nan:
+        with np.errstate(invalid="ignore"):  # Inf + -Inf: one of the NaNs to write
+            total = flat_g if carried is None else np.add(flat_g, carried.reshape(-1))
+        _nan_as_numpy(total, flat_sent)
+    return int(overflow)

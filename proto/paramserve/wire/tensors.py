@@ -200,6 +200,26 @@ def _alignment(header: tpb.TensorHeader) -> int:
     return dtype_from_proto(header.dtype).itemsize
 
 
+_WIDENED = np.dtype("<f4")  # what a widened tensor becomes (see StreamLayout's widen)
+
+# A stretch of the stream to copy (or widen) into place: (stream start, stream end, target,
+# offset of the stream start in it, wire dtype of a widened stretch or None). The target is
+# a byte memoryview (a float32 array for a widened stretch), or None for the shared receive
+# buffer; a widened stretch's offset is in bytes of the float32 values.
+Run = tuple[int, int, Any, int, "np.dtype | None"]
+
+
+def _widened_dtype(header: tpb.TensorHeader) -> np.dtype:
+    """The wire dtype of a tensor to widen to float32 (ValueError unless dense bfloat16 or
+    float16)."""
+    dtype = dtype_from_proto(header.dtype)
+    if header.layout != tpb.LAYOUT_DENSE or dtype.name not in ("bfloat16", "float16"):
+        raise ValueError(
+            f"tensor {header.name!r}: only dense bfloat16 or float16 is widened; got {dtype.name}"
+        )
+    return dtype
+
+
 class StreamLayout:
     """Where each tensor of a checked header list lies: in the stream's payload (tensors end
     to end, in header order) and in one receive buffer (each tensor aligned to its item size).
@@ -208,35 +228,66 @@ class StreamLayout:
     worker sends the same headers every step). ``runs`` are the stretches that are
     contiguous in both, so a packed chunk is copied with one copy per run it touches
     (one run for a model whose variables share a dtype).
+
+    ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32 as it
+    arrives, straight from the received bytes (see :class:`TensorAssembler`): it takes
+    twice its ``byte_length`` in the receive buffer, as float32, and widened tensors of one
+    wire dtype lying end to end make one run too.
     """
 
-    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
+    def __init__(
+        self, headers: Sequence[tpb.TensorHeader], *, widen: Sequence[bool] | None = None
+    ) -> None:
         self.headers = list(headers)
         self.names = [h.name for h in self.headers]
         self.lengths = [int(h.byte_length) for h in self.headers]
+        if widen is not None and len(widen) != len(self.headers):
+            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
+        # Per tensor: its wire dtype when it is widened to float32 on arrival, else None.
+        self.wire_dtypes: list[np.dtype | None] = [
+            _widened_dtype(h) if widen is not None and widen[i] else None
+            for i, h in enumerate(self.headers)
+        ]
+        self.widened = [w is not None for w in self.wire_dtypes]
+        self.widened_indices = frozenset(i for i, w in enumerate(self.widened) if w)
+        self.widened_names = frozenset(
+            n for n, w in zip(self.names, self.widened, strict=True) if w
+        )
         stream_starts: list[int] = []
         buffer_starts: list[int] = []
-        runs: list[tuple[int, int, int]] = []  # (stream start, stream end, buffer start)
+        runs: list[tuple[int, int, int, np.dtype | None]] = []
+        # (stream start, stream end, buffer start, wire dtype of a widened run or None)
         stream = position = 0
-        for h, length in zip(self.headers, self.lengths, strict=True):
-            align = _alignment(h)
+        for h, length, wire in zip(self.headers, self.lengths, self.wire_dtypes, strict=True):
+            align = _WIDENED.itemsize if wire is not None else _alignment(h)
             padded = -(-position // align) * align
-            if runs and padded == position:
-                s0, _, b0 = runs[-1]
-                runs[-1] = (s0, stream + length, b0)
+            if runs and padded == position and runs[-1][3] == wire:
+                s0, _, b0, _ = runs[-1]
+                runs[-1] = (s0, stream + length, b0, wire)
             else:
-                runs.append((stream, stream + length, padded))
+                runs.append((stream, stream + length, padded, wire))
             stream_starts.append(stream)
             buffer_starts.append(padded)
             stream += length
-            position = padded + length
+            position = padded + (2 * length if wire is not None else length)
         self.stream_starts = stream_starts
         self.buffer_starts = buffer_starts
+        # Bytes each tensor takes in the receive buffer (twice its length when widened).
+        self.buffer_lengths = [
+            2 * n if w is not None else n
+            for n, w in zip(self.lengths, self.wire_dtypes, strict=True)
+        ]
         self.total = stream
         self.buffer_bytes = position
         self.runs = runs
         self._decoders = [
-            (dtype_from_proto(h.dtype), tuple(h.shape), h.layout, h.num_rows) for h in self.headers
+            (
+                _WIDENED if wire is not None else dtype_from_proto(h.dtype),
+                tuple(h.shape),
+                h.layout,
+                h.num_rows,
+            )
+            for h, wire in zip(self.headers, self.wire_dtypes, strict=True)
         ]
         # Per tensor: (name, index of its dtype in _dtypes or -1, element range in the
         # buffer viewed as that dtype, shape or None for 1-D, index) for tensors() to view
@@ -244,7 +295,7 @@ class StreamLayout:
         self._dtypes: list[np.dtype] = []
         self._entries: list[tuple[str, int, int, int, tuple[int, ...] | None, int]] = []
         for i, (name, start, length, (dtype, shape, layout, _)) in enumerate(
-            zip(self.names, self.buffer_starts, self.lengths, self._decoders, strict=True)
+            zip(self.names, self.buffer_starts, self.buffer_lengths, self._decoders, strict=True)
         ):
             if layout != tpb.LAYOUT_DENSE:
                 self._entries.append((name, -1, 0, 0, None, i))
@@ -269,31 +320,61 @@ class StreamLayout:
         self._reshapes = [(e[0], e[4]) for e in self._entries if e[4] is not None]
 
     def runs_into(
-        self, into: Sequence[np.ndarray | None] | None
-    ) -> list[tuple[int, int, memoryview | None, int]]:
-        """``(stream start, stream end, target, offset in it)`` stretches to copy chunks
-        into: the shared receive buffer (target None) as :attr:`runs` lays it out, and the
-        tensors with a buffer of their own in ``into`` (checked: 1-D uint8 of their
-        ``byte_length``) each in a stretch of its own."""
+        self,
+        into: Sequence[np.ndarray | None] | None,
+        widen: Sequence[bool] | None = None,
+    ) -> list[Run]:
+        """The stretches (:data:`Run`) to copy chunks into: the shared receive buffer
+        (target None) as :attr:`runs` lays it out, and the tensors with a buffer of their
+        own in ``into`` each in a stretch of its own. Such a buffer is checked: 1-D uint8 of
+        the tensor's ``byte_length``, or twice that for a tensor widened on arrival (this
+        layout's ``widen``, or ``widen[i]`` for one with a buffer of its own), its float32
+        values' bytes."""
         if not into or all(buf is None for buf in into):
-            return [(s, e, None, b) for s, e, b in self.runs]
+            return [(s, e, None, b, w) for s, e, b, w in self.runs]
         if len(into) != len(self.headers):
             raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
-        runs: list[tuple[int, int, memoryview | None, int]] = []
-        for h, s, length, b, own in zip(
-            self.headers, self.stream_starts, self.lengths, self.buffer_starts, into, strict=True
+        if widen is not None and len(widen) != len(self.headers):
+            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
+        runs: list[Run] = []
+        for i, (h, s, length, b, own, wire) in enumerate(
+            zip(
+                self.headers,
+                self.stream_starts,
+                self.lengths,
+                self.buffer_starts,
+                into,
+                self.wire_dtypes,
+                strict=True,
+            )
         ):
             if own is not None:
-                if own.dtype != np.uint8 or own.shape != (h.byte_length,):
+                if wire is None and widen is not None and widen[i]:
+                    wire = _widened_dtype(h)
+                size = 2 * h.byte_length if wire is not None else h.byte_length
+                if own.dtype != np.uint8 or own.shape != (size,):
                     raise ValueError(
                         f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
-                        f"{h.byte_length} bytes; got {own.dtype.name} {own.shape}"
+                        f"{size} bytes; got {own.dtype.name} {own.shape}"
                     )
-                runs.append((s, s + length, memoryview(own), 0))
-            elif runs and runs[-1][2] is None and runs[-1][3] + (s - runs[-1][0]) == b:
-                runs[-1] = (runs[-1][0], s + length, None, runs[-1][3])
+                target = own.view(_WIDENED) if wire is not None else memoryview(own)
+                runs.append((s, s + length, target, 0, wire))
+                continue
+            if widen is not None and bool(widen[i]) != (wire is not None):
+                raise ValueError(
+                    f"tensor {h.name!r}: widened on arrival only into a buffer of its own or "
+                    "as its stream layout says"
+                )
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last[2] is None
+                and last[4] == wire
+                and last[3] + (s - last[0]) * (2 if wire is not None else 1) == b
+            ):
+                runs[-1] = (last[0], s + length, None, last[3], wire)
             else:
-                runs.append((s, s + length, None, b))
+                runs.append((s, s + length, None, b, wire))
         return runs
 
     def tensor_at(self, position: int) -> int:
@@ -345,31 +426,66 @@ class TensorAssembler:
         headers: Sequence[tpb.TensorHeader],
         *,
         into: Sequence[np.ndarray | None] | None = None,
+        widen: Sequence[bool] | None = None,
         layout: StreamLayout | None = None,
-        runs: list[tuple[int, int, memoryview | None, int]] | None = None,
+        runs: list[Run] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
         tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
         caller's array. ``layout``: the headers' :class:`StreamLayout`, when the caller
-        keeps one (it is computed otherwise); ``runs``: ``layout.runs_into(into)``, when
-        the caller keeps that too."""
-        self.layout = layout if layout is not None else StreamLayout(headers)
-        self.headers = self.layout.headers
-        self._into: dict[int, np.ndarray] = {}
+        keeps one (it is computed otherwise, with ``widen``); ``runs``:
+        ``layout.runs_into(into, widen)``, when the caller keeps that too.
+
+        ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32
+        chunk by chunk as it arrives, straight from the received bytes (no buffer of the wire
+        dtype), and :meth:`finish` returns it as float32; ``into[i]`` then is the float32
+        array's bytes (twice ``byte_length``). Whether its values were all finite comes with
+        the widening, at no extra pass (:meth:`widened_finite`). With a ``layout``, the
+        tensors widened in the shared receive buffer are the layout's (``widen`` may add
+        those with a buffer of their own).
+        """
+        n = len(headers) if layout is None else len(layout.headers)
         if into is not None:
             into = list(into)
-            if len(into) != len(self.headers):
-                raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+            if len(into) != n:
+                raise ValueError(f"{len(into)} buffers for {n} tensors")
+        if widen is not None:
+            widen = [bool(w) for w in widen]
+            if len(widen) != n:
+                raise ValueError(f"{len(widen)} widen flags for {n} tensors")
+        if layout is None:
+            # Those with a buffer of their own are widened there, not in the shared buffer.
+            shared = widen
+            if widen is not None and into is not None:
+                shared = [w and b is None for w, b in zip(widen, into, strict=True)]
+            layout = StreamLayout(headers, widen=shared if shared and any(shared) else None)
+        self.layout = layout
+        self.headers = layout.headers
+        self._into: dict[int, np.ndarray] = {}
+        if into is not None:
             self._into = {i: buf for i, buf in enumerate(into) if buf is not None}
         if runs is None:
-            runs = self.layout.runs_into(into)
+            runs = layout.runs_into(into, widen)
+        # Tensors widened on arrival: the layout's, and those widened into their own buffer.
+        in_layout = layout.widened_indices
+        self._widened = in_layout
+        if widen is not None and any(widen):
+            self._widened = in_layout | {i for i, w in enumerate(widen) if w}
+        self._only_layout_widened = self._widened == in_layout
         shared = len(self._into) < len(self.headers)
         self._buffer = np.empty(self.layout.buffer_bytes if shared else 0, dtype=np.uint8)
         self._target = memoryview(self._buffer)
+        self._wide: np.ndarray | None = None  # the shared buffer as float32 (widened runs)
         self._runs = runs
         self._run = 0
         self._pos = 0  # stream bytes received
         self._current = 0  # the tensor the last byte went to (or the last chunk named)
+        self._pending = 0  # a widened element's first byte, when its second is yet to come
+        self._nonfinite: set[int] = set()  # widened tensors found holding a NaN or Inf
+        if self._widened:
+            from .compression import widen_bytes
+
+            self._widen_bytes = widen_bytes
 
     @property
     def received(self) -> int:
@@ -405,17 +521,20 @@ class TensorAssembler:
                 source = source.cast("B")
             runs, r, done = self._runs, self._run, 0
             while done < n:
-                start, end, target, base = runs[r]
+                start, end, target, base, wire = runs[r]
                 if pos >= end:
                     r += 1
                     continue
-                if target is None:
-                    target = self._target
                 take = end - pos
                 if take > n - done:
                     take = n - done
-                at = base + pos - start
-                target[at : at + take] = source[done : done + take]
+                if wire is not None:
+                    self._widen(target, base, wire, pos, pos - start, source[done : done + take])
+                else:
+                    if target is None:
+                        target = self._target
+                    at = base + pos - start
+                    target[at : at + take] = source[done : done + take]
                 done += take
                 pos += take
             self._run = r
@@ -423,6 +542,42 @@ class TensorAssembler:
             self._current = lay.tensor_at(pos - 1)
         else:
             self._current = max(self._current, tensor)
+
+    def _widen(
+        self,
+        target: np.ndarray | None,
+        base: int,
+        wire: np.dtype,
+        pos: int,
+        at: int,
+        data: memoryview,
+    ) -> None:
+        """Widen ``data``, stream bytes from ``pos`` on (byte ``at`` of a widened run), into the
+        run's float32 values (``target``, or the shared buffer from byte ``base``): the
+        2-byte elements it completes; an element split between two chunks waits for its
+        second byte. A piece holding a NaN or Inf marks the tensors it touches."""
+        if target is None:
+            if self._wide is None:
+                size = self._buffer.size
+                self._wide = self._buffer[: size - size % 4].view(_WIDENED)
+            target = self._wide
+        first = base // 4 + at // 2  # the element byte ``at`` belongs to
+        k, n = 0, len(data)
+        finite = True
+        if at % 2:  # the second byte of an element whose first byte came before
+            pair = bytes((self._pending, data[0]))
+            finite = self._widen_bytes(pair, target[first : first + 1], wire)
+            first, k = first + 1, 1
+        count = (n - k) // 2
+        if count:
+            piece = data[k : k + 2 * count]
+            finite = self._widen_bytes(piece, target[first : first + count], wire) and finite
+            k += 2 * count
+        if k < n:
+            self._pending = data[k]
+        if not finite:
+            lay = self.layout
+            self._nonfinite.update(range(lay.tensor_at(pos), lay.tensor_at(pos + n - 1) + 1))
 
     def _refuse(self, tensor: int, offset: int) -> None:
         """Raise the WireError that says how chunk ``(tensor, offset)`` is out of order."""
@@ -443,16 +598,33 @@ class TensorAssembler:
         )
 
     def buffer(self, tensor: int) -> np.ndarray:
-        """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived)."""
+        """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived);
+        for a widened tensor, its float32 values' bytes."""
         own = self._into.get(tensor)
         if own is not None:
             return own
         start = self.layout.buffer_starts[tensor]
-        return self._buffer[start : start + self.layout.lengths[tensor]]
+        return self._buffer[start : start + self.layout.buffer_lengths[tensor]]
+
+    def widens(self, tensor: int) -> bool:
+        """Whether tensor ``tensor`` is widened to float32 as it arrives."""
+        return tensor in self._widened
+
+    def widened_finite(self) -> frozenset[str]:
+        """Names of the widened tensors received completely with no NaN or Inf."""
+        lay = self.layout
+        if not self._nonfinite and self._pos == lay.total and self._only_layout_widened:
+            return lay.widened_names  # the usual answer, kept with the layout
+        return frozenset(
+            lay.names[i]
+            for i in self._widened
+            if i not in self._nonfinite and self._pos >= lay.stream_starts[i] + lay.lengths[i]
+        )
 
     def finish(self, *, decode_into: bool = True) -> dict[str, TensorValue]:
         """All tensors by name; WireError if any payload is incomplete. ``decode_into=False``
-        leaves out the tensors received into buffers of their own (the caller holds them)."""
+        leaves out the tensors received into buffers of their own (the caller holds them);
+        widened ones are float32."""
         lay = self.layout
         if self._pos != lay.total:
             i = lay.tensor_at(self._pos)
@@ -461,9 +633,15 @@ class TensorAssembler:
                 f"tensor {lay.names[i]!r} ended early: {got} of {lay.lengths[i]} bytes received"
             )
         out = lay.tensors(self._buffer, skip=self._into)
-        if decode_into:
+        if decode_into and self._into:
             for i, buf in self._into.items():
-                out[lay.names[i]] = decode_payload(lay.headers[i], buf)
+                h = lay.headers[i]
+                if i in self._widened:
+                    out[h.name] = buf.view(_WIDENED).reshape(tuple(h.shape))
+                else:
+                    out[h.name] = decode_payload(h, buf)
+            if len(self._into) < len(lay.names):
+                out = {name: out[name] for name in lay.names}  # in header order
         return out
 
 

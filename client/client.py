@@ -1093,15 +1093,58 @@ class Client:
         progress: bool | None = None,
         timeout_s: float | None = None,
     ) -> SnapshotInfo:
-        """Store a snapshot file on the server (validated there), and restore it if asked."""
+        """Store a snapshot file on the server (validated there), and restore it if asked.
+
+        ``path`` may also be a sharded snapshot directory (see
+        :meth:`ShardedClient.download_snapshot`): the server then re-shards it for a job of one
+        (the whole model, a new cut at the same version).
+        """
         path = Path(path)
-        with progress_bar(path.stat().st_size, f"upload {path.name}", progress) as bar:
+        if not path.is_dir():
+            return self._upload([path], restore=restore, progress=progress, timeout_s=timeout_s)
+        from .sharded import read_sharded_manifest, reshard_cut_id  # (sharded imports this)
+
+        manifest = read_sharded_manifest(path)
+        files = sorted(manifest["files"], key=lambda f: f["shard"])
+        return self._upload(
+            [path / f["file"] for f in files],
+            restore=restore,
+            progress=progress,
+            timeout_s=timeout_s,
+            reshard=pb.ReshardUpload(
+                manifest=(path / "manifest.json").read_bytes(),
+                shards=1,
+                shard_index=0,
+                cut_id=reshard_cut_id(),
+            ),
+        )
+
+    def _upload(
+        self,
+        paths: list[Path],
+        *,
+        restore: bool,
+        progress: bool | None,
+        timeout_s: float | None,
+        reshard: pb.ReshardUpload | None = None,
+    ) -> SnapshotInfo:
+        """UploadSnapshot of ``paths`` end to end (one file, or with ``reshard`` a whole
+        sharded snapshot for the server to re-place)."""
+        total = sum(p.stat().st_size for p in paths)
+        label = paths[0].name if len(paths) == 1 else f"{paths[0].parent.name} ({len(paths)} files)"
+        with progress_bar(total, f"upload {label}", progress) as bar:
 
             def requests() -> Iterator[pb.UploadSnapshotRequest]:
-                # Each attempt reads the file anew (one that could not connect is tried
+                # Each attempt reads the files anew (one that could not connect is tried
                 # again: see wait_for_server_s); the bar starts over with it.
                 bar.reset()
-                return upload_requests(path, restore=restore, chunk_bytes=self.chunk_bytes, bar=bar)
+                return upload_requests(
+                    paths,
+                    restore=restore,
+                    chunk_bytes=self.chunk_bytes,
+                    bar=bar,
+                    reshard=reshard,
+                )
 
             response = self._send_stream(
                 "UploadSnapshot", self._stub.UploadSnapshot, requests, timeout_s

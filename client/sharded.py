@@ -882,31 +882,59 @@ class ShardedClient(Client):
         restore: bool = False,
         progress: bool | None = None,
         timeout_s: float | None = None,
+        split_threshold_bytes: int | None = None,
     ) -> SnapshotInfo:
         """Upload a sharded snapshot directory (see :meth:`download_snapshot`) to this job,
-        each file to its shard, checked against the manifest first; ``restore`` then
-        restores it (all shards or none)."""
+        checked against the manifest first; ``restore`` then restores it (all shards or none).
+
+        A snapshot of as many shards as this job goes file by file, each to its shard. One of
+        another number of shards is re-sharded over RPC: every shard receives the whole
+        snapshot, checks it, and keeps its own part re-placed for this job (a new cut, the
+        same version); the result equals ``paramserve snapshot reshard`` then an upload.
+        ``split_threshold_bytes`` then picks the variables to split (default: the source
+        job's threshold).
+        """
         directory = Path(path)
         manifest = read_sharded_manifest(directory)
-        if manifest["shards"] != len(self.shards):
-            raise ValueError(
-                f"{directory} holds a snapshot of {manifest['shards']} shards, and this job has "
-                f"{len(self.shards)}: re-shard it first with `paramserve snapshot reshard "
-                f"{directory} OUT --shards {len(self.shards)}`"
-            )
         files = sorted(manifest["files"], key=lambda f: f["shard"])
-        uploaded = self._each(
-            lambda i, c: c.upload_snapshot(
-                directory / files[i]["file"], progress=progress, timeout_s=timeout_s
+        if manifest["shards"] == len(self.shards) and split_threshold_bytes is None:
+            uploaded = self._each(
+                lambda i, c: c.upload_snapshot(
+                    directory / files[i]["file"], progress=progress, timeout_s=timeout_s
+                )
             )
-        )
-        cut = self._cut_info(manifest["cut_id"], uploaded)
+            cut = self._cut_info(manifest["cut_id"], uploaded)
+        else:
+            cut_id = reshard_cut_id()
+            paths = [directory / f["file"] for f in files]
+            raw = (directory / "manifest.json").read_bytes()
+            uploaded = self._each(
+                lambda i, c: c._upload(
+                    paths,
+                    restore=False,
+                    progress=progress,
+                    timeout_s=timeout_s,
+                    reshard=pb.ReshardUpload(
+                        manifest=raw,
+                        shards=len(self.shards),
+                        shard_index=i,
+                        cut_id=cut_id,
+                        split_threshold_bytes=split_threshold_bytes or 0,
+                    ),
+                )
+            )
+            cut = self._cut_info(cut_id, uploaded)
         return self.restore(cut, timeout_s=timeout_s) if restore else cut
 
 
 # The sharded snapshot directory: manifest.json beside one snapshot file per shard.
 SHARDED_FORMAT = "paramserve.sharded_snapshot"
 SHARDED_FORMAT_VERSION = 1
+
+
+def reshard_cut_id() -> str:
+    """A new cut id for a snapshot re-sharded on upload (time-ordered, unique)."""
+    return f"reshard-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%f}Z-{secrets.token_hex(3)}"
 
 
 def _file_sha256(path: Path) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,24 +40,39 @@ def progress_bar(total_bytes: int, description: str, progress: bool | None) -> A
 
 
 def upload_requests(
-    path: Path, *, restore: bool, chunk_bytes: int, bar: Any
+    path: Path | Sequence[Path],
+    *,
+    restore: bool,
+    chunk_bytes: int,
+    bar: Any,
+    reshard: pb.ReshardUpload | None = None,
 ) -> Iterator[pb.UploadSnapshotRequest]:
-    """The header, then the file in ``chunk_bytes`` pieces (read lazily as gRPC sends)."""
-    size = path.stat().st_size
-    yield pb.UploadSnapshotRequest(header=pb.UploadSnapshotHeader(size_bytes=size, restore=restore))
+    """The header, then the file (or the files end to end) in ``chunk_bytes`` pieces, read
+    lazily as gRPC sends."""
+    paths = [path] if isinstance(path, Path) else list(path)
+    sizes = [p.stat().st_size for p in paths]
+    size = sum(sizes)
+    header = pb.UploadSnapshotHeader(size_bytes=size, restore=restore)
+    if reshard is not None:
+        header.reshard.CopyFrom(reshard)
+    yield pb.UploadSnapshotRequest(header=header)
     offset = 0
-    with path.open("rb") as f:
-        while piece := f.read(chunk_bytes):
-            request = pb.UploadSnapshotRequest()
-            request.chunk.offset = offset
-            request.chunk.data = piece
-            if offset == 0:
-                request.chunk.total_size = size
-            yield request
-            offset += len(piece)
-            bar.update(len(piece))
-    if offset != size:
-        raise DataLossError(f"{path} changed while it was uploaded: {offset} of {size} bytes")
+    for file, expected in zip(paths, sizes, strict=True):
+        start = offset
+        with file.open("rb") as f:
+            while piece := f.read(chunk_bytes):
+                request = pb.UploadSnapshotRequest()
+                request.chunk.offset = offset
+                request.chunk.data = piece
+                if offset == 0:
+                    request.chunk.total_size = size
+                yield request
+                offset += len(piece)
+                bar.update(len(piece))
+        if offset - start != expected:
+            raise DataLossError(
+                f"{file} changed while it was uploaded: {offset - start} of {expected} bytes"
+            )
     yield pb.UploadSnapshotRequest(end=tpb.StreamEnd())
 
 

@@ -147,7 +147,8 @@ SUBCOMMANDS = {
     "snapshots": "list the server's snapshots as JSON, oldest first",
     "restore": "validate a snapshot, restore it, and print the version the model is back at",
     "download": "save a snapshot to a file (a sharded job's: to a directory with a manifest)",
-    "upload": "store a snapshot file (or a sharded snapshot directory) on the server(s)",
+    "upload": "store a snapshot file or a sharded snapshot directory on the server(s), "
+    "re-sharded on the way when the job has another number of shards",
     "top": "watch a job's servers live: versions, rounds, pushes, bytes, workers, snapshots",
     "demo": "run the end-to-end demo: a server and workers (see `paramserve demo --help`)",
     "worker": "run one demo worker against a running server (see `paramserve worker --help`)",
@@ -411,7 +412,10 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
     )
     upload = _add_admin_parser(sub, "upload")
     upload.add_argument(
-        "path", type=Path, metavar="PATH", help="snapshot file (a sharded job: its directory)"
+        "path",
+        type=Path,
+        metavar="PATH",
+        help="snapshot file, or a sharded snapshot's directory (of any shard count)",
     )
     upload.add_argument("--restore", action="store_true", help="restore it once stored and checked")
     from .top import add_top_parser  # its flags only: rich is imported when `top` runs

@@ -21,6 +21,7 @@ import dataclasses
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,14 +33,21 @@ from paramserve.wire import TensorValue
 
 from .aggregation import AggregationConfig, AggregatorStatus, PushResult
 from .aggregator import Aggregator, RoundDecision
-from .checkpoint_dir import ModelIdentity
+from .checkpoint_dir import TEMP_PREFIX, ModelIdentity
 from .config import ServerConfig
-from .errors import FailedPrecondition, NotFound, Unavailable
+from .errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from .hooks import NO_METRICS, CoreMetrics
 from .model import Model, ModelState, parse_optimizer
 from .push_log import PushLog
+from .reshard import ShardedSnapshotError, reshard_upload
 from .settings import ConfigError
-from .snapshots import SnapshotInfo, SnapshotState, SnapshotStore, utc_now
+from .snapshots import (
+    SnapshotInfo,
+    SnapshotState,
+    SnapshotStore,
+    utc_now,
+    write_snapshot_file,
+)
 from .store import CreateOutcome, ModelStore
 
 logger = logging.getLogger(__name__)
@@ -60,6 +68,25 @@ class ModelDescription:
     version: int
     aggregation: AggregationConfig
     optimizer_variables: Specs
+
+
+@dataclass(frozen=True)
+class ReshardRequest:
+    """An upload of a whole sharded snapshot to be re-placed for this job (UploadSnapshot's
+    ``header.reshard``): the source manifest, this job's shape, the new cut's id."""
+
+    manifest: bytes
+    shards: int
+    shard_index: int
+    cut_id: str
+    split_threshold_bytes: int = 0  # 0: the source job's
+
+
+def _file_blocks(path: Path, block: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of ``path`` in blocks of ``block``."""
+    with path.open("rb") as f:
+        while data := f.read(block):
+            yield data
 
 
 @dataclass(frozen=True)
@@ -451,14 +478,68 @@ class ServerCore:
         )
 
     def upload_snapshot(
-        self, chunks: Iterator[bytes], *, size_bytes: int, restore: bool
+        self,
+        chunks: Iterator[bytes],
+        *,
+        size_bytes: int,
+        restore: bool,
+        reshard: ReshardRequest | None = None,
     ) -> tuple[SnapshotInfo, bool]:
         """Store an uploaded snapshot and, if asked, restore it: ``(info, restored)``.
 
-        A refused restore (another model definition, a state the store refuses, shutdown)
-        removes the file again, unless an identical one was there before the upload.
+        With ``reshard``, ``chunks`` are a whole sharded snapshot of another job size and
+        what is stored is this shard's part of it re-placed for this job (see
+        :func:`.reshard.reshard_upload`). A refused restore (another model definition, a
+        state the store refuses, shutdown) removes the file again, unless an identical one
+        was there before the upload.
         """
         snapshots = self.require_snapshots()
+        part: Path | None = None
+        if reshard is not None:
+            part = self._resharded_part(snapshots.directory, chunks, size_bytes, reshard)
+            size_bytes = part.stat().st_size
+            chunks = _file_blocks(part)
+        try:
+            return self._store_upload(snapshots, chunks, size_bytes, restore)
+        finally:
+            if part is not None:
+                part.unlink(missing_ok=True)
+
+    def _resharded_part(
+        self, directory: Path, chunks: Iterator[bytes], size_bytes: int, request: ReshardRequest
+    ) -> Path:
+        """This shard's part of an uploaded sharded snapshot, written to a private file in
+        ``directory`` for the caller to import and remove."""
+        config = self.config
+        if (request.shards, request.shard_index) != (config.shards, config.shard_index):
+            raise InvalidArgument(
+                f"the re-sharded upload is for shard {request.shard_index} of {request.shards}, "
+                f"and this server is shard {config.shard_index} of {config.shards}",
+                violations=[("header.reshard", "shards and shard_index must be this server's")],
+            )
+        try:
+            state = reshard_upload(
+                chunks,
+                size_bytes=size_bytes,
+                manifest=request.manifest,
+                shards=request.shards,
+                shard_index=request.shard_index,
+                cut_id=request.cut_id,
+                split_threshold_bytes=request.split_threshold_bytes or None,
+                work_dir=directory,
+            )
+        except ShardedSnapshotError as exc:
+            raise InvalidArgument(
+                f"the uploaded sharded snapshot cannot be re-sharded: {exc}",
+                reason="SNAPSHOT_INVALID",
+            ) from None
+        path = directory / f"{TEMP_PREFIX}reshard-{uuid.uuid4().hex}.part"
+        write_snapshot_file(path, state)
+        return path
+
+    def _store_upload(
+        self, snapshots: SnapshotStore, chunks: Iterator[bytes], size_bytes: int, restore: bool
+    ) -> tuple[SnapshotInfo, bool]:
         with snapshots.importing(chunks, size_bytes=size_bytes) as upload:
             if not restore:
                 return upload.info, False

@@ -189,14 +189,17 @@ def check_step_reply(sizes: dict[str, tuple[int, int]], limits: Limits) -> None:
         )
 
 
-def check_upload_size(size: int, limits: Limits) -> None:
-    """An uploaded snapshot is within ``max_state_bytes``."""
-    if size > limits.max_state_bytes:
+def check_upload_size(size: int, limits: Limits, *, shards: int = 1) -> None:
+    """An uploaded snapshot is within ``max_state_bytes`` (a whole sharded snapshot sent to
+    be re-sharded: within ``shards`` times it, the job's state at this shard's limit)."""
+    limit = limits.max_state_bytes * max(1, shards)
+    if size > limit:
+        whole = f" x {shards} shards" if shards > 1 else ""
         raise limit_exceeded(
             f"snapshot of {size} bytes is over the server's limit of "
-            f"max_state_bytes={limits.max_state_bytes}",
+            f"max_state_bytes={limits.max_state_bytes}{whole}",
             limit="max_state_bytes",
-            limit_value=limits.max_state_bytes,
+            limit_value=limit,
             requested=size,
         )
 

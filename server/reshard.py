@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +79,8 @@ __all__ = [
     "merge_shards",
     "read_manifest",
     "reshard",
+    "reshard_upload",
+    "resharded_parts",
     "shard_file_name",
     "split_model",
     "write_sharded_snapshot",
@@ -611,6 +613,47 @@ def write_sharded_snapshot(
     return manifest
 
 
+def resharded_parts(
+    snapshot: ShardedSnapshot, shards: int, *, split_threshold_bytes: int | None = None
+) -> tuple[Layout, list[SnapshotState], int]:
+    """``snapshot`` placed on ``shards`` shards: ``(layout, each shard's state, the split
+    threshold used)``, as a job of that many shards created afresh would hold the model.
+
+    ``split_threshold_bytes``: the variables to split by rows (default: the manifest's).
+    ShardedSnapshotError for a model that cannot fill ``shards`` shards or an optimizer
+    option a sharded job refuses.
+    """
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ShardedSnapshotError(f"--shards must be an integer >= 1; got {shards!r}")
+    if split_threshold_bytes is not None and split_threshold_bytes < 1:
+        raise ShardedSnapshotError(
+            f"--split-threshold-bytes must be >= 1; got {split_threshold_bytes}"
+        )
+    threshold = split_threshold_bytes or int(snapshot.manifest["split_threshold_bytes"])
+    whole = merge_shards(snapshot)
+    model = whole.model
+    optimizer = make_optimizer(model.optimizer)
+    refused = optimizer.cross_variable_options()
+    if shards > 1 and refused:
+        raise ShardedSnapshotError(
+            f"{'; '.join(refused)}: this option reads every variable at once, which a job of "
+            f"{shards} shards cannot do shard by shard"
+        )
+    try:
+        layout = partition(
+            {n: (a.dtype.name, a.shape) for n, a in model.variables.items()},
+            shards,
+            split_threshold_bytes=threshold,
+            split_rows=optimizer.splits_rows(),
+        )
+    except ValueError as exc:
+        raise ShardedSnapshotError(str(exc)) from None
+    parts = split_model(
+        SnapshotState(model=model, aggregation=whole.aggregation, created_at=utc_now()), layout
+    )
+    return layout, parts, threshold
+
+
 def reshard(
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -634,35 +677,81 @@ def reshard(
         )
     _check_out(Path(out_dir))  # before the work, and again before the rename
     snapshot = load_sharded_snapshot(in_dir)
-    threshold = split_threshold_bytes or int(snapshot.manifest["split_threshold_bytes"])
-    whole = merge_shards(snapshot)
-    del snapshot
-    model = whole.model
-    optimizer = make_optimizer(model.optimizer)
-    refused = optimizer.cross_variable_options()
-    if shards > 1 and refused:
-        raise ShardedSnapshotError(
-            f"{'; '.join(refused)}: this option reads every variable at once, which a job of "
-            f"{shards} shards cannot do shard by shard"
-        )
-    try:
-        layout = partition(
-            {n: (a.dtype.name, a.shape) for n, a in model.variables.items()},
-            shards,
-            split_threshold_bytes=threshold,
-            split_rows=optimizer.splits_rows(),
-        )
-    except ValueError as exc:
-        raise ShardedSnapshotError(str(exc)) from None
-    created_at = utc_now()
-    parts = split_model(
-        SnapshotState(model=model, aggregation=whole.aggregation, created_at=created_at), layout
+    layout, parts, threshold = resharded_parts(
+        snapshot, shards, split_threshold_bytes=split_threshold_bytes
     )
+    del snapshot
     return write_sharded_snapshot(
         out_dir,
         parts,
         layout=layout,
         cut_id=f"reshard-{uuid.uuid4().hex}",
         split_threshold_bytes=threshold,
-        created_at=created_at,
+        created_at=parts[0].created_at,
     )
+
+
+def reshard_upload(
+    chunks: Iterable[bytes],
+    *,
+    size_bytes: int,
+    manifest: bytes,
+    shards: int,
+    shard_index: int,
+    cut_id: str,
+    split_threshold_bytes: int | None,
+    work_dir: Path,
+) -> SnapshotState:
+    """Shard ``shard_index``'s part, for a job of ``shards`` shards, of a sharded snapshot
+    uploaded whole: ``chunks`` are its files end to end in the manifest's order.
+
+    The files are written to a private folder in ``work_dir`` (removed again), checked as
+    :func:`load_sharded_snapshot` checks a directory and re-placed as :func:`reshard` does;
+    the part returned is marked as shard ``shard_index`` of the cut ``cut_id``.
+    ShardedSnapshotError for anything wrong with the upload.
+    """
+    if not 0 <= shard_index < shards:
+        raise ShardedSnapshotError(f"shard_index {shard_index} is not in [0, {shards})")
+    if not cut_id:
+        raise ShardedSnapshotError("a re-sharded upload needs the new cut's id")
+    temp = checkpoint_dir.make_private_dir(work_dir, "reshard-upload")
+    try:
+        with checkpoint_dir.open_private(temp / MANIFEST) as f:
+            f.write(manifest)
+        listed = read_manifest(temp)
+        sizes = [int(entry["size_bytes"]) for entry in listed["files"]]
+        if sum(sizes) != size_bytes:
+            raise ShardedSnapshotError(
+                f"the manifest's files hold {sum(sizes)} bytes and the upload declares "
+                f"{size_bytes}: send every file of the snapshot, in shard order"
+            )
+        _write_split(chunks, [temp / e["file"] for e in listed["files"]], sizes)
+        snapshot = load_sharded_snapshot(temp)
+        _, parts, _ = resharded_parts(
+            snapshot, shards, split_threshold_bytes=split_threshold_bytes
+        )
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    cut = {"cut_id": cut_id, "shard_index": shard_index, "shards": shards}
+    return dataclasses.replace(parts[shard_index], cut=cut)
+
+
+def _write_split(chunks: Iterable[bytes], paths: Sequence[Path], sizes: Sequence[int]) -> None:
+    """Write the stream ``chunks`` into ``paths``, ``sizes[i]`` bytes into ``paths[i]``."""
+    index, left = 0, sizes[0] if sizes else 0
+    files = [checkpoint_dir.open_private(p) for p in paths]
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            while view:
+                while left == 0:
+                    index += 1
+                    if index >= len(sizes):
+                        raise ShardedSnapshotError("the upload holds more bytes than its files")
+                    left = sizes[index]
+                take = min(left, len(view))
+                files[index].write(view[:take])
+                view, left = view[take:], left - take
+    finally:
+        for f in files:
+            f.close()

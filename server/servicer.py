@@ -30,7 +30,7 @@ from paramserve.wire.partition import SHARD_METADATA_KEY
 
 from . import messages, streams
 from .aggregation import PushResult
-from .core import ServerCore, Specs
+from .core import ReshardRequest, ServerCore, Specs
 from .errors import FailedPrecondition, InvalidArgument, NotFound
 from .metrics import ServerMetrics
 from .status import grpc_status, status_of
@@ -636,10 +636,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._core.require_accepting()
         self._core.require_snapshots()
         header = streams.first_item(request_iterator, "header", "UploadSnapshotHeader")
-        messages.check_upload_size(header.size_bytes, self._limits)
+        messages.check_upload_size(
+            header.size_bytes,
+            self._limits,
+            shards=header.reshard.shards if header.HasField("reshard") else 1,
+        )
         chunks = streams.UploadChunks(request_iterator, header.size_bytes, context)
+        reshard = None
+        if header.HasField("reshard"):
+            r = header.reshard
+            reshard = ReshardRequest(
+                manifest=r.manifest,
+                shards=r.shards,
+                shard_index=r.shard_index,
+                cut_id=r.cut_id,
+                split_threshold_bytes=r.split_threshold_bytes,
+            )
         info, restored = self._core.upload_snapshot(
-            iter(chunks), size_bytes=header.size_bytes, restore=header.restore
+            iter(chunks), size_bytes=header.size_bytes, restore=header.restore, reshard=reshard
         )
         self._received["UploadSnapshot"].inc(chunks.received)
         logger.info("snapshot %s uploaded (%d bytes)", info.id, info.size_bytes)

@@ -156,10 +156,19 @@ def _restore(directory: Path, client: ShardedClient, *, by_id: bool) -> None:
 
 
 def _run_chain(
-    jobs: dict[str, Any], mode: str, make: Any, sizes: tuple[int, ...], tmp_path: Path
+    jobs: dict[str, Any],
+    mode: str,
+    make: Any,
+    sizes: tuple[int, ...],
+    tmp_path: Path,
+    *,
+    via: str = "offline",
 ) -> list[dict[str, Any]]:
     """Train a job of ``sizes[0]`` shards, then re-shard it through ``sizes``, checking it
-    against one server after every restore and at the end; the manifests written."""
+    against one server after every restore and at the end; the manifests written.
+
+    ``via="offline"``: ``reshard`` then each file restored on its shard; ``via="rpc"``:
+    the snapshot of the old size uploaded to the new job, which re-shards it itself."""
     one, sharded_servers = jobs[mode]
     single = Client(one.address, worker_id="w0", timeout_s=30)
     clients = [_sharded(sharded_servers[n]) for n in sizes]
@@ -173,14 +182,21 @@ def _run_chain(
                 cut = tmp_path / f"cut-{index}"
                 take_sharded_snapshot(clients[index - 1], cut)
                 clients[index - 1].delete_model()
-                out = tmp_path / f"resharded-{index}"
-                manifest = reshard(cut, out, sizes[index])
-                manifests.append(manifest)
-                assert manifest["shards"] == sizes[index]
-                assert [f["file"] for f in manifest["files"]] == [
-                    f"shard-{i}.safetensors" for i in range(sizes[index])
-                ]
-                _restore(out, client, by_id=mode == "async")
+                if via == "rpc":
+                    info = client.upload_snapshot(cut, restore=True)
+                    assert info.cut_id.startswith("reshard-")
+                    parts = info.shard_snapshots
+                    assert [p.cut_id for p in parts] == [info.cut_id] * sizes[index]
+                    assert info.cut_id in [c.cut_id for c in client.list_snapshots()]
+                else:
+                    out = tmp_path / f"resharded-{index}"
+                    manifest = reshard(cut, out, sizes[index])
+                    manifests.append(manifest)
+                    assert manifest["shards"] == sizes[index]
+                    assert [f["file"] for f in manifest["files"]] == [
+                        f"shard-{i}.safetensors" for i in range(sizes[index])
+                    ]
+                    _restore(out, client, by_id=mode == "async")
                 _assert_same_job(single, client)
             for _ in range(STEPS):
                 single.step(_gradients(step))
@@ -221,6 +237,104 @@ def test_reshard_3_2_4_moves_whole_variables_and_equals_one_server(
 
 def test_reshard_an_async_job(jobs: dict[str, Any], tmp_path: Path) -> None:
     _run_chain(jobs, "async", lambda: optim_core.Adam(0.01), (3, 2), tmp_path)
+
+
+# --- re-sharded over RPC: a snapshot uploaded to a job of another size ------------------------
+@pytest.mark.parametrize(
+    "name, make",
+    [SPLIT[0], SPLIT[-1], WHOLE[0]],
+    ids=[SPLIT[0][0], SPLIT[-1][0], WHOLE[0][0]],
+)
+def test_upload_to_a_job_of_another_size_reshards_it(
+    jobs: dict[str, Any], tmp_path: Path, name: str, make: Any
+) -> None:
+    _run_chain(jobs, "sync", make, SIZES, tmp_path, via="rpc")
+
+
+def test_upload_of_a_sharded_snapshot_to_one_server(
+    jobs: dict[str, Any], tmp_path: Path
+) -> None:
+    """3 shards -> one plain server (``Client(address)``), which keeps the whole model."""
+    one, sharded_servers = jobs["sync"]
+    single = Client(one.address, worker_id="w0", timeout_s=30)
+    three = _sharded(sharded_servers[3])
+    reference = Client(sharded_servers[2][0].address, worker_id="w0", timeout_s=30)
+    try:
+        three.create_model(_initial(), optim_core.Adam(0.01))
+        for step in range(2):
+            three.step(_gradients(step))
+        take_sharded_snapshot(three, tmp_path / "cut")
+        info = single.upload_snapshot(tmp_path / "cut", restore=True)
+        assert info.version == 2 and info.cut_id.startswith("reshard-")
+        _assert_same_job(single, three)
+        single.step(_gradients(2))
+        three.step(_gradients(2))
+        _assert_same_job(single, three)
+    finally:
+        for client in (single, three):
+            with contextlib.suppress(Exception):
+                client.delete_model()
+            client.close()
+        reference.close()
+
+
+def test_a_bad_resharded_upload_is_refused_and_changes_nothing(
+    jobs: dict[str, Any], cut: dict[str, Path], tmp_path: Path
+) -> None:
+    """The server checks what it is sent (whatever the SDK checked before): a damaged file,
+    another shard's index, a short stream; the job keeps its model and snapshots."""
+    from paramserve.client import InvalidArgumentError
+    from paramserve.v1 import parameter_server_pb2 as pb
+
+    client = _sharded(jobs["sync"][1][2])
+    try:
+        client.create_model(_initial(), optim_core.Adam(0.01))
+        client.step(_gradients(0))
+        before = [s.list_snapshots() for s in client.shards]
+        weights = client.pull()
+        directory = _copy(cut, tmp_path)
+        raw = (directory / MANIFEST).read_bytes()
+        files = [directory / f"shard-{i}.safetensors" for i in range(3)]
+
+        def upload(index: int, paths: list[Path], **fields: Any) -> None:
+            header = {"manifest": raw, "shards": 2, "shard_index": index, "cut_id": "c-bad"}
+            header.update(fields)
+            client.shards[index]._upload(
+                paths,
+                restore=True,
+                progress=False,
+                timeout_s=30,
+                reshard=pb.ReshardUpload(**header),
+            )
+
+        with pytest.raises(InvalidArgumentError, match="this server is shard 0 of 2"):
+            upload(0, files, shard_index=1)
+        with pytest.raises(InvalidArgumentError, match="declares"):
+            upload(0, files[:2])
+        with pytest.raises(InvalidArgumentError, match="not a sharded snapshot manifest"):
+            upload(0, files, manifest=b'{"format": "zip"}')
+        # One shard's plain client sends a directory as for a job of one server.
+        with pytest.raises(InvalidArgumentError, match="shard 0 of 1, and this server is shard 1"):
+            client.shards[1].upload_snapshot(directory)
+        data = bytearray(files[1].read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        files[1].write_bytes(bytes(data))
+        with pytest.raises(InvalidArgumentError, match="sha256") as caught:
+            upload(1, files)
+        assert caught.value.reason == "SNAPSHOT_INVALID"
+        assert [s.list_snapshots() for s in client.shards] == before
+        for server in jobs["sync"][1][2]:  # no scratch file or folder left behind
+            assert not list(Path(server.config.checkpoint_dir).glob(".tmp-*"))
+        after = client.pull()
+        assert after.version == weights.version
+        for name in weights:
+            np.testing.assert_array_equal(after[name], weights[name])
+        with pytest.raises(ValueError, match="sha256"):  # the SDK checks before sending
+            client.upload_snapshot(directory)
+    finally:
+        with contextlib.suppress(Exception):
+            client.delete_model()
+        client.close()
 
 
 # --- one cut, read and re-sharded without servers -------------------------------------------

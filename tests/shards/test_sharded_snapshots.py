@@ -128,8 +128,10 @@ def test_download_and_upload_to_another_job(servers: LocalServers, tmp_path: Pat
         assert info.version == 3
         _assert_same(expected, _state(client))
         # Training goes on from the cut exactly as the first job would have.
-    with Client(smaller, worker_id="w") as client, pytest.raises(ValueError, match="reshard"):
-        client.upload_snapshot(out, restore=True)
+    with Client(smaller, worker_id="w") as client:  # 3 shards' cut into 2: re-sharded
+        info = client.upload_snapshot(out, restore=True)
+        assert info.version == 3 and info.cut_id != manifest["cut_id"]
+        _assert_same(expected, _state(client))
     (out / "shard-1.safetensors").write_bytes(b"not a snapshot")
     with Client(second, worker_id="w") as client, pytest.raises(ValueError, match="sha256"):
         client.upload_snapshot(out)

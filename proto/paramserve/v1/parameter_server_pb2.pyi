@@ -359,12 +359,28 @@ class FileChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class UploadSnapshotHeader(_message.Message):
-    __slots__ = ("size_bytes", "restore")
+    __slots__ = ("size_bytes", "restore", "reshard")
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESTORE_FIELD_NUMBER: _ClassVar[int]
+    RESHARD_FIELD_NUMBER: _ClassVar[int]
     size_bytes: int
     restore: bool
-    def __init__(self, size_bytes: _Optional[int] = ..., restore: _Optional[bool] = ...) -> None: ...
+    reshard: ReshardUpload
+    def __init__(self, size_bytes: _Optional[int] = ..., restore: _Optional[bool] = ..., reshard: _Optional[_Union[ReshardUpload, _Mapping]] = ...) -> None: ...
+
+class ReshardUpload(_message.Message):
+    __slots__ = ("manifest", "shards", "shard_index", "cut_id", "split_threshold_bytes")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SHARD_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CUT_ID_FIELD_NUMBER: _ClassVar[int]
+    SPLIT_THRESHOLD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    manifest: bytes
+    shards: int
+    shard_index: int
+    cut_id: str
+    split_threshold_bytes: int
+    def __init__(self, manifest: _Optional[bytes] = ..., shards: _Optional[int] = ..., shard_index: _Optional[int] = ..., cut_id: _Optional[str] = ..., split_threshold_bytes: _Optional[int] = ...) -> None: ...
 
 class UploadSnapshotRequest(_message.Message):
     __slots__ = ("header", "chunk", "end")

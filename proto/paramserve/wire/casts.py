@@ -12,11 +12,12 @@ round, residual) is one loop too.
 Only :mod:`paramserve.wire.compression` imports this module, on first use, as it imports
 numba. If numba is missing or fails to compile, :func:`load` answers None and the callers
 keep NumPy's ``astype``. Compiled kernels are cached per user, as the optimizer kernels
-(``paramserve.optim_core.fused.cache_dir``).
+(the same folder as ``paramserve.optim_core.fused.cache_dir``).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import warnings
 from types import SimpleNamespace
@@ -164,11 +165,12 @@ _state: dict[str, Any] = {}
 
 
 def _compile(cache: bool) -> SimpleNamespace:
-    from paramserve.optim_core.fused import cache_dir
-
-    if cache and not numba.config.CACHE_DIR:
-        # numba's default is a __pycache__ beside this file, inside the installed package.
-        numba.config.CACHE_DIR = str(cache_dir())
+    if cache and not numba.config.CACHE_DIR:  # ($NUMBA_CACHE_DIR, when set, is already there)
+        # numba's default is a __pycache__ beside this file, inside the installed package;
+        # the user's cache folder instead, the optimizer kernels' (the wire layer may not
+        # import optim_core, so the path is spelled here as well).
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        numba.config.CACHE_DIR = os.path.join(base, "paramserve", "numba")
     f32 = types.Array(types.float32, 1, "C")
     f32_in = types.Array(types.float32, 1, "C", readonly=True)
     u32 = types.Array(types.uint32, 1, "C")

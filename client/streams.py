@@ -125,8 +125,9 @@ class _ReplyPlan:
     def __init__(self, headers: list[tpb.TensorHeader]) -> None:
         check_headers(headers)
         self.layout = StreamLayout(headers)
-        self._last: _Receive | None = None
-        self._out: Mapping[str, np.ndarray] | None = None
+        # The last answer of into(), with the read-only ``out`` mapping it was for (None:
+        # another kind): one tuple, so that threads sharing this plan each read a whole one.
+        self._last: tuple[Mapping[str, np.ndarray] | None, _Receive] | None = None
 
     def into(
         self, out: Mapping[str, np.ndarray], widen_into: Mapping[str, np.ndarray] | None = None
@@ -137,9 +138,10 @@ class _ReplyPlan:
         :func:`receive_buffer`)."""
         if not out and not widen_into:
             return None
-        last = self._last
-        if out is self._out and not widen_into:  # the same read-only mapping as last time
-            return last
+        kept = self._last
+        last = None if kept is None else kept[1]
+        if kept is not None and out is kept[0] and not widen_into:
+            return last  # the same read-only mapping as last time (the client's own)
         names, headers = self.layout.names, self.layout.headers
         widen = None
         if widen_into:
@@ -168,8 +170,7 @@ class _ReplyPlan:
             ]
         runs = self.layout.runs_into(into, widen)
         last = _Receive(into, runs, widen, arrays, all(a is not None for a in arrays))
-        self._last = last
-        self._out = out if isinstance(out, MappingProxyType) and not widen_into else None
+        self._last = (out if isinstance(out, MappingProxyType) and not widen_into else None, last)
         return last
 
 

@@ -366,6 +366,8 @@ class Client:
         self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
         self._float32_model: tuple[ModelDescription, bool] | None = None
         self._last_out: Mapping[str, np.ndarray] | None = None
+        # (checked out mapping, description, its arrays a compressed pull widens into)
+        self._widen_targets: tuple[Any, Any, Mapping[str, np.ndarray]] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -670,15 +672,22 @@ class Client:
         float32 ones of float32 variables (as the described model says; none before it was
         described, when :meth:`_widened` does it after)."""
         description = self._description
-        if description is None:
+        if description is None or not out:
             return {}
-        return {
-            name: array
-            for name, array in out.items()
-            if array.dtype == np.float32
-            and (spec := description.spec(name)) is not None
-            and spec.numpy_dtype == np.float32
-        }
+        cached = self._widen_targets
+        if cached is not None and cached[0] is out and cached[1] is description:
+            return cached[2]  # the same checked arrays and description as last time
+        targets = MappingProxyType(
+            {
+                name: array
+                for name, array in out.items()
+                if array.dtype == np.float32
+                and (spec := description.spec(name)) is not None
+                and spec.numpy_dtype == np.float32
+            }
+        )
+        self._widen_targets = (out, description, targets)
+        return targets
 
     def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
         """A compressed pull's weights back in float32 for the float32 variables, those
@@ -944,7 +953,11 @@ class Client:
             ),
             timeout_s,
         )
-        if wire_dtype is not None:
+        if wire_dtype is not None and not (
+            widened
+            and len(tensors) == len(widened)
+            and all(tensors.get(n) is a for n, a in widened.items())
+        ):  # (nothing left to widen when every weight was widened on arrival)
             tensors = self._widened(tensors, out)
         self._base_version = tensors.version
         return tensors

@@ -125,9 +125,10 @@ class _ReplyPlan:
     def __init__(self, headers: list[tpb.TensorHeader]) -> None:
         check_headers(headers)
         self.layout = StreamLayout(headers)
-        # The last answer of into(), with the read-only ``out`` mapping it was for (None:
-        # another kind): one tuple, so that threads sharing this plan each read a whole one.
-        self._last: tuple[Mapping[str, np.ndarray] | None, _Receive] | None = None
+        # The last answer of into(), with the read-only ``out`` and ``widen_into`` mappings
+        # it was for (:func:`_key`): one tuple, so that threads sharing this plan each read
+        # a whole one.
+        self._last: tuple[Any, Any, _Receive] | None = None
 
     def into(
         self, out: Mapping[str, np.ndarray], widen_into: Mapping[str, np.ndarray] | None = None
@@ -138,10 +139,17 @@ class _ReplyPlan:
         :func:`receive_buffer`)."""
         if not out and not widen_into:
             return None
+        keys = (_key(out), _key(widen_into))
         kept = self._last
-        last = None if kept is None else kept[1]
-        if kept is not None and out is kept[0] and not widen_into:
-            return last  # the same read-only mapping as last time (the client's own)
+        last = None if kept is None else kept[2]
+        if (
+            kept is not None
+            and keys[0] is not None
+            and keys[1] is not None
+            and keys[0] is kept[0]
+            and keys[1] is kept[1]
+        ):
+            return last  # the same read-only mappings as last time (the client's own)
         names, headers = self.layout.names, self.layout.headers
         widen = None
         if widen_into:
@@ -170,8 +178,20 @@ class _ReplyPlan:
             ]
         runs = self.layout.runs_into(into, widen)
         last = _Receive(into, runs, widen, arrays, all(a is not None for a in arrays))
-        self._last = (out if isinstance(out, MappingProxyType) and not widen_into else None, last)
+        self._last = (*keys, last)
         return last
+
+
+_NONE = object()  # the key of an empty mapping
+
+
+def _key(mapping: Mapping[str, np.ndarray] | None) -> Any:
+    """What identifies ``mapping`` for :meth:`_ReplyPlan.into`'s cache: a read-only mapping
+    itself (the client's, whose arrays stay), one for any empty one, None for a mapping that
+    may change (never a hit)."""
+    if not mapping:
+        return _NONE
+    return mapping if isinstance(mapping, MappingProxyType) else None
 
 
 class ReplyLayouts:

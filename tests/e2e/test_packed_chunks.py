@@ -357,3 +357,25 @@ def test_a_nan_in_one_small_tensor_of_a_compressed_push_is_named(start_server, c
             with pytest.raises(Exception, match=r"layer031/w.*NaN"):
                 client.push(grads)
         server.assert_unchanged(before)
+
+
+def test_compressed_pulls_alternating_out_arrays(server, connect):
+    # The client keeps what it widens into by the out= mapping: other arrays, a subset,
+    # or no out= at all each get what they asked for.
+    model = _model(40)
+    client = connect(server, chunk_bytes=77, wire_dtype="bfloat16")
+    client.create_model(model, ADAM)
+    client.describe()
+    bf16 = wire.dtype_from_name("bfloat16")
+    rounded = {n: v.astype(bf16).astype(np.float32) for n, v in model.items()}
+    outs = [{n: np.empty_like(v) for n, v in model.items()} for _ in range(2)]
+    names = list(model)[::3]
+    part = {n: np.empty_like(model[n]) for n in names}
+    for out in (outs[0], outs[1], outs[0], part, outs[1]):
+        pulled = client.pull(names=list(out), out=out)
+        assert list(pulled) == list(out)
+        assert all(pulled[n] is out[n] for n in out)
+        assert_same(pulled, {n: rounded[n] for n in out})
+    plain = client.pull()
+    assert all(plain[n] is not outs[1][n] for n in model)
+    assert_same(plain, rounded)

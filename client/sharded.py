@@ -36,8 +36,10 @@ import json
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,6 +75,72 @@ from .streams import as_host_array, named_values
 R = TypeVar("R")
 
 __all__ = ["ShardedClient"]
+
+
+@dataclass(frozen=True)
+class ShardTiming:
+    """How long one shard took to answer this client's calls, as the client saw it (network
+    included): a shard slower than the others holds up every push and pull of the job.
+
+    ``calls``: calls timed; ``mean_ms``/``last_ms``/``max_ms``: their wall time;
+    ``recent_ms``: an exponential average over about the last ten calls; ``slowest``: how
+    many of the calls sent to every shard at once this shard answered last.
+    """
+
+    index: int
+    address: str
+    calls: int
+    mean_ms: float
+    recent_ms: float
+    last_ms: float
+    max_ms: float
+    slowest: int
+
+
+class _Timings:
+    """Per-shard call times of one ShardedClient (thread-safe)."""
+
+    DECAY = 0.2  # weight of the newest call in recent_ms
+
+    def __init__(self, shards: int) -> None:
+        self._lock = threading.Lock()
+        self._calls = [0] * shards
+        self._total = [0.0] * shards
+        self._recent = [0.0] * shards
+        self._last = [0.0] * shards
+        self._max = [0.0] * shards
+        self._slowest = [0] * shards
+
+    def record(self, index: int, seconds: float) -> None:
+        with self._lock:
+            self._calls[index] += 1
+            self._total[index] += seconds
+            self._last[index] = seconds
+            self._max[index] = max(self._max[index], seconds)
+            recent = self._recent[index]
+            self._recent[index] = (
+                seconds if self._calls[index] == 1 else recent + self.DECAY * (seconds - recent)
+            )
+
+    def record_slowest(self, index: int) -> None:
+        with self._lock:
+            self._slowest[index] += 1
+
+    def snapshot(self, addresses: Sequence[str]) -> list[ShardTiming]:
+        with self._lock:
+            return [
+                ShardTiming(
+                    index=i,
+                    address=address,
+                    calls=self._calls[i],
+                    mean_ms=1e3 * self._total[i] / self._calls[i] if self._calls[i] else 0.0,
+                    recent_ms=1e3 * self._recent[i],
+                    last_ms=1e3 * self._last[i],
+                    max_ms=1e3 * self._max[i],
+                    slowest=self._slowest[i],
+                )
+                for i, address in enumerate(addresses)
+            ]
 
 
 def _first_error(futures: list[Any]) -> list[Any]:
@@ -140,6 +208,7 @@ class ShardedClient(Client):
         self.session = first.session
         self.split_threshold_bytes = split_threshold_bytes
         self._pool = ThreadPoolExecutor(max_workers=shards, thread_name_prefix="paramserve-shard")
+        self._timings = _Timings(shards)
         self._lock = threading.Lock()
         self._closed = False
         self._sequence = 0
@@ -179,8 +248,31 @@ class ShardedClient(Client):
         chosen = range(len(self.shards)) if shards is None else shards
         if len(chosen) == 1:
             index = chosen[0]
-            return [call(index, self.shards[index])]
-        return _first_error([self._pool.submit(call, i, self.shards[i]) for i in chosen])
+            return [self._timed(call, index)]
+        ended: list[int] = []
+
+        def timed(i: int) -> R:
+            try:
+                return self._timed(call, i)
+            finally:
+                ended.append(i)  # (list.append is atomic)
+
+        results = _first_error([self._pool.submit(timed, i) for i in chosen])
+        if ended:
+            self._timings.record_slowest(ended[-1])
+        return results
+
+    def _timed(self, call: Callable[[int, Client], R], index: int) -> R:
+        started = time.perf_counter()
+        try:
+            return call(index, self.shards[index])
+        finally:
+            self._timings.record(index, time.perf_counter() - started)
+
+    def shard_timings(self) -> list[ShardTiming]:
+        """How long each shard took to answer this client's calls so far (see
+        :class:`ShardTiming`): the shard that holds up the job's steps stands out."""
+        return self._timings.snapshot([c.address for c in self.shards])
 
     @property
     def layout(self) -> Layout:

@@ -60,6 +60,14 @@ class ServerMetrics:
             ["method", "code"],
             registry=r,
         )
+        self.rpc_seconds = Histogram(
+            "paramserve_rpc_seconds",
+            "Time the server spent on a call, from the handler's start to its reply (a "
+            "stream's last message), by method: a shard slower than the others shows here",
+            ["method"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.pushes = Counter(
             "paramserve_pushes",
             "Pushes by outcome: applied, skipped (non-finite, policy skip), duplicate, "
@@ -149,14 +157,24 @@ class ServerMetrics:
 
     # -- recording helpers -------------------------------------------------------------------
 
-    def record_rpc(self, method: str, code: str, *, counts_as: str | None = None) -> None:
-        """Count one finished RPC by method and status code name.
+    def record_rpc(
+        self,
+        method: str,
+        code: str,
+        *,
+        counts_as: str | None = None,
+        seconds: float | None = None,
+    ) -> None:
+        """Count one finished RPC by method and status code name, and observe its handling
+        time ``seconds`` when given (calls refused before a handler ran have none).
 
         ``counts_as="pull"`` also counts it as a pull of that outcome (``ok`` or the code),
         ``counts_as="push"`` a failed one as a push of that outcome (a push that succeeded
         is counted by :meth:`record_push`, by what became of it).
         """
         self._child(self.rpcs, method, code).inc()
+        if seconds is not None:
+            self._child(self.rpc_seconds, method).observe(seconds)
         if counts_as == "pull":
             self._child(self.pulls, "ok" if code == "OK" else code.lower()).inc()
         elif counts_as == "push" and code != "OK":

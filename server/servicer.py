@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -91,38 +92,46 @@ def _rpc(method: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     every call is counted by method and code."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        def fail(self: ParameterServerServicer, context: grpc.ServicerContext, exc: Exception):
+        def fail(
+            self: ParameterServerServicer,
+            context: grpc.ServicerContext,
+            exc: Exception,
+            started: float,
+        ):
+            seconds = time.perf_counter() - started
             if isinstance(exc, grpc.RpcError) and not context.is_active():
-                self.count_call(method, "CANCELLED")  # the client went away
+                self.count_call(method, "CANCELLED", seconds)  # the client went away
                 raise exc
             status = grpc_status(exc, method)
-            self.count_call(method, status.code.name)
+            self.count_call(method, status.code.name, seconds)
             context.abort_with_status(status)
 
         if inspect.isgeneratorfunction(fn):
 
             @functools.wraps(fn)
             def stream_handler(self, request, context):
+                started = time.perf_counter()
                 try:
                     if method not in _ANY_VIEW:
                         self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                     yield from fn(self, streams.decoded(request), context)
                 except Exception as exc:
-                    fail(self, context, exc)
+                    fail(self, context, exc, started)
                 else:
-                    self.count_call(method, "OK")
+                    self.count_call(method, "OK", time.perf_counter() - started)
 
             return stream_handler
 
         @functools.wraps(fn)
         def handler(self, request, context):
+            started = time.perf_counter()
             try:
                 if method not in _ANY_VIEW:
                     self.check_shard_view(context, observer=method in _OBSERVER_CALLS)
                 response = fn(self, streams.decoded(request), context)
             except Exception as exc:
-                fail(self, context, exc)
-            self.count_call(method, "OK")
+                fail(self, context, exc, started)
+            self.count_call(method, "OK", time.perf_counter() - started)
             return response
 
         return handler
@@ -216,10 +225,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             metadata={"shard_index": index, "shards": shards, "client_view": view},
         )
 
-    def count_call(self, method: str, code: str) -> None:
+    def count_call(self, method: str, code: str, seconds: float | None = None) -> None:
         """Count a finished call by method and status code name (also the auth interceptor's
-        refusals), and as a push or pull outcome where :data:`COUNTS_AS` says so."""
-        self._metrics.record_rpc(method, code, counts_as=COUNTS_AS.get(method))
+        refusals), and as a push or pull outcome where :data:`COUNTS_AS` says so; observe
+        the handler's time ``seconds`` when given."""
+        self._metrics.record_rpc(method, code, counts_as=COUNTS_AS.get(method), seconds=seconds)
 
     # -- helpers -----------------------------------------------------------------------------
 

@@ -145,12 +145,16 @@ def test_a_round_in_flight_at_the_signal_completes_or_aborts_as_a_whole(start_pr
         _wait_pending(stub, 1)
         second = pool.submit(push, "b")  # races the signal: the round closes, or it aborts
         server.send_signal(signal.SIGINT)
-        outcomes = {first.result(EXIT_BOUND_S), second.result(EXIT_BOUND_S)}
+        outcomes = (first.result(EXIT_BOUND_S), second.result(EXIT_BOUND_S))
     assert server.wait(EXIT_BOUND_S) == 0, server.stderr
-    if outcomes == {("ok", 1)}:
+    if set(outcomes) == {("ok", 1)}:
         assert _snapshot_versions(ckpt) == [1]  # both applied in one step, then snapshotted
     else:
-        assert outcomes == {("UNAVAILABLE", None)}, outcomes
+        # The pending push's round is aborted. The racing one is refused, or, when it reached
+        # gRPC only as the server stopped listening (a busy machine), cancelled by gRPC
+        # before any handler saw it; either way it was not applied.
+        assert outcomes[0] == ("UNAVAILABLE", None), outcomes
+        assert outcomes[1] in {("UNAVAILABLE", None), ("CANCELLED", None)}, outcomes
         assert _snapshot_versions(ckpt) == [0]  # neither applied
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client import generate_latest
 
 from paramserve import optim_core
 from paramserve.client import AbortedError, Client, DeadlineExceededError, UnavailableError
@@ -218,3 +220,42 @@ def test_a_killed_shard_gives_a_retryable_error_not_a_hang(procs: Processes) -> 
         assert addresses[2] in str(info.value)
         # The other shards keep serving.
         assert [s.version for s in (client.shards[0].status(), client.shards[1].status())] == [4, 4]
+
+
+def test_a_slow_shard_shows_in_the_clients_timings_and_its_metrics(
+    servers: LocalServers,
+) -> None:
+    """Shard 1 is held (async: it applies nothing until released) while a push goes to all
+    three: the other two answer first, so the client counts shard 1 as the one that answered
+    last; every shard's handling time is in ``paramserve_rpc_seconds``. No time is compared:
+    the order is forced by the hold, not by the machine's speed."""
+    addresses = [
+        servers.start(shards=3, shard_index=i, mode="async").address
+        for i in range(3)
+    ]
+    worker = Client(addresses, worker_id="w", split_threshold_bytes=SPLIT_BYTES, timeout_s=60)
+    admin = Client(addresses, worker_id="admin", timeout_s=60)
+    try:
+        worker.create_model(shard_initial(), optim_core.SGD(0.1))
+        worker.push(shard_gradients(0))  # the model described, the sequence synced
+        before = worker.shard_timings()
+        admin.shards[1]._hold_updates(60, timeout_s=30)
+        with ThreadPoolExecutor(1) as pool:
+            pushed = pool.submit(worker.push, shard_gradients(1))
+            versions = lambda: [s.status().version for s in admin.shards]  # noqa: E731
+            wait_until(lambda: versions()[0] == 2 and versions()[2] == 2, timeout_s=60)
+            assert versions()[1] == 1 and not pushed.done()
+            admin.shards[1]._hold_updates(0, timeout_s=30)
+            pushed.result(60)
+        after = worker.shard_timings()
+        assert [t.address for t in after] == addresses
+        assert [a.calls - b.calls for a, b in zip(after, before, strict=True)] == [1, 1, 1]
+        assert [a.slowest - b.slowest for a, b in zip(after, before, strict=True)] == [0, 1, 0]
+        assert all(t.max_ms >= t.last_ms > 0 and t.mean_ms > 0 for t in after)
+        for server in servers.started:
+            text = generate_latest(server.metrics.registry).decode()
+            assert 'paramserve_rpc_seconds_count{method="Push"} 2.0' in text
+    finally:
+        worker.delete_model()
+        worker.close()
+        admin.close()

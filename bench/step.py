@@ -1,6 +1,6 @@
 """One whole training step over TCP loopback: paramserve, hand-written socket servers, peers.
 
-Usage: python bench/step.py [--sizes 16M,1M,small] [--steps N] [--repeats 5] [--json]
+Usage: python bench/step.py [--sizes 16M,1M,small,300x1K] [--steps N] [--repeats 5] [--json]
 
 A step is what one worker does per batch: push a gradient, the server applies Adam, pull
 the weights. Systems (bench/step_systems.py), each a server in its own subprocess, driven
@@ -53,7 +53,12 @@ the ``ray`` row is a same-host figure, not what it costs between two hosts.
 
 Sizes take K/M suffixes in powers of two (16M = 16 * 2**20 float32 elements) and are one
 variable each; ``small`` is a four-variable MLP of 9,610 floats (the hand-written server gets
-it as one flat buffer). Repeats of the systems are interleaved so drift hits all alike; each
+it as one flat buffer). ``NxM`` is the many-variables family: N variables of M floats each
+(``300x1K``: 300 variables of 1,024 floats; ``1000x300``), as real models have (ResNet-50:
+161 trainable tensors); the hand-written servers and grpc-raw get them as one flat buffer.
+Each ``NxM`` size is measured beside one variable of the same total floats (added unless
+``--sizes`` names it), and "many-vars / one-var same bytes" prints the ms/step ratio (the
+target: at most 1.5x). Repeats of the systems are interleaved so drift hits all alike; each
 repeat's throughput is steps / wall time, and figures are medians over repeats, warm-up steps
 excluded. GB/s counts payload bytes both ways (gradient in, weights out). CPU columns are the
 CPU time per step of the server process and of this (client) process, read from /proc and
@@ -104,6 +109,7 @@ from step_systems import (  # noqa: E402
     Sessions,
     make_runner,
     missing_library,
+    one_variable_twin,
     parse_size,
     reference_weights,
     server_args,
@@ -113,6 +119,9 @@ from step_systems import (  # noqa: E402
 # Element count -> target ratio (paramserve steps/s over the yardstick's, socket-fast).
 TARGET_RATIO = {16 << 20: 0.8, 1 << 20: 0.7}
 TARGET_SMALL_MS = 1.0
+# Many variables (``NxM`` sizes): ms/step over the one-variable step of the same total floats,
+# both measured in this run (issue 11: cost must not grow with the variable count).
+TARGET_MANY_VARS_RATIO = 1.5
 
 
 # --- measurement ---------------------------------------------------------------------------
@@ -123,6 +132,7 @@ class Result:
     system: str
     size: str
     elements: int
+    variables: int
     payload_bytes: int  # gradient + weights per step
     steps_per_repeat: int
     repeats: list[float]  # steps/s of each repeat
@@ -252,6 +262,7 @@ def measure_size(
                 system=runner.name,
                 size=model.label,
                 elements=model.elements,
+                variables=len(model.shapes),
                 payload_bytes=2 * model.nbytes,
                 steps_per_repeat=n_steps[runner.name],
                 repeats=[round(r.n / r.wall_s, 3) for r in reps],
@@ -301,9 +312,48 @@ def _guard(server: ServerProcess, make: Callable[[], Runner]) -> Runner:
 
 
 # --- report ------------------------------------------------------------------------------
+def many_vars_ratios(results: list[Result]) -> list[dict[str, Any]]:
+    """Per paramserve system and many-variable size: its ms/step over the one-variable step
+    of the same total floats in this run ("many-vars / one-var same bytes")."""
+    single = {(r.system, r.elements): r for r in results if r.variables == 1 and r.size != "small"}
+    out = []
+    for r in results:
+        twin = single.get((r.system, r.elements))
+        if r.variables < 2 or r.size == "small" or twin is None:
+            continue
+        out.append(
+            {
+                "system": r.system,
+                "size": r.size,
+                "one_var_size": twin.size,
+                "ms_per_step": round(r.ms_per_step, 3),
+                "one_var_ms_per_step": round(twin.ms_per_step, 3),
+                "ratio": round(r.ms_per_step / twin.ms_per_step, 3),
+                "server_cpu_ratio": (
+                    round(r.server_cpu_ms / twin.server_cpu_ms, 3)
+                    if r.server_cpu_ms and twin.server_cpu_ms
+                    else None
+                ),
+                "client_cpu_ratio": round(r.client_cpu_ms / twin.client_cpu_ms, 3),
+            }
+        )
+    return out
+
+
 def targets(results: list[Result]) -> list[dict[str, Any]]:
     """The team's targets, for the sizes that were run."""
     out = []
+    for m in many_vars_ratios(results):
+        if m["system"] == "paramserve":
+            out.append(
+                {
+                    "size": m["size"],
+                    "metric": f"ms/step over {m['one_var_size']}",
+                    "value": m["ratio"],
+                    "target": f"<= {TARGET_MANY_VARS_RATIO}",
+                    "met": m["ratio"] <= TARGET_MANY_VARS_RATIO,
+                }
+            )
     for r in results:
         if r.system != "paramserve":
             continue
@@ -357,6 +407,17 @@ def print_table(results: list[Result], goals: list[dict[str, Any]]) -> None:
         f"socket / ps / grpc = steps/s over {YARDSTICK}'s / the serial socket server's / "
         f"paramserve's / grpc-raw's in this run)"
     )
+    ratios = many_vars_ratios(results)
+    if ratios:
+        print("\nmany-vars / one-var same bytes (ms/step; server and client CPU per step):")
+        for m in ratios:
+            server = m["server_cpu_ratio"]
+            print(
+                f"  {m['system']:<21}{m['size']:>9} / {m['one_var_size']:<7} "
+                f"{m['ms_per_step']:>8.3f} / {m['one_var_ms_per_step']:<8.3f} ms = "
+                f"{m['ratio']:.2f}x  (srv cpu {'-' if server is None else f'{server:.2f}x'}, "
+                f"cli cpu {m['client_cpu_ratio']:.2f}x)"
+            )
     if goals:
         print("\ntargets:")
         for g in goals:
@@ -426,6 +487,14 @@ def main(argv: list[str] | None = None) -> int:
         models = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError as exc:
         parser.error(f"--sizes: {exc}")
+    # Each many-variable size is compared with one variable of the same total floats,
+    # measured in the same run: added after it unless --sizes already names it.
+    for model in list(models):
+        twin = one_variable_twin(model)
+        if twin is not None and not any(
+            len(m.shapes) == 1 and m.elements == twin.elements for m in models
+        ):
+            models.insert(models.index(model) + 1, twin)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
@@ -484,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
             "load_average_before": load_before,
             "load_average_after": os.getloadavg()[0],
             "results": [asdict(r) for r in results],
+            "many_vars": many_vars_ratios(results),
             "targets": goals,
         }
         print(json.dumps(payload, indent=2))

@@ -137,16 +137,42 @@ class Model:
         return np.concatenate([np.asarray(arrays[n]).reshape(-1) for n in self.shapes])
 
 
+def _count(text: str, whole: str) -> int:
+    """``16M`` / ``1K`` / ``300``: an element count (K/M/G in powers of two)."""
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        n = int(text[:-1] if mult != 1 else text) * mult
+    except ValueError:
+        raise ValueError(f"not a size: {whole!r}") from None
+    if n <= 0:
+        raise ValueError(f"size must be positive: {whole!r}")
+    return n
+
+
 def parse_size(text: str) -> Model:
-    """``16M`` / ``1M`` / ``10K`` / ``4096`` (one variable) or ``small`` (an MLP)."""
+    """``16M`` / ``1M`` / ``10K`` / ``4096`` (one variable), ``small`` (an MLP), or ``NxM``
+    (``300x1K``: N variables of M floats each, named ``v000``, ``v001``, ...)."""
     t = text.strip()
     if t.lower() == "small":
         return Model("small", dict(SMALL_MODEL))
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:].upper(), 1)
-    n = int(t[:-1] if mult != 1 else t) * mult
-    if n <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return Model(t.upper() if mult != 1 else t, {"w": (n,)})
+    if "x" in t.lower():
+        count, _, each = t.lower().partition("x")
+        n, m = _count(count, text), _count(each.upper(), text)
+        width = len(str(n - 1))
+        return Model(f"{n}x{each.upper()}", {f"v{i:0{width}d}": (m,) for i in range(n)})
+    n = _count(t, text)
+    return Model(t.upper() if t[-1:].isalpha() else t, {"w": (n,)})
+
+
+def one_variable_twin(model: Model) -> Model | None:
+    """For a many-variable size (``NxM``), the one-variable model of the same total floats
+    (None for the other sizes): bench/step.py measures it in the same run for the
+    "many-vars / one-var same bytes" ratio."""
+    if len(model.shapes) < 2 or model.label == "small":
+        return None
+    n = model.elements
+    label = f"{n >> 10}K" if n % (1 << 10) == 0 else str(n)
+    return Model(label, {"w": (n,)})
 
 
 def reference_weights(model: Model, steps: int, wire_dtype: str | None = None) -> np.ndarray:

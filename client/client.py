@@ -44,6 +44,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -59,6 +60,7 @@ from paramserve.wire import (
     SparseRows,
     header_for,
     json_default,
+    length_delimited,
     payload_bytes,
     step_reply_bytes,
     step_request_bytes,
@@ -79,6 +81,7 @@ from .results import (
     Tensors,
 )
 from .streams import (
+    ReplyLayouts,
     as_host_array,
     cast_gradient,
     check_out_array,
@@ -97,6 +100,7 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
     from paramserve import optim_core
 
 R = TypeVar("R")
+_FLOAT32 = {np.dtype(np.float32)}
 
 
 class _ClientSetting:
@@ -356,6 +360,14 @@ class Client:
         self._sequence_synced = worker_id is None
         self._base_version = 0
         self._description: ModelDescription | None = None
+        # Checked reply header lists (pulls of the same variables every step).
+        self._reply_layouts = ReplyLayouts()
+        # The serialized tensors part of the last push's header, with what it describes.
+        self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
+        self._float32_model: tuple[ModelDescription, bool] | None = None
+        self._last_out: Mapping[str, np.ndarray] | None = None
+        # (checked out mapping, description, its arrays a compressed pull widens into)
+        self._widen_targets: tuple[Any, Any, Mapping[str, np.ndarray]] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def close(self) -> None:
@@ -460,6 +472,30 @@ class Client:
             raise NotFoundError(f"the model has no variable {name!r}")
         return spec.shape
 
+    def _all_float32(self, description: ModelDescription) -> bool:
+        """Whether every variable of ``description`` is float32 (kept per description)."""
+        cached = self._float32_model
+        if cached is None or cached[0] is not description:
+            every = all(v.numpy_dtype == np.float32 for v in description.variables)
+            self._float32_model = cached = (description, every)
+        return cached[1]
+
+    def _checked_out(self, out: Mapping[str, np.ndarray] | None) -> Mapping[str, np.ndarray]:
+        """``out`` with every array checked (:func:`check_out_array`), read-only; the same
+        arrays as the last pull's are not checked again (the same mapping comes back)."""
+        if not out:
+            return {}
+        last = self._last_out
+        if (
+            last is not None
+            and len(last) == len(out)
+            and all(last.get(n) is a for n, a in out.items())
+        ):
+            return last
+        checked = MappingProxyType({n: check_out_array(n, a) for n, a in out.items()})
+        self._last_out = checked
+        return checked
+
     def _cast_gradients(self, names: list[str], values: list[Any]) -> list[Any]:
         """Gradients in their variables' dtypes (see ``strict_dtypes``); checked before
         anything is sent. Variables the model lacks are left for the server to refuse.
@@ -469,9 +505,8 @@ class Client:
         and the server itself refuses one whose variable has another dtype.
         """
         description = self._description
-        if description is None and all(
-            (v.values if isinstance(v, SparseRows) else v).dtype == np.float32 for v in values
-        ):
+        dtypes = {v.dtype if type(v) is np.ndarray else v.values.dtype for v in values}
+        if dtypes == _FLOAT32 and (description is None or self._all_float32(description)):
             return values
         if description is None or any(description.spec(n) is None for n in names):
             try:
@@ -570,6 +605,22 @@ class Client:
             self._sequence += 1
             return self._sequence
 
+    def _push_tensors_part(self, names: list[str], values: list[Any]) -> bytes:
+        """``PushHeader(tensors=...)`` serialized for these gradients; kept for the next push
+        whose dense gradients have the same names, dtypes and shapes (a worker pushes the
+        same every step), so their headers are built once."""
+        if any(type(v) is SparseRows for v in values):
+            headers = tensor_headers(names, values, self._variable_shape)
+            return pb.PushHeader(tensors=headers).SerializeToString()
+        key = (*names, *[(v.dtype, v.shape) for v in values])
+        cached = self._push_tensors
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        headers = tensor_headers(names, values, self._variable_shape)
+        body = pb.PushHeader(tensors=headers).SerializeToString()
+        self._push_tensors = (key, body)
+        return body
+
     def _push_header(
         self,
         sequence: int,
@@ -621,15 +672,22 @@ class Client:
         float32 ones of float32 variables (as the described model says; none before it was
         described, when :meth:`_widened` does it after)."""
         description = self._description
-        if description is None:
+        if description is None or not out:
             return {}
-        return {
-            name: array
-            for name, array in out.items()
-            if array.dtype == np.float32
-            and (spec := description.spec(name)) is not None
-            and spec.numpy_dtype == np.float32
-        }
+        cached = self._widen_targets
+        if cached is not None and cached[0] is out and cached[1] is description:
+            return cached[2]  # the same checked arrays and description as last time
+        targets = MappingProxyType(
+            {
+                name: array
+                for name, array in out.items()
+                if array.dtype == np.float32
+                and (spec := description.spec(name)) is not None
+                and spec.numpy_dtype == np.float32
+            }
+        )
+        self._widen_targets = (out, description, targets)
+        return targets
 
     def _widened(self, tensors: Tensors, out: Mapping[str, np.ndarray] | None = None) -> Tensors:
         """A compressed pull's weights back in float32 for the float32 variables, those
@@ -723,11 +781,14 @@ class Client:
         base = self._base_version if base_version is None else base_version
 
         def push_values(values: list[Any]) -> tuple[int, pb.PushResponse]:
-            headers = tensor_headers(names, values, self._variable_shape)
+            tensors = self._push_tensors_part(names, values)
 
             def send(seq: int) -> pb.PushResponse:
-                header = self._push_header(seq, base, headers, wire_dtype, prepare)
-                first = pb.PushRequest(header=header).SerializeToString()
+                # PushRequest(header=...): the tensors' part kept from the last push of the
+                # same gradients' names, dtypes and shapes, the rest serialized now
+                # (protobuf reads the two as one PushHeader).
+                own = self._push_header(seq, base, [], wire_dtype, prepare).SerializeToString()
+                first = length_delimited(1, tensors + own)
                 return self._send_stream(
                     "Push",
                     self._push,
@@ -877,7 +938,7 @@ class Client:
         rounded values (into ``out`` through one temporary array each).
         """
         wire_dtype = self._wire_dtype(wire_dtype)
-        out = {n: check_out_array(n, a) for n, a in (out or {}).items()}
+        out = self._checked_out(out)
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
@@ -887,10 +948,16 @@ class Client:
             "Pull",
             self._pull,
             request,
-            lambda items: receive_tensors(items, out=direct, widen_into=widened),
+            lambda items: receive_tensors(
+                items, out=direct, layouts=self._reply_layouts, widen_into=widened
+            ),
             timeout_s,
         )
-        if wire_dtype is not None:
+        if wire_dtype is not None and not (
+            widened
+            and len(tensors) == len(widened)
+            and all(tensors.get(n) is a for n, a in widened.items())
+        ):  # (nothing left to widen when every weight was widened on arrival)
             tensors = self._widened(tensors, out)
         self._base_version = tensors.version
         return tensors
@@ -921,6 +988,7 @@ class Client:
             scope=pb.PULL_SCOPE_WEIGHTS,
             worker_id=self.worker_id,
             wire_dtype=wire_dtype_code(wire_dtype),
+            packed_chunks=True,
         )
 
     # --- optimizer --------------------------------------------------------------------------
@@ -933,7 +1001,9 @@ class Client:
 
     def optimizer_state(self, *, timeout_s: float | None = None) -> Tensors:
         """The server-side optimizer variables in optim_core (Keras 3) order, by name."""
-        request = pb.PullRequest(scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id)
+        request = pb.PullRequest(
+            scope=pb.PULL_SCOPE_OPTIMIZER_STATE, worker_id=self.worker_id, packed_chunks=True
+        )
         return self._receive_stream("Pull", self._pull, request, receive_tensors, timeout_s)
 
     def set_optimizer_state(

@@ -94,7 +94,8 @@ class ErrorFeedback:
             if isinstance(value, SparseRows) or value.dtype != COMPRESSIBLE:
                 out.append(value)
                 continue
-            value = np.ascontiguousarray(value)
+            if not value.flags.c_contiguous:  # (ascontiguousarray makes a scalar 1-D)
+                value = np.ascontiguousarray(value)
             sent = self._buffer(name, "sent", value, dtype)
             residual = None
             if self.enabled:

@@ -9,7 +9,8 @@ which hands chunk payloads to the assembler as views of the received bytes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from paramserve.wire import (
     END_ITEM,
     INDEX_DTYPE,
     SparseRows,
+    StreamLayout,
     TensorAssembler,
     TensorValue,
     WireError,
@@ -47,6 +49,8 @@ def as_host_array(value: Any) -> np.ndarray:
 
 def as_wire_value(value: Any) -> TensorValue:
     """Dense arrays stay arrays; ``(indices, values)`` tuples and IndexedSlices become rows."""
+    if type(value) is np.ndarray:  # the common case, before any import or lookup
+        return value
     from paramserve.optim_core import IndexedSlices
 
     if isinstance(value, SparseRows | IndexedSlices):
@@ -103,10 +107,122 @@ def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorSt
     return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
 
 
+class _Receive(NamedTuple):
+    """Where a reply's tensors go (see :meth:`_ReplyPlan.into`), kept as one object so that
+    threads pulling with one plan each see a consistent one."""
+
+    into: list[np.ndarray | None]  # per tensor: the byte buffer of its array, or None
+    runs: Any  # the assembler's runs for them
+    widen: list[bool] | None  # per tensor: widened on arrival into its array
+    arrays: list[np.ndarray | None]  # per tensor: the array received into, or None
+    all_into: bool  # every tensor has an array of its own
+
+
+class _ReplyPlan:
+    """A reply's checked header list, its stream layout, and the buffers of the last ``out``
+    arrays received into (checked once while the same arrays come back)."""
+
+    def __init__(self, headers: list[tpb.TensorHeader]) -> None:
+        check_headers(headers)
+        self.layout = StreamLayout(headers)
+        # The last answer of into(), with the read-only ``out`` and ``widen_into`` mappings
+        # it was for (:func:`_key`): one tuple, so that threads sharing this plan each read
+        # a whole one.
+        self._last: tuple[Any, Any, _Receive] | None = None
+
+    def into(
+        self, out: Mapping[str, np.ndarray], widen_into: Mapping[str, np.ndarray] | None = None
+    ) -> _Receive | None:
+        """Where the tensors go: into ``out``'s arrays, or widened on arrival into the
+        float32 arrays of ``widen_into`` (see :func:`receive_tensors`); None when neither
+        names one. ValueError for an array of ``out`` that does not fit its tensor (see
+        :func:`receive_buffer`)."""
+        if not out and not widen_into:
+            return None
+        keys = (_key(out), _key(widen_into))
+        kept = self._last
+        last = None if kept is None else kept[2]
+        if (
+            kept is not None
+            and keys[0] is not None
+            and keys[1] is not None
+            and keys[0] is kept[0]
+            and keys[1] is kept[1]
+        ):
+            return last  # the same read-only mappings as last time (the client's own)
+        names, headers = self.layout.names, self.layout.headers
+        widen = None
+        if widen_into:
+            widen = [_widens(h, widen_into.get(n)) for h, n in zip(headers, names, strict=True)]
+            if not any(widen):
+                widen = None
+        if widen is None:
+            arrays = [out.get(n) for n in names]
+        else:
+            arrays = [widen_into[n] if w else out.get(n) for n, w in zip(names, widen, strict=True)]
+        if (
+            last is not None
+            and widen == last.widen
+            and all(a is b for a, b in zip(arrays, last.arrays, strict=True))
+        ):
+            return last
+        if widen is None:
+            into = [
+                None if a is None else receive_buffer(h, a)
+                for h, a in zip(headers, arrays, strict=True)
+            ]
+        else:
+            into = [
+                None if a is None else a.reshape(-1).view(np.uint8) if w else receive_buffer(h, a)
+                for h, a, w in zip(headers, arrays, widen, strict=True)
+            ]
+        runs = self.layout.runs_into(into, widen)
+        last = _Receive(into, runs, widen, arrays, all(a is not None for a in arrays))
+        self._last = (*keys, last)
+        return last
+
+
+_NONE = object()  # the key of an empty mapping
+
+
+def _key(mapping: Mapping[str, np.ndarray] | None) -> Any:
+    """What identifies ``mapping`` for :meth:`_ReplyPlan.into`'s cache: a read-only mapping
+    itself (the client's, whose arrays stay), one for any empty one, None for a mapping that
+    may change (never a hit)."""
+    if not mapping:
+        return _NONE
+    return mapping if isinstance(mapping, MappingProxyType) else None
+
+
+class ReplyLayouts:
+    """The :class:`_ReplyPlan` of each header list a client's pulls received, by the
+    header's bytes: a worker pulls the same variables every step, so their headers are
+    checked and laid out once (a few lists are kept; more clear the cache)."""
+
+    MAX = 16
+
+    def __init__(self) -> None:
+        self._plans: dict[bytes, _ReplyPlan] = {}
+
+    def plan(self, header: tpb.TensorStreamHeader) -> _ReplyPlan:
+        key = tpb.TensorStreamHeader()
+        key.CopyFrom(header)
+        key.ClearField("version")
+        raw = key.SerializeToString()
+        plan = self._plans.get(raw)
+        if plan is None:
+            plan = _ReplyPlan(list(header.tensors))
+            if len(self._plans) >= self.MAX:
+                self._plans.clear()
+            self._plans[raw] = plan
+        return plan
+
+
 def receive_tensors(
     items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem],
     *,
     out: Mapping[str, np.ndarray] | None = None,
+    layouts: ReplyLayouts | None = None,
     widen_into: Mapping[str, np.ndarray] | None = None,
 ) -> Tensors:
     """Assemble a header-then-chunks response into fresh, writable arrays.
@@ -114,33 +230,35 @@ def receive_tensors(
     Dense tensors named in ``out`` are written straight into those arrays (checked by
     :func:`receive_buffer` against the header), which the result then holds. Those named
     in ``widen_into`` (float32 arrays) that arrive as dense bfloat16 or float16 of the
-    array's shape are widened into them chunk by chunk as they arrive; others named there
-    arrive as they are.
+    array's shape are widened into them chunk by chunk as they arrive (the result holds
+    those arrays too); others named there arrive as they are. The other tensors are views
+    of one fresh buffer. ``layouts``: a cache of checked header lists (the client's), for
+    a stream whose headers came before.
 
     Raises :class:`DataLossError` if the stream is malformed (no header first, a second
     header, chunks out of order, a tensor cut short).
     """
     out = out or {}
-    widen_into = widen_into or {}
     assembler: TensorAssembler | None = None
     version = 0
+    used: _Receive | None = None
     try:
         for item in items:
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
-                headers = item.header.tensors
-                check_headers(headers)
-                widen = [_widens(h, widen_into.get(h.name)) for h in headers]
-                into = [
-                    widen_into[h.name].reshape(-1).view(np.uint8)
-                    if wide
-                    else receive_buffer(h, out[h.name])
-                    if h.name in out
-                    else None
-                    for h, wide in zip(headers, widen, strict=True)
-                ]
-                assembler = TensorAssembler(headers, into=into, widen=widen)
+                plan = (layouts or ReplyLayouts()).plan(item.header)
+                used = plan.into(out, widen_into)
+                if used is None:
+                    assembler = TensorAssembler(plan.layout.headers, layout=plan.layout)
+                else:
+                    assembler = TensorAssembler(
+                        plan.layout.headers,
+                        into=used.into,
+                        widen=used.widen,
+                        layout=plan.layout,
+                        runs=used.runs,
+                    )
                 version = item.header.version
                 continue
             elif item.WhichOneof("item") == "chunk":
@@ -152,12 +270,16 @@ def receive_tensors(
             assembler.add(*chunk)
         if assembler is None:
             raise WireError("the response stream was empty (no header)")
-        tensors = assembler.finish()
-        arrays = {
-            n: widen_into[n] if assembler.widens(i) else out.get(n, v)
-            for i, (n, v) in enumerate(tensors.items())
-        }
-        return Tensors(arrays, version=version)
+        tensors = assembler.finish(decode_into=False)
+        if used is None:
+            return Tensors(tensors, version=version)
+        names = assembler.layout.names
+        if used.all_into:
+            return Tensors(zip(names, used.arrays, strict=True), version=version)
+        return Tensors(
+            {n: tensors[n] if a is None else a for n, a in zip(names, used.arrays, strict=True)},
+            version=version,
+        )
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
 
@@ -243,7 +365,10 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
     for name in names:
         if not isinstance(name, str):
             raise TypeError(f"Variable names must be strings. Received: {name!r}")
-    return names, [as_wire_value(values[n]) for n in names]
+    given = list(map(values.__getitem__, names))
+    if all(type(v) is np.ndarray for v in given):  # NumPy arrays already (the common case)
+        return names, given
+    return names, [as_wire_value(v) for v in given]
 
 
 _FLOAT_DTYPES = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))

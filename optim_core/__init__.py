@@ -28,6 +28,7 @@ from .registry import deserialize, get, register_optimizer, registered_optimizer
 from .rmsprop import RMSprop
 from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
+from .slabs import Slab, pack
 from .variables import FLOAT_DTYPES, IndexedSlices, Variable
 
 BUILTIN_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -72,6 +73,7 @@ __all__ = [
     "Optimizer",
     "RMSprop",
     "ScheduleFreeAdamW",
+    "Slab",
     "Variable",
     "array_module",
     "deserialize",
@@ -79,6 +81,7 @@ __all__ = [
     "gpu_available",
     "kernel_threads",
     "kernels_prepared",
+    "pack",
     "prepare_kernels",
     "register_optimizer",
     "registered_optimizers",

@@ -14,6 +14,7 @@ class Adadelta(Optimizer):
     """
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

@@ -17,6 +17,7 @@ class Adam(Optimizer):
     """
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

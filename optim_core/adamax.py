@@ -14,6 +14,7 @@ class Adamax(Optimizer):
     """``m += (g-m)(1-b1); u <- max(b2*u, |g|); w -= lr*m / ((1-b1^t)*(u+eps))``."""
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ from .backend import get_array_module, to_numpy
 from .schedules import LearningRateSchedule
 from .schedules import deserialize as deserialize_schedule
 from .schedules import serialize as serialize_schedule
+from .slabs import Slab
 from .variables import IndexedSlices, Variable, check_float_dtype, densify
 
 BASE_CONFIG_KEYS = (
@@ -59,6 +60,14 @@ class Optimizer:
     # across shards with results identical to one server. A rule reading a whole variable
     # (a norm, a matrix product, factored statistics) leaves it False.
     rows_separable: bool = False
+    # Set (in its own body) by a class whose update_step is element-wise: every element goes
+    # through the same operations with per-step scalars that depend on the dtype only, and
+    # its slots come from add_optimizer_variables. Such an optimizer updates a whole slab of
+    # variables in one call (see slabs.py); the others (per-tensor norms, factored or
+    # matrix statistics) always go variable by variable.
+    elementwise_update: bool = False
+    # False: never update slabs whole (tests compare the two paths on one instance).
+    use_slabs: bool = True
 
     def __init__(
         self,
@@ -132,6 +141,10 @@ class Optimizer:
         self._accumulated_gradients: list[Variable] = []
         # id(slot) -> path of the model variable it belongs to (see state_owners).
         self._slot_owners: dict[int, str] = {}
+        # Slabs updated whole: id(slab) -> (slab, the Variable standing for it). Its index
+        # (after the real variables') picks its slot slabs out of every slot list.
+        self._slabs: dict[int, tuple[Slab, Variable]] = {}
+        self._slab_decay: dict[int, bool | None] = {}
 
         self._iterations = self.add_variable((), dtype="int32", name="iteration")
         if isinstance(learning_rate, LearningRateSchedule) or callable(learning_rate):
@@ -199,13 +212,59 @@ class Optimizer:
         name: str | Sequence[str],
         initializer: str | float = "zeros",
     ) -> Any:
-        """Create one slot (or one of each named kind) per variable, interleaved per variable."""
+        """Create one slot (or one of each named kind) per variable, interleaved per variable.
+
+        The slots of variables in a slab updated whole are views of one slot slab per kind,
+        which the slab's stand-in gets (listed after the real variables' slots, never in
+        :attr:`variables`).
+        """
         names = [name] if isinstance(name, str) else list(name)
         created: list[list[Variable]] = [[] for _ in names]
+        slot_slabs: dict[tuple[int, int], Any] = {}
+        if self._slabs and trainable_variables is self._trainable_variables:
+            for key, (slab, _) in self._slabs.items():
+                for i in range(len(names)):
+                    slot_slabs[key, i] = self._slot_buffer(slab, initializer)
         for var in trainable_variables:
+            slab = self._slab_of(var) if slot_slabs else None
             for i, n in enumerate(names):
-                created[i].append(self.add_variable_from_reference(var, n, initializer))
+                if slab is None:
+                    created[i].append(self.add_variable_from_reference(var, n, initializer))
+                    continue
+                k = self._slab_position(slab, var)
+                offset, size = slab.offsets[k], slab.sizes[k]
+                value = slot_slabs[id(slab), i][offset : offset + size].reshape(var.shape)
+                slot_name = f"{var.path.replace('/', '_')}_{n}"
+                slot = Variable(value, name=slot_name, path=f"{self.name}/{slot_name}")
+                self._variables.append(slot)
+                self._slot_owners[id(slot)] = var.path
+                created[i].append(slot)
+        for (key, i), buffer in slot_slabs.items():
+            stand_in = self._slabs[key][1]
+            created[i].append(Variable(buffer, path=f"{stand_in.path}_{names[i]}"))
         return created[0] if isinstance(name, str) else tuple(created)
+
+    @staticmethod
+    def _slot_buffer(slab: Slab, initializer: str | float) -> Any:
+        """A flat slot slab for ``slab``, filled as ``add_variable`` fills a slot."""
+        xp = get_array_module(slab.buffer)
+        buffer = xp.zeros(slab.buffer.shape, dtype=slab.dtype)
+        if initializer == "ones":
+            buffer[...] = 1
+        elif not isinstance(initializer, str):
+            buffer[...] = initializer
+        elif initializer != "zeros":
+            raise ValueError(
+                f"Unknown initializer {initializer!r}: use 'zeros', 'ones' or a number"
+            )
+        return buffer
+
+    def _slab_position(self, slab: Slab, var: Variable) -> int:
+        positions = self.__dict__.setdefault("_slab_positions", {})
+        table = positions.get(id(slab))
+        if table is None:
+            table = positions[id(slab)] = {id(v): k for k, v in enumerate(slab.variables)}
+        return table[id(var)]
 
     @property
     def variables(self) -> list[Variable]:
@@ -280,13 +339,79 @@ class Optimizer:
             check_float_dtype(v.dtype, f"Variable {v.path!r}")
         self._trainable_variables = list(var_list)
         self._index_by_key = {self._key(v): i for i, v in enumerate(var_list)}
+        self._slabs = {}
+        if self._slab_rule():
+            self._register_slabs(var_list)
         if self.use_ema:
-            self._model_variables_moving_average = self.add_optimizer_variables(var_list, "average")
+            self._model_variables_moving_average = self.add_optimizer_variables(
+                self._trainable_variables, "average"
+            )
         if self.gradient_accumulation_steps:
             self._accumulated_gradients = self.add_optimizer_variables(
-                var_list, "gradient_accumulator"
+                self._trainable_variables, "gradient_accumulator"
             )
         self.built = True
+
+    # --- slabs -------------------------------------------------------------------------
+    def _slab_rule(self) -> bool:
+        """Whether this optimizer's rule may run on a whole slab at once (see
+        ``elementwise_update``): the class defining ``update_step`` declares it, every
+        override of the per-step loop comes from such a class, and no per-tensor clipping
+        (``clipnorm``, ``global_clipnorm``) is set."""
+        if not self.use_slabs:
+            return False
+        if (self.clipnorm and self.clipnorm > 0) or (
+            self.global_clipnorm and self.global_clipnorm > 0
+        ):
+            return False
+        for method in ("update_step", "_backend_update_step", "apply", "_apply_prepared"):
+            owner = next(c for c in type(self).__mro__ if method in c.__dict__)
+            if owner is Optimizer and method != "update_step":
+                continue
+            if not owner.__dict__.get("elementwise_update", False):
+                return False
+        return True
+
+    def _register_slabs(self, var_list: list[Variable]) -> None:
+        """Take every slab whose variables are all among ``var_list``, in the slab's order."""
+        index = {id(v): i for i, v in enumerate(var_list)}
+        for var in var_list:
+            slab = var.slab
+            if slab is None or id(slab) in self._slabs:
+                continue
+            positions = [index.get(id(v)) for v in slab.variables]
+            if None in positions:
+                continue
+            stand_in = Variable(slab.buffer, path=f"{self.name}/slab_{len(self._slabs)}")
+            stand_in.slab = slab
+            self._index_by_key[self._key(stand_in)] = len(var_list) + len(self._slabs)
+            self._slabs[id(slab)] = (slab, stand_in)
+
+    def _slab_of(self, variable: Variable) -> Slab | None:
+        """The slab updated whole that ``variable`` belongs to, if any."""
+        slab = variable.slab
+        return slab if slab is not None and id(slab) in self._slabs else None
+
+    def _stand_in_slab(self, variable: Variable) -> Slab | None:
+        """The slab ``variable`` stands in for (None for a real variable)."""
+        slab = variable.slab
+        if slab is None or variable.value is not slab.buffer:
+            return None
+        return slab
+
+    def _units(self) -> list[tuple[Variable, int]]:
+        """Every trainable variable once, as ``(variable or slab stand-in, its index)``:
+        the slabs updated whole, then the variables outside them (kept once built)."""
+        cached = self.__dict__.get("_units_cache")
+        if cached is not None and cached[0] == len(self._slabs):
+            return cached[1]
+        n = len(self._trainable_variables)
+        units = [(stand_in, n + k) for k, (_, stand_in) in enumerate(self._slabs.values())]
+        units += [
+            (v, i) for i, v in enumerate(self._trainable_variables) if self._slab_of(v) is None
+        ]
+        self.__dict__["_units_cache"] = (len(self._slabs), units)
+        return units
 
     def _get_variable_index(self, variable: Any) -> int:
         return self._index_by_key[self._key(variable)]
@@ -296,7 +421,38 @@ class Optimizer:
         """The model variables this optimizer was built with, in build order."""
         return list(self._trainable_variables)
 
+    def _slab_entries(self, grads: list[Any], variables: list[Any]) -> tuple[list, list]:
+        """Slabs in ``variables`` (each with one flat gradient laid out like it) as their
+        stand-ins when this optimizer updates them whole, else as their variables, each with
+        its view of the flat gradient (the same update, variable by variable)."""
+        out_grads: list[Any] = []
+        out_vars: list[Any] = []
+        whole = self.built and self._slab_rule()
+        for g, v in zip(grads, variables, strict=True):
+            if type(v) is not Slab:
+                out_grads.append(g)
+                out_vars.append(v)
+                continue
+            entry = self._slabs.get(id(v)) if whole else None
+            if g is None:
+                out_grads += [None] * len(v.variables)
+                out_vars += v.variables
+                continue
+            if tuple(np.shape(g)) != (v.size,):
+                raise ValueError(
+                    f"The gradient for a slab of {len(v.variables)} variables must be flat, "
+                    f"of shape ({v.size},). Received: shape={tuple(np.shape(g))}"
+                )
+            if entry is not None:
+                out_grads.append(g)
+                out_vars.append(entry[1])
+            else:
+                out_grads += v.views(g)
+                out_vars += v.variables
+        return out_grads, out_vars
+
     def _resolve(self, variables: Iterable[Any]) -> list[Variable]:
+        n = len(self._trainable_variables)
         out = []
         for v in variables:
             idx = self._index_by_key.get(self._key(v))
@@ -306,7 +462,7 @@ class Optimizer:
                     f"Unknown variable: {label}. This optimizer can only be called for the "
                     "variables it was originally built with."
                 )
-            out.append(self._trainable_variables[idx])
+            out.append(self._trainable_variables[idx] if idx < n else v)  # v: a slab stand-in
         return out
 
     # --- applying gradients ------------------------------------------------------------
@@ -341,6 +497,8 @@ class Optimizer:
                     f"Got {len(grads)} gradients for {len(variables)} variables; "
                     "they must be paired one to one."
                 )
+            if any(type(v) is Slab for v in variables):
+                grads, variables = self._slab_entries(grads, variables)
             if not self.built:
                 self.build(variables)
             variables = self._resolve(variables)
@@ -546,19 +704,31 @@ class Optimizer:
         if self.weight_decay is None:
             return
         for v in variables:
-            if self._use_weight_decay(v):
-                dt = v.dtype.type
-                lr = dt(self.learning_rate)
-                wd = dt(self.weight_decay)
-                if fused.can_fuse(self, v.value):
-                    fused.weight_decay(v.value, wd, lr)
-                else:
-                    v.assign(v.value - v.value * wd * lr)
+            slab = self._stand_in_slab(v)
+            if slab is None:
+                if self._use_weight_decay(v):
+                    self._decay(v)
+                continue
+            decayed = [m for m in slab.variables if self._use_weight_decay(m)]
+            if len(decayed) == len(slab.variables):
+                self._decay(v)  # the whole slab at once: the same per-element rule
+            else:
+                for m in decayed:
+                    self._decay(m)
+
+    def _decay(self, v: Variable) -> None:
+        dt = v.dtype.type
+        lr = dt(self.learning_rate)
+        wd = dt(self.weight_decay)
+        if fused.can_fuse(self, v.value):
+            fused.weight_decay(v.value, wd, lr)
+        else:
+            v.assign(v.value - v.value * wd * lr)
 
     def _update_moving_averages(self) -> None:
-        for var, avg in zip(
-            self._trainable_variables, self._model_variables_moving_average, strict=True
-        ):
+        averages = self._model_variables_moving_average
+        for var, index in self._units():
+            avg = averages[index]
             dt = var.dtype.type
             mu = dt(self.ema_momentum) if self.iterations != 0 else dt(0)
             if fused.can_fuse(self, avg.value, var.value):
@@ -567,10 +737,9 @@ class Optimizer:
                 avg.assign(mu * avg.value + (dt(1) - mu) * var.value)
 
     def _overwrite_with_averages(self) -> None:
-        for var, avg in zip(
-            self._trainable_variables, self._model_variables_moving_average, strict=True
-        ):
-            var.assign(avg.value)
+        averages = self._model_variables_moving_average
+        for var, index in self._units():
+            var.assign(averages[index].value)
 
     def finalize_variable_values(self, var_list: Iterable[Any] | None = None) -> None:
         """With ``use_ema``, overwrite the model variables with their moving averages."""

@@ -12,6 +12,7 @@ class Lion(Optimizer):
     """``w -= lr*sign(b1*m + (1-b1)*g)`` with the old ``m``; then ``m <- b2*m + (1-b2)*g``."""
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

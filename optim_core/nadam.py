@@ -19,6 +19,7 @@ class Nadam(Optimizer):
     """
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

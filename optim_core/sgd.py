@@ -16,6 +16,7 @@ class SGD(Optimizer):
     """
 
     rows_separable = True
+    elementwise_update = True  # the same rule per element: slabs update whole
 
     def __init__(
         self,

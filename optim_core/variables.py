@@ -29,7 +29,9 @@ class Variable:
     where weight-decay exclusion matches ``name`` and slot names derive from ``path``.
     """
 
-    __slots__ = ("name", "path", "value")
+    # ``slab``: the :class:`~paramserve.optim_core.slabs.Slab` this variable's value is a view
+    # of (set by ``slabs.pack``), else None.
+    __slots__ = ("name", "path", "slab", "value")
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class Variable:
         self.value = value
         self.name = name
         self.path = path
+        self.slab: Any = None
 
     # --- array-like surface, so update rules read like Keras code -------------------
     @property

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserve.optim_core import IndexedSlices, array_module, to_device
+from paramserve.optim_core import IndexedSlices, Slab, array_module, to_device
 from paramserve.wire import SparseRows
 
 from .aggregation import REDUCTIONS
@@ -55,9 +55,29 @@ class FiniteChecked(dict):
     of reading them all again.
     """
 
-    def __init__(self, values: Mapping[str, Any], *, finite: frozenset[str]) -> None:
+    def __init__(
+        self,
+        values: Mapping[str, Any],
+        *,
+        finite: frozenset[str],
+        packed: Sequence[tuple[tuple[str, ...], np.ndarray]] = (),
+    ) -> None:
         super().__init__(values)
         self.finite = finite
+        # ``(names, flat)``: the gradients of these variables (in this order) are views of
+        # the one flat array (as received: end to end), so a slab of exactly these
+        # variables can be checked and applied through it whole (see check_slab_push).
+        self.packed = packed
+
+
+class PreparedPush(dict):
+    """Checked gradients by name (see :func:`check_push`), plus ``slabs``: the flat gradient
+    of each slab whose variables all have theirs in it (those variables are not among the
+    names)."""
+
+    def __init__(self, values: Mapping[str, Any] = (), *, slabs: dict[Any, Any] | None = None):
+        super().__init__(values)
+        self.slabs: dict[Any, Any] = slabs or {}
 
 
 def _same_dtype(got: np.dtype, expected: np.dtype) -> bool:
@@ -216,6 +236,99 @@ def check_push(
     return prepared
 
 
+def check_slab_push(
+    grads: Mapping[str, Any],
+    slabs: Mapping[tuple[str, ...], Slab],
+    specs: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
+    *,
+    nonfinite: str,
+    device: str,
+    max_tensor_bytes: int,
+) -> PreparedPush | None:
+    """:func:`check_push` in bulk for the slabs a push carries whole.
+
+    ``grads.packed`` names flat gradients laid out like whole slabs of the model
+    (``slabs``, by their variables' names): each is checked once (dtype, size, the largest
+    variable against ``max_tensor_bytes``, NaN/Inf in one vectorised pass unless the stream
+    scan vouched for all its variables) instead of variable by variable; the other
+    gradients go through :func:`check_push`. Returns None when the ``skip`` policy drops
+    the push.
+    """
+    known_finite = grads.finite if isinstance(grads, FiniteChecked) else frozenset()
+    whole: dict[Slab, np.ndarray] = {}
+    for names, flat in getattr(grads, "packed", ()):
+        slab = slabs.get(names)
+        if (
+            slab is not None
+            and isinstance(flat, np.ndarray)
+            and _same_dtype(flat.dtype, slab.dtype)
+            and flat.shape == (slab.size,)
+        ):
+            whole[slab] = flat
+    if not whole:
+        prepared = check_push(
+            grads,
+            specs,
+            nonfinite=nonfinite,
+            device=device,
+            max_tensor_bytes=max_tensor_bytes,
+        )
+        return None if prepared is None else PreparedPush(prepared)
+    covered = sum(len(slab.names) for slab in whole)
+    if covered == len(grads):
+        rest: dict[str, Any] = {}
+    else:
+        names = set().union(*(slab.names for slab in whole))
+        rest = {n: g for n, g in grads.items() if n not in names}
+    for slab in whole:
+        itemsize = slab.dtype.itemsize
+        largest = max(slab.sizes) * itemsize
+        if largest > max_tensor_bytes:
+            name = slab.names[slab.sizes.index(max(slab.sizes))]
+            raise limit_exceeded(
+                f"gradient for {name!r} is {largest} bytes, over the limit of "
+                f"{max_tensor_bytes} bytes (max_tensor_bytes)",
+                limit="max_tensor_bytes",
+                limit_value=max_tensor_bytes,
+                requested=largest,
+                variable=name,
+            )
+    prepared: dict[str, Any] = {}
+    if rest:
+        checked = check_push(
+            FiniteChecked(rest, finite=known_finite),
+            specs,
+            nonfinite=nonfinite,
+            device=device,
+            max_tensor_bytes=max_tensor_bytes,
+        )
+        if checked is None:
+            return None
+        prepared = checked
+    if nonfinite != "allow":
+        for slab, flat in whole.items():
+            if known_finite and known_finite.issuperset(slab.names):
+                continue
+            if all_finite(flat):
+                continue
+            if nonfinite == "skip":
+                return None
+            name = next(
+                n
+                for n, view in zip(slab.names, slab.views(flat), strict=True)
+                if not all_finite(view)
+            )
+            raise InvalidArgument(
+                f"gradient for {name!r} contains NaN or Inf values "
+                "(the server's non-finite policy is 'reject')",
+                reason="NONFINITE_GRADIENT",
+                metadata={"variable": name, "policy": nonfinite},
+            )
+    return PreparedPush(
+        prepared, slabs={s: to_device(_native(f), device) for s, f in whole.items()}
+    )
+
+
 def _scatter_add(out: Any, indices: Any, values: Any) -> None:
     """``out[indices] += values`` with repeated indices accumulated one by one."""
     if isinstance(out, np.ndarray):
@@ -285,7 +398,32 @@ def combine(
         raise ValueError(f"`reduction` must be one of {REDUCTIONS}. Received: {reduction!r}")
     if not pushes:
         raise ValueError("combine() needs at least one push")
+    if len(pushes) == 1 and scale == 1.0:
+        return pushes[0]  # a lone contribution passes through (as each variable's would)
     xp = array_module(device)
+    # Slabs every push carries whole are combined whole (the same element-wise sums); a
+    # slab only some carry whole is split into its variables' views in those.
+    slab_sets = [getattr(p, "slabs", None) or {} for p in pushes]
+    common = [s for s in slab_sets[0] if all(s in other for other in slab_sets[1:])]
+    if any(slab_sets):
+        split = []
+        for push, slabs in zip(pushes, slab_sets, strict=True):
+            extra = [s for s in slabs if s not in common]
+            if extra:
+                push = dict(push)
+                for s in extra:
+                    push.update(zip(s.names, s.views(slabs[s]), strict=True))
+            split.append(push)
+        pushes = split
+    out_slabs: dict[Any, Any] = {}
+    for slab in common:
+        value, owned = _sum_parts([s[slab] for s in slab_sets], slab.dtype, (slab.size,), xp)
+        if reduction == "mean" and len(pushes) > 1:
+            value = _scaled(value, slab.dtype.type(len(pushes)), owned, divide=True, xp=xp)
+            owned = True
+        if scale != 1.0:
+            value = _scaled(value, slab.dtype.type(scale), owned, divide=False, xp=xp)
+        out_slabs[slab] = value
     names: dict[str, None] = {}
     for push in pushes:
         names.update(dict.fromkeys(push))
@@ -300,4 +438,4 @@ def combine(
         if scale != 1.0:
             value = _scaled(value, dtype.type(scale), owned, divide=False, xp=xp)
         out[name] = value
-    return out
+    return PreparedPush(out, slabs=out_slabs) if out_slabs else out

@@ -244,14 +244,28 @@ class WeightHeaders:
     def __init__(self) -> None:
         self._specs: Specs | None = None
         self._dense: dict[str, tpb.TensorHeader] = {}
+        self._all: list[tpb.TensorHeader] = []
+        self._names: list[str] = []
 
     def __call__(
         self, specs: Specs, tensors: dict[str, wire.TensorValue]
     ) -> list[tpb.TensorHeader]:
-        """The headers of ``tensors`` (whole variables or their rows) of a model's ``specs``."""
+        """The headers of ``tensors`` (whole variables or their rows) of a model's ``specs``.
+
+        Every variable, whole, in the model's order (the usual pull) gets the same list
+        object each time, so the caller can keep what it derives from it.
+        """
         if specs is not self._specs:  # the core hands out one specs object per model
-            self._dense = {h.name: h for h in dense_headers(specs)}
+            self._all = dense_headers(specs)
+            self._dense = {h.name: h for h in self._all}
+            self._names = list(self._dense)
             self._specs = specs
+        if getattr(tensors, "whole", False) or (
+            len(tensors) == len(self._names)
+            and list(tensors) == self._names
+            and not any(type(v) is wire.SparseRows for v in tensors.values())
+        ):
+            return self._all
         dense = self._dense
         return [
             wire.sparse_header(n, v, specs[n][1]) if isinstance(v, wire.SparseRows) else dense[n]

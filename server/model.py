@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
-from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Variable
+from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Slab, Variable
 
 from .errors import FailedPrecondition, InvalidArgument, limit_exceeded
 from .limits import Limits
@@ -32,6 +32,8 @@ MAX_NAME_CHARS = 1024
 # An optimizer given by name rather than as JSON: "adam", "adam_w", "my.module>Custom", ...
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.>-]*$")
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+# What CuPy arrays hold (bfloat16 variables stay on the host).
+_DEVICE_DTYPES = ("float16", "float32", "float64")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,16 @@ class Model:
     optimizer_specs: tuple[Optimizer, dict[str, tuple[str, tuple[int, ...]]]] | None = field(
         default=None, repr=False
     )
+    # Same-dtype variables packed end to end (optim_core.pack), by their names in order: a
+    # push carrying one flat gradient per slab is checked and applied per slab, not per
+    # variable (see store.validate_push).
+    slabs: dict[tuple[str, ...], Slab] = field(default_factory=dict, repr=False)
+    # Where consecutive variables are one stretch of a slab (store._weight_runs, cached).
+    weight_runs: list[tuple[int, int, np.ndarray, list[int]]] | None = field(
+        default=None, repr=False
+    )
+    # Every variable's live host array by name (store._whole_model, cached).
+    weights: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def check_name(what: str, name: Any, *, allow_empty: bool = False) -> None:
@@ -201,19 +213,18 @@ def build_model(
     device: str,
     limits: Limits,
 ) -> Model:
-    """Copy the variables to the device and build the optimizer's slots on them."""
-    variables: dict[str, Variable] = {}
+    """Copy the variables to the device, same-dtype ones packed into flat slabs (each
+    variable a view of its slab), and build the optimizer's slots on them."""
     for var_name, value in arrays:
-        host = np.array(value, dtype=value.dtype.newbyteorder("="), order="C", copy=True)
-        try:
-            if device == "cpu":
-                variables[var_name] = Variable(host, path=var_name)
-            else:
-                variables[var_name] = Variable(host, path=var_name, device=device)
-        except (TypeError, ValueError) as exc:
+        if device != "cpu" and value.dtype.name not in _DEVICE_DTYPES:
             raise InvalidArgument(
-                f"variable {var_name!r} ({host.dtype.name}) cannot live on device {device}: {exc}"
-            ) from exc
+                f"variable {var_name!r} ({value.dtype.name}) cannot live on device {device}"
+            )
+    try:
+        packed, slabs = optim_core.pack(arrays, device=None if device == "cpu" else device)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"the variables cannot live on device {device}: {exc}") from exc
+    variables: dict[str, Variable] = {v.path: v for v in packed}
     try:
         optimizer.build(list(variables.values()))
     except (ValueError, TypeError) as exc:
@@ -232,7 +243,7 @@ def build_model(
     config = config_json(optim_core.serialize(optimizer))
     if device == "cpu":
         _prepare_kernels()
-    return Model(name, optimizer, variables, specs, {config})
+    return Model(name, optimizer, variables, specs, {config}, slabs={s.names: s for s in slabs})
 
 
 def _prepare_kernels() -> None:

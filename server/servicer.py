@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -54,6 +55,30 @@ _ANY_VIEW = frozenset({"GetStatus"})
 # what `paramserve top` and `paramserve snapshots --address SHARD` show of it.
 _OBSERVER_CALLS = frozenset({"Describe", "ListSnapshots"})
 _CHECKED_HEADERS_MAX = 256
+# Push header lists remembered as checked, with their stream layouts (cleared when full).
+_PUSH_PLANS_MAX = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class _PushPlan:
+    """A push's header list checked against one model's specs (``specs`` is that model's
+    object), with its stream layout and NaN-scan segments: workers send the same headers
+    every step, so a push whose headers match one needs none of it again."""
+
+    specs: Specs
+    headers: list[tpb.TensorHeader]
+    layout: wire.StreamLayout
+    segments: list[streams.ScanSegment]
+
+
+def _push_plan_key(header: pb.PushHeader) -> bytes:
+    """The serialized header less its per-push fields: equal for pushes whose tensors and
+    wire dtype are (one copy and one serialization, in C, however many tensors)."""
+    key = pb.PushHeader()
+    key.CopyFrom(header)
+    for field in ("worker_id", "sequence", "base_version", "session", "prepare"):
+        key.ClearField(field)
+    return key.SerializeToString()
 
 
 def _remaining_s(context: grpc.ServicerContext) -> float | None:
@@ -163,6 +188,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         # Step header lists (their serialized headers) that passed the size and spec checks,
         # with the specs object they passed against.
         self._checked_step_headers: dict[tuple[int | bytes, ...], Specs] = {}
+        self._push_plans: dict[bytes, _PushPlan] = {}
+        # The serialized TensorStreamHeader (tensors only) of the last header list a pull
+        # replied with, for the next pull of the same list (WeightHeaders hands it out again).
+        self._reply_headers: tuple[list[tpb.TensorHeader], bytes, int] | None = None
         self._shard = (core.config.shard_index, core.config.shards)
         self._shard_view = f"{self._shard[0]}/{self._shard[1]}"
 
@@ -212,7 +241,6 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         context: grpc.ServicerContext,
         *,
         scan_finite: bool = False,
-        widen: list[bool] | None = None,
     ) -> dict[str, wire.TensorValue]:
         """The tensors of a client stream whose ``headers`` were checked."""
         return streams.receive_tensors(
@@ -222,8 +250,41 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             method=method,
             count_bytes=self._received[method].inc,
             scan_finite=scan_finite,
-            widen=widen,
         )
+
+    def _push_plan(self, header: pb.PushHeader) -> _PushPlan:
+        """The checked headers of a push, from the cache when the same list passed against
+        this model before; checked in bulk (sizes, limits, names, dtypes, shapes) otherwise."""
+        key = _push_plan_key(header)
+        specs = self._core.variable_specs()
+        plan = self._push_plans.get(key)
+        if plan is not None and plan.specs is specs:
+            return plan
+        headers = list(header.tensors)
+        messages.check_sizes(headers, self._limits, dense_only=False)
+        messages.check_against(
+            headers, specs, what="variable", unknown=NotFound, wire_dtype=header.wire_dtype
+        )
+        widen = None
+        if header.wire_dtype:
+            wire.prepare_casts()  # compiled or loaded once, before anything is received
+            widen = messages.widened_on_arrival(headers, specs)
+        layout = wire.StreamLayout(headers, widen=widen if widen and any(widen) else None)
+        plan = _PushPlan(specs, headers, layout, streams.scan_segments(layout))
+        if len(self._push_plans) >= _PUSH_PLANS_MAX:
+            self._push_plans.clear()
+        self._push_plans[key] = plan
+        return plan
+
+    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
+        """The serialized ``TensorStreamItem(header=...)`` of a reply, and its payload bytes:
+        the tensors' part is kept from the last reply with the same header list, the version
+        appended by hand."""
+        cached = self._reply_headers
+        if cached is None or cached[0] is not headers:
+            body = tpb.TensorStreamHeader(tensors=headers).SerializeToString()
+            self._reply_headers = cached = (headers, body, sum(h.byte_length for h in headers))
+        return wire.stream_header_item(cached[1], version), cached[2]
 
     def _push(
         self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context
@@ -362,28 +423,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         """Apply a push of gradients streamed in chunks (exactly once)."""
         self._core.require_accepting()
         header = streams.first_item(request_iterator, "header", "PushHeader")
-        headers = list(header.tensors)
-        messages.check_sizes(headers, self._limits, dense_only=False)
-        specs = self._core.variable_specs()
-        messages.check_against(
-            headers, specs, what="variable", unknown=NotFound, wire_dtype=header.wire_dtype
-        )
-        widen = None
-        if header.wire_dtype:
-            wire.prepare_casts()  # compiled or loaded once, before anything is received
-            widen = messages.widened_on_arrival(headers, specs)
-        grads = self._receive(
-            "Push",
-            headers,
+        plan = self._push_plan(header)
+        grads = streams.receive_tensors(
+            plan.headers,
             request_iterator,
             context,
+            method="Push",
+            count_bytes=self._received["Push"].inc,
             scan_finite=self._core.checks_finite,
-            widen=widen,
+            layout=plan.layout,
+            segments=plan.segments,
+            # Dense gradients of a compressed push arrive widened to float32 in the receive
+            # buffer, so slabs can take them whole as well.
+            packed=True,
         )
         if header.wire_dtype:
             # Sparse rows, widened after the finite scan, which holds for the upcast values
             # too (exact widening); dense ones arrived widened.
-            messages.upcast_compressed(grads, specs)
+            messages.upcast_compressed(grads, plan.specs)
         if header.prepare:
             result = self._core.prepare(
                 header.worker_id,
@@ -436,7 +493,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             version, items = self._core.optimizer_state()
             values: list[wire.TensorValue] = [value for _, value in items]
             headers = [wire.header_for(name, value) for name, value in items]
-            chunks = wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
+            chunks = wire.encoded_chunk_items(
+                values, chunk_bytes=self._chunk_bytes, packed=request.packed_chunks
+            )
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
             encode_as = self._wire_dtype(request)
 
@@ -446,7 +505,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 tensors = self._compressed(specs, tensors, encode_as)
                 values = list(tensors.values())
                 return self._headers(specs, tensors, encode_as), collections.deque(
-                    wire.encoded_chunk_items(values, chunk_bytes=self._chunk_bytes)
+                    wire.encoded_chunk_items(
+                        values,
+                        chunk_bytes=self._chunk_bytes,
+                        packed=request.packed_chunks,
+                        runs=getattr(tensors, "runs", None),  # slabs' stretches, whole
+                    )
                 )
 
             version, (headers, encoded) = self._core.read_weights(
@@ -455,9 +519,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             chunks = streams.drain(encoded)
         else:
             raise InvalidArgument(messages.unknown_scope(request.scope))
-        yield tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=version))
+        item, payload = self._stream_header(headers, version)
+        yield item
         yield from chunks  # pre-encoded TensorStreamItem chunks (see add_to_server)
-        self._metrics.bytes_sent.labels(method="Pull").inc(sum(h.byte_length for h in headers))
+        self._metrics.bytes_sent.labels(method="Pull").inc(payload)
 
     @_rpc("Step")
     def Step(  # noqa: N802

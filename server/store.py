@@ -259,7 +259,18 @@ class ModelStore:
         ``generation`` before applying), so large pushes are checked in parallel.
         """
         with self.lock:
-            specs = self._require_model().specs
+            model = self._require_model()
+            specs, slabs = model.specs, model.slabs
+        if slabs and getattr(grads, "packed", None):
+            # Slabs the push carries whole are checked in bulk (one pass each).
+            return gradients.check_slab_push(
+                grads,
+                slabs,
+                specs,
+                nonfinite=self.nonfinite,
+                device=self.device,
+                max_tensor_bytes=self.limits.max_tensor_bytes,
+            )
         return gradients.check_push(
             grads,
             specs,
@@ -282,10 +293,14 @@ class ModelStore:
         """One optimizer step on the variables in ``grads``; returns the new version."""
         with self.lock:
             model = self._require_model()
-            if grads:
+            slabs = getattr(grads, "slabs", None) or {}
+            if grads or slabs:
                 names = list(grads)
+                # A slab with one flat gradient is updated whole where the optimizer's rule
+                # is element-wise, else variable by variable (optim_core decides).
                 model.optimizer.apply(
-                    [grads[n] for n in names], [model.variables[n] for n in names]
+                    [*slabs.values(), *(grads[n] for n in names)],
+                    [*slabs, *(model.variables[n] for n in names)],
                 )
                 self.changed.notify_all()
             return model.optimizer.iterations
@@ -323,9 +338,17 @@ class ModelStore:
         """
         with self.lock:
             model = self._require_model()
+            if names is None and not rows and self.device == "cpu":
+                # Every variable, whole, in model order: the live host arrays (one mapping
+                # per model), with the slabs' stretches (see Weights).
+                return model.optimizer.iterations, use(_whole_model(model))
             wanted, selections = _selection(model, names, rows)
             tensors: dict[str, np.ndarray | SparseRows] = {}
             xp = optim_core.array_module(self.device)
+            if xp is np and not selections:  # host arrays, whole: the live values themselves
+                variables = model.variables
+                tensors = {name: variables[name].value for name in wanted}
+                return model.optimizer.iterations, use(tensors)
             for name in wanted:
                 value = model.variables[name].value
                 if name in selections:
@@ -407,6 +430,57 @@ class ModelStore:
         with self.lock:
             self._closed = True
             self.changed.notify_all()
+
+
+class Weights(dict):
+    """Every variable's live host array by name, in model order (``whole``); ``runs``: where
+    consecutive ones are one flat array end to end in a slab, as ``(first, end, flat, byte
+    starts)`` (see ``paramserve.wire``'s ``encoded_chunk_items``), so a reply sends each
+    stretch as one piece. Read-only for its users: one mapping serves every read of a
+    model."""
+
+    whole = True
+    runs: list[tuple[int, int, np.ndarray, list[int]]] = []
+
+
+def _whole_model(model: Model) -> Weights:
+    """``model``'s :class:`Weights` (built once per model: the arrays are live views)."""
+    if model.weights is None:
+        weights = Weights({name: v.value for name, v in model.variables.items()})
+        weights.runs = _weight_runs(model)
+        model.weights = weights
+    return model.weights
+
+
+def _weight_runs(model: Model) -> list[tuple[int, int, np.ndarray, list[int]]]:
+    """The stretches of ``model``'s variables (in model order) that lie end to end in one
+    slab; computed once per model."""
+    if model.weight_runs is not None:
+        return model.weight_runs
+    runs = []
+    positions = {
+        id(v): (slab, k) for slab in model.slabs.values() for k, v in enumerate(slab.variables)
+    }
+    members = [positions.get(id(v)) for v in model.variables.values()]
+    i = 0
+    while i < len(members):
+        if members[i] is None:
+            i += 1
+            continue
+        slab, k0 = members[i]
+        j = i + 1
+        while j < len(members) and members[j] == (slab, k0 + j - i):
+            j += 1
+        if j - i > 1:
+            itemsize = slab.dtype.itemsize
+            offsets = slab.offsets[k0 : k0 + j - i]
+            end = slab.offsets[k0 + j - i - 1] + slab.sizes[k0 + j - i - 1]
+            starts = [(o - offsets[0]) * itemsize for o in offsets]
+            starts.append((end - offsets[0]) * itemsize)
+            runs.append((i, j, slab.buffer[offsets[0] : end], starts))
+        i = j
+    model.weight_runs = runs
+    return runs
 
 
 def _selection(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import os
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from .gradients import FiniteChecked, all_finite
 # A client-stream item after deserialization: a chunk decoded straight from the received
 # bytes as ``(tensor, offset, data view)``, or the parsed protobuf message (headers).
 ChunkView = tuple[int, int, memoryview]
+_WIDENED = np.dtype("float32")  # what a tensor widened on arrival becomes
 _FLOAT_CODES = frozenset((tpb.FLOAT32, tpb.FLOAT64, tpb.FLOAT16, tpb.BFLOAT16))
 
 
@@ -118,42 +120,113 @@ def require_end(ended: bool, method: str, context: grpc.ServicerContext) -> None
         raise Cancelled(f"{method}: the call ended before the request was acted on")
 
 
+@dataclass(frozen=True)
+class ScanSegment:
+    """A stretch of dense float tensors of one dtype lying end to end in both the stream and
+    the receive buffer: scanned for NaN and Inf as one array."""
+
+    stream_start: int
+    stream_end: int
+    buffer_start: int
+    dtype: np.dtype
+    names: frozenset[str]
+    order: tuple[str, ...]  # the names in stream order
+    # Widened to float32 (``dtype``) on arrival, from bfloat16 or float16: twice the
+    # stream's bytes in the receive buffer, and never scanned (the widening tells).
+    widened: bool = False
+
+    def flat(self, buffer: np.ndarray) -> np.ndarray:
+        """The segment's tensors as one flat array (a view of the receive buffer)."""
+        length = self.stream_end - self.stream_start
+        end = self.buffer_start + (2 * length if self.widened else length)
+        return buffer[self.buffer_start : end].view(self.dtype)
+
+
+def scan_segments(layout: wire.StreamLayout) -> list[ScanSegment]:
+    """The :class:`ScanSegment` s of a stream layout (one for a model whose variables share a
+    dtype), computed once per header list with its layout. Tensors the layout widens on
+    arrival make segments of their float32 values."""
+    out: list[ScanSegment] = []
+    # [stream_start, stream_end, buffer_start, dtype, names, widened]
+    current: list[Any] | None = None
+
+    def close(current: list[Any]) -> None:
+        names = current[4]
+        out.append(ScanSegment(*current[:4], frozenset(names), tuple(names), current[5]))
+
+    for h, s, b, length, wide in zip(
+        layout.headers,
+        layout.stream_starts,
+        layout.buffer_starts,
+        layout.lengths,
+        layout.widened,
+        strict=True,
+    ):
+        if h.layout != tpb.LAYOUT_DENSE or h.dtype not in _FLOAT_CODES:
+            continue
+        dtype = _WIDENED if wide else wire.dtype_from_proto(h.dtype)
+        if (
+            current is not None
+            and current[3] == dtype
+            and current[5] == wide
+            and current[1] == s
+            and current[2] + (s - current[0]) * (2 if wide else 1) == b
+        ):
+            current[1] = s + length
+            current[4].append(h.name)
+            continue
+        if current is not None:
+            close(current)
+        current = [s, s + length, b, dtype, [h.name], wide]
+    if current is not None:
+        close(current)
+    return out
+
+
 class FiniteScan:
     """Tracks which dense float tensors of a stream are all-finite, piece by piece.
 
     Scanning each chunk while it arrives overlaps the check with the transfer, while the
     chunk is still in cache; the store's check then skips those tensors
     (:class:`~paramserve.server.gradients.FiniteChecked`) instead of reading them again.
+    Tensors of one dtype that lie end to end are scanned together (:class:`ScanSegment`),
+    so a model of many small variables costs one scan per chunk, not one per variable.
     """
 
-    def __init__(self, headers: Sequence[tpb.TensorHeader]) -> None:
-        self._headers = list(headers)
-        self._dtypes = {
-            i: wire.dtype_from_proto(h.dtype)
-            for i, h in enumerate(self._headers)
-            if h.layout == tpb.LAYOUT_DENSE and h.dtype in _FLOAT_CODES
-        }
-        self._checked = [0] * len(self._headers)
+    def __init__(self, segments: Sequence[ScanSegment]) -> None:
+        # Widened segments are not scanned: the assembler tells whether they are finite.
+        self._segments = [seg for seg in segments if not seg.widened]
+        self._next = 0  # the first segment not scanned completely
+        self._checked = 0  # stream bytes of that segment scanned so far (from its start)
         self._bad: set[int] = set()
 
-    def update(self, tensor: int, buffer: np.ndarray, received: int) -> None:
-        """Scan tensor ``tensor``'s whole elements in ``buffer[:received]`` not scanned yet."""
-        dtype = self._dtypes.get(tensor)
-        if dtype is None or tensor in self._bad:
-            return
-        start, end = self._checked[tensor], received - received % dtype.itemsize
-        if end > start:
-            if not all_finite(buffer[start:end].view(dtype)):
-                self._bad.add(tensor)
-            self._checked[tensor] = end
+    def update(self, buffer: np.ndarray, received: int) -> None:
+        """Scan the whole elements of ``buffer`` (the receive buffer) that arrived before
+        stream position ``received`` and were not scanned yet."""
+        segments = self._segments
+        while self._next < len(segments):
+            seg = segments[self._next]
+            start = seg.stream_start + self._checked
+            end = min(received, seg.stream_end)
+            end -= (end - seg.stream_start) % seg.dtype.itemsize
+            if end > start:
+                if self._next not in self._bad:
+                    at = seg.buffer_start + start - seg.stream_start
+                    if not all_finite(buffer[at : at + end - start].view(seg.dtype)):
+                        self._bad.add(self._next)
+                self._checked = end - seg.stream_start
+            if end < seg.stream_end:
+                return
+            self._next += 1
+            self._checked = 0
 
     def finite(self) -> frozenset[str]:
         """Names of the tensors scanned completely and found all-finite."""
-        return frozenset(
-            h.name
-            for i, h in enumerate(self._headers)
-            if i in self._dtypes and i not in self._bad and self._checked[i] == h.byte_length
-        )
+        segments = self._segments[: self._next]
+        done = [seg.names for i, seg in enumerate(segments) if i not in self._bad]
+        if len(done) == 1:
+            return done[0]
+        return frozenset().union(*done)
 
 
 def receive_tensors(
@@ -164,6 +237,9 @@ def receive_tensors(
     method: str,
     count_bytes: Callable[[int], None],
     scan_finite: bool = False,
+    layout: wire.StreamLayout | None = None,
+    segments: Sequence[ScanSegment] | None = None,
+    packed: bool = False,
     widen: Sequence[bool] | None = None,
 ) -> dict[str, wire.TensorValue]:
     """The tensors whose chunks follow validated ``headers``, in strict order, then the end.
@@ -171,12 +247,23 @@ def receive_tensors(
     ``count_bytes`` is told the payload bytes received once the stream ends, complete or
     not. ``scan_finite``: check dense gradients for NaN/Inf chunk by chunk as they arrive,
     and return them as ``FiniteChecked`` so the store's check does not read them again.
-    ``widen[i]``: tensor ``i`` (dense bfloat16 or float16) arrives widened to float32, each
-    chunk widened straight from the received bytes (the scan comes with the widening).
+    ``layout`` and ``segments``: the headers' stream layout and scan segments, when the
+    caller keeps them from an earlier stream with the same headers. The tensors are views
+    of one receive buffer (each aligned to its item size). ``packed``: return them as
+    ``FiniteChecked`` with each segment's tensors also as one flat array (``packed``), so the
+    store can check and apply a slab of the same variables whole.
+    ``widen[i]`` (or the ``layout``'s own ``widen``): tensor ``i`` (dense bfloat16 or
+    float16) arrives widened to float32, each chunk widened straight from the received
+    bytes into the receive buffer (the scan comes with the widening).
     """
-    assembler = wire.TensorAssembler(headers, widen=widen)
-    scan = FiniteScan(headers) if scan_finite else None
-    received = 0
+    if layout is None:
+        assembler = wire.TensorAssembler(headers, widen=widen)
+    else:
+        assembler = wire.TensorAssembler(headers, layout=layout, widen=widen)
+    if segments is None and (scan_finite or packed):
+        segments = scan_segments(assembler.layout)
+    scan = FiniteScan(segments) if scan_finite and segments is not None else None
+    buffer = assembler.receive_buffer
     ended = False
     for item in requests:
         if ended:
@@ -190,16 +277,22 @@ def receive_tensors(
             continue
         else:
             raise InvalidArgument(f"{method}: only chunks and the end item may follow the header")
-        assembler.add(tensor, offset, data)  # the one copy, into the tensor's buffer
-        if scan is not None and not assembler.widens(tensor):
-            scan.update(tensor, assembler.buffer(tensor), offset + len(data))
-        received += len(data)
-    count_bytes(received)
+        assembler.add(tensor, offset, data)  # the one copy, into the receive buffer
+        if scan is not None:
+            scan.update(buffer, assembler.received)
+    count_bytes(assembler.received)
     tensors = assembler.finish()
     require_end(ended, method, context)
-    if scan is None:
-        return tensors
-    return FiniteChecked(tensors, finite=scan.finite() | assembler.widened_finite())
+    finite = frozenset()
+    if scan is not None:
+        finite = scan.finite()
+        widened = assembler.widened_finite()
+        if widened:
+            finite = finite | widened if finite else widened
+    if packed and segments:
+        flats = [(seg.order, seg.flat(buffer)) for seg in segments if len(seg.order) > 1]
+        return FiniteChecked(tensors, finite=finite, packed=flats)
+    return FiniteChecked(tensors, finite=finite) if scan is not None else tensors
 
 
 class UploadChunks:

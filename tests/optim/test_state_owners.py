@@ -150,3 +150,25 @@ def test_custom_optimizer_names_owners_with_add_variable() -> None:
         "total": None,
         "x": "b",
     }
+
+
+@pytest.mark.parametrize("name, make", CASES, ids=[n for n, _ in CASES])
+def test_owners_with_slabs_are_those_without(name: str, make: Any) -> None:
+    # Variables packed into a slab (as the server keeps them): the slots of an optimizer
+    # updating the slab whole are views of slot slabs, still each owned by its variable,
+    # and the slot slabs themselves are no state of their own.
+    rng = np.random.default_rng(0)
+    arrays = [(n, rng.standard_normal(s).astype(np.float32)) for n, s in SHAPES.items()]
+    variables, slabs = optim_core.pack(arrays)
+    assert slabs
+    packed = make()
+    packed.build(variables)
+    plain = _built(make)
+    assert packed.state_owners() == plain.state_owners()
+    assert list(packed.state_dict()) == list(plain.state_dict())
+    assert len(packed.variables) == len(plain.variables)
+    inner = packed.inner_optimizer if isinstance(packed, optim_core.LossScaleOptimizer) else packed
+    if inner._slabs:  # the slot slabs are never listed
+        buffers = {id(stand_in.value) for _, stand_in in inner._slabs.values()}
+        assert not buffers & {id(v.value) for v in packed.variables}
+        assert not any("slab" in k for k in packed.state_dict())

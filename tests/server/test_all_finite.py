@@ -15,7 +15,7 @@ from paramserve.server.gradients import (
     all_finite,
     check_push,
 )
-from paramserve.server.streams import FiniteScan
+from paramserve.server.streams import FiniteScan, scan_segments
 from paramserve.wire import SparseRows
 
 N = 2 * FINITE_BLOCK_ELEMENTS + 5  # two full blocks and a short one
@@ -51,11 +51,11 @@ def test_small_empty_and_strided_arrays(x):
 def _scan(values: np.ndarray, piece_bytes: int) -> frozenset[str]:
     """FiniteScan over ``values`` delivered in ``piece_bytes`` pieces, as the servicer does."""
     header = wire.header_for("g", values)
-    scan = FiniteScan([header])
+    scan = FiniteScan(scan_segments(wire.StreamLayout([header])))
     payload = values.reshape(-1).view(np.uint8)
     for start in range(0, payload.size, piece_bytes):
         end = min(start + piece_bytes, payload.size)
-        scan.update(0, payload, end)
+        scan.update(payload, end)
     return scan.finite()
 
 
@@ -72,8 +72,8 @@ def test_scan_while_receiving_finds_values_split_across_pieces(piece_bytes):
 def test_scan_skips_sparse_rows_and_check_push_rechecks_the_rest():
     rows = SparseRows(np.array([0], np.int64), np.array([[np.nan, 1.0]], np.float32))
     headers = [wire.header_for("d", np.ones(2, np.float32)), wire.sparse_header("s", rows, (3, 2))]
-    scan = FiniteScan(headers)
-    scan.update(0, np.ones(2, np.float32).view(np.uint8), 8)
+    scan = FiniteScan(scan_segments(wire.StreamLayout(headers)))
+    scan.update(np.ones(2, np.float32).view(np.uint8), 8)
     assert scan.finite() == {"d"}
     specs = {"d": (np.dtype(np.float32), (2,)), "s": (np.dtype(np.float32), (3, 2))}
     # A name the scan vouched for is not read again; the others still are.

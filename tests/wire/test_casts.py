@@ -161,3 +161,138 @@ def test_assembler_widens_chunks_as_they_arrive(dtype: np.dtype, chunk_bytes: in
     assert asm.widened_finite() == {"a"}
     with pytest.raises(ValueError, match="only dense bfloat16 or float16"):
         wire.TensorAssembler(headers, widen=[False, False, True])
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> None:
+    """:func:`_same_bits` for any shape, scalars included."""
+    assert a.shape == b.shape
+    _same_bits(a.reshape(-1), b.reshape(-1))
+
+
+def _packed_chunks(values: dict[str, np.ndarray], chunk_bytes: int) -> list:
+    """``(tensor, offset, data)`` of each packed chunk of ``values``, as a receiver decodes
+    them from the encoded messages."""
+    return [
+        wire.decode_chunk_item(raw)
+        for raw in wire.encoded_chunk_items(list(values.values()), chunk_bytes=chunk_bytes)
+    ]
+
+
+def _many_small(dtype: np.dtype, seed: int = 5) -> dict[str, np.ndarray]:
+    """Many tiny tensors of ``dtype`` (sizes 1 to 7, a scalar among them), a float32 one and
+    an int64 one between them, and a larger 2-D one."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for i in range(40):
+        if i == 13:
+            out["f32"] = rng.standard_normal(5).astype(np.float32)
+        if i == 27:
+            out["i64"] = np.arange(3, dtype=np.int64)
+        shape = () if i == 4 else (i % 7 + 1,)
+        out[f"t{i:02d}"] = rng.standard_normal(shape).astype(np.float32).astype(dtype)
+    out["big"] = rng.standard_normal((31, 9)).astype(np.float32).astype(dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", WIRE, ids=str)
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 7, 64, 4096])
+def test_packed_chunks_widen_many_small_tensors_in_the_shared_buffer(
+    dtype: np.dtype, chunk_bytes: int
+) -> None:
+    values = _many_small(dtype)
+    names = list(values)
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    widen = [v.dtype == dtype for v in values.values()]
+    # One tensor widened into a float32 array of its own, the others in the shared buffer.
+    target = np.zeros(values["t20"].shape, np.float32)
+    into = [target.reshape(-1).view(np.uint8) if n == "t20" else None for n in names]
+    layout = wire.StreamLayout(
+        headers, widen=[w and n != "t20" for w, n in zip(widen, names, strict=True)]
+    )
+    # The widened tensors lying end to end make one run between the others.
+    wide = [True, False, True, False, True, False, True]  # f32, t20, i64 between them
+    assert [r[3] is not None for r in layout.runs] == wide
+    asm = wire.TensorAssembler(headers, into=into, widen=widen, layout=layout)
+    for chunk in _packed_chunks(values, chunk_bytes):
+        asm.add(*chunk)
+    out = asm.finish()
+    assert list(out) == names
+    for n, v in values.items():
+        want = v.astype(np.float32) if v.dtype == dtype else v
+        _same(out[n], want)
+        assert out[n].shape == v.shape
+    assert np.shares_memory(out["t20"], target)
+    assert asm.widened_finite() == {n for n, w in zip(names, widen, strict=True) if w}
+    assert all(asm.widens(i) == w for i, w in enumerate(widen))
+
+
+@pytest.mark.parametrize("chunk_bytes", [3, 64, 1 << 20])
+def test_a_nan_in_one_packed_widened_tensor_leaves_it_out_of_the_finite_ones(
+    chunk_bytes: int,
+) -> None:
+    values = _many_small(BF16)
+    values["t17"] = values["t17"].copy()
+    values["t17"][-1] = np.nan
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    widen = [v.dtype == BF16 for v in values.values()]
+    asm = wire.TensorAssembler(headers, widen=widen)
+    for chunk in _packed_chunks(values, chunk_bytes):
+        asm.add(*chunk)
+    out = asm.finish()
+    assert np.isnan(out["t17"][-1])
+    finite = asm.widened_finite()
+    assert "t17" not in finite
+    # Those vouched for are finite (the ones sharing a chunk with t17 may be left out:
+    # the server's check reads those again).
+    assert all(np.isfinite(out[n]).all() for n in finite)
+    assert "big" in finite
+
+
+def test_client_pull_widens_packed_chunks_into_out_arrays() -> None:
+    from paramserve.client.streams import ReplyLayouts, receive_tensors
+    from paramserve.v1 import tensor_pb2 as tpb
+
+    values = _many_small(BF16)
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    header = tpb.TensorStreamItem(header=tpb.TensorStreamHeader(tensors=headers, version=3))
+    layouts = ReplyLayouts()
+    wide = {n: np.zeros(v.shape, np.float32) for n, v in values.items() if v.dtype == BF16}
+    wide["f32"] = np.zeros(5, np.float32)  # float32 on the wire: not widened, left as sent
+    for chunk_bytes in (5, 7, 1 << 16):
+        items = [header, *_packed_chunks(values, chunk_bytes)]
+        got = receive_tensors(items, layouts=layouts, widen_into=wide)
+        assert got.version == 3
+        for n, v in values.items():
+            if v.dtype == BF16:
+                assert got[n] is wide[n]
+                _same(got[n], v.astype(np.float32))
+            else:
+                np.testing.assert_array_equal(got[n], v)
+        assert got["f32"] is not wide["f32"]
+        for a in wide.values():
+            a[...] = 0
+
+
+def test_server_stream_widens_into_flat_float32_segments() -> None:
+    from paramserve.server.streams import FiniteScan, scan_segments
+
+    values = _many_small(BF16)
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    widen = [v.dtype == BF16 for v in values.values()]
+    layout = wire.StreamLayout(headers, widen=widen)
+    segments = scan_segments(layout)
+    assert [s.widened for s in segments] == [True, False, True, True]
+    assert all(s.dtype == np.float32 for s in segments)
+    asm = wire.TensorAssembler(headers, layout=layout)
+    scan = FiniteScan(segments)
+    for chunk in _packed_chunks(values, 100):
+        asm.add(*chunk)
+        scan.update(asm.receive_buffer, asm.received)
+    out = asm.finish()
+    assert scan.finite() == {"f32"}  # the widened ones are vouched for by the widening
+    for seg in segments:
+        flat = seg.flat(asm.receive_buffer)
+        want = np.concatenate([values[n].astype(np.float32).reshape(-1) for n in seg.order])
+        _same(flat, want)
+        for n in seg.order:
+            assert np.shares_memory(out[n], flat)

@@ -98,7 +98,7 @@ def test_out_of_order_repeated_early_end_and_overflow_are_refused() -> None:
         asm4.finish()
     asm5 = t.TensorAssembler(_headers(8))
     with pytest.raises(t.WireError, match="header declared"):
-        asm5.add(0, 0, bytes(40))
+        asm5.add(0, 0, bytes(72))  # past both tensors (64 bytes)
     with pytest.raises(t.WireError, match="only 2 declared"):
         asm5.add(5, 0, data)
     asm6 = t.TensorAssembler(_headers(8))

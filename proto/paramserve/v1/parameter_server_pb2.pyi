@@ -175,20 +175,22 @@ class RowSelection(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype")
+    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype", "packed_chunks")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
     min_version: int
     scope: PullScope
     worker_id: str
     wire_dtype: _tensor_pb2.DType
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ...) -> None: ...
+    packed_chunks: bool
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., packed_chunks: _Optional[bool] = ...) -> None: ...
 
 class SetOptimizerStateResponse(_message.Message):
     __slots__ = ("version",)

@@ -27,6 +27,9 @@ from .framing import (
     encode_chunk_item,
     encoded_chunk_items,
     iter_chunks,
+    iter_packed_chunks,
+    length_delimited,
+    stream_header_item,
 )
 from .service import DEFAULT_ADDRESS, DEFAULT_HOST, DEFAULT_PORT, SERVICE_NAME, json_default
 from .sizing import (
@@ -41,6 +44,7 @@ from .sizing import (
 from .tensors import (
     INDEX_DTYPE,
     SparseRows,
+    StreamLayout,
     TensorAssembler,
     TensorValue,
     WireError,
@@ -76,6 +80,7 @@ __all__ = [
     "STEP_REPLY_OVERHEAD_BYTES",
     "WIRE_DTYPES",
     "SparseRows",
+    "StreamLayout",
     "TensorAssembler",
     "TensorValue",
     "WireError",
@@ -95,7 +100,9 @@ __all__ = [
     "header_for",
     "inline_tensor_bytes",
     "iter_chunks",
+    "iter_packed_chunks",
     "json_default",
+    "length_delimited",
     "load_bfloat16",
     "payload_bytes",
     "payload_views",
@@ -104,6 +111,7 @@ __all__ = [
     "sparse_header",
     "step_reply_bytes",
     "step_request_bytes",
+    "stream_header_item",
     "tune_malloc",
     "whole_payload",
     "widen_bytes",

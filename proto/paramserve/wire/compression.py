@@ -103,14 +103,29 @@ def _usable(array: np.ndarray) -> bool:
     )
 
 
+# (source dtype, target dtype) -> the kernel's name or None: looked up once per pair, as
+# ``np.dtype.name`` costs about half a microsecond, paid per variable of a compressed push.
+_KERNEL_NAMES: dict[tuple[np.dtype, np.dtype], str | None] = {}
+# Wire dtype -> whether it is bfloat16 (else float16), for widen_bytes.
+_IS_BF16: dict[np.dtype, bool] = {}
+
+
 def _kernel_name(src: np.ndarray, dtype: np.dtype) -> str | None:
     """The kernel casting ``src`` to ``dtype`` (a pair float32 <-> bfloat16/float16), or None."""
     if not isinstance(src, np.ndarray) or src.size == 0:
         return None
-    if src.dtype == COMPRESSIBLE:
+    key = (src.dtype, dtype)
+    name = _KERNEL_NAMES.get(key, False)
+    if name is False:
+        name = _KERNEL_NAMES[key] = _pair_kernel_name(*key)
+    return name
+
+
+def _pair_kernel_name(src: np.dtype, dtype: np.dtype) -> str | None:
+    if src == COMPRESSIBLE:
         op, wire = "round", dtype
     elif dtype == COMPRESSIBLE:
-        op, wire = "widen", src.dtype
+        op, wire = "widen", src
     else:
         return None
     if wire.name not in WIRE_DTYPES or not wire.isnative:
@@ -152,7 +167,10 @@ def widen_bytes(data: Any, dst: np.ndarray, wire: np.dtype) -> bool:
     if kernels is None or not _usable(dst):
         np.copyto(dst, src, casting="unsafe")
         return bool(np.isfinite(dst).all())
-    kernel = kernels.widen_bf16 if wire.name == "bfloat16" else kernels.widen_f16
+    bf16 = _IS_BF16.get(wire)
+    if bf16 is None:
+        bf16 = _IS_BF16[wire] = wire.name == "bfloat16"
+    kernel = kernels.widen_bf16 if bf16 else kernels.widen_f16
     bad = kernel(src.view(np.uint16), dst.view(np.uint32)) if src.size else 0
     if bad:
         _nan_as_numpy(src, dst)
@@ -180,15 +198,17 @@ def round_with_feedback(
     written, when the kernels do not apply (NumPy's turn).
     """
     name = _kernel_name(g, sent.dtype)
-    arrays = (g, sent, left) if carried is None else (g, carried, sent, left)
     if (
         name is None
-        or not name.startswith("round")
-        or any(a.shape != g.shape or not _usable(a) for a in arrays)
+        or name[0] != "r"  # not a rounding ("round_...")
         or left.dtype != COMPRESSIBLE
         or (carried is not None and carried.dtype != COMPRESSIBLE)
     ):
         return None
+    shape = g.shape
+    for a in (g, sent, left) if carried is None else (g, carried, sent, left):
+        if a.shape != shape or not _usable(a):
+            return None
     kernels = _kernels()
     if kernels is None:
         return None

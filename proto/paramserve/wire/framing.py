@@ -3,11 +3,20 @@
 Every client and server tensor stream is a header message, chunk messages, and (client
 streams) an end item. This module cuts payloads into chunks and writes and reads the
 chunk messages' few bytes of protobuf framing directly, so a chunk costs one copy.
+
+Chunks are packed: the stream's payload is every tensor's payload end to end, in header
+order, cut every ``chunk_bytes`` regardless of where tensors begin and end, so many small
+tensors share one chunk message (a model of 1,000 small variables is one or two messages,
+not 1,000). A chunk names the tensor and offset its first byte belongs to; its data runs on
+into the tensors after it (see ``TensorChunk`` in tensor.proto).
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator, Sequence
+
+import numpy as np
 
 from paramserve.v1 import tensor_pb2 as tpb
 
@@ -22,7 +31,9 @@ CHUNK_BYTES = 2 << 20
 def iter_chunks(
     values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
 ) -> Iterator[tuple[int, int, memoryview]]:
-    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order."""
+    """``(tensor index, offset, bytes view)`` for every chunk of every tensor, in order, one
+    tensor per chunk (what a sender that does not pack writes; :func:`iter_packed_chunks`
+    is what the SDK and the daemon send)."""
     for i, value in enumerate(values):
         offset = 0
         for view in payload_views(value):
@@ -30,6 +41,108 @@ def iter_chunks(
                 piece = view[start : start + chunk_bytes]
                 yield i, offset, piece
                 offset += len(piece)
+
+
+def _as_bytes_view(buffer: object) -> memoryview:
+    if isinstance(buffer, memoryview):
+        return buffer
+    assert isinstance(buffer, np.ndarray)
+    return memoryview(buffer.reshape(-1).view(np.uint8))
+
+
+def _packed(
+    values: Sequence[TensorValue],
+    chunk_bytes: int,
+    runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
+) -> Iterator[tuple[int, int, list[object], int]]:
+    """:func:`iter_packed_chunks` with each chunk's size in bytes.
+
+    ``runs``: ``(first, end, flat, starts)`` where ``values[first:end]`` are, end to end,
+    the one C-contiguous array ``flat`` (``starts``: each one's byte offset in it, and
+    ``flat``'s size last), sent as one piece instead of one per tensor.
+    """
+    pieces: list[object] = []
+    room = chunk_bytes
+    start: tuple[int, int] | None = None
+    by_first = {r[0]: r for r in runs} if runs else {}
+    i, n = 0, len(values)
+    while i < n:
+        value = values[i]
+        run = by_first.get(i) if by_first else None
+        if run is not None:
+            first, end, flat, starts = run
+            size = starts[-1]
+            if size <= room:
+                if size:
+                    if start is None:
+                        start = (first, 0)
+                    pieces.append(flat)
+                    room -= size
+            else:  # cut inside the run: name the tensor and offset each chunk starts at
+                view = _as_bytes_view(flat)
+                pos = 0
+                while pos < size:
+                    if start is None:
+                        k = bisect.bisect_right(starts, pos) - 1
+                        start = (first + k, pos - starts[k])
+                    take = min(room, size - pos)
+                    pieces.append(view[pos : pos + take])
+                    pos += take
+                    room -= take
+                    if room == 0:
+                        yield start[0], start[1], pieces, chunk_bytes
+                        pieces, room, start = [], chunk_bytes, None
+            if room == 0:
+                yield start[0], start[1], pieces, chunk_bytes  # type: ignore[index]
+                pieces, room, start = [], chunk_bytes, None
+            i = end
+            continue
+        i += 1
+        if type(value) is np.ndarray and value.dtype.byteorder != ">" and value.flags.c_contiguous:
+            size = value.nbytes
+            if size <= room:  # the common case for small tensors: the whole tensor fits
+                if size:
+                    if start is None:
+                        start = (i - 1, 0)
+                    pieces.append(value)
+                    room -= size
+                    if room == 0:
+                        yield start[0], start[1], pieces, chunk_bytes
+                        pieces, room, start = [], chunk_bytes, None
+                continue
+            parts: Sequence[tuple[int, object, int]] = ((0, value, size),)
+        else:
+            parts = []
+            offset = 0
+            for view in payload_views(value):
+                parts.append((offset, view, len(view)))
+                offset += len(view)
+        for offset, buffer, size in parts:
+            view = _as_bytes_view(buffer)
+            pos = 0
+            while pos < size:
+                if start is None:
+                    start = (i - 1, offset + pos)
+                take = min(room, size - pos)
+                pieces.append(view[pos : pos + take])
+                pos += take
+                room -= take
+                if room == 0:
+                    yield start[0], start[1], pieces, chunk_bytes
+                    pieces, room, start = [], chunk_bytes, None
+    if start is not None:
+        yield start[0], start[1], pieces, chunk_bytes - room
+
+
+def iter_packed_chunks(
+    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[tuple[int, int, list[object]]]:
+    """``(tensor, offset, pieces)`` per chunk of the stream's whole payload, cut every
+    ``chunk_bytes`` whatever the tensors' sizes: the chunk's first byte is at ``offset`` of
+    tensor ``tensor``, and ``pieces`` (byte buffers, none copied) run on into the tensors
+    after it. Empty tensors take no bytes; a stream of only empty tensors has no chunks."""
+    for tensor, offset, pieces, _ in _packed(values, chunk_bytes):
+        yield tensor, offset, pieces
 
 
 # --- Pre-encoded chunk messages ---------------------------------------------------------
@@ -46,6 +159,7 @@ _WRAPPER_CHUNK_TAG = 0x12  # field 2, wire type 2 (length-delimited)
 # one encoding serves them all.
 END_ITEM = tpb.TensorStreamItem(end=tpb.StreamEnd()).SerializeToString()
 _TENSOR_TAG, _OFFSET_TAG, _DATA_TAG = 0x08, 0x10, 0x1A  # TensorChunk fields 1, 2, 3
+_VERSION_TAG = 0x10  # TensorStreamHeader.version: field 2, varint
 
 
 def _varint(value: int) -> bytes:
@@ -60,29 +174,70 @@ def _varint(value: int) -> bytes:
             return bytes(out)
 
 
-def encode_chunk_item(tensor: int, offset: int, piece: memoryview | bytes) -> bytes:
+def encode_chunk_item(
+    tensor: int, offset: int, piece: memoryview | bytes | Sequence[object]
+) -> bytes:
     """The serialized wrapper message holding ``TensorChunk(tensor, offset, data=piece)``.
 
     Byte-for-byte what protobuf writes for ``PushRequest(chunk=...)`` (and the other
-    wrappers), with one copy of ``piece``. Send it through a call with no serializer.
+    wrappers), with one copy of ``piece``, or of a list of byte buffers joined (a packed
+    chunk). Send it through a call with no serializer.
     """
+    pieces = piece if isinstance(piece, list | tuple) else (piece,)
+    return _encode(tensor, offset, pieces, sum(_nbytes(p) for p in pieces))
+
+
+def _encode(tensor: int, offset: int, pieces: Sequence[object], size: int) -> bytes:
     inner = bytearray()
     if tensor:
         inner += bytes((_TENSOR_TAG,)) + _varint(tensor)
     if offset:
         inner += bytes((_OFFSET_TAG,)) + _varint(offset)
-    if len(piece):
-        inner += bytes((_DATA_TAG,)) + _varint(len(piece))
-    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + len(piece)) + inner
-    return b"".join((head, piece))
+    if size:
+        inner += bytes((_DATA_TAG,)) + _varint(size)
+    head = bytes((_WRAPPER_CHUNK_TAG,)) + _varint(len(inner) + size) + inner
+    return b"".join((head, *pieces))
+
+
+def _nbytes(piece: object) -> int:
+    if isinstance(piece, np.ndarray | memoryview):
+        return piece.nbytes
+    return len(piece)  # type: ignore[arg-type]
 
 
 def encoded_chunk_items(
-    values: Sequence[TensorValue], *, chunk_bytes: int = CHUNK_BYTES
+    values: Sequence[TensorValue],
+    *,
+    chunk_bytes: int = CHUNK_BYTES,
+    packed: bool = True,
+    runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
 ) -> Iterator[bytes]:
-    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order."""
-    for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
-        yield encode_chunk_item(i, offset, piece)
+    """:func:`encode_chunk_item` for every chunk of ``values``, in wire order: packed
+    (:func:`iter_packed_chunks`), or one tensor per chunk for a reader that asked for that
+    (:func:`iter_chunks`). ``runs``: stretches of ``values`` that are one flat array end to
+    end, ``(first, end, flat, byte starts)``, each sent as one piece (packed only)."""
+    if not packed:
+        for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
+            yield encode_chunk_item(i, offset, piece)
+        return
+    for i, offset, pieces, size in _packed(values, chunk_bytes, runs):
+        yield _encode(i, offset, pieces, size)
+
+
+def length_delimited(field: int, body: bytes) -> bytes:
+    """Field ``field`` (a message or bytes) holding ``body``, serialized: a wrapper message
+    around an already serialized one (protobuf parses concatenated serializations of one
+    message as that message with their fields merged)."""
+    return b"".join((_varint(field << 3 | 2), _varint(len(body)), body))
+
+
+def stream_header_item(tensors: bytes, version: int) -> bytes:
+    """``TensorStreamItem(header=TensorStreamHeader(tensors=..., version=version))``
+    serialized, from the serialized ``TensorStreamHeader(tensors=...)`` kept for a header
+    list that replies send again and again."""
+    if version:
+        tensors += bytes((_VERSION_TAG,)) + _varint(version & 0xFFFFFFFFFFFFFFFF)
+    return length_delimited(1, tensors)
 
 
 def _read_varint(buf: memoryview, pos: int) -> tuple[int, int]:

@@ -10,8 +10,9 @@ with INVALID_ARGUMENT.
 
 from __future__ import annotations
 
+import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,8 +192,234 @@ def check_headers(
             )
 
 
+def _alignment(header: tpb.TensorHeader) -> int:
+    """Where a tensor may start in a receive buffer: its item size (8 for sparse rows, whose
+    payload starts with int64 indices), so every view of it is aligned."""
+    if header.layout == tpb.LAYOUT_SPARSE_ROWS:
+        return INDEX_DTYPE.itemsize
+    return dtype_from_proto(header.dtype).itemsize
+
+
+_WIDENED = np.dtype("<f4")  # what a widened tensor becomes (see StreamLayout's widen)
+
+# A stretch of the stream to copy (or widen) into place: (stream start, stream end, target,
+# offset of the stream start in it, wire dtype of a widened stretch or None). The target is
+# a byte memoryview (a float32 array for a widened stretch), or None for the shared receive
+# buffer; a widened stretch's offset is in bytes of the float32 values.
+Run = tuple[int, int, Any, int, "np.dtype | None"]
+
+
+def _widened_dtype(header: tpb.TensorHeader) -> np.dtype:
+    """The wire dtype of a tensor to widen to float32 (ValueError unless dense bfloat16 or
+    float16)."""
+    dtype = dtype_from_proto(header.dtype)
+    if header.layout != tpb.LAYOUT_DENSE or dtype.name not in ("bfloat16", "float16"):
+        raise ValueError(
+            f"tensor {header.name!r}: only dense bfloat16 or float16 is widened; got {dtype.name}"
+        )
+    return dtype
+
+
+class StreamLayout:
+    """Where each tensor of a checked header list lies: in the stream's payload (tensors end
+    to end, in header order) and in one receive buffer (each tensor aligned to its item size).
+
+    Computed once per header list and reusable for every stream with those headers (a
+    worker sends the same headers every step). ``runs`` are the stretches that are
+    contiguous in both, so a packed chunk is copied with one copy per run it touches
+    (one run for a model whose variables share a dtype).
+
+    ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32 as it
+    arrives, straight from the received bytes (see :class:`TensorAssembler`): it takes
+    twice its ``byte_length`` in the receive buffer, as float32, and widened tensors of one
+    wire dtype lying end to end make one run too.
+    """
+
+    def __init__(
+        self, headers: Sequence[tpb.TensorHeader], *, widen: Sequence[bool] | None = None
+    ) -> None:
+        self.headers = list(headers)
+        self.names = [h.name for h in self.headers]
+        self.lengths = [int(h.byte_length) for h in self.headers]
+        if widen is not None and len(widen) != len(self.headers):
+            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
+        # Per tensor: its wire dtype when it is widened to float32 on arrival, else None.
+        self.wire_dtypes: list[np.dtype | None] = [
+            _widened_dtype(h) if widen is not None and widen[i] else None
+            for i, h in enumerate(self.headers)
+        ]
+        self.widened = [w is not None for w in self.wire_dtypes]
+        self.widened_indices = frozenset(i for i, w in enumerate(self.widened) if w)
+        self.widened_names = frozenset(
+            n for n, w in zip(self.names, self.widened, strict=True) if w
+        )
+        stream_starts: list[int] = []
+        buffer_starts: list[int] = []
+        runs: list[tuple[int, int, int, np.dtype | None]] = []
+        # (stream start, stream end, buffer start, wire dtype of a widened run or None)
+        stream = position = 0
+        for h, length, wire in zip(self.headers, self.lengths, self.wire_dtypes, strict=True):
+            align = _WIDENED.itemsize if wire is not None else _alignment(h)
+            padded = -(-position // align) * align
+            if runs and padded == position and runs[-1][3] == wire:
+                s0, _, b0, _ = runs[-1]
+                runs[-1] = (s0, stream + length, b0, wire)
+            else:
+                runs.append((stream, stream + length, padded, wire))
+            stream_starts.append(stream)
+            buffer_starts.append(padded)
+            stream += length
+            position = padded + (2 * length if wire is not None else length)
+        self.stream_starts = stream_starts
+        self.buffer_starts = buffer_starts
+        # Bytes each tensor takes in the receive buffer (twice its length when widened).
+        self.buffer_lengths = [
+            2 * n if w is not None else n
+            for n, w in zip(self.lengths, self.wire_dtypes, strict=True)
+        ]
+        self.total = stream
+        self.buffer_bytes = position
+        self.runs = runs
+        self._decoders = [
+            (
+                _WIDENED if wire is not None else dtype_from_proto(h.dtype),
+                tuple(h.shape),
+                h.layout,
+                h.num_rows,
+            )
+            for h, wire in zip(self.headers, self.wire_dtypes, strict=True)
+        ]
+        # Per tensor: (name, index of its dtype in _dtypes or -1, element range in the
+        # buffer viewed as that dtype, shape or None for 1-D, index) for tensors() to view
+        # it with one slice; -1: sparse rows (decoded on their own).
+        self._dtypes: list[np.dtype] = []
+        self._entries: list[tuple[str, int, int, int, tuple[int, ...] | None, int]] = []
+        for i, (name, start, length, (dtype, shape, layout, _)) in enumerate(
+            zip(self.names, self.buffer_starts, self.buffer_lengths, self._decoders, strict=True)
+        ):
+            if layout != tpb.LAYOUT_DENSE:
+                self._entries.append((name, -1, 0, 0, None, i))
+                continue
+            if dtype not in self._dtypes:
+                self._dtypes.append(dtype)
+            size = dtype.itemsize
+            self._entries.append(
+                (
+                    name,
+                    self._dtypes.index(dtype),
+                    start // size,
+                    (start + length) // size,
+                    None if len(shape) == 1 else shape,
+                    i,
+                )
+            )
+        # Every tensor dense and of one dtype (the usual stream): tensors() slices them all
+        # in one C loop (map over slice objects), then reshapes the few that are not 1-D.
+        self._uniform = len(self._dtypes) == 1 and all(e[1] == 0 for e in self._entries)
+        self._slices = [slice(e[2], e[3]) for e in self._entries]
+        self._reshapes = [(e[0], e[4]) for e in self._entries if e[4] is not None]
+
+    def runs_into(
+        self,
+        into: Sequence[np.ndarray | None] | None,
+        widen: Sequence[bool] | None = None,
+    ) -> list[Run]:
+        """The stretches (:data:`Run`) to copy chunks into: the shared receive buffer
+        (target None) as :attr:`runs` lays it out, and the tensors with a buffer of their
+        own in ``into`` each in a stretch of its own. Such a buffer is checked: 1-D uint8 of
+        the tensor's ``byte_length``, or twice that for a tensor widened on arrival (this
+        layout's ``widen``, or ``widen[i]`` for one with a buffer of its own), its float32
+        values' bytes."""
+        if not into or all(buf is None for buf in into):
+            return [(s, e, None, b, w) for s, e, b, w in self.runs]
+        if len(into) != len(self.headers):
+            raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
+        if widen is not None and len(widen) != len(self.headers):
+            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
+        runs: list[Run] = []
+        for i, (h, s, length, b, own, wire) in enumerate(
+            zip(
+                self.headers,
+                self.stream_starts,
+                self.lengths,
+                self.buffer_starts,
+                into,
+                self.wire_dtypes,
+                strict=True,
+            )
+        ):
+            if own is not None:
+                if wire is None and widen is not None and widen[i]:
+                    wire = _widened_dtype(h)
+                size = 2 * h.byte_length if wire is not None else h.byte_length
+                if own.dtype != np.uint8 or own.shape != (size,):
+                    raise ValueError(
+                        f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
+                        f"{size} bytes; got {own.dtype.name} {own.shape}"
+                    )
+                target = own.view(_WIDENED) if wire is not None else memoryview(own)
+                runs.append((s, s + length, target, 0, wire))
+                continue
+            if widen is not None and bool(widen[i]) != (wire is not None):
+                raise ValueError(
+                    f"tensor {h.name!r}: widened on arrival only into a buffer of its own or "
+                    "as its stream layout says"
+                )
+            last = runs[-1] if runs else None
+            if (
+                last is not None
+                and last[2] is None
+                and last[4] == wire
+                and last[3] + (s - last[0]) * (2 if wire is not None else 1) == b
+            ):
+                runs[-1] = (last[0], s + length, None, last[3], wire)
+            else:
+                runs.append((s, s + length, None, b, wire))
+        return runs
+
+    def tensor_at(self, position: int) -> int:
+        """The tensor that stream byte ``position`` (< ``total``) belongs to: the last one
+        starting at or before it (an empty tensor there is followed by the one holding it)."""
+        return max(bisect.bisect_right(self.stream_starts, position) - 1, 0)
+
+    def tensors(self, buffer: np.ndarray, *, skip: Container[int] = ()) -> dict[str, TensorValue]:
+        """Views of every tensor (but those whose index is in ``skip``) in a receive buffer
+        laid out as this layout says."""
+        out: dict[str, TensorValue] = {}
+        if skip and len(skip) == len(self.names):
+            return out
+        # Each dtype's view of the whole buffer (tensors start at multiples of their size).
+        typed = [buffer[: buffer.size - buffer.size % d.itemsize].view(d) for d in self._dtypes]
+        if self._uniform and not skip:
+            out = dict(zip(self.names, map(typed[0].__getitem__, self._slices), strict=True))
+            for name, shape in self._reshapes:
+                out[name] = out[name].reshape(shape)
+            return out
+        for name, k, a, b, shape, i in self._entries:
+            if skip and i in skip:
+                continue
+            if k >= 0:
+                view = typed[k][a:b]
+                out[name] = view if shape is None else view.reshape(shape)
+                continue
+            dtype, shape_, _, rows = self._decoders[i]
+            start = self.buffer_starts[i]
+            payload = buffer[start : start + self.lengths[i]]
+            split = rows * INDEX_DTYPE.itemsize
+            out[name] = SparseRows(
+                indices=payload[:split].view(INDEX_DTYPE),
+                values=payload[split:].view(dtype).reshape((rows, *shape_[1:])),
+            )
+        return out
+
+
 class TensorAssembler:
-    """Rebuilds tensors from a validated header list and their chunks, in strict order."""
+    """Rebuilds tensors from a validated header list and their chunks, in strict order.
+
+    Chunks may be packed: one chunk's data runs on from the tensor and offset it names into
+    the tensors after it (see ``paramserve.wire.framing``). Anything out of order, repeated,
+    skipped, short or past the last tensor is refused.
+    """
 
     def __init__(
         self,
@@ -200,137 +427,221 @@ class TensorAssembler:
         *,
         into: Sequence[np.ndarray | None] | None = None,
         widen: Sequence[bool] | None = None,
+        layout: StreamLayout | None = None,
+        runs: list[Run] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
-        tensor ``i`` is written to instead of a fresh one, e.g. a view of a caller's array.
+        tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
+        caller's array. ``layout``: the headers' :class:`StreamLayout`, when the caller
+        keeps one (it is computed otherwise, with ``widen``); ``runs``:
+        ``layout.runs_into(into, widen)``, when the caller keeps that too.
 
         ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32
         chunk by chunk as it arrives, straight from the received bytes (no buffer of the wire
         dtype), and :meth:`finish` returns it as float32; ``into[i]`` then is the float32
         array's bytes (twice ``byte_length``). Whether its values were all finite comes with
-        the widening, at no extra pass (:meth:`widened_finite`).
+        the widening, at no extra pass (:meth:`widened_finite`). With a ``layout``, the
+        tensors widened in the shared receive buffer are the layout's (``widen`` may add
+        those with a buffer of their own).
         """
-        self.headers = list(headers)
-        into = list(into) if into is not None else [None] * len(self.headers)
-        if len(into) != len(self.headers):
-            raise ValueError(f"{len(into)} buffers for {len(self.headers)} tensors")
-        widen = list(widen) if widen is not None else [False] * len(self.headers)
-        if len(widen) != len(self.headers):
-            raise ValueError(f"{len(widen)} widen flags for {len(self.headers)} tensors")
-        self._buffers = []
-        # Per widened tensor: its wire dtype, a byte of an element split between two chunks,
-        # and whether every value so far was finite.
-        self._widen: dict[int, np.dtype] = {}
-        self._pending: dict[int, int] = {}
-        self._finite: dict[int, bool] = {}
-        for i, (h, buf, wide) in enumerate(zip(self.headers, into, widen, strict=True)):
-            size = h.byte_length
-            if wide:
-                dtype = dtype_from_proto(h.dtype)
-                if h.layout != tpb.LAYOUT_DENSE or dtype.name not in ("bfloat16", "float16"):
-                    raise ValueError(
-                        f"tensor {h.name!r}: only dense bfloat16 or float16 is widened; "
-                        f"got {dtype.name}"
-                    )
-                self._widen[i] = dtype
-                self._finite[i] = True
-                size *= 2
-            if buf is None:
-                buf = np.empty(size, dtype=np.uint8)
-            elif buf.dtype != np.uint8 or buf.shape != (size,):
-                raise ValueError(
-                    f"tensor {h.name!r}: the buffer to receive into must be 1-D uint8 of "
-                    f"{size} bytes; got {buf.dtype.name} {buf.shape}"
-                )
-            self._buffers.append(buf)
-        if self._widen:
+        n = len(headers) if layout is None else len(layout.headers)
+        if into is not None:
+            into = list(into)
+            if len(into) != n:
+                raise ValueError(f"{len(into)} buffers for {n} tensors")
+        if widen is not None:
+            widen = [bool(w) for w in widen]
+            if len(widen) != n:
+                raise ValueError(f"{len(widen)} widen flags for {n} tensors")
+        if layout is None:
+            # Those with a buffer of their own are widened there, not in the shared buffer.
+            shared = widen
+            if widen is not None and into is not None:
+                shared = [w and b is None for w, b in zip(widen, into, strict=True)]
+            layout = StreamLayout(headers, widen=shared if shared and any(shared) else None)
+        self.layout = layout
+        self.headers = layout.headers
+        self._into: dict[int, np.ndarray] = {}
+        if into is not None:
+            self._into = {i: buf for i, buf in enumerate(into) if buf is not None}
+        if runs is None:
+            runs = layout.runs_into(into, widen)
+        # Tensors widened on arrival: the layout's, and those widened into their own buffer.
+        in_layout = layout.widened_indices
+        self._widened = in_layout
+        if widen is not None and any(widen):
+            self._widened = in_layout | {i for i, w in enumerate(widen) if w}
+        self._only_layout_widened = self._widened == in_layout
+        shared = len(self._into) < len(self.headers)
+        self._buffer = np.empty(self.layout.buffer_bytes if shared else 0, dtype=np.uint8)
+        self._target = memoryview(self._buffer)
+        self._wide: np.ndarray | None = None  # the shared buffer as float32 (widened runs)
+        self._runs = runs
+        self._run = 0
+        self._pos = 0  # stream bytes received
+        self._current = 0  # the tensor the last byte went to (or the last chunk named)
+        self._pending = 0  # a widened element's first byte, when its second is yet to come
+        self._nonfinite: set[int] = set()  # widened tensors found holding a NaN or Inf
+        if self._widened:
             from .compression import widen_bytes
 
             self._widen_bytes = widen_bytes
-        self._received = [0] * len(self.headers)
-        self._current = 0
+
+    @property
+    def received(self) -> int:
+        """Payload bytes taken so far (the stream position)."""
+        return self._pos
+
+    @property
+    def receive_buffer(self) -> np.ndarray:
+        """The shared receive buffer (tensors not received into a buffer of their own)."""
+        return self._buffer
 
     def add(self, tensor: int, offset: int, data: bytes | memoryview) -> None:
         """Copy one chunk into place; WireError if it is not the next expected piece."""
-        if tensor >= len(self.headers):
-            raise WireError(f"chunk for tensor #{tensor}, but only {len(self.headers)} declared")
+        lay = self.layout
+        if tensor >= len(lay.lengths):
+            raise WireError(f"chunk for tensor #{tensor}, but only {len(lay.lengths)} declared")
+        pos = self._pos
+        if tensor < self._current or lay.stream_starts[tensor] + offset != pos:
+            self._refuse(tensor, offset)
+        if offset > lay.lengths[tensor]:
+            self._refuse(tensor, offset)
+        n = len(data)
+        if pos + n > lay.total:
+            h = lay.headers[tensor]
+            raise WireError(
+                f"tensor {h.name!r}: {offset + n} bytes sent from its start, past the end of "
+                f"the stream (the header declared {h.byte_length} bytes for it, "
+                f"{lay.total - lay.stream_starts[tensor]} with the tensors after it)"
+            )
+        if n:
+            source = data if isinstance(data, memoryview) else memoryview(data)
+            if source.format != "B" or source.ndim != 1:
+                source = source.cast("B")
+            runs, r, done = self._runs, self._run, 0
+            while done < n:
+                start, end, target, base, wire = runs[r]
+                if pos >= end:
+                    r += 1
+                    continue
+                take = end - pos
+                if take > n - done:
+                    take = n - done
+                if wire is not None:
+                    self._widen(target, base, wire, pos, pos - start, source[done : done + take])
+                else:
+                    if target is None:
+                        target = self._target
+                    at = base + pos - start
+                    target[at : at + take] = source[done : done + take]
+                done += take
+                pos += take
+            self._run = r
+            self._pos = pos
+            self._current = lay.tensor_at(pos - 1)
+        else:
+            self._current = max(self._current, tensor)
+
+    def _widen(
+        self,
+        target: np.ndarray | None,
+        base: int,
+        wire: np.dtype,
+        pos: int,
+        at: int,
+        data: memoryview,
+    ) -> None:
+        """Widen ``data``, stream bytes from ``pos`` on (byte ``at`` of a widened run), into the
+        run's float32 values (``target``, or the shared buffer from byte ``base``): the
+        2-byte elements it completes; an element split between two chunks waits for its
+        second byte. A piece holding a NaN or Inf marks the tensors it touches."""
+        if target is None:
+            if self._wide is None:
+                size = self._buffer.size
+                self._wide = self._buffer[: size - size % 4].view(_WIDENED)
+            target = self._wide
+        first = base // 4 + at // 2  # the element byte ``at`` belongs to
+        k, n = 0, len(data)
+        finite = True
+        if at % 2:  # the second byte of an element whose first byte came before
+            pair = bytes((self._pending, data[0]))
+            finite = self._widen_bytes(pair, target[first : first + 1], wire)
+            first, k = first + 1, 1
+        count = (n - k) // 2
+        if count:
+            piece = data[k : k + 2 * count]
+            finite = self._widen_bytes(piece, target[first : first + count], wire) and finite
+            k += 2 * count
+        if k < n:
+            self._pending = data[k]
+        if not finite:
+            lay = self.layout
+            self._nonfinite.update(range(lay.tensor_at(pos), lay.tensor_at(pos + n - 1) + 1))
+
+    def _refuse(self, tensor: int, offset: int) -> None:
+        """Raise the WireError that says how chunk ``(tensor, offset)`` is out of order."""
+        lay = self.layout
         if tensor < self._current:
             raise WireError(f"chunk for tensor #{tensor} after tensor #{self._current} began")
         for skipped in range(self._current, tensor):
-            if self._received[skipped] != self.headers[skipped].byte_length:
+            got = max(0, min(self._pos - lay.stream_starts[skipped], lay.lengths[skipped]))
+            if got != lay.lengths[skipped]:
                 raise WireError(
-                    f"tensor {self.headers[skipped].name!r} ended early: "
-                    f"{self._received[skipped]} of {self.headers[skipped].byte_length} bytes"
+                    f"tensor {lay.names[skipped]!r} ended early: "
+                    f"{got} of {lay.lengths[skipped]} bytes"
                 )
-        self._current = tensor
-        if offset != self._received[tensor]:
-            raise WireError(
-                f"tensor {self.headers[tensor].name!r}: chunk at offset {offset}, "
-                f"expected offset {self._received[tensor]} (out of order or repeated)"
-            )
-        end = offset + len(data)
-        if end > self.headers[tensor].byte_length:
-            raise WireError(
-                f"tensor {self.headers[tensor].name!r}: {end} bytes sent, "
-                f"header declared {self.headers[tensor].byte_length}"
-            )
-        if tensor in self._widen:
-            self._add_widened(tensor, offset, memoryview(data).cast("B"))
-        else:
-            self._buffers[tensor][offset:end] = np.frombuffer(data, dtype=np.uint8)
-        self._received[tensor] = end
-
-    def _add_widened(self, tensor: int, offset: int, data: memoryview) -> None:
-        """Widen the 2-byte elements completed by ``data`` into the tensor's float32 values;
-        an element split between two chunks waits for its second byte."""
-        if not len(data):
-            return
-        wire = self._widen[tensor]
-        wide = self._buffers[tensor].view(np.float32)
-        first, start = offset // 2, 0
-        if offset % 2:  # the second byte of an element whose first byte came before
-            pair = bytes((self._pending.pop(tensor), data[0]))
-            self._finite[tensor] &= self._widen_bytes(pair, wide[first : first + 1], wire)
-            first, start = first + 1, 1
-        count = (len(data) - start) // 2
-        if count:
-            piece = data[start : start + 2 * count]
-            finite = self._widen_bytes(piece, wide[first : first + count], wire)
-            self._finite[tensor] &= finite
-        if (len(data) - start) % 2:
-            self._pending[tensor] = data[-1]
+        expected = max(0, self._pos - lay.stream_starts[tensor])
+        raise WireError(
+            f"tensor {lay.names[tensor]!r}: chunk at offset {offset}, "
+            f"expected offset {expected} (out of order or repeated)"
+        )
 
     def buffer(self, tensor: int) -> np.ndarray:
         """The uint8 buffer tensor ``tensor`` is assembled in (valid up to what arrived);
         for a widened tensor, its float32 values' bytes."""
-        return self._buffers[tensor]
+        own = self._into.get(tensor)
+        if own is not None:
+            return own
+        start = self.layout.buffer_starts[tensor]
+        return self._buffer[start : start + self.layout.buffer_lengths[tensor]]
 
     def widens(self, tensor: int) -> bool:
         """Whether tensor ``tensor`` is widened to float32 as it arrives."""
-        return tensor in self._widen
+        return tensor in self._widened
 
     def widened_finite(self) -> frozenset[str]:
         """Names of the widened tensors received completely with no NaN or Inf."""
+        lay = self.layout
+        if not self._nonfinite and self._pos == lay.total and self._only_layout_widened:
+            return lay.widened_names  # the usual answer, kept with the layout
         return frozenset(
-            self.headers[i].name
-            for i, finite in self._finite.items()
-            if finite and self._received[i] == self.headers[i].byte_length
+            lay.names[i]
+            for i in self._widened
+            if i not in self._nonfinite and self._pos >= lay.stream_starts[i] + lay.lengths[i]
         )
 
-    def finish(self) -> dict[str, TensorValue]:
-        """All tensors by name; WireError if any payload is incomplete."""
-        out: dict[str, TensorValue] = {}
-        for i, (h, buf, got) in enumerate(
-            zip(self.headers, self._buffers, self._received, strict=True)
-        ):
-            if got != h.byte_length:
-                raise WireError(
-                    f"tensor {h.name!r} ended early: {got} of {h.byte_length} bytes received"
-                )
-            if i in self._widen:
-                out[h.name] = buf.view(np.float32).reshape(tuple(h.shape))
-            else:
-                out[h.name] = decode_payload(h, buf)
+    def finish(self, *, decode_into: bool = True) -> dict[str, TensorValue]:
+        """All tensors by name; WireError if any payload is incomplete. ``decode_into=False``
+        leaves out the tensors received into buffers of their own (the caller holds them);
+        widened ones are float32."""
+        lay = self.layout
+        if self._pos != lay.total:
+            i = lay.tensor_at(self._pos)
+            got = self._pos - lay.stream_starts[i]
+            raise WireError(
+                f"tensor {lay.names[i]!r} ended early: {got} of {lay.lengths[i]} bytes received"
+            )
+        out = lay.tensors(self._buffer, skip=self._into)
+        if decode_into and self._into:
+            for i, buf in self._into.items():
+                h = lay.headers[i]
+                if i in self._widened:
+                    out[h.name] = buf.view(_WIDENED).reshape(tuple(h.shape))
+                else:
+                    out[h.name] = decode_payload(h, buf)
+            if len(self._into) < len(lay.names):
+                out = {name: out[name] for name in lay.names}  # in header order
         return out
 
 

@@ -19,7 +19,9 @@ import argparse
 import contextlib
 import os
 import select
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -379,8 +381,10 @@ def _snapshot_age(sample: Sample) -> str:
 
 
 @contextlib.contextmanager
-def _keys() -> Iterator[Any]:
-    """``wait(seconds)``: sleeps, and returns True early when ``q`` is typed (a terminal)."""
+def _keys(stop: threading.Event | None = None) -> Iterator[Any]:
+    """``wait(seconds)``: sleeps, and returns True early when ``q`` is typed (a terminal) or
+    ``stop`` is set."""
+    stop = stop if stop is not None else threading.Event()
     fd = sys.stdin.fileno() if sys.stdin is not None and sys.stdin.isatty() else None
     saved = None
     if fd is not None:
@@ -395,16 +399,15 @@ def _keys() -> Iterator[Any]:
 
     def wait(seconds: float) -> bool:
         if fd is None:
-            time.sleep(seconds)
-            return False
+            return stop.wait(seconds)
         end = time.monotonic() + seconds
-        while (left := end - time.monotonic()) > 0:
-            readable, _, _ = select.select([fd], [], [], left)
+        while (left := end - time.monotonic()) > 0 and not stop.is_set():
+            readable, _, _ = select.select([fd], [], [], min(left, 0.2))
             if readable:
                 typed = os.read(fd, 64)
                 if not typed or b"q" in typed.lower():
                     return True
-        return False
+        return stop.is_set()
 
     try:
         yield wait
@@ -490,13 +493,23 @@ def run_top(args: argparse.Namespace) -> int:
             Console(width=width).print(render(first, poller.poll(), interval))
             return 0
         previous: list[Sample | None] = [None] * len(addresses)
-        with Live(console=Console(), auto_refresh=False) as live, _keys() as wait:
-            while True:
-                current = poller.poll()
-                live.update(render(previous, current, interval), refresh=True)
-                previous = list(current)
-                if wait(interval):
-                    return 0
+        # Ctrl-C (or SIGTERM) only sets a flag the loop reads: a KeyboardInterrupt raised
+        # inside a gRPC call can be swallowed there, and the view would then never end.
+        stop = threading.Event()
+        handled = (signal.SIGINT, signal.SIGTERM)
+        saved = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in handled}
+        try:
+            with Live(console=Console(), auto_refresh=False) as live, _keys(stop) as wait:
+                while not stop.is_set():
+                    current = poller.poll()
+                    live.update(render(previous, current, interval), refresh=True)
+                    previous = list(current)
+                    if wait(interval):
+                        break
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
+        return 0
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how one leaves a live view
     finally:

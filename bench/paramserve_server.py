@@ -5,7 +5,7 @@ Started as a subprocess by the benchmark. Builds the server with the public
 ``PORT <n>`` on stdout once it accepts calls, and stops when stdin closes (the benchmark,
 which holds the other end, exited or died) or on SIGTERM/SIGINT. Other settings come from
 ``PARAMSERVE_*`` environment variables as the daemon takes them (``PARAMSERVE_APPLY_THREADS=2
-python bench/step.py ...``), those above excepted.
+python bench/step.py ...``), those above excepted; ``PARAMSERVE_DEVICE`` may pick the GPU.
 """
 
 from __future__ import annotations
@@ -30,17 +30,19 @@ def main(argv: list[str] | None = None) -> None:
     from paramserve.server.app import create_server
     from paramserve.server.config import ServerConfig, read_env
 
+    env = read_env(os.environ)
     fixed = {
         "host": args.host,
         "port": args.port,
-        "device": "cpu",
+        # PARAMSERVE_DEVICE=gpu puts the model on the GPU (bench/gpu_check.sh); cpu otherwise.
+        "device": env.get("device", "cpu"),
         "optimizer": "adam",
         "mode": "async",
         "replicas": 1,
         "checkpoint_dir": None,
         "snapshot_on_exit": False,
     }
-    config = ServerConfig().replace(**{**read_env(os.environ), **fixed})
+    config = ServerConfig().replace(**{**env, **fixed})
     server = create_server(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

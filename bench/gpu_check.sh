@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The GPU check, in one call on the GPU machine (the device tool), well under 5 minutes:
+#   1. the GPU-marked tests (the CuPy path against the NumPy path and the Keras references);
+#   2. optimizer apply speed against the device's copy bandwidth (bench/gpu_apply.py);
+#   3. a whole 16M-float step with the daemon on --device gpu against --device cpu.
+# Then one table. Prepare the wheels here first (bench/gpu_wheels.sh), then run, e.g.
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=420)
+# Logs and JSON land in $OUT (the device tool brings them back), else /tmp/gpu_check.
+# Without a GPU every part says so and the script still exits 0.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+out=${OUT:-/tmp/gpu_check}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+"$py" -c "import paramserve.optim_core, paramserve.server.app" || {
+  echo "gpu_check: paramserve does not import here (run bench/gpu_wheels.sh and carry .whl)"
+  exit 1
+}
+cores=$(nproc)
+
+echo "== 1/3 GPU tests"
+timeout 200 "$py" -m pytest -q -o addopts="" -p no:cacheprovider -m gpu -n "$cores" \
+  tests/optim/test_conformance.py tests/optim/test_api.py tests/optim/test_slabs.py \
+  tests/server/test_store.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15
+
+echo "== 2/3 apply vs copy bandwidth"
+timeout 120 "$py" bench/gpu_apply.py --sizes 16M,64M,256M | tee "$out/gpu_apply.txt"
+
+echo "== 3/3 whole step, --device gpu vs cpu"
+for device in cpu gpu; do
+  PARAMSERVE_DEVICE=$device timeout 120 "$py" bench/step.py --sizes 16M \
+    --systems paramserve --repeats 3 --json > "$out/step_$device.json" 2> "$out/step_$device.err"
+done
+
+"$py" - "$out" <<'PY'
+import json, re, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+tests = (out / "gpu_tests.txt").read_text().strip().splitlines()
+summary = next((l for l in reversed(tests) if re.search(r"passed|failed|error|skipped", l)), "?")
+apply = (out / "gpu_apply.txt").read_text()
+result = next((l for l in apply.splitlines() if l.startswith("RESULT")), apply.strip()[:120])
+steps = {}
+for device in ("cpu", "gpu"):
+    try:
+        rows = json.loads((out / f"step_{device}.json").read_text())
+        rows = rows.get("results", rows) if isinstance(rows, dict) else rows
+        ps = [r for r in rows if r.get("system") == "paramserve" and r.get("size") == "16M"]
+        steps[device] = ps[0]["steps_per_s"] if ps else None
+    except (OSError, ValueError, KeyError, TypeError):
+        steps[device] = None
+ratio = (steps["gpu"] / steps["cpu"]) if steps["gpu"] and steps["cpu"] else None
+print("\n| check | result |\n| --- | --- |")
+print(f"| GPU-marked tests | {summary} |")
+print(f"| Adam apply vs d2d copy | {result} |")
+fmt = lambda x: f"{x:.2f}" if x else "n/a"
+print(f"| 16M step, steps/s cpu / gpu | {fmt(steps['cpu'])} / {fmt(steps['gpu'])} "
+      f"(gpu / cpu {fmt(ratio)}; target >= 1.0) |")
+PY

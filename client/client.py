@@ -598,12 +598,16 @@ class Client:
                 self._sequence = max(self._sequence, forced)
                 return forced
             if not self._sequence_synced:
-                worker = self.status().worker(self.worker_id)
-                if worker is not None:
-                    self._sequence = max(self._sequence, worker.last_sequence)
+                self._sequence = max(self._sequence, self._server_last_sequence())
                 self._sequence_synced = True
             self._sequence += 1
             return self._sequence
+
+    def _server_last_sequence(self) -> int:
+        """The last sequence the server holds for this worker (0: none), where a client
+        that restarted under the same worker id carries on from."""
+        worker = self.status().worker(self.worker_id)
+        return worker.last_sequence if worker is not None else 0
 
     def _push_tensors_part(self, names: list[str], values: list[Any]) -> bytes:
         """``PushHeader(tensors=...)`` serialized for these gradients; kept for the next push

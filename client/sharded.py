@@ -412,22 +412,12 @@ class ShardedClient(Client):
         """Sequence of the last push sent (the same on every shard)."""
         return self._sequence
 
-    def _next_sequence(self, forced: int | None) -> int:
-        with self._lock:
-            if forced is not None:
-                if forced < 1:
-                    raise ValueError(f"sequence must be >= 1. Received: sequence={forced}")
-                self._sequence = max(self._sequence, forced)
-                return forced
-            if not self._sequence_synced:
-                statuses = self._each(lambda i, c: c.status())
-                for status in statuses:
-                    worker = status.worker(self.worker_id)
-                    if worker is not None:
-                        self._sequence = max(self._sequence, worker.last_sequence)
-                self._sequence_synced = True
-            self._sequence += 1
-            return self._sequence
+    def _server_last_sequence(self) -> int:
+        """The newest sequence any shard holds for this worker (the same on all, unless a
+        push reached only some)."""
+        statuses = self._each(lambda i, c: c.status())
+        workers = [s.worker(self.worker_id) for s in statuses]
+        return max((w.last_sequence for w in workers if w is not None), default=0)
 
     def _split(self, grads: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Each shard's part of ``grads``: whole tensors, row pieces, routed sparse rows."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import weakref
 from typing import Any
 
 import numpy as np
@@ -180,7 +181,6 @@ class _Rounded:
 
     def __init__(self, specs: Specs, weights: Any, dtype: np.dtype) -> None:
         self.specs = specs
-        self.weights = weights
         self.dtype = dtype
         names = list(weights)
         # (live float32 flat, its rounded flat) per float32 run; runs for the reply.
@@ -215,9 +215,11 @@ class WireWeights:
     their headers (the same list object each time, as :class:`WeightHeaders` hands out).
 
     Callers hold the store's lock from the call until they have serialized the weights: the
-    buffers are reused by the next call."""
+    buffers are reused by the next call. What is kept goes with the model's weights mapping
+    (held weakly: a deleted or replaced model's buffers go with it)."""
 
     def __init__(self) -> None:
+        self._weights: weakref.ref | None = None  # the mapping the buffers are for
         self._kept: dict[np.dtype, _Rounded] = {}
 
     def __call__(
@@ -227,8 +229,13 @@ class WireWeights:
         if not (getattr(tensors, "whole", False) and getattr(tensors, "runs", None)):
             rounded = compressed_weights(tensors, specs, dtype)
             return rounded, weight_headers(specs, rounded)
+        if self._weights is None or self._weights() is not tensors:
+            by_dtype: dict[np.dtype, _Rounded] = {}
+            # (dropped with the mapping, as the model goes)
+            self._weights = weakref.ref(tensors, lambda _, kept=by_dtype: kept.clear())
+            self._kept = by_dtype
         kept = self._kept.get(dtype)
-        if kept is None or kept.specs is not specs or kept.weights is not tensors:
+        if kept is None or kept.specs is not specs:
             kept = self._kept[dtype] = _Rounded(specs, tensors, dtype)
         for flat, rounded in kept.casts:
             if not wire.cast_into(flat, rounded):

@@ -292,8 +292,11 @@ class ErrorFeedback:
                     self._spare[(name, "residual")] = left
             for layout, grads, sent_flat, left_flat in made.packs:
                 key = layout.key
-                if key not in self._layouts:
-                    continue  # (its layout was dropped meanwhile)
+                if key not in self._layouts:  # its layout was dropped meanwhile: no spares
+                    if taken and left_flat is not None:
+                        self._residuals.update(left_flat.views)
+                        self._version += 1
+                    continue
                 self._flat_spare[(key, "g")] = grads
                 self._flat_spare[(key, "sent")] = sent_flat
                 if left_flat is None:

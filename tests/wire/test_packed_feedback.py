@@ -163,3 +163,27 @@ def test_float16_overflow_in_a_packed_gradient_names_it():
         cc.ErrorFeedback().compress(names, values, "float16")
     with pytest.raises(Float16OverflowError, match="'v6'"):
         cc.ErrorFeedback(enabled=False).compress(names, values, "float16")
+
+
+def test_a_taken_push_keeps_its_residuals_after_its_layout_was_dropped(monkeypatch):
+    """More layouts than are kept, pushed while one push is in flight: that push, taken,
+    still keeps its residuals (the same bits as the per-variable pass)."""
+
+    def run(pack: bool) -> list:
+        if not pack:
+            monkeypatch.setattr(cc, "PACK_MAX_ELEMENTS", 0)
+        feedback = cc.ErrorFeedback()
+        names = ["a", "b", "c"]
+        values = [np.full(3, 1 / 3, np.float32), np.full(2, 1 / 7, np.float32), np.ones(1)]
+        _, in_flight = feedback.compress(names, values, "bfloat16")
+        for k in range(cc._LAYOUTS_MAX + 1):  # other layouts push their turn meanwhile
+            others = [f"x{k}", f"y{k}"]
+            _, made = feedback.compress(others, [np.full(k + 1, 0.1, np.float32)] * 2, "bfloat16")
+            feedback.finish(made, taken=True)
+        feedback.finish(in_flight, taken=True)
+        kept = [feedback.residual(n) for n in ("a", "b", "c", "x0")]
+        monkeypatch.undo()
+        return [None if r is None else r.tobytes() for r in kept]
+
+    packed = run(True)
+    assert packed[:2] == run(False)[:2] and packed[0] is not None and packed[2] is None

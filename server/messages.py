@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.metadata
 import json
+import weakref
 from typing import Any
 
 import numpy as np
@@ -163,6 +164,89 @@ def compressed_weights(
     return {
         n: wire.cast_tensor(v, dtype) if specs[n][0] == "float32" else v for n, v in tensors.items()
     }
+
+
+class CompressedWeights(dict):
+    """A whole model's weights rounded to a pull's wire dtype, in model order; ``runs`` as
+    the store's ``Weights.runs``, their flat arrays the rounded ones (see
+    ``wire.encoded_chunk_items``)."""
+
+    whole = True
+    runs: list[tuple[int, int, np.ndarray, list[int]]] = []
+
+
+class _Rounded:
+    """What :class:`WireWeights` keeps for one model and wire dtype: per float32 slab run,
+    its flat buffer of the wire dtype and views of it per variable."""
+
+    def __init__(self, specs: Specs, weights: Any, dtype: np.dtype) -> None:
+        self.specs = specs
+        self.dtype = dtype
+        names = list(weights)
+        # (live float32 flat, its rounded flat) per float32 run; runs for the reply.
+        self.casts: list[tuple[np.ndarray, np.ndarray]] = []
+        runs: list[tuple[int, int, np.ndarray, list[int]]] = []
+        in_runs: set[int] = set()
+        template: dict[str, Any] = dict(weights)
+        for first, end, flat, starts in weights.runs:
+            members = names[first:end]
+            if flat.dtype != wire.COMPRESSIBLE or any(specs[n][0] != "float32" for n in members):
+                runs.append((first, end, flat, starts))  # sent as it is
+                continue
+            rounded = np.empty(flat.shape, dtype)
+            self.casts.append((flat, rounded))
+            runs.append((first, end, rounded, [b // 2 for b in starts]))
+            elements = [b // 4 for b in starts]
+            for k, name in enumerate(members):
+                template[name] = rounded[elements[k] : elements[k + 1]].reshape(weights[name].shape)
+            in_runs.update(range(first, end))
+        # Float32 variables outside the runs: rounded one by one, each reply.
+        self.alone = [
+            n for i, n in enumerate(names) if i not in in_runs and specs[n][0] == "float32"
+        ]
+        self.template = template
+        self.runs = runs
+        self.headers: list[tpb.TensorHeader] | None = None
+
+
+class WireWeights:
+    """A whole model's weights rounded to a pull's wire dtype, each float32 slab run by one
+    cast into a buffer kept for the next pull (bit for bit :func:`compressed_weights`), and
+    their headers (the same list object each time, as :class:`WeightHeaders` hands out).
+
+    Callers hold the store's lock from the call until they have serialized the weights: the
+    buffers are reused by the next call. What is kept goes with the model's weights mapping
+    (held weakly: a deleted or replaced model's buffers go with it)."""
+
+    def __init__(self) -> None:
+        self._weights: weakref.ref | None = None  # the mapping the buffers are for
+        self._kept: dict[np.dtype, _Rounded] = {}
+
+    def __call__(
+        self, specs: Specs, tensors: dict[str, wire.TensorValue], dtype: np.dtype
+    ) -> tuple[dict[str, wire.TensorValue], list[tpb.TensorHeader]]:
+        """``tensors`` rounded to ``dtype`` (float32 ones) and their headers."""
+        if not (getattr(tensors, "whole", False) and getattr(tensors, "runs", None)):
+            rounded = compressed_weights(tensors, specs, dtype)
+            return rounded, weight_headers(specs, rounded)
+        if self._weights is None or self._weights() is not tensors:
+            by_dtype: dict[np.dtype, _Rounded] = {}
+            # (dropped with the mapping, as the model goes)
+            self._weights = weakref.ref(tensors, lambda _, kept=by_dtype: kept.clear())
+            self._kept = by_dtype
+        kept = self._kept.get(dtype)
+        if kept is None or kept.specs is not specs:
+            kept = self._kept[dtype] = _Rounded(specs, tensors, dtype)
+        for flat, rounded in kept.casts:
+            if not wire.cast_into(flat, rounded):
+                np.copyto(rounded, flat, casting="unsafe")  # astype's bits, as _cast
+        out = CompressedWeights(kept.template)
+        out.runs = kept.runs
+        for name in kept.alone:
+            out[name] = wire.cast_tensor(tensors[name], dtype)
+        if kept.headers is None:
+            kept.headers = weight_headers(specs, out)
+        return out, kept.headers
 
 
 def weight_headers(specs: Specs, tensors: dict[str, wire.TensorValue]) -> list[tpb.TensorHeader]:

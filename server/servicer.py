@@ -178,6 +178,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             1, min(OUT_CHUNK_BYTES, self._limits.max_message_bytes - _FRAMING_HEADROOM_BYTES)
         )
         self._weight_headers = messages.WeightHeaders()
+        self._wire_weights = messages.WireWeights()
         # Counters bound once (labels() costs microseconds per call).
         self._received = {
             m: metrics.bytes_received.labels(method=m)
@@ -343,20 +344,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         wire.prepare_casts()  # compiled or loaded once, here rather than under the model lock
         return wire.dtype_from_name(name)
 
-    @staticmethod
-    def _compressed(
-        specs: Specs, tensors: dict[str, wire.TensorValue], dtype: Any
-    ) -> dict[str, wire.TensorValue]:
-        """``tensors``, their float32 ones rounded to the pull's wire ``dtype`` if any."""
-        return tensors if dtype is None else messages.compressed_weights(tensors, specs, dtype)
-
-    def _headers(
+    def _encoded_weights(
         self, specs: Specs, tensors: dict[str, wire.TensorValue], dtype: Any
-    ) -> list[tpb.TensorHeader]:
-        """Reply headers: the cached ones of exact weights, else built from the tensors."""
+    ) -> tuple[dict[str, wire.TensorValue], list[tpb.TensorHeader]]:
+        """``tensors``, their float32 ones rounded to the pull's wire ``dtype`` if any, and
+        the reply's headers (the cached ones of exact weights, or of the whole model's
+        rounded ones). Under the store's lock, as the rounded buffers are reused."""
         if dtype is None:
-            return self._weight_headers(specs, tensors)
-        return messages.weight_headers(specs, tensors)
+            return tensors, self._weight_headers(specs, tensors)
+        return self._wire_weights(specs, tensors, dtype)
 
     @contextlib.contextmanager
     def _counted_as_push(self) -> Iterator[None]:
@@ -502,9 +498,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             # Encoded from the live weights under the lock, then sent outside it; each chunk
             # is let go once gRPC has taken it.
             def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
-                tensors = self._compressed(specs, tensors, encode_as)
+                tensors, headers = self._encoded_weights(specs, tensors, encode_as)
                 values = list(tensors.values())
-                return self._headers(specs, tensors, encode_as), collections.deque(
+                return headers, collections.deque(
                     wire.encoded_chunk_items(
                         values,
                         chunk_bytes=self._chunk_bytes,
@@ -543,9 +539,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             result = self._push(request.push, self._step_gradients(request), context)
 
         def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, list]:
-            tensors = self._compressed(specs, tensors, encode_as)
+            tensors, headers = self._encoded_weights(specs, tensors, encode_as)
             payloads = [wire.whole_payload(v) for v in tensors.values()]
-            return self._headers(specs, tensors, encode_as), payloads
+            return headers, payloads
 
         version, (headers, payloads) = self._core.read_weights(*selection, encode)
         response = pb.StepResponse(push=messages.push_response(result), version=version)

@@ -295,3 +295,44 @@ def test_error_feedback_fused_equals_numpys(monkeypatch, wire_dtype):
     for a, b in zip(fused, plain, strict=True):
         assert a.dtype == b.dtype
         assert np.array_equal(a.view(f"u{a.itemsize}"), b.view(f"u{b.itemsize}"))
+
+
+@pytest.mark.parametrize("wire_dtype", ["bfloat16", "float16"])
+def test_many_small_variables_pulled_compressed_are_the_rounded_weights(
+    start_server, connect, wire_dtype
+):
+    """A model of many tiny variables, scalars and another dtype among them: the server
+    rounds each slab's stretch in one cast (and the worker packs its error feedback) and
+    every weight is still the float32 one rounded, pull after pull, by Pull and by Step."""
+    dtype = np.dtype(BF16 if wire_dtype == "bfloat16" else np.float16)
+    rng = np.random.default_rng(11)
+    weights: dict[str, np.ndarray] = {
+        f"v{i:03d}": rng.standard_normal(i % 5 + 1).astype(np.float32) for i in range(200)
+    }
+    weights["s"] = np.array(0.3, np.float32)
+    weights["d"] = np.arange(3, dtype=np.float64) / 3
+    weights["m"] = rng.standard_normal((4, 3)).astype(np.float32)
+    client = connect(start_server(mode="async"))
+    client.create_model(weights, "adam")
+    out = {n: np.empty_like(v) for n, v in weights.items()}
+    for seed in range(3):
+        grads = {
+            n: (np.random.default_rng(seed).standard_normal(v.shape) * 1e-2).astype(v.dtype)
+            for n, v in weights.items()
+        }
+        client.push(grads, wire_dtype=wire_dtype)
+        exact = client.pull()
+        pulled = client.pull(wire_dtype=wire_dtype)
+        into = client.pull(out=out, wire_dtype=wire_dtype)
+        for name, value in exact.items():
+            want = value if value.dtype != np.float32 else value.astype(dtype).astype(np.float32)
+            _same(pulled[name], want)
+            _same(into[name], want)
+        some = client.pull(["v007", "d", "s"], wire_dtype=wire_dtype)
+        _same(some["v007"], pulled["v007"])
+        _same(some["s"], pulled["s"])
+    stepped = client.step({"v001": np.zeros(2, np.float32)}, wire_dtype=wire_dtype)
+    exact = client.pull(wire_dtype=None)
+    for name, value in exact.items():
+        want = value if value.dtype != np.float32 else value.astype(dtype).astype(np.float32)
+        _same(stepped[name], want)

@@ -296,3 +296,57 @@ def test_server_stream_widens_into_flat_float32_segments() -> None:
         _same(flat, want)
         for n in seg.order:
             assert np.shares_memory(out[n], flat)
+
+
+@pytest.mark.parametrize("dtype", WIRE, ids=str)
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 8, 64, 1 << 16])
+def test_widening_into_many_arrays_of_their_own_takes_one_call_per_piece(
+    dtype: np.dtype, chunk_bytes: int, monkeypatch
+) -> None:
+    """Tensors widened into arrays of their own that lie end to end in the stream are one
+    run: each chunk's piece of them is widened by one kernel call, bit for bit what widening
+    tensor by tensor gives (a piece with a NaN or Inf, or cut inside an element, goes tensor
+    by tensor); empty tensors, scalars and a strided out array among them."""
+    from paramserve.wire import compression
+    from paramserve.wire import tensors as wire_tensors
+
+    values = _many_small(dtype)
+    values["empty"] = np.zeros((0, 4), np.float32).astype(dtype)
+    odd = values["t20"]
+    odd[0] = np.nan
+    values["t31"][:] = -np.inf
+    names = list(values)
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    widen = [v.dtype == dtype for v in values.values()]
+    targets = {n: np.full(v.shape, 7.0, np.float32) for n, v in values.items()}
+    into = [
+        targets[n].reshape(-1).view(np.uint8) if w else None
+        for n, w in zip(names, widen, strict=True)
+    ]
+    layout = wire.StreamLayout(headers)
+    runs = layout.runs_into(into, widen)
+    scatters = [r for r in runs if type(r[2]) is wire_tensors._Scatter]
+    assert len(scatters) == 3  # split by the float32 and int64 tensors between
+    calls: list[int] = []
+    real = compression.scatter_bytes
+
+    def counted(data, *args):
+        calls.append(len(data))
+        return real(data, *args)
+
+    monkeypatch.setattr(compression, "scatter_bytes", counted)
+    asm = wire.TensorAssembler(headers, into=into, widen=widen, layout=layout, runs=runs)
+    chunks = _packed_chunks(values, chunk_bytes)
+    for chunk in chunks:
+        asm.add(*chunk)
+    out = asm.finish()
+    for name, value in values.items():
+        if value.dtype == dtype:
+            assert not value.size or np.shares_memory(out[name], targets[name])
+            _same(targets[name], value.astype(np.float32))
+        else:
+            _same(out[name], value)
+    if chunk_bytes >= 64:
+        assert calls and len(calls) <= len(chunks) * len(scatters)
+    finite = asm.widened_finite()
+    assert "t20" not in finite and "t31" not in finite and "t00" in finite

@@ -26,6 +26,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba import types
+from numba.extending import intrinsic
 
 U16, U32 = np.uint16, np.uint32
 
@@ -124,6 +125,63 @@ def _widen_f16_kernel(src, dst):
     return bad
 
 
+@intrinsic
+def _u32_at(typingctx, address):  # pragma: no cover - compiled
+    # A uint32 pointer from an integer address (of an array the caller keeps alive).
+    pointer = types.CPointer(types.uint32)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(pointer))
+
+    return pointer(types.int64), codegen
+
+
+def _scatter_bf16_kernel(src, addresses, ends, first):
+    # Stream elements first .. first + len(src) of a stretch of tensors lying end to end in
+    # the stream, each widened into its own float32 array: tensor k holds elements
+    # ends[k - 1] .. ends[k] of the stretch (from 0) and its array starts at addresses[k].
+    # Returns the number of NaNs and Infs met.
+    bad = 0
+    n = src.shape[0]
+    k = 0
+    i = 0
+    while i < n:
+        e = first + i
+        while ends[k] <= e:
+            k += 1
+        start = ends[k - 1] if k > 0 else 0
+        take = min(ends[k] - e, n - i)
+        dst = numba.carray(_u32_at(addresses[k]), ends[k] - start)
+        off = e - start
+        for j in range(take):
+            h = src[i + j]
+            bad += (h & U16(0x7F80)) == U16(0x7F80)
+            dst[off + j] = U32(h) << U32(16)
+        i += take
+    return bad
+
+
+def _scatter_f16_kernel(src, addresses, ends, first):
+    bad = 0
+    n = src.shape[0]
+    k = 0
+    i = 0
+    while i < n:
+        e = first + i
+        while ends[k] <= e:
+            k += 1
+        start = ends[k - 1] if k > 0 else 0
+        take = min(ends[k] - e, n - i)
+        dst = numba.carray(_u32_at(addresses[k]), ends[k] - start)
+        off = e - start
+        for j in range(take):
+            h = U32(src[i + j])
+            bad += (h & U32(0x7C00)) == U32(0x7C00)
+            dst[off + j] = _f16_widen(h)
+        i += take
+    return bad
+
+
 def _feedback_bf16_kernel(g, carried, sent, left, use_carried):
     # t = g + carried (or g); sent = round(t); left = t - widen(sent), 0 where not finite.
     # Returns (NaNs met in t, finite t sent as Inf).
@@ -179,6 +237,8 @@ def _compile(cache: bool) -> SimpleNamespace:
     # Received chunks are views of the message bytes at any offset: unaligned reads.
     u16_in = types.Array(types.uint16, 1, "C", readonly=True, aligned=False)
     counts = types.UniTuple(types.int64, 2)
+    i64_in = types.Array(types.int64, 1, "C", readonly=True)
+    scatter = types.int64(u16_in, i64_in, i64_in, types.int64)
     signatures = {
         "round_bf16": (_round_bf16_kernel, types.int64(u32_in, u16)),
         "round_f16": (_round_f16_kernel, types.int64(u32_in, u16)),
@@ -189,6 +249,8 @@ def _compile(cache: bool) -> SimpleNamespace:
             counts(f32_in, f32_in, u16, f32, types.boolean),
         ),
         "feedback_f16": (_feedback_f16_kernel, counts(f32_in, f32_in, u16, f32, types.boolean)),
+        "scatter_bf16": (_scatter_bf16_kernel, scatter),
+        "scatter_f16": (_scatter_f16_kernel, scatter),
     }
     compiled = {}
     for name, (func, signature) in signatures.items():

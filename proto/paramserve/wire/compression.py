@@ -177,6 +177,36 @@ def widen_bytes(data: Any, dst: np.ndarray, wire: np.dtype) -> bool:
     return not bad
 
 
+def can_scatter(target: np.ndarray) -> bool:
+    """Whether :func:`scatter_bytes` may widen into ``target`` (a float32 array it holds by
+    address): the kernels are there and ``target`` is C-contiguous, aligned and writable."""
+    return (
+        target.dtype == COMPRESSIBLE
+        and _usable(target)
+        and target.flags.writeable
+        and _kernels() is not None
+    )
+
+
+def scatter_bytes(
+    data: Any, addresses: np.ndarray, ends: np.ndarray, first: int, wire: np.dtype
+) -> bool:
+    """Widen the ``wire`` dtype values in ``data`` (whole 2-byte elements), elements
+    ``first`` on of a stretch of tensors lying end to end, each into its own float32 array:
+    tensor ``k`` holds elements ``ends[k - 1]:ends[k]`` of the stretch (from 0), and its
+    array (kept alive by the caller, checked by :func:`can_scatter`) lies at
+    ``addresses[k]``. One kernel call for the whole piece, whatever the tensors it spans.
+    True when every value was finite; False when some was not (those written, NaNs maybe
+    not as ``astype`` writes them: widen such a piece again tensor by tensor)."""
+    src = np.frombuffer(data, dtype=np.uint16)
+    bf16 = _IS_BF16.get(wire)
+    if bf16 is None:
+        bf16 = _IS_BF16[wire] = wire.name == "bfloat16"
+    kernels = _kernels()
+    kernel = kernels.scatter_bf16 if bf16 else kernels.scatter_f16
+    return not (kernel(src, addresses, ends, first) if src.size else 0)
+
+
 def _nan_as_numpy(src: np.ndarray, dst: np.ndarray) -> None:
     """The elements of ``dst`` cast from a NaN of ``src``, as ``astype`` writes them: NaN
     payloads are the library's choice (ml_dtypes quiets them, NumPy keeps the high bits)."""

@@ -209,6 +209,57 @@ _WIDENED = np.dtype("<f4")  # what a widened tensor becomes (see StreamLayout's 
 Run = tuple[int, int, Any, int, "np.dtype | None"]
 
 
+class _Scatter:
+    """The target of a run of tensors that lie end to end in the stream, each widened into a
+    float32 array of its own (:meth:`StreamLayout.runs_into`): a chunk's piece of them is
+    widened by one kernel call (``wire.compression.scatter_bytes``); ``runs`` are the
+    per-tensor runs it stands for, the way back for a piece the kernel does not take."""
+
+    __slots__ = ("addresses", "arrays", "ends", "runs", "starts")
+
+    def __init__(self, runs: list[Run]) -> None:
+        self.runs = runs
+        self.starts = [r[0] for r in runs]
+        self.arrays = [r[2] for r in runs]  # held: the kernel writes by address
+        self.addresses = np.array([a.ctypes.data for a in self.arrays], dtype=np.int64)
+        first = runs[0][0]
+        self.ends = np.array([(r[1] - first) // 2 for r in runs], dtype=np.int64)
+
+
+def _scattered(runs: list[Run]) -> list[Run]:
+    """``runs`` with each stretch of two or more widened runs of their own arrays that lie
+    end to end in the stream (one wire dtype) made one run, a :class:`_Scatter`'s."""
+    from .compression import can_scatter
+
+    out: list[Run] = []
+    group: list[Run] = []
+
+    def flush() -> None:
+        if len(group) >= 2:
+            out.append((group[0][0], group[-1][1], _Scatter(list(group)), 0, group[0][4]))
+        else:
+            out.extend(group)
+        group.clear()
+
+    for run in runs:
+        start, _, target, base, wire = run
+        if (
+            wire is not None
+            and target is not None
+            and base == 0
+            and isinstance(target, np.ndarray)
+            and can_scatter(target)
+        ):
+            if group and (group[-1][1] != start or group[-1][4] != wire):
+                flush()
+            group.append(run)
+            continue
+        flush()
+        out.append(run)
+    flush()
+    return out
+
+
 def _widened_dtype(header: tpb.TensorHeader) -> np.dtype:
     """The wire dtype of a tensor to widen to float32 (ValueError unless dense bfloat16 or
     float16)."""
@@ -375,6 +426,8 @@ class StreamLayout:
                 runs[-1] = (last[0], s + length, None, last[3], wire)
             else:
                 runs.append((s, s + length, None, b, wire))
+        if any(type(r[2]) is np.ndarray for r in runs):  # widened into arrays of their own
+            runs = _scattered(runs)
         return runs
 
     def tensor_at(self, position: int) -> int:
@@ -483,9 +536,10 @@ class TensorAssembler:
         self._pending = 0  # a widened element's first byte, when its second is yet to come
         self._nonfinite: set[int] = set()  # widened tensors found holding a NaN or Inf
         if self._widened:
-            from .compression import widen_bytes
+            from .compression import scatter_bytes, widen_bytes
 
             self._widen_bytes = widen_bytes
+            self._scatter_bytes = scatter_bytes
 
     @property
     def received(self) -> int:
@@ -529,7 +583,11 @@ class TensorAssembler:
                 if take > n - done:
                     take = n - done
                 if wire is not None:
-                    self._widen(target, base, wire, pos, pos - start, source[done : done + take])
+                    piece = source[done : done + take]
+                    if type(target) is _Scatter:
+                        self._scatter(target, wire, pos, pos - start, piece)
+                    else:
+                        self._widen(target, base, wire, pos, pos - start, piece)
                 else:
                     if target is None:
                         target = self._target
@@ -578,6 +636,28 @@ class TensorAssembler:
         if not finite:
             lay = self.layout
             self._nonfinite.update(range(lay.tensor_at(pos), lay.tensor_at(pos + n - 1) + 1))
+
+    def _scatter(
+        self, scatter: _Scatter, wire: np.dtype, pos: int, at: int, data: memoryview
+    ) -> None:
+        """Widen ``data``, stream bytes from ``pos`` on (byte ``at`` of the stretch), into the
+        stretch's arrays with one kernel call; a piece of whole elements only, all finite.
+        Any other piece goes tensor by tensor (:meth:`_widen`, which also keeps an element
+        split between chunks and marks the tensors holding a NaN or Inf)."""
+        n = len(data)
+        if not (at % 2 or n % 2) and self._scatter_bytes(
+            data, scatter.addresses, scatter.ends, at // 2, wire
+        ):
+            return
+        runs = scatter.runs
+        k = max(bisect.bisect_right(scatter.starts, pos) - 1, 0)
+        end = pos + n
+        while k < len(runs) and runs[k][0] < end:
+            start, stop, target, base, _ = runs[k]
+            a, b = max(start, pos), min(stop, end)
+            if a < b:
+                self._widen(target, base, wire, a, a - start, data[a - pos : b - pos])
+            k += 1
 
     def _refuse(self, tensor: int, offset: int) -> None:
         """Raise the WireError that says how chunk ``(tensor, offset)`` is out of order."""

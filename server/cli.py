@@ -402,7 +402,12 @@ def build_parser(*, serve_options: bool = True) -> argparse.ArgumentParser:
         _add_admin_parser(sub, name)
     _add_reshard_parser(sub.choices["snapshot"])
     restore = _add_admin_parser(sub, "restore")
-    restore.add_argument("snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`)")
+    restore.add_argument(
+        "snapshot_id",
+        metavar="ID",
+        help="the snapshot's id (see `snapshots`), or latest (a sharded job: the newest cut "
+        "every shard holds)",
+    )
     download = _add_admin_parser(sub, "download")
     download.add_argument(
         "snapshot_id", metavar="ID", help="the snapshot's id (see `snapshots`), or latest"
@@ -486,18 +491,13 @@ def _run_admin(args: argparse.Namespace) -> int:
         elif args.command == "snapshots":
             result = client.list_snapshots()
         elif args.command == "download":
-            snapshot_id = args.snapshot_id
-            if snapshot_id == "latest":
-                listed = client.list_snapshots()
-                if not listed:
-                    raise ValueError(f"{args.address} holds no snapshot to download")
-                snapshot_id = listed[-1].id
+            snapshot_id = _snapshot_id(client, args, "download")
             path = client.download_snapshot(snapshot_id, args.path)
             result = {"id": snapshot_id, "path": str(path)}
         elif args.command == "upload":
             result = client.upload_snapshot(args.path, restore=args.restore)
         else:
-            result = client.restore(args.snapshot_id)
+            result = client.restore(_snapshot_id(client, args, "restore"))
     print(json.dumps(_jsonable(result), indent=2))
     if args.command == "restore":
         # The JSON above is for scripts; this says what happened.
@@ -506,6 +506,17 @@ def _run_admin(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _snapshot_id(client: Any, args: argparse.Namespace, what: str) -> str:
+    """``args.snapshot_id``, with ``latest`` the newest snapshot (a sharded job's: the newest
+    cut every shard holds)."""
+    if args.snapshot_id != "latest":
+        return args.snapshot_id
+    listed = client.list_snapshots()
+    if not listed:
+        raise ValueError(f"{args.address} holds no snapshot to {what}")
+    return listed[-1].id
 
 
 def _is_sdk_error(exc: BaseException) -> bool:

@@ -18,6 +18,7 @@ from paramserve.client import (
     InvalidArgumentError,
     NotFoundError,
 )
+from paramserve.server import cli
 from tests.support.processes import Processes
 from tests.support.servers import LocalServers
 from tests.support.shards import SPLIT_BYTES, shard_gradients, shard_initial
@@ -138,7 +139,7 @@ def test_download_and_upload_to_another_job(servers: LocalServers, tmp_path: Pat
 
 
 def test_a_killed_shard_resumes_and_the_job_rolls_back_to_the_cut(
-    procs: Processes, tmp_path: Path
+    procs: Processes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def start(index: int, *extra: str):
         return procs.server(
@@ -162,7 +163,9 @@ def test_a_killed_shard_resumes_and_the_job_rolls_back_to_the_cut(
         assert versions == [5, 2, 5]  # shard 1 resumed the cut; the others ran on
         with pytest.raises(FailedPreconditionError, match=f"paramserve restore {cut.id}"):
             client.pull()
-        client.restore(cut.id)
+        # The documented way back: the newest cut every shard holds, on all of them.
+        assert cli.main(["restore", "latest", "--address", ",".join(addresses)]) == 0
+        assert json.loads(capsys.readouterr().out)["id"] == cut.id
         _assert_same(at_cut, _state(client))
         _train(client, range(2, 5))
         assert [s.version for s in client.status().shard_statuses] == [5, 5, 5]

@@ -613,6 +613,16 @@ def write_sharded_snapshot(
     return manifest
 
 
+def _check_target(shards: int, split_threshold_bytes: int | None) -> None:
+    """ShardedSnapshotError unless ``shards`` and ``split_threshold_bytes`` can place a job."""
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise ShardedSnapshotError(f"--shards must be an integer >= 1; got {shards!r}")
+    if split_threshold_bytes is not None and split_threshold_bytes < 1:
+        raise ShardedSnapshotError(
+            f"--split-threshold-bytes must be >= 1; got {split_threshold_bytes}"
+        )
+
+
 def resharded_parts(
     snapshot: ShardedSnapshot, shards: int, *, split_threshold_bytes: int | None = None
 ) -> tuple[Layout, list[SnapshotState], int]:
@@ -623,12 +633,7 @@ def resharded_parts(
     ShardedSnapshotError for a model that cannot fill ``shards`` shards or an optimizer
     option a sharded job refuses.
     """
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise ShardedSnapshotError(f"--shards must be an integer >= 1; got {shards!r}")
-    if split_threshold_bytes is not None and split_threshold_bytes < 1:
-        raise ShardedSnapshotError(
-            f"--split-threshold-bytes must be >= 1; got {split_threshold_bytes}"
-        )
+    _check_target(shards, split_threshold_bytes)
     threshold = split_threshold_bytes or int(snapshot.manifest["split_threshold_bytes"])
     whole = merge_shards(snapshot)
     model = whole.model
@@ -669,12 +674,7 @@ def reshard(
     read (see :func:`load_sharded_snapshot`), a model that cannot fill ``shards`` shards, an
     optimizer option a sharded job refuses, or an ``out_dir`` that exists and is not empty.
     """
-    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
-        raise ShardedSnapshotError(f"--shards must be an integer >= 1; got {shards!r}")
-    if split_threshold_bytes is not None and split_threshold_bytes < 1:
-        raise ShardedSnapshotError(
-            f"--split-threshold-bytes must be >= 1; got {split_threshold_bytes}"
-        )
+    _check_target(shards, split_threshold_bytes)
     _check_out(Path(out_dir))  # before the work, and again before the rename
     snapshot = load_sharded_snapshot(in_dir)
     layout, parts, threshold = resharded_parts(

@@ -1121,18 +1121,45 @@ class Client:
             return self._upload([path], restore=restore, progress=progress, timeout_s=timeout_s)
         from .sharded import read_sharded_manifest, reshard_cut_id  # (sharded imports this)
 
-        manifest = read_sharded_manifest(path)
+        return self._upload_resharded(
+            path,
+            read_sharded_manifest(path),
+            shards=1,
+            shard_index=0,
+            cut_id=reshard_cut_id(),
+            restore=restore,
+            progress=progress,
+            timeout_s=timeout_s,
+        )
+
+    def _upload_resharded(
+        self,
+        directory: Path,
+        manifest: Mapping[str, Any],
+        *,
+        shards: int,
+        shard_index: int,
+        cut_id: str,
+        restore: bool,
+        progress: bool | None,
+        timeout_s: float | None,
+        split_threshold_bytes: int | None = None,
+    ) -> SnapshotInfo:
+        """Send the sharded snapshot ``directory`` (``manifest``: its checked manifest) whole,
+        for this server to keep its part as shard ``shard_index`` of ``shards`` in the cut
+        ``cut_id``."""
         files = sorted(manifest["files"], key=lambda f: f["shard"])
         return self._upload(
-            [path / f["file"] for f in files],
+            [directory / f["file"] for f in files],
             restore=restore,
             progress=progress,
             timeout_s=timeout_s,
             reshard=pb.ReshardUpload(
-                manifest=(path / "manifest.json").read_bytes(),
-                shards=1,
-                shard_index=0,
-                cut_id=reshard_cut_id(),
+                manifest=(directory / "manifest.json").read_bytes(),
+                shards=shards,
+                shard_index=shard_index,
+                cut_id=cut_id,
+                split_threshold_bytes=split_threshold_bytes or 0,
             ),
         )
 

@@ -988,21 +988,17 @@ class ShardedClient(Client):
             cut = self._cut_info(manifest["cut_id"], uploaded)
         else:
             cut_id = reshard_cut_id()
-            paths = [directory / f["file"] for f in files]
-            raw = (directory / "manifest.json").read_bytes()
             uploaded = self._each(
-                lambda i, c: c._upload(
-                    paths,
+                lambda i, c: c._upload_resharded(
+                    directory,
+                    manifest,
+                    shards=len(self.shards),
+                    shard_index=i,
+                    cut_id=cut_id,
                     restore=False,
                     progress=progress,
                     timeout_s=timeout_s,
-                    reshard=pb.ReshardUpload(
-                        manifest=raw,
-                        shards=len(self.shards),
-                        shard_index=i,
-                        cut_id=cut_id,
-                        split_threshold_bytes=split_threshold_bytes or 0,
-                    ),
+                    split_threshold_bytes=split_threshold_bytes,
                 )
             )
             cut = self._cut_info(cut_id, uploaded)

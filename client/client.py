@@ -37,6 +37,7 @@ without its new pushes being taken for duplicates of its old ones.
 from __future__ import annotations
 
 import json
+import operator
 import os
 import secrets
 import socket
@@ -101,6 +102,10 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
 
 R = TypeVar("R")
 _FLOAT32 = {np.dtype(np.float32)}
+# C-level helpers for the per-variable passes of a push (a model may have 1,000 variables).
+_ARRAY_TYPE = frozenset((np.ndarray,))
+_DTYPE = operator.attrgetter("dtype")
+_DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
 
 class _ClientSetting:
@@ -489,7 +494,7 @@ class Client:
         if (
             last is not None
             and len(last) == len(out)
-            and all(last.get(n) is a for n, a in out.items())
+            and all(map(operator.is_, map(last.get, out), out.values()))
         ):
             return last
         checked = MappingProxyType({n: check_out_array(n, a) for n, a in out.items()})
@@ -505,7 +510,10 @@ class Client:
         and the server itself refuses one whose variable has another dtype.
         """
         description = self._description
-        dtypes = {v.dtype if type(v) is np.ndarray else v.values.dtype for v in values}
+        if _ARRAY_TYPE.issuperset(map(type, values)):  # arrays only (the common case)
+            dtypes = set(map(_DTYPE, values))
+        else:
+            dtypes = {v.dtype if type(v) is np.ndarray else v.values.dtype for v in values}
         if dtypes == _FLOAT32 and (description is None or self._all_float32(description)):
             return values
         if description is None or any(description.spec(n) is None for n in names):
@@ -613,10 +621,10 @@ class Client:
         """``PushHeader(tensors=...)`` serialized for these gradients; kept for the next push
         whose dense gradients have the same names, dtypes and shapes (a worker pushes the
         same every step), so their headers are built once."""
-        if any(type(v) is SparseRows for v in values):
+        if not _ARRAY_TYPE.issuperset(map(type, values)):  # sparse rows: built afresh
             headers = tensor_headers(names, values, self._variable_shape)
             return pb.PushHeader(tensors=headers).SerializeToString()
-        key = (*names, *[(v.dtype, v.shape) for v in values])
+        key = (*names, *map(_DTYPE_AND_SHAPE, values))
         cached = self._push_tensors
         if cached is not None and cached[0] == key:
             return cached[1]

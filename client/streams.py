@@ -366,11 +366,12 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
         if not isinstance(name, str):
             raise TypeError(f"Variable names must be strings. Received: {name!r}")
     given = list(map(values.__getitem__, names))
-    if all(type(v) is np.ndarray for v in given):  # NumPy arrays already (the common case)
+    if set(map(type, given)) <= _ARRAY_TYPE:  # NumPy arrays already (the common case)
         return names, given
     return names, [as_wire_value(v) for v in given]
 
 
+_ARRAY_TYPE = frozenset((np.ndarray,))
 _FLOAT_DTYPES = frozenset(np.dtype(d) for d in ("float16", "float32", "float64"))
 
 

@@ -350,3 +350,58 @@ def test_widening_into_many_arrays_of_their_own_takes_one_call_per_piece(
         assert calls and len(calls) <= len(chunks) * len(scatters)
     finite = asm.widened_finite()
     assert "t20" not in finite and "t31" not in finite and "t00" in finite
+
+
+@pytest.mark.parametrize("kernels", ["loaded", "not yet"])
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 8, 64, 1 << 16])
+def test_copying_into_many_buffers_of_their_own_is_one_run(
+    kernels: str, chunk_bytes: int, monkeypatch
+) -> None:
+    """Tensors received into buffers of their own (a pull into ``out=`` arrays) that lie end
+    to end in the stream are one run from SCATTER_COPY_MIN on, each chunk's piece copied
+    by one kernel call, or tensor by tensor while the kernels are not loaded; either way
+    every byte lands in its own buffer, whatever the chunks' cuts (inside elements, across
+    tensors), with tensors of mixed dtypes, scalars, empty ones and a shorter stretch (the
+    tensors received into the shared buffer between split them) left tensor by tensor."""
+    from paramserve.wire import compression
+    from paramserve.wire import tensors as wire_tensors
+
+    if kernels == "not yet":
+        monkeypatch.setitem(compression._casts, "kernels", None)  # as before the load ends
+    values = _many_small(np.dtype(np.float32), seed=9)
+    values["empty"] = np.zeros((0, 3), np.float64)
+    values["f64"] = np.linspace(-1, 1, 11)
+    values["t26"] = values["t26"].astype(np.float16)
+    names = list(values)
+    own = {n for n in names if n not in ("f32", "t30")}  # these two go to the shared buffer
+    headers = [wire.header_for(n, v) for n, v in values.items()]
+    targets = {n: np.full(v.shape, 7, v.dtype) for n, v in values.items()}
+    into = [targets[n].reshape(-1).view(np.uint8) if n in own else None for n in names]
+    layout = wire.StreamLayout(headers)
+    runs = layout.runs_into(into)
+    scatters = [r[2] for r in runs if type(r[2]) is wire_tensors._Scatter]
+    # Stretches: t00..t12 (13: too few), t13..t29 with i64 (18: one run, t26 float16
+    # among them), t31..t39 with big, empty, f64 (12: too few).
+    assert [len(s.runs) for s in scatters] == [18]
+    assert wire_tensors.SCATTER_COPY_MIN == 16
+    calls: list[bool] = []
+    real = compression.scatter_copy
+
+    def counted(*args):
+        calls.append(real(*args))
+        return calls[-1]
+
+    monkeypatch.setattr(compression, "scatter_copy", counted)
+    asm = wire.TensorAssembler(headers, into=into, layout=layout, runs=runs)
+    chunks = _packed_chunks(values, chunk_bytes)
+    for chunk in chunks:
+        asm.add(*chunk)
+    out = asm.finish()
+    for name, value in values.items():
+        if name in own:
+            _same(targets[name], value)
+        else:
+            _same(out[name], value)
+    assert calls and all(calls) == (kernels == "loaded")
+    if chunk_bytes >= 64:
+        assert len(calls) <= len(chunks) * len(scatters)

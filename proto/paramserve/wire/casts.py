@@ -26,6 +26,7 @@ from typing import Any
 import numba
 import numpy as np
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 U16, U32 = np.uint16, np.uint32
@@ -136,23 +137,46 @@ def _u32_at(typingctx, address):  # pragma: no cover - compiled
     return pointer(types.int64), codegen
 
 
+@intrinsic
+def _copy_bytes(typingctx, dst, src, count):  # pragma: no cover - compiled
+    # memcpy(dst, src, count) between integer addresses (of buffers the caller keeps alive
+    # and that do not overlap): LLVM's memcpy, so the kernel stays cacheable.
+    byte_pointer = types.CPointer(types.uint8)
+
+    def codegen(context, builder, signature, args):
+        ptr = context.get_value_type(byte_pointer)
+        to, frm = builder.inttoptr(args[0], ptr), builder.inttoptr(args[1], ptr)
+        cgutils.raw_memcpy(builder, to, frm, args[2], 1)
+        return context.get_dummy_value()
+
+    return types.void(types.int64, types.int64, types.int64), codegen
+
+
+# The scatter kernels take elements first .. first + len(src) of a stretch of tensors lying
+# end to end in the stream, each going to its own array: tensor k holds elements
+# ends[k - 1] .. ends[k] of the stretch (from 0) and its array starts at addresses[k].
+
+
+@numba.njit(inline="always")
+def _scatter_piece(ends, e, k, left):  # pragma: no cover - compiled
+    # From tensor k on, the tensor holding stretch element e: (k, its first element, how
+    # many of the ``left`` elements still to place go to it).
+    while ends[k] <= e:
+        k += 1
+    start = ends[k - 1] if k > 0 else 0
+    return k, start, min(ends[k] - e, left)
+
+
 def _scatter_bf16_kernel(src, addresses, ends, first):
-    # Stream elements first .. first + len(src) of a stretch of tensors lying end to end in
-    # the stream, each widened into its own float32 array: tensor k holds elements
-    # ends[k - 1] .. ends[k] of the stretch (from 0) and its array starts at addresses[k].
-    # Returns the number of NaNs and Infs met.
+    # Widen bfloat16 into float32 arrays; returns the number of NaNs and Infs met.
     bad = 0
     n = src.shape[0]
     k = 0
     i = 0
     while i < n:
-        e = first + i
-        while ends[k] <= e:
-            k += 1
-        start = ends[k - 1] if k > 0 else 0
-        take = min(ends[k] - e, n - i)
+        k, start, take = _scatter_piece(ends, first + i, k, n - i)
         dst = numba.carray(_u32_at(addresses[k]), ends[k] - start)
-        off = e - start
+        off = first + i - start
         for j in range(take):
             h = src[i + j]
             bad += (h & U16(0x7F80)) == U16(0x7F80)
@@ -162,24 +186,35 @@ def _scatter_bf16_kernel(src, addresses, ends, first):
 
 
 def _scatter_f16_kernel(src, addresses, ends, first):
+    # Widen float16 into float32 arrays; returns the number of NaNs and Infs met.
     bad = 0
     n = src.shape[0]
     k = 0
     i = 0
     while i < n:
-        e = first + i
-        while ends[k] <= e:
-            k += 1
-        start = ends[k - 1] if k > 0 else 0
-        take = min(ends[k] - e, n - i)
+        k, start, take = _scatter_piece(ends, first + i, k, n - i)
         dst = numba.carray(_u32_at(addresses[k]), ends[k] - start)
-        off = e - start
+        off = first + i - start
         for j in range(take):
             h = U32(src[i + j])
             bad += (h & U32(0x7C00)) == U32(0x7C00)
             dst[off + j] = _f16_widen(h)
         i += take
     return bad
+
+
+def _scatter_copy_kernel(src, addresses, ends, first):
+    # Copy bytes (elements are bytes here) into byte buffers, e.g. pulled float32 weights
+    # into the worker's arrays; returns 0.
+    n = src.shape[0]
+    base = src.ctypes.data
+    k = 0
+    i = 0
+    while i < n:
+        k, start, take = _scatter_piece(ends, first + i, k, n - i)
+        _copy_bytes(addresses[k] + first + i - start, base + i, take)
+        i += take
+    return 0
 
 
 def _feedback_bf16_kernel(g, carried, sent, left, use_carried):
@@ -239,6 +274,7 @@ def _compile(cache: bool) -> SimpleNamespace:
     counts = types.UniTuple(types.int64, 2)
     i64_in = types.Array(types.int64, 1, "C", readonly=True)
     scatter = types.int64(u16_in, i64_in, i64_in, types.int64)
+    u8_in = types.Array(types.uint8, 1, "C", readonly=True)
     signatures = {
         "round_bf16": (_round_bf16_kernel, types.int64(u32_in, u16)),
         "round_f16": (_round_f16_kernel, types.int64(u32_in, u16)),
@@ -251,6 +287,10 @@ def _compile(cache: bool) -> SimpleNamespace:
         "feedback_f16": (_feedback_f16_kernel, counts(f32_in, f32_in, u16, f32, types.boolean)),
         "scatter_bf16": (_scatter_bf16_kernel, scatter),
         "scatter_f16": (_scatter_f16_kernel, scatter),
+        "scatter_copy": (
+            _scatter_copy_kernel,
+            types.int64(u8_in, i64_in, i64_in, types.int64),
+        ),
     }
     compiled = {}
     for name, (func, signature) in signatures.items():

@@ -12,6 +12,7 @@ The casts run as fused numba loops (:mod:`.casts`, loaded on first use), bit for
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import numpy as np
@@ -85,6 +86,23 @@ def _kernels() -> Any:
         else:
             _casts["kernels"] = casts.load()
     return _casts["kernels"]
+
+
+_loading = threading.Lock()
+
+
+def ready_kernels() -> Any:
+    """The compiled casts if they are loaded, else None, having started loading them in a
+    background thread: for work that has a way without them and should not wait."""
+    kernels = _casts.get("kernels", _NOT_LOADED)
+    if kernels is not _NOT_LOADED:
+        return kernels
+    if _loading.acquire(blocking=False):  # released never: one loader per process
+        threading.Thread(target=_kernels, name="paramserve-casts-load", daemon=True).start()
+    return None
+
+
+_NOT_LOADED = object()
 
 
 def prepare_casts() -> bool:
@@ -205,6 +223,21 @@ def scatter_bytes(
     kernels = _kernels()
     kernel = kernels.scatter_bf16 if bf16 else kernels.scatter_f16
     return not (kernel(src, addresses, ends, first) if src.size else 0)
+
+
+def scatter_copy(data: Any, addresses: np.ndarray, ends: np.ndarray, first: int) -> bool:
+    """Copy the bytes ``data``, bytes ``first`` on of a stretch of tensors lying end to end,
+    each into its own buffer: tensor ``k`` holds bytes ``ends[k - 1]:ends[k]`` of the
+    stretch (from 0), its buffer (kept alive by the caller) at ``addresses[k]``. One kernel
+    call for the whole piece; False, with nothing written, until the kernels are loaded
+    (:func:`ready_kernels`): copy tensor by tensor then."""
+    kernels = ready_kernels()
+    if kernels is None:
+        return False
+    src = np.frombuffer(data, dtype=np.uint8)
+    if src.size:
+        kernels.scatter_copy(src, addresses, ends, first)
+    return True
 
 
 def _nan_as_numpy(src: np.ndarray, dst: np.ndarray) -> None:

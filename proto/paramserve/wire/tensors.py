@@ -210,45 +210,54 @@ Run = tuple[int, int, Any, int, "np.dtype | None"]
 
 
 class _Scatter:
-    """The target of a run of tensors that lie end to end in the stream, each widened into a
-    float32 array of its own (:meth:`StreamLayout.runs_into`): a chunk's piece of them is
-    widened by one kernel call (``wire.compression.scatter_bytes``); ``runs`` are the
-    per-tensor runs it stands for, the way back for a piece the kernel does not take."""
+    """The target of a run of tensors that lie end to end in the stream, each going into an
+    array of its own (:meth:`StreamLayout.runs_into`): widened into float32 arrays (``unit``
+    2, the wire dtype's size; ``wire.compression.scatter_bytes``) or copied into byte
+    buffers (``unit`` 1; ``wire.compression.scatter_copy``), a chunk's piece of them by one
+    kernel call. ``runs`` are the per-tensor runs it stands for, the way back for a piece
+    the kernel does not take."""
 
     __slots__ = ("addresses", "arrays", "ends", "runs", "starts")
 
-    def __init__(self, runs: list[Run]) -> None:
+    def __init__(self, runs: list[Run], unit: int) -> None:
         self.runs = runs
         self.starts = [r[0] for r in runs]
-        self.arrays = [r[2] for r in runs]  # held: the kernel writes by address
+        # Held: the kernel writes by address.
+        self.arrays = [np.asarray(r[2]) if unit == 1 else r[2] for r in runs]
         self.addresses = np.array([a.ctypes.data for a in self.arrays], dtype=np.int64)
         first = runs[0][0]
-        self.ends = np.array([(r[1] - first) // 2 for r in runs], dtype=np.int64)
+        self.ends = np.array([(r[1] - first) // unit for r in runs], dtype=np.int64)
+
+
+# Tensors copied into buffers of their own are scattered by one kernel call from this many
+# on: fewer cost little tensor by tensor, and the kernels cost a load (a fraction of a
+# second from the cache) the first time.
+SCATTER_COPY_MIN = 16
 
 
 def _scattered(runs: list[Run]) -> list[Run]:
-    """``runs`` with each stretch of two or more widened runs of their own arrays that lie
-    end to end in the stream (one wire dtype) made one run, a :class:`_Scatter`'s."""
+    """``runs`` with each stretch of runs into arrays of their own that lie end to end in
+    the stream made one run, a :class:`_Scatter`'s: two or more widened (one wire dtype)
+    float32 arrays, or :data:`SCATTER_COPY_MIN` or more byte buffers copied into."""
     from .compression import can_scatter
 
     out: list[Run] = []
     group: list[Run] = []
 
     def flush() -> None:
-        if len(group) >= 2:
-            out.append((group[0][0], group[-1][1], _Scatter(list(group)), 0, group[0][4]))
+        widened = bool(group) and group[0][4] is not None
+        if len(group) >= (2 if widened else SCATTER_COPY_MIN):
+            target = _Scatter(list(group), 2 if widened else 1)
+            out.append((group[0][0], group[-1][1], target, 0, group[0][4]))
         else:
             out.extend(group)
         group.clear()
 
     for run in runs:
         start, _, target, base, wire = run
-        if (
-            wire is not None
-            and target is not None
-            and base == 0
-            and isinstance(target, np.ndarray)
-            and can_scatter(target)
+        if base == 0 and (
+            (type(target) is memoryview and wire is None)
+            or (wire is not None and isinstance(target, np.ndarray) and can_scatter(target))
         ):
             if group and (group[-1][1] != start or group[-1][4] != wire):
                 flush()
@@ -426,7 +435,7 @@ class StreamLayout:
                 runs[-1] = (last[0], s + length, None, last[3], wire)
             else:
                 runs.append((s, s + length, None, b, wire))
-        if any(type(r[2]) is np.ndarray for r in runs):  # widened into arrays of their own
+        if sum(r[2] is not None for r in runs) > 1:  # into two or more arrays of their own
             runs = _scattered(runs)
         return runs
 
@@ -588,6 +597,8 @@ class TensorAssembler:
                         self._scatter(target, wire, pos, pos - start, piece)
                     else:
                         self._widen(target, base, wire, pos, pos - start, piece)
+                elif type(target) is _Scatter:
+                    self._scatter_copy(target, pos, pos - start, source[done : done + take])
                 else:
                     if target is None:
                         target = self._target
@@ -657,6 +668,24 @@ class TensorAssembler:
             a, b = max(start, pos), min(stop, end)
             if a < b:
                 self._widen(target, base, wire, a, a - start, data[a - pos : b - pos])
+            k += 1
+
+    def _scatter_copy(self, scatter: _Scatter, pos: int, at: int, data: memoryview) -> None:
+        """Copy ``data``, stream bytes from ``pos`` on (byte ``at`` of the stretch), into the
+        stretch's buffers: one kernel call once the kernels are loaded (they load in the
+        background meanwhile), else tensor by tensor."""
+        from .compression import scatter_copy
+
+        if scatter_copy(data, scatter.addresses, scatter.ends, at):
+            return
+        runs = scatter.runs
+        k = max(bisect.bisect_right(scatter.starts, pos) - 1, 0)
+        end = pos + len(data)
+        while k < len(runs) and runs[k][0] < end:
+            start, stop, target, _, _ = runs[k]
+            a, b = max(start, pos), min(stop, end)
+            if a < b:
+                target[a - start : b - start] = data[a - pos : b - pos]
             k += 1
 
     def _refuse(self, tensor: int, offset: int) -> None:

@@ -281,7 +281,9 @@ class Workers:
 class ShardServer:
     """``paramserve serve`` in a subprocess on a loopback port (read from its JSON log)."""
 
-    def __init__(self, index: int, shards: int, mode: str, replicas: int) -> None:
+    def __init__(
+        self, index: int, shards: int, mode: str, replicas: int, device: str = "cpu"
+    ) -> None:
         self.index = index
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed in close())
         env = {k: v for k, v in os.environ.items() if not k.startswith("PARAMSERVE_")}
@@ -309,6 +311,8 @@ class ShardServer:
                 str(shards),
                 "--shard-index",
                 str(index),
+                "--device",
+                device,
             ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -356,12 +360,12 @@ class ShardServer:
 class Job:
     """The S shard servers of one job, started (:meth:`wait_listening` waits for them)."""
 
-    def __init__(self, shards: int, mode: str, replicas: int) -> None:
+    def __init__(self, shards: int, mode: str, replicas: int, device: str = "cpu") -> None:
         self.servers: list[ShardServer] = []
         self.addresses: list[str] = []
         try:
             for i in range(shards):
-                self.servers.append(ShardServer(i, shards, mode, replicas))
+                self.servers.append(ShardServer(i, shards, mode, replicas, device))
         except BaseException:
             self.close()
             raise
@@ -660,14 +664,16 @@ def run_all(
             # Every job a (mode, W) needs is started at once, beside the workers, and waited
             # for together (idle servers take no measurable CPU). Sync: one job per (S, W),
             # closed once measured; async: one job per S, for every W.
-            async_jobs = {s: stack.enter_context(_closing(Job(s, mode, 1))) for s in (
+            device = args.device
+            async_jobs = {s: stack.enter_context(_closing(Job(s, mode, 1, device))) for s in (
                 args.shards if mode == "async" else []
             )}  # fmt: skip
             for count in args.workers:
                 note(f"{mode}: starting {count} worker(s) and the servers")
                 workers = stack.enter_context(_closing(Workers(count, tune=tune)))
                 jobs = async_jobs or {
-                    s: stack.enter_context(_closing(Job(s, mode, count))) for s in args.shards
+                    s: stack.enter_context(_closing(Job(s, mode, count, device)))
+                    for s in args.shards
                 }
                 for job in jobs.values():
                     if not job.addresses:
@@ -830,6 +836,12 @@ def main(argv: list[str] | None = None) -> int:
         help="push then pull(out=...) (RemoteOptimizer's way), or Client.step",
     )
     parser.add_argument("--malloc", choices=("tuned", "default"), default="tuned")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where the shard servers keep the model (serve --device; bench/gpu_check.sh)",
+    )
     parser.add_argument("--time-limit", type=int, default=3600, help="seconds for the run")
     parser.add_argument("--json", metavar="OUT", help="also write the figures to this file")
     args = parser.parse_args(argv)

@@ -1,0 +1,418 @@
+"""The fused GPU kernels, checked without a GPU: their CUDA C source, run on the CPU, equals
+the NumPy update rules bit for bit, and NVCC/NVRTC compile it without any contraction.
+
+gpu_kernel_harness.py compiles the very strings NVRTC gets with gcc, and routes ``fused_gpu``
+to them, so each optimizer runs its own GPU dispatch (scalars, argument order, kernel body)
+on NumPy arrays. tests/optim/test_fused_gpu.py runs the same on a GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from paramserve import optim_core
+from paramserve.optim_core import ftrl, fused_gpu, gpu_kernels
+
+from .gpu_kernel_harness import kernels_on_cpu, library, needs_gcc
+from .test_fused import assert_bit_equal, make_problem
+from .test_slabs import _assert_same
+from .test_slabs import _run as run_slabs
+
+STEPS = 12
+DTYPES = ["float32", "float64"]
+MODEL = [(7,), (40, 25), (1001,), (), (1,), (3, 0)]
+
+# case: (class, config, the kernels every update launches once per non-empty variable)
+CASES: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "Adam": ("Adam", {}, ("adam",)),
+    "Adam-amsgrad": ("Adam", {"amsgrad": True, "beta_1": 0.5}, ("adam_amsgrad",)),
+    "AdamW": ("AdamW", {"weight_decay": 0.05}, ("weight_decay", "adam")),
+    "Adam-ema": ("Adam", {"use_ema": True, "ema_momentum": 0.9}, ("adam", "ema")),
+    "SGD": ("SGD", {"learning_rate": 0.1}, ("sgd",)),
+    "SGD-momentum": ("SGD", {"momentum": 0.9}, ("sgd_momentum",)),
+    "SGD-nesterov": ("SGD", {"momentum": 0.9, "nesterov": True}, ("sgd_nesterov",)),
+    "Lion": ("Lion", {"learning_rate": 0.01}, ("lion",)),
+    "Lion-beta_1=1": ("Lion", {"beta_1": 1.0, "weight_decay": 0.1}, ("weight_decay", "lion")),
+    "RMSprop": ("RMSprop", {}, ("rmsprop",)),
+    "RMSprop-momentum": ("RMSprop", {"momentum": 0.9}, ("rmsprop_momentum",)),
+    "RMSprop-centered": ("RMSprop", {"centered": True}, ("rmsprop_centered",)),
+    "RMSprop-centered-momentum": (
+        "RMSprop",
+        {"centered": True, "momentum": 0.5, "rho": 0.8, "epsilon": 1e-4},
+        ("rmsprop_centered_momentum",),
+    ),
+    "Adagrad": ("Adagrad", {"learning_rate": 0.1}, ("adagrad",)),
+    "Adadelta": ("Adadelta", {"learning_rate": 1.0}, ("adadelta",)),
+    "Adamax": ("Adamax", {"beta_1": 0.8, "beta_2": 0.99}, ("adamax",)),
+    "Nadam": ("Nadam", {"learning_rate": 0.01}, ("nadam",)),
+}
+FTRL_CASES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "l1-l2": {"l1_regularization_strength": 0.01, "l2_regularization_strength": 0.02},
+    "shrinkage-beta-power": {
+        "l2_shrinkage_regularization_strength": 0.05,
+        "beta": 0.1,
+        "learning_rate_power": -0.7,
+    },
+    "power-0": {"initial_accumulator_value": 0.5, "learning_rate_power": 0.0},
+    "l1-only": {"l1_regularization_strength": 0.5, "learning_rate": 0.1},
+}
+
+
+def run(
+    cls: str, config: dict[str, Any], init: list[np.ndarray], stream: list[list[np.ndarray]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Apply the stream; return the variables and every optimizer variable."""
+    variables = [v.copy() for v in init]
+    opt = getattr(optim_core, cls)(**config)
+    for grads in stream:
+        opt.apply(grads, variables)
+    return variables, [v.numpy() for v in opt.variables]
+
+
+def run_both(
+    monkeypatch: pytest.MonkeyPatch, cls: str, config: dict[str, Any], dtype: str
+) -> tuple[tuple[list, list], tuple[list, list], Counter[str]]:
+    """The GPU kernels (on the CPU) and the xp rule on one problem; and the kernel launches."""
+    init, stream = make_problem(MODEL, dtype, steps=STEPS)
+    with kernels_on_cpu(monkeypatch) as launches:
+        kernels = run(cls, config, init, stream)
+    rule = _run_rule(cls, config, init, stream)
+    return kernels, rule, launches
+
+
+def _run_rule(
+    cls: str, config: dict[str, Any], init: list[np.ndarray], stream: list[list[np.ndarray]]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    variables = [v.copy() for v in init]
+    opt = getattr(optim_core, cls)(**config)
+    opt.use_fused_kernels = False
+    for grads in stream:
+        opt.apply(grads, variables)
+    return variables, [v.numpy() for v in opt.variables]
+
+
+def assert_all_bit_equal(got: tuple[list, list], expected: tuple[list, list]) -> None:
+    for i, (a, b) in enumerate(zip(got[0], expected[0], strict=True)):
+        assert_bit_equal(np.asarray(a), np.asarray(b), f"variable {i}")
+    for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True)):
+        assert_bit_equal(a, b, f"optimizer variable {i}")
+
+
+@needs_gcc
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_match_the_numpy_rules(
+    case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls, config, names = CASES[case]
+    kernels, rule, launches = run_both(monkeypatch, cls, config, dtype)
+    assert_all_bit_equal(kernels, rule)
+    non_empty = sum(1 for s in MODEL if int(np.prod(s)) > 0)
+    assert launches == dict.fromkeys(names, STEPS * non_empty)
+
+
+@needs_gcc
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the NumPy rule warns
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(CASES))
+def test_non_finite_values_propagate_alike(
+    case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cls, config, names = CASES[case]
+    init, stream = make_problem([(40,)], dtype, steps=6)
+    stream[1][0][[0, 5]] = np.inf
+    stream[2][0][[1, 5]] = -np.inf
+    stream[3][0][[2, 9]] = np.nan
+    init[0][[20, 21]] = [np.inf, -0.0]
+    with kernels_on_cpu(monkeypatch) as launches:
+        got = run(cls, config, init, stream)
+    expected = _run_rule(cls, config, init, stream)
+    assert launches[names[-1]] == 6
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        np.testing.assert_array_equal(a, b, strict=True)
+        # Signed zeros too (assert_array_equal counts -0.0 == 0.0); NaN signs may differ.
+        number = ~np.isnan(b)
+        assert np.array_equal(np.signbit(a)[number], np.signbit(b)[number])
+
+
+def _rounded_power(xp: Any, x: Any, p: Any) -> Any:
+    """What the GPU kernel computes: float32 powers in float64, rounded once."""
+    if x.dtype.itemsize >= 8:
+        return xp.power(x, p)
+    return xp.power(x.astype(np.float64), np.float64(p)).astype(x.dtype)
+
+
+@needs_gcc
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(FTRL_CASES))
+def test_ftrl_kernel_matches_the_rule_with_a_correctly_rounded_power(
+    case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ftrl's kernel rounds a float64 power to float32 (as its CuPy rule does): equal to the
+    NumPy rule computing its power that way. In float64 the powers are libm's (here) and
+    NumPy's (there), which may differ in the last bit, amplified by Ftrl's cancellation."""
+    config = FTRL_CASES[case]
+    init, stream = make_problem(MODEL, dtype, steps=STEPS)
+    with kernels_on_cpu(monkeypatch) as launches:
+        got = run("Ftrl", config, init, stream)
+    monkeypatch.setattr(ftrl, "_power", _rounded_power)
+    expected = _run_rule("Ftrl", config, init, stream)
+    assert launches == {"ftrl": STEPS * 5}
+    if dtype == "float32":
+        assert_all_bit_equal(got, expected)
+        return
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+
+
+@needs_gcc
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("name", "options", "kernel"),
+    [
+        ("adam", {}, "adam"),
+        ("adam", {"use_ema": True, "weight_decay": 0.1}, "adam"),
+        ("sgd", {"momentum": 0.9}, "sgd_momentum"),
+        ("lion", {}, "lion"),
+        ("rmsprop", {"momentum": 0.5, "centered": True}, "rmsprop_centered_momentum"),
+        ("nadam", {}, "nadam"),
+    ],
+)
+def test_a_slab_is_one_launch(
+    name: str, options: dict, kernel: str, dtype: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slab of five variables updates in one launch per step, with the per-variable bits."""
+    with kernels_on_cpu(monkeypatch) as launches:
+        packed = run_slabs(name, options, packed=True, dtype=dtype, steps=4)
+    plain = run_slabs(name, options, packed=False, dtype=dtype, steps=4, fused=False)
+    _assert_same(packed, plain)
+    assert launches[kernel] == 4
+    if options.get("use_ema"):
+        assert launches["ema"] == 4 and launches["weight_decay"] == 4
+
+
+SPECIAL = [0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1.0, -1.0, 0.25, -0.25, 5e-324]
+
+
+@needs_gcc
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_helpers_are_numpy_maximum_sign_and_clip(dtype: str) -> None:
+    """Bit for bit on every pair of special values: signed zeros, NaNs, infinities."""
+    lib = library(dtype, helpers=True)
+    special = np.array(SPECIAL, dtype=dtype)  # 5e-324 becomes 0 in float32: still a zero
+    a, b = (x.ravel().copy() for x in np.meshgrid(special, special))
+    out = np.empty_like(a)
+    n = ctypes.c_longlong(a.size)
+    c_scalar = ctypes.c_float if dtype == "float32" else ctypes.c_double
+
+    def bits(x: np.ndarray) -> np.ndarray:
+        x = np.where(np.isnan(x), np.array(np.nan, dtype), x)  # any NaN is a NaN
+        return x.view(f"u{x.itemsize}")
+
+    lib.np_maximum_loop(
+        ctypes.c_void_p(a.ctypes.data),
+        ctypes.c_void_p(b.ctypes.data),
+        ctypes.c_void_p(out.ctypes.data),
+        n,
+    )
+    np.testing.assert_array_equal(bits(out), bits(np.maximum(a, b)))
+    lib.np_sign_loop(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data), n)
+    np.testing.assert_array_equal(bits(out), bits(np.sign(a)))
+    for hi in (0.0, 0.25, 1.0):
+        lo, hi = -np.array(hi, dtype), np.array(hi, dtype)
+        lib.np_clip_loop(
+            ctypes.c_void_p(a.ctypes.data),
+            c_scalar(lo),
+            c_scalar(hi),
+            ctypes.c_void_p(out.ctypes.data),
+            n,
+        )
+        np.testing.assert_array_equal(bits(out), bits(np.clip(a, lo, hi)))
+
+
+def test_can_fuse_refuses_numpy_without_importing_cupy() -> None:
+    code = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from paramserve import optim_core\n"
+        "from paramserve.optim_core import fused_gpu\n"
+        "w = np.ones(4, np.float32)\n"
+        "opt = optim_core.Lion()\n"
+        "opt.apply([np.ones(4, np.float32)], [w])\n"
+        "assert not fused_gpu.can_fuse(opt, w, w, w)\n"
+        "assert 'cupy' not in sys.modules, 'cupy was imported'\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_every_public_kernel_function_names_a_table_entry() -> None:
+    """fused_gpu launches only kernels the table defines, with their argument counts."""
+    launched: list[tuple[str, int, int]] = []
+
+    def record(name: str, arrays: tuple, scalars: tuple) -> None:
+        launched.append((name, len(arrays), len(scalars)))
+
+    a = np.zeros(3, np.float32)
+    s = np.float32(0.5)
+    import unittest.mock
+
+    with unittest.mock.patch.object(fused_gpu, "_launch", record):
+        fused_gpu.adam(a, a, a, a, s, s, s, s)
+        fused_gpu.adam(a, a, a, a, s, s, s, s, v_hat=a)
+        fused_gpu.sgd(a, a, s)
+        fused_gpu.sgd_momentum(a, a, a, s, s, nesterov=False)
+        fused_gpu.sgd_momentum(a, a, a, s, s, nesterov=True)
+        fused_gpu.weight_decay(a, s, s)
+        fused_gpu.ema(a, a, s, s)
+        fused_gpu.lion(a, a, a, s, s, s, s, s)
+        for avg in (None, a):
+            for mom in (None, a):
+                fused_gpu.rmsprop(a, a, a, s, s, s, s, average_gradient=avg, momentum=mom, mu=s)
+        fused_gpu.adagrad(a, a, a, s, s)
+        fused_gpu.adadelta(a, a, a, a, s, s, s, s)
+        fused_gpu.adamax(a, a, a, a, s, s, s, s, s)
+        fused_gpu.nadam(a, a, a, a, (s,) * 9)
+        fused_gpu.ftrl(a, a, a, a, s, s, s, s, s)
+    assert {name for name, _, _ in launched} == set(gpu_kernels.KERNELS)
+    for name, arrays, scalars in launched:
+        kernel = gpu_kernels.KERNELS[name]
+        assert (arrays, scalars) == (len(kernel.arrays), len(kernel.scalars)), name
+
+
+# --- the CUDA source itself: compiled by NVRTC (or NVCC) to PTX, inspected ------------------
+def _nvrtc_library() -> ctypes.CDLL | None:
+    """libnvrtc, from the nvidia-cuda-nvrtc wheel or the system, or None."""
+    candidates = []
+    try:
+        import nvidia  # the namespace package of NVIDIA's CUDA wheels
+
+        for root in nvidia.__path__:
+            candidates += sorted(Path(root).glob("*/lib/libnvrtc.so*"))
+    except ImportError:
+        pass
+    found = ctypes.util.find_library("nvrtc")
+    if found:
+        candidates.append(Path(found))
+    for path in candidates:
+        if ".alt." in path.name:
+            continue
+        try:
+            # NVRTC opens its builtins library by name: load it first, from beside it.
+            for builtins in sorted(path.parent.glob("libnvrtc-builtins.so*")):
+                if ".alt." not in builtins.name:
+                    ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+            return ctypes.CDLL(str(path))
+        except OSError:
+            continue
+    return None
+
+
+def _ptx_with_nvrtc(lib: ctypes.CDLL, source: str, options: tuple[str, ...]) -> str:
+    program = ctypes.c_void_p()
+    assert (
+        lib.nvrtcCreateProgram(ctypes.byref(program), source.encode(), b"kernels.cu", 0, None, None)
+        == 0
+    )
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        result = lib.nvrtcCompileProgram(program, len(options), opts)
+        log_size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(program, ctypes.byref(log_size))
+        log = ctypes.create_string_buffer(log_size.value)
+        lib.nvrtcGetProgramLog(program, log)
+        assert result == 0, log.value.decode(errors="replace")
+        size = ctypes.c_size_t()
+        assert lib.nvrtcGetPTXSize(program, ctypes.byref(size)) == 0
+        ptx = ctypes.create_string_buffer(size.value)
+        assert lib.nvrtcGetPTX(program, ptx) == 0
+        return ptx.value.decode()
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(program))
+
+
+def _ptx_with_nvcc(nvcc: str, source: str, options: tuple[str, ...], tmp: Path) -> str:
+    cu = tmp / "kernels.cu"
+    cu.write_text(source)
+    ptx = tmp / "kernels.ptx"
+    proc = subprocess.run(
+        [nvcc, "-ptx", *options, str(cu), "-o", str(ptx)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return ptx.read_text()
+
+
+def _compilers() -> list[Any]:
+    out = []
+    lib = _nvrtc_library()
+    if lib is not None:
+        out.append(pytest.param(lib, id="nvrtc"))
+    nvcc = shutil.which("nvcc") or (
+        "/usr/local/cuda/bin/nvcc" if os.access("/usr/local/cuda/bin/nvcc", os.X_OK) else None
+    )
+    if nvcc:
+        out.append(pytest.param(nvcc, id="nvcc"))
+    if not out:
+        out.append(pytest.param(None, id="none", marks=pytest.mark.skip("no NVRTC or nvcc")))
+    return out
+
+
+FLOAT_OP = re.compile(r"^\s*(add|sub|mul|div|sqrt|fma|mad)(\.[\w.]+)?\.f(32|64)\b", re.M)
+
+
+def _entries(ptx: str) -> dict[str, str]:
+    """Each kernel's PTX, by name."""
+    pieces = re.split(r"(?=^\.visible \.entry )", ptx, flags=re.M)
+    out = {}
+    for piece in pieces:
+        match = re.match(r"\.visible \.entry (\w+)", piece)
+        if match:
+            out[match.group(1)] = piece
+    return out
+
+
+@pytest.mark.parametrize("fmad", ["--fmad=false", "--fmad=true"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("compiler", _compilers())
+def test_cuda_source_compiles_without_contraction(
+    compiler: Any, dtype: str, fmad: str, tmp_path: Path
+) -> None:
+    """Every floating-point add, sub, mul, div and sqrt in a kernel's PTX carries an explicit
+    ``.rn`` (ptxas never fuses those), and there is no ``fma``: with the options fused_gpu
+    passes, and even with contraction on (the intrinsics alone prevent it), except in Ftrl,
+    whose inlined ``pow`` is CUDA's library code (its own FMAs live in a called function)."""
+    options = tuple(o for o in gpu_kernels.COMPILE_OPTIONS if not o.startswith("--fmad"))
+    options = (*options, fmad, "-arch=compute_80")
+    source = gpu_kernels.cuda_source(dtype)
+    if isinstance(compiler, str):
+        ptx = _ptx_with_nvcc(compiler, source, options, tmp_path)
+    else:
+        ptx = _ptx_with_nvrtc(compiler, source, options)
+    entries = _entries(ptx)
+    assert set(entries) == {gpu_kernels.function_name(n, dtype) for n in gpu_kernels.KERNELS}
+    for name, text in entries.items():
+        if fmad == "--fmad=true" and name == gpu_kernels.function_name("ftrl", dtype):
+            continue
+        ops = [m.group(0).strip() for m in FLOAT_OP.finditer(text.split("\n}\n", 1)[0])]
+        assert ops, name
+        for op in ops:
+            assert ".rn" in op and not op.startswith(("fma", "mad")), (name, op)

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +26,10 @@ from paramserve.optim_core import ftrl, fused_gpu, gpu_kernels
 
 from .gpu_kernel_harness import kernels_on_cpu, library, needs_gcc
 from .test_fused import assert_bit_equal, make_problem
+from .test_slabs import _arrays as slab_arrays
 from .test_slabs import _assert_same
+from .test_slabs import _flat as slab_flat
+from .test_slabs import _grads as slab_grads
 from .test_slabs import _run as run_slabs
 
 STEPS = 12
@@ -72,56 +74,143 @@ FTRL_CASES: dict[str, dict[str, Any]] = {
 
 
 def run(
-    cls: str, config: dict[str, Any], init: list[np.ndarray], stream: list[list[np.ndarray]]
+    cls: str,
+    config: dict[str, Any],
+    init: list[np.ndarray],
+    stream: list[list[np.ndarray]],
+    *,
+    xp: Any = np,
+    fused: bool = True,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Apply the stream; return the variables and every optimizer variable."""
-    variables = [v.copy() for v in init]
+    """Apply the stream to ``xp`` arrays; return host copies of the variables and of every
+    optimizer variable."""
+    variables = [xp.asarray(v.copy()) for v in init]
     opt = getattr(optim_core, cls)(**config)
+    opt.use_fused_kernels = fused
     for grads in stream:
-        opt.apply(grads, variables)
-    return variables, [v.numpy() for v in opt.variables]
-
-
-def run_both(
-    monkeypatch: pytest.MonkeyPatch, cls: str, config: dict[str, Any], dtype: str
-) -> tuple[tuple[list, list], tuple[list, list], Counter[str]]:
-    """The GPU kernels (on the CPU) and the xp rule on one problem; and the kernel launches."""
-    init, stream = make_problem(MODEL, dtype, steps=STEPS)
-    with kernels_on_cpu(monkeypatch) as launches:
-        kernels = run(cls, config, init, stream)
-    rule = _run_rule(cls, config, init, stream)
-    return kernels, rule, launches
-
-
-def _run_rule(
-    cls: str, config: dict[str, Any], init: list[np.ndarray], stream: list[list[np.ndarray]]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    variables = [v.copy() for v in init]
-    opt = getattr(optim_core, cls)(**config)
-    opt.use_fused_kernels = False
-    for grads in stream:
-        opt.apply(grads, variables)
-    return variables, [v.numpy() for v in opt.variables]
+        opt.apply([xp.asarray(g) for g in grads], variables)
+    return [optim_core.to_numpy(v).copy() for v in variables], [v.numpy() for v in opt.variables]
 
 
 def assert_all_bit_equal(got: tuple[list, list], expected: tuple[list, list]) -> None:
     for i, (a, b) in enumerate(zip(got[0], expected[0], strict=True)):
-        assert_bit_equal(np.asarray(a), np.asarray(b), f"variable {i}")
+        assert_bit_equal(a, b, f"variable {i}")
     for i, (a, b) in enumerate(zip(got[1], expected[1], strict=True)):
         assert_bit_equal(a, b, f"optimizer variable {i}")
 
 
+# --- the checks, run here with the kernels on the CPU and in test_fused_gpu.py on a GPU -------
+# ``kernels`` is a context manager that routes fused_gpu to the kernels under test and yields
+# a Counter of launches by kernel name; ``xp`` the array module their arrays live in.
+
+
+def check_rule(case: str, dtype: str, kernels: Any, xp: Any) -> None:
+    """The kernels equal the NumPy rule bit for bit, one launch per variable and step."""
+    cls, config, names = CASES[case]
+    init, stream = make_problem(MODEL, dtype, steps=STEPS)
+    with kernels as launches:
+        got = run(cls, config, init, stream, xp=xp)
+    expected = run(cls, config, init, stream, fused=False)
+    assert_all_bit_equal(got, expected)
+    non_empty = sum(1 for s in MODEL if int(np.prod(s)) > 0)
+    assert launches == dict.fromkeys(names, STEPS * non_empty)
+
+
+def check_non_finite(case: str, dtype: str, kernels: Any, xp: Any) -> None:
+    """Infinities and NaNs in gradients, and -0.0 and inf in weights, end alike."""
+    cls, config, names = CASES[case]
+    init, stream = make_problem([(40,)], dtype, steps=6)
+    stream[1][0][[0, 5]] = np.inf
+    stream[2][0][[1, 5]] = -np.inf
+    stream[3][0][[2, 9]] = np.nan
+    init[0][[20, 21]] = [np.inf, -0.0]
+    with kernels as launches:
+        got = run(cls, config, init, stream, xp=xp)
+    expected = run(cls, config, init, stream, fused=False)
+    assert launches[names[-1]] == 6
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        np.testing.assert_array_equal(a, b, strict=True)
+        # Signed zeros too (assert_array_equal counts -0.0 == 0.0); NaN signs may differ.
+        number = ~np.isnan(b)
+        assert np.array_equal(np.signbit(a)[number], np.signbit(b)[number])
+
+
+def rounded_power(xp: Any, x: Any, p: Any) -> Any:
+    """What the GPU kernel computes: float32 powers in float64, rounded once."""
+    if x.dtype.itemsize >= 8:
+        return xp.power(x, p)
+    return xp.power(x.astype(np.float64), np.float64(p)).astype(x.dtype)
+
+
+def check_ftrl(
+    case: str, dtype: str, kernels: Any, xp: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ftrl's kernel rounds a float64 power to float32 (as its CuPy rule does): equal to the
+    NumPy rule computing its power that way. Only the float64 ``pow`` itself may differ in its
+    last bit (the kernel's libm or CUDA, NumPy's own), amplified by Ftrl's cancellation; in
+    float32 that difference vanishes in the rounding (but for about 1 in 2^28 powers)."""
+    config = FTRL_CASES[case]
+    init, stream = make_problem(MODEL, dtype, steps=STEPS)
+    with kernels as launches:
+        got = run("Ftrl", config, init, stream, xp=xp)
+    with monkeypatch.context() as patch:
+        patch.setattr(ftrl, "_power", rounded_power)
+        expected = run("Ftrl", config, init, stream, fused=False)
+    assert launches == {"ftrl": STEPS * 5}
+    if dtype == "float32":
+        assert_all_bit_equal(got, expected)
+        return
+    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
+        # ~3e4 amplification (ftrl_pow_study.py) of a 1-2 ulp float64 pow: ~1e-11.
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+SLAB_CASES = [
+    ("adam", {}, "adam"),
+    ("adam", {"use_ema": True, "weight_decay": 0.1}, "adam"),
+    ("sgd", {"momentum": 0.9}, "sgd_momentum"),
+    ("lion", {}, "lion"),
+    ("rmsprop", {"momentum": 0.5, "centered": True}, "rmsprop_centered_momentum"),
+    ("nadam", {}, "nadam"),
+]
+
+
+def run_slab(
+    name: str, options: dict, dtype: str, *, device: str | None
+) -> tuple[optim_core.Optimizer, dict[str, np.ndarray]]:
+    """test_slabs's five variables packed into one slab on ``device``, applied 4 steps."""
+    arrays = {n: a.astype(dtype) for n, a in slab_arrays().items()}
+    variables, slabs = optim_core.pack(list(arrays.items()), device=device)
+    assert len(slabs) == 1
+    xp = optim_core.array_module(device or "cpu")
+    opt = optim_core.get({"class_name": name, "config": {"learning_rate": 0.01, **options}})
+    opt.build(variables)  # built on the variables, it updates their slab whole from the start
+    for step in range(4):
+        opt.apply([xp.asarray(slab_flat(slabs[0], slab_grads(step, arrays)))], slabs)
+    return opt, {v.path: optim_core.to_numpy(v.value).copy() for v in variables}
+
+
+def check_slab(
+    name: str, options: dict, kernel: str, dtype: str, kernels: Any, device: str | None
+) -> None:
+    """A slab of five variables updates in one launch per step, with the per-variable bits."""
+    with kernels as launches:
+        packed = run_slab(name, options, dtype, device=device)
+    plain = run_slabs(name, options, packed=False, dtype=dtype, steps=4, fused=False)
+    _assert_same(packed, plain)
+    assert launches[kernel] == 4
+    if options.get("use_ema"):
+        assert launches["ema"] == 4 and launches["weight_decay"] == 4
+
+
+# --- here: the kernels' C on the CPU ----------------------------------------------------------
 @needs_gcc
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels_match_the_numpy_rules(
     case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cls, config, names = CASES[case]
-    kernels, rule, launches = run_both(monkeypatch, cls, config, dtype)
-    assert_all_bit_equal(kernels, rule)
-    non_empty = sum(1 for s in MODEL if int(np.prod(s)) > 0)
-    assert launches == dict.fromkeys(names, STEPS * non_empty)
+    check_rule(case, dtype, kernels_on_cpu(monkeypatch), np)
 
 
 @needs_gcc
@@ -131,28 +220,7 @@ def test_kernels_match_the_numpy_rules(
 def test_non_finite_values_propagate_alike(
     case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cls, config, names = CASES[case]
-    init, stream = make_problem([(40,)], dtype, steps=6)
-    stream[1][0][[0, 5]] = np.inf
-    stream[2][0][[1, 5]] = -np.inf
-    stream[3][0][[2, 9]] = np.nan
-    init[0][[20, 21]] = [np.inf, -0.0]
-    with kernels_on_cpu(monkeypatch) as launches:
-        got = run(cls, config, init, stream)
-    expected = _run_rule(cls, config, init, stream)
-    assert launches[names[-1]] == 6
-    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
-        np.testing.assert_array_equal(a, b, strict=True)
-        # Signed zeros too (assert_array_equal counts -0.0 == 0.0); NaN signs may differ.
-        number = ~np.isnan(b)
-        assert np.array_equal(np.signbit(a)[number], np.signbit(b)[number])
-
-
-def _rounded_power(xp: Any, x: Any, p: Any) -> Any:
-    """What the GPU kernel computes: float32 powers in float64, rounded once."""
-    if x.dtype.itemsize >= 8:
-        return xp.power(x, p)
-    return xp.power(x.astype(np.float64), np.float64(p)).astype(x.dtype)
+    check_non_finite(case, dtype, kernels_on_cpu(monkeypatch), np)
 
 
 @needs_gcc
@@ -161,47 +229,16 @@ def _rounded_power(xp: Any, x: Any, p: Any) -> Any:
 def test_ftrl_kernel_matches_the_rule_with_a_correctly_rounded_power(
     case: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Ftrl's kernel rounds a float64 power to float32 (as its CuPy rule does): equal to the
-    NumPy rule computing its power that way. In float64 the powers are libm's (here) and
-    NumPy's (there), which may differ in the last bit, amplified by Ftrl's cancellation."""
-    config = FTRL_CASES[case]
-    init, stream = make_problem(MODEL, dtype, steps=STEPS)
-    with kernels_on_cpu(monkeypatch) as launches:
-        got = run("Ftrl", config, init, stream)
-    monkeypatch.setattr(ftrl, "_power", _rounded_power)
-    expected = _run_rule("Ftrl", config, init, stream)
-    assert launches == {"ftrl": STEPS * 5}
-    if dtype == "float32":
-        assert_all_bit_equal(got, expected)
-        return
-    for a, b in zip(got[0] + got[1], expected[0] + expected[1], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+    check_ftrl(case, dtype, kernels_on_cpu(monkeypatch), np, monkeypatch)
 
 
 @needs_gcc
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    ("name", "options", "kernel"),
-    [
-        ("adam", {}, "adam"),
-        ("adam", {"use_ema": True, "weight_decay": 0.1}, "adam"),
-        ("sgd", {"momentum": 0.9}, "sgd_momentum"),
-        ("lion", {}, "lion"),
-        ("rmsprop", {"momentum": 0.5, "centered": True}, "rmsprop_centered_momentum"),
-        ("nadam", {}, "nadam"),
-    ],
-)
+@pytest.mark.parametrize(("name", "options", "kernel"), SLAB_CASES)
 def test_a_slab_is_one_launch(
     name: str, options: dict, kernel: str, dtype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A slab of five variables updates in one launch per step, with the per-variable bits."""
-    with kernels_on_cpu(monkeypatch) as launches:
-        packed = run_slabs(name, options, packed=True, dtype=dtype, steps=4)
-    plain = run_slabs(name, options, packed=False, dtype=dtype, steps=4, fused=False)
-    _assert_same(packed, plain)
-    assert launches[kernel] == 4
-    if options.get("use_ema"):
-        assert launches["ema"] == 4 and launches["weight_decay"] == 4
+    check_slab(name, options, kernel, dtype, kernels_on_cpu(monkeypatch), None)
 
 
 SPECIAL = [0.0, -0.0, np.nan, -np.nan, np.inf, -np.inf, 1.0, -1.0, 0.25, -0.25, 5e-324]
@@ -222,24 +259,16 @@ def test_helpers_are_numpy_maximum_sign_and_clip(dtype: str) -> None:
         x = np.where(np.isnan(x), np.array(np.nan, dtype), x)  # any NaN is a NaN
         return x.view(f"u{x.itemsize}")
 
-    lib.np_maximum_loop(
-        ctypes.c_void_p(a.ctypes.data),
-        ctypes.c_void_p(b.ctypes.data),
-        ctypes.c_void_p(out.ctypes.data),
-        n,
-    )
+    def ptr(x: np.ndarray) -> ctypes.c_void_p:
+        return ctypes.c_void_p(x.ctypes.data)
+
+    lib.np_maximum_loop(ptr(a), ptr(b), ptr(out), n)
     np.testing.assert_array_equal(bits(out), bits(np.maximum(a, b)))
-    lib.np_sign_loop(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(out.ctypes.data), n)
+    lib.np_sign_loop(ptr(a), ptr(out), n)
     np.testing.assert_array_equal(bits(out), bits(np.sign(a)))
-    for hi in (0.0, 0.25, 1.0):
-        lo, hi = -np.array(hi, dtype), np.array(hi, dtype)
-        lib.np_clip_loop(
-            ctypes.c_void_p(a.ctypes.data),
-            c_scalar(lo),
-            c_scalar(hi),
-            ctypes.c_void_p(out.ctypes.data),
-            n,
-        )
+    for bound in (0.0, 0.25, 1.0):
+        lo, hi = -np.array(bound, dtype), np.array(bound, dtype)
+        lib.np_clip_loop(ptr(a), c_scalar(lo), c_scalar(hi), ptr(out), n)
         np.testing.assert_array_equal(bits(out), bits(np.clip(a, lo, hi)))
 
 

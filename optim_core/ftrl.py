@@ -122,10 +122,11 @@ def _power(xp: Any, x: Any, p: Any) -> Any:
     """``x**p`` as Keras's numpy backend computes it on NumPy; on another array module, in
     float64 rounded once to ``x``'s dtype when that is narrower (a correctly rounded power).
 
-    ``n'^p - n^p`` cancels, so a 1-ulp error of a power becomes ~1e-3 relative in ``w``
-    after 50 steps: CUDA's ``powf`` (1-2 ulp) put CuPy 4e-4 away from Keras, while a
-    correctly rounded power is within 8e-7 (NumPy's float32 power is correctly rounded at
-    the default ``p = 0.5``; tests/optim/ftrl_pow_study.py measures it).
+    ``n'^p - n^p`` cancels, so a 1-ulp error of a power grows to ~1e-3 relative in ``w``
+    over 50 steps. CuPy's float32 power (CUDA's ``powf``, not correctly rounded) was
+    measured 4e-4 away from Keras on a GPU; a correctly rounded power is within 7.9e-7 of it
+    (NumPy's own float32 power is correctly rounded at the default ``p = 0.5``, not at every
+    ``p``): tests/optim/ftrl_pow_study.py measures it on the CPU.
     """
     if xp is np or x.dtype.itemsize >= 8:
         return xp.power(x, p)

@@ -80,8 +80,13 @@ def _load(dtype: np.dtype) -> dict[str, Any] | None:
 
 def prepare(dtypes: tuple[str, ...] = ("float32", "float64")) -> bool:
     """Compile the kernels of ``dtypes`` now (or load them from CuPy's cache), so no optimizer
-    step pays for it later; True when all are available. Imports CuPy."""
+    step pays for it later; True when all are available. Imports CuPy. Thread-safe."""
     return all(_load(np.dtype(d)) is not None for d in dtypes)
+
+
+def prepared(dtypes: tuple[str, ...] = ("float32", "float64")) -> bool:
+    """True once the kernels of ``dtypes`` were compiled or loaded (never compiles)."""
+    return all(_kernels.get(np.dtype(d).name) is not None for d in dtypes)
 
 
 def can_fuse(optimizer: Optimizer, *arrays: Any) -> bool:

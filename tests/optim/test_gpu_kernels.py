@@ -272,6 +272,18 @@ def test_helpers_are_numpy_maximum_sign_and_clip(dtype: str) -> None:
         np.testing.assert_array_equal(bits(out), bits(np.clip(a, lo, hi)))
 
 
+def test_ftrl_power_is_numpys_on_numpy_and_correctly_rounded_elsewhere() -> None:
+    """Ftrl's xp rule: NumPy's own float32 power on NumPy (as Keras), and on another array
+    module (CuPy) the float64 power rounded once, as its fused kernel computes it."""
+    x = np.random.default_rng(2).uniform(0.01, 50.0, 10_000).astype(np.float32)
+    p = np.float32(0.25)  # where NumPy's float32 power is often not correctly rounded
+    other = type("OtherArrayModule", (), {"power": staticmethod(np.power)})()
+    assert_bit_equal(ftrl._power(np, x, p), np.power(x, p), "numpy")
+    assert_bit_equal(ftrl._power(other, x, p), rounded_power(np, x, p), "another module")
+    x64 = x.astype(np.float64)
+    assert_bit_equal(ftrl._power(other, x64, p), np.power(x64, p), "float64")
+
+
 def test_can_fuse_refuses_numpy_without_importing_cupy() -> None:
     code = (
         "import sys\n"

@@ -8,7 +8,9 @@ sets the yardstick in GB/s. Each update rule then runs through the public API
 is the bytes its rule must touch per element (Adam: w, g, m, v read, w, m, v written = 7 x 4
 bytes) over the time of one apply, measured with CUDA events around ``repeat`` applies after
 a warm-up. ``x copy`` is that over the copy's GB/s (the issue's target for Adam at 64M
-floats and above: >= 0.8).
+floats and above: >= 0.8). ``fused`` counts the fused kernels one apply launches
+(``optim_core/fused_gpu.py``; 0: the rule ran as separate CuPy operations, as the
+``(xp rule)`` rows do on purpose, for comparison).
 
 Without CuPy or a usable device it prints why and exits 0 (nothing to measure); the GPU
 tests skip the same way.
@@ -27,18 +29,36 @@ from typing import Any
 import numpy as np
 
 from paramserve import optim_core
+from paramserve.optim_core import fused_gpu
 
 TARGET_ADAM_X_COPY = 0.8
 TARGET_MIN_ELEMENTS = 64 << 20
 
-# name, class, kwargs, float32 accesses per element of the rule (reads + writes)
-CASES: list[tuple[str, str, dict[str, Any], int]] = [
-    ("Adam", "Adam", {"learning_rate": 1e-3}, 7),
-    ("AdamW", "AdamW", {"learning_rate": 1e-3, "weight_decay": 0.01}, 7),
-    ("SGD momentum", "SGD", {"learning_rate": 1e-2, "momentum": 0.9}, 5),
-    ("Lion", "Lion", {"learning_rate": 1e-4}, 5),
-    ("RMSprop", "RMSprop", {"learning_rate": 1e-3}, 5),
-    ("Adagrad", "Adagrad", {"learning_rate": 1e-2}, 5),
+# name, class, kwargs, float32 accesses per element of the rule (reads + writes), fused
+CASES: list[tuple[str, str, dict[str, Any], int, bool]] = [
+    ("Adam", "Adam", {"learning_rate": 1e-3}, 7, True),
+    ("Adam (xp rule)", "Adam", {"learning_rate": 1e-3}, 7, False),
+    ("Adam amsgrad", "Adam", {"learning_rate": 1e-3, "amsgrad": True}, 9, True),
+    ("AdamW", "AdamW", {"learning_rate": 1e-3, "weight_decay": 0.01}, 7, True),
+    ("SGD", "SGD", {"learning_rate": 1e-2}, 3, True),
+    ("SGD momentum", "SGD", {"learning_rate": 1e-2, "momentum": 0.9}, 5, True),
+    ("SGD mom. (xp)", "SGD", {"learning_rate": 1e-2, "momentum": 0.9}, 5, False),
+    ("SGD nesterov", "SGD", {"learning_rate": 1e-2, "momentum": 0.9, "nesterov": True}, 5, True),
+    ("Lion", "Lion", {"learning_rate": 1e-4}, 5, True),
+    ("RMSprop", "RMSprop", {"learning_rate": 1e-3}, 5, True),
+    (
+        "RMSprop c+mom",
+        "RMSprop",
+        {"learning_rate": 1e-3, "centered": True, "momentum": 0.9},
+        9,
+        True,
+    ),
+    ("Adagrad", "Adagrad", {"learning_rate": 1e-2}, 5, True),
+    ("Adadelta", "Adadelta", {"learning_rate": 1.0}, 7, True),
+    ("Adamax", "Adamax", {"learning_rate": 1e-3}, 7, True),
+    ("Nadam", "Nadam", {"learning_rate": 1e-3}, 7, True),
+    ("Ftrl", "Ftrl", {"learning_rate": 1e-2}, 7, True),
+    ("Adam + EMA", "Adam", {"learning_rate": 1e-3, "use_ema": True}, 10, True),
 ]
 
 
@@ -49,7 +69,25 @@ class Row:
     ms: float
     gbytes_per_s: float
     x_copy: float
+    fused: int
 
+
+def _fused_launches(opt: Any, g: Any, w: Any) -> int:
+    """The fused kernels one ``opt.apply([g], [w])`` launches (it runs that apply)."""
+    launches = 0
+    launch = fused_gpu._launch
+
+    def counted(*args: Any) -> None:
+        nonlocal launches
+        launches += 1
+        launch(*args)
+
+    fused_gpu._launch = counted
+    try:
+        opt.apply([g], [w])
+    finally:
+        fused_gpu._launch = launch
+    return launches
 
 def parse_size(text: str) -> int:
     text = text.strip().upper()
@@ -78,16 +116,18 @@ def bench_size(cp: Any, n: int, repeat: int) -> list[Row]:
     dst = cp.empty_like(src)
     copy_ms = _timed_ms(cp, functools.partial(cp.copyto, dst, src), repeat)
     copy_gbs = 2 * 4 * n / copy_ms / 1e6
-    rows = [Row("copy (d2d)", n, copy_ms, copy_gbs, 1.0)]
+    rows = [Row("copy (d2d)", n, copy_ms, copy_gbs, 1.0, 0)]
     del src, dst
-    rng = np.random.default_rng(0)
-    for name, cls, kwargs, accesses in CASES:
-        w = optim_core.Variable(rng.standard_normal(n, dtype=np.float32), "w", device="gpu")
-        g = cp.asarray(rng.standard_normal(n, dtype=np.float32) * np.float32(1e-3))
+    cp.random.seed(0)
+    for name, cls, kwargs, accesses, fused in CASES:
+        w = optim_core.Variable(cp.random.standard_normal(n, dtype=cp.float32), "w")
+        g = cp.random.standard_normal(n, dtype=cp.float32) * np.float32(1e-3)
         opt = getattr(optim_core, cls)(**kwargs)
+        opt.use_fused_kernels = fused
+        launches = _fused_launches(opt, g, w)  # also the warm-up (a first compile, if any)
         ms = _timed_ms(cp, lambda opt=opt, g=g, w=w: opt.apply([g], [w]), repeat)
         gbs = accesses * 4 * n / ms / 1e6
-        rows.append(Row(name, n, ms, gbs, gbs / copy_gbs))
+        rows.append(Row(name, n, ms, gbs, gbs / copy_gbs, launches))
         del w, g, opt
         cp.get_default_memory_pool().free_all_blocks()
     return rows
@@ -113,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"device": device, "rows": [asdict(r) for r in rows], "met": met}))
         return 0
     print(f"device: {device}")
-    print(f"{'elements':>12} {'case':<14} {'ms':>9} {'GB/s':>9} {'x copy':>7}")
+    print(f"{'elements':>12} {'case':<14} {'ms':>9} {'GB/s':>9} {'x copy':>7} {'fused':>5}")
     for r in rows:
         print(
             f"{r.elements:>12,} {r.name:<14} {r.ms:>9.3f} {r.gbytes_per_s:>9.1f} "
-            f"{r.x_copy:>7.2f}"
+            f"{r.x_copy:>7.2f} {r.fused:>5}"
         )
     if adam:
         worst = min(r.x_copy for r in adam)

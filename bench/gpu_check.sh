@@ -28,7 +28,7 @@ cores=$(nproc)
 echo "== 1/4 GPU tests"
 timeout 200 "$py" -m pytest -q -o addopts="" -p no:cacheprovider -m gpu -n "$cores" \
   tests/optim/test_conformance.py tests/optim/test_api.py tests/optim/test_slabs.py \
-  tests/server/test_store.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15
+  tests/optim/test_fused_gpu.py tests/server/test_store.py 2>&1 | tee "$out/gpu_tests.txt" | tail -15
 
 echo "== 2/4 apply vs copy bandwidth"
 timeout 120 "$py" bench/gpu_apply.py --sizes 16M,64M,256M | tee "$out/gpu_apply.txt"

@@ -19,6 +19,8 @@ from .fused import prepare as prepare_kernels
 from .fused import prepared as kernels_prepared
 from .fused import set_threads as set_kernel_threads
 from .fused import threads as kernel_threads
+from .fused_gpu import prepare as prepare_gpu_kernels
+from .fused_gpu import prepared as gpu_kernels_prepared
 from .lamb import Lamb
 from .lion import Lion
 from .loss_scale_optimizer import LossScaleOptimizer
@@ -79,9 +81,11 @@ __all__ = [
     "deserialize",
     "get",
     "gpu_available",
+    "gpu_kernels_prepared",
     "kernel_threads",
     "kernels_prepared",
     "pack",
+    "prepare_gpu_kernels",
     "prepare_kernels",
     "register_optimizer",
     "registered_optimizers",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -46,6 +47,10 @@ class Adadelta(Optimizer):
         index = self._get_variable_index(variable)
         grad_sq_avg = self._accumulated_grads[index]
         delta_sq_avg = self._accumulated_delta_vars[index]
+        slots = (grad_sq_avg.value, delta_sq_avg.value)
+        if fused_gpu.can_fuse(self, variable.value, gradient, *slots):
+            fused_gpu.adadelta(variable.value, gradient, *slots, lr, rho, one_minus_rho, eps)
+            return
         grad_sq_avg.assign(rho * grad_sq_avg.value + one_minus_rho * xp.square(gradient))
         delta = -((xp.sqrt(delta_sq_avg.value + eps) * gradient) / xp.sqrt(grad_sq_avg.value + eps))
         delta_sq_avg.assign(rho * delta_sq_avg.value + one_minus_rho * xp.square(delta))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -39,9 +40,13 @@ class Adagrad(Optimizer):
         dt = variable.dtype.type
         xp = variable.xp
         lr = dt(learning_rate)
+        eps = dt(self.epsilon)
         acc = self._accumulators[self._get_variable_index(variable)]
+        if fused_gpu.can_fuse(self, variable.value, gradient, acc.value):
+            fused_gpu.adagrad(variable.value, gradient, acc.value, lr, eps)
+            return
         acc.assign(acc.value + xp.square(gradient))
-        self.assign_sub(variable, (lr * gradient) / xp.sqrt(acc.value + dt(self.epsilon)))
+        self.assign_sub(variable, (lr * gradient) / xp.sqrt(acc.value + eps))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

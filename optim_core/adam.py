@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from . import fused
+from . import fused, fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -71,12 +71,13 @@ class Adam(Optimizer):
             self._update_variable(g, v, scalars)
 
     def _step_scalars(self, dt: Any, xp: Any, learning_rate: Any) -> tuple[Any, Any, Any, Any]:
-        """``(alpha, 1-beta_1, 1-beta_2, epsilon)`` of this step in dtype ``dt``."""
+        """``(alpha, 1-beta_1, 1-beta_2, epsilon)`` of this step in dtype ``dt``, on the host
+        whatever ``xp`` (an IEEE square root: the same bits as on the device)."""
         lr = dt(learning_rate)
         t = dt(self.iterations + 1)
         beta_1_power = np.power(dt(self.beta_1), t)
         beta_2_power = np.power(dt(self.beta_2), t)
-        alpha = lr * xp.sqrt(dt(1) - beta_2_power) / (dt(1) - beta_1_power)
+        alpha = lr * np.sqrt(dt(1) - beta_2_power) / (dt(1) - beta_1_power)
         return alpha, dt(1 - self.beta_1), dt(1 - self.beta_2), dt(self.epsilon)
 
     def _update_variable(
@@ -90,9 +91,10 @@ class Adam(Optimizer):
         v = self._velocities[index]
         v_hat_value = self._velocity_hats[index].value if self.amsgrad else None
         arrays = [variable.value, gradient, m.value, v.value]
-        if fused.can_fuse(self, *arrays, *([v_hat_value] if self.amsgrad else [])):
-            fused.adam(*arrays, alpha, one_minus_b1, one_minus_b2, eps, v_hat=v_hat_value)
-            return
+        for kernels in (fused, fused_gpu):
+            if kernels.can_fuse(self, *arrays, *([v_hat_value] if self.amsgrad else [])):
+                kernels.adam(*arrays, alpha, one_minus_b1, one_minus_b2, eps, v_hat=v_hat_value)
+                return
         m.assign_add((gradient - m.value) * one_minus_b1)
         v.assign_add((xp.square(gradient) - v.value) * one_minus_b2)
         v_used = v.value

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -47,9 +48,26 @@ class Adamax(Optimizer):
         index = self._get_variable_index(variable)
         m = self._m[index]
         u = self._u[index]
-        m.assign(m.value + (gradient - m.value) * dt(1 - self.beta_1))
-        u.assign(xp.maximum(dt(self.beta_2) * u.value, xp.abs(gradient)))
-        denominator = (dt(1) - beta_1_power) * (u.value + dt(self.epsilon))
+        one_minus_b1 = dt(1 - self.beta_1)
+        beta_2 = dt(self.beta_2)
+        one_minus_b1_power = dt(1) - beta_1_power
+        eps = dt(self.epsilon)
+        if fused_gpu.can_fuse(self, variable.value, gradient, m.value, u.value):
+            fused_gpu.adamax(
+                variable.value,
+                gradient,
+                m.value,
+                u.value,
+                lr,
+                one_minus_b1,
+                beta_2,
+                one_minus_b1_power,
+                eps,
+            )
+            return
+        m.assign(m.value + (gradient - m.value) * one_minus_b1)
+        u.assign(xp.maximum(beta_2 * u.value, xp.abs(gradient)))
+        denominator = one_minus_b1_power * (u.value + eps)
         self.assign_sub(variable, (lr * m.value) / denominator)
 
     def get_config(self) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import fused
+from . import fused, fused_gpu
 from .backend import get_array_module, to_numpy
 from .schedules import LearningRateSchedule
 from .schedules import deserialize as deserialize_schedule
@@ -52,8 +52,9 @@ class Optimizer:
     ``(indices, values)`` / :class:`IndexedSlices` row gradients.
     """
 
-    # Run the fused CPU kernels where they apply (fused.can_fuse); False always runs the xp
-    # rule. Not part of the config: tests and benchmarks compare the two on one instance.
+    # Run the fused kernels where they apply (numba on NumPy arrays: fused.can_fuse; CUDA on
+    # CuPy arrays: fused_gpu.can_fuse); False always runs the xp rule. Not part of the config:
+    # tests and benchmarks compare the two on one instance.
     use_fused_kernels: bool = True
     # True when each element's update reads only that element's gradient and slots and
     # step-wide scalars (learning rate, step count): a variable may then be split by rows
@@ -720,10 +721,11 @@ class Optimizer:
         dt = v.dtype.type
         lr = dt(self.learning_rate)
         wd = dt(self.weight_decay)
-        if fused.can_fuse(self, v.value):
-            fused.weight_decay(v.value, wd, lr)
-        else:
-            v.assign(v.value - v.value * wd * lr)
+        for kernels in (fused, fused_gpu):
+            if kernels.can_fuse(self, v.value):
+                kernels.weight_decay(v.value, wd, lr)
+                return
+        v.assign(v.value - v.value * wd * lr)
 
     def _update_moving_averages(self) -> None:
         averages = self._model_variables_moving_average
@@ -731,8 +733,10 @@ class Optimizer:
             avg = averages[index]
             dt = var.dtype.type
             mu = dt(self.ema_momentum) if self.iterations != 0 else dt(0)
-            if fused.can_fuse(self, avg.value, var.value):
-                fused.ema(avg.value, var.value, mu, dt(1) - mu)
+            for kernels in (fused, fused_gpu):
+                if kernels.can_fuse(self, avg.value, var.value):
+                    kernels.ema(avg.value, var.value, mu, dt(1) - mu)
+                    break
             else:
                 avg.assign(mu * avg.value + (dt(1) - mu) * var.value)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -45,6 +46,11 @@ class Lion(Optimizer):
         beta_2 = dt(self.beta_2)
         one = dt(1.0)
         m = self._momentums[self._get_variable_index(variable)]
+        if fused_gpu.can_fuse(self, variable.value, gradient, m.value):
+            fused_gpu.lion(
+                variable.value, gradient, m.value, lr, beta_1, one - beta_1, beta_2, one - beta_2
+            )
+            return
         direction = xp.sign(m.value * beta_1 + gradient * (one - beta_1))
         self.assign_sub(variable, lr * direction)
         m.assign(m.value * beta_2 + gradient * (one - beta_2))

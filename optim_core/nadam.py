@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -76,6 +77,20 @@ class Nadam(Optimizer):
         index = self._get_variable_index(variable)
         m = self._momentums[index]
         v = self._velocities[index]
+        if fused_gpu.can_fuse(self, variable.value, gradient, m.value, v.value):
+            scalars = (
+                lr,
+                one - beta_1,
+                one - beta_2,
+                mu_next,
+                one - product_next,
+                one - mu_t,
+                one - product,
+                one - beta_2_power,
+                dt(self.epsilon),
+            )
+            fused_gpu.nadam(variable.value, gradient, m.value, v.value, scalars)
+            return
         # Here 1 - beta is formed in the variable dtype from the rounded beta.
         m.assign(m.value + (gradient - m.value) * (one - beta_1))
         v.assign(v.value + (xp.square(gradient) - v.value) * (one - beta_2))

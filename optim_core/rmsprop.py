@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -54,16 +55,31 @@ class RMSprop(Optimizer):
         eps = dt(self.epsilon)
         index = self._get_variable_index(variable)
         velocity = self._velocities[index]
+        avg = self._average_gradients[index] if self.centered else None
+        mom = self._momentums[index] if self.momentum > 0 else None
+        slots = [s.value for s in (velocity, avg, mom) if s is not None]
+        if fused_gpu.can_fuse(self, variable.value, gradient, *slots):
+            fused_gpu.rmsprop(
+                variable.value,
+                gradient,
+                velocity.value,
+                lr,
+                rho,
+                one_minus_rho,
+                eps,
+                average_gradient=None if avg is None else avg.value,
+                momentum=None if mom is None else mom.value,
+                mu=dt(self.momentum),
+            )
+            return
         velocity.assign(rho * velocity.value + one_minus_rho * xp.square(gradient))
-        if self.centered:
-            avg = self._average_gradients[index]
+        if avg is not None:
             avg.assign(rho * avg.value + one_minus_rho * gradient)
             denominator = velocity.value - xp.square(avg.value) + eps
         else:
             denominator = velocity.value + eps
         increment = (lr * gradient) / xp.sqrt(denominator)
-        if self.momentum > 0:
-            mom = self._momentums[index]
+        if mom is not None:
             mom.assign(dt(self.momentum) * mom.value + increment)
             self.assign_sub(variable, mom.value)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import fused
+from . import fused, fused_gpu
 from .base import Optimizer
 from .variables import Variable
 
@@ -43,16 +43,18 @@ class SGD(Optimizer):
         dt = variable.dtype.type
         lr = dt(learning_rate)
         if self.momentum == 0:
-            if fused.can_fuse(self, variable.value, gradient):
-                fused.sgd(variable.value, gradient, lr)
-                return
+            for kernels in (fused, fused_gpu):
+                if kernels.can_fuse(self, variable.value, gradient):
+                    kernels.sgd(variable.value, gradient, lr)
+                    return
             self.assign_sub(variable, gradient * lr)
             return
         m = self.momentums[self._get_variable_index(variable)]
         mu = dt(self.momentum)
-        if fused.can_fuse(self, variable.value, gradient, m.value):
-            fused.sgd_momentum(variable.value, gradient, m.value, mu, lr, self.nesterov)
-            return
+        for kernels in (fused, fused_gpu):
+            if kernels.can_fuse(self, variable.value, gradient, m.value):
+                kernels.sgd_momentum(variable.value, gradient, m.value, mu, lr, self.nesterov)
+                return
         m.assign(m.value * mu - gradient * lr)
         if self.nesterov:
             self.assign_add(variable, m.value * mu - gradient * lr)

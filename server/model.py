@@ -243,6 +243,8 @@ def build_model(
     config = config_json(optim_core.serialize(optimizer))
     if device == "cpu":
         _prepare_kernels()
+    else:
+        _prepare_gpu_kernels({v.dtype.name for v in variables.values()})
     return Model(name, optimizer, variables, specs, {config}, slabs={s.names: s for s in slabs})
 
 
@@ -258,6 +260,22 @@ def _prepare_kernels() -> None:
         "ready" if available else "unavailable (NumPy rules run instead)",
         time.perf_counter() - started,
         extra={"event": "kernels_ready", "available": available},
+    )
+
+
+def _prepare_gpu_kernels(dtypes: set[str]) -> None:
+    """Compile or load the fused GPU kernels of the model's dtypes now, for the same reason."""
+    wanted = tuple(sorted(dtypes & {"float32", "float64"}))
+    if not wanted or optim_core.gpu_kernels_prepared(wanted):
+        return
+    started = time.perf_counter()
+    available = optim_core.prepare_gpu_kernels(wanted)
+    logger.info(
+        "fused GPU optimizer kernels (%s) %s in %.2f s",
+        ", ".join(wanted),
+        "ready" if available else "unavailable (CuPy rules run instead)",
+        time.perf_counter() - started,
+        extra={"event": "gpu_kernels_ready", "available": available},
     )
 
 

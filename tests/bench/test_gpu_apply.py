@@ -41,3 +41,6 @@ def test_on_a_gpu_every_case_is_measured() -> None:
     rows = json.loads(proc.stdout)["rows"]
     assert [r["name"] for r in rows][:2] == ["copy (d2d)", "Adam"]
     assert all(r["gbytes_per_s"] > 0 for r in rows)
+    # Every optimizer row takes the fused path, but the xp-rule rows kept for comparison.
+    for r in rows[1:]:
+        assert (r["fused"] == 0) == ("(xp" in r["name"]), r

@@ -38,10 +38,11 @@ from .status import grpc_status, status_of
 
 logger = logging.getLogger(__name__)
 
-# Payload per outgoing message: a chunk less headroom for framing, so that clients with gRPC's
-# default 4 MiB receive limit can read every message (and never above max_message_bytes).
+# Payload per outgoing message: a whole chunk, as clients send (a 4 MiB tensor is two messages,
+# not two and a 32 KiB tail); its few bytes of framing keep it far below gRPC's default 4 MiB
+# receive limit. A server whose max_message_bytes is smaller sends less, leaving this headroom.
 _FRAMING_HEADROOM_BYTES = 16 << 10
-OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES
+OUT_CHUNK_BYTES = wire.CHUNK_BYTES
 # Besides paramserve_rpcs_total, a Push that fails counts as a push of that outcome and every
 # Pull as a pull, whoever answered the call (its handler or the auth interceptor).
 COUNTS_AS = {"Push": "push", "Pull": "pull"}

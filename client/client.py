@@ -70,7 +70,7 @@ from paramserve.wire import (
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
 from .compression import ErrorFeedback, widen
-from .errors import FailedPreconditionError, NotFoundError
+from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .resend import RESENT_METHODS, ResendPolicy, call_with_resends
 from .results import (
     CreateModelResult,
@@ -86,6 +86,7 @@ from .streams import (
     cast_gradient,
     check_out_array,
     decode_stream_item,
+    merged_request_stream,
     named_values,
     receive_buffer,
     receive_inline,
@@ -364,6 +365,9 @@ class Client:
         self._reply_layouts = ReplyLayouts()
         # The serialized tensors part of the last push's header, with what it describes.
         self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
+        # Whether the server said (in its last Push reply) that it reads merged items: a
+        # push's header and end in the messages of its first and last chunks.
+        self._merged_pushes = False
         self._float32_model: tuple[ModelDescription, bool] | None = None
         self._last_out: Mapping[str, np.ndarray] | None = None
         # (checked out mapping, description, its arrays a compressed pull widens into)
@@ -788,17 +792,22 @@ class Client:
             tensors = self._push_tensors_part(names, values)
 
             def send(seq: int) -> pb.PushResponse:
-                # PushRequest(header=...): the tensors' part kept from the last push of the
-                # same gradients' names, dtypes and shapes, the rest serialized now
-                # (protobuf reads the two as one PushHeader).
+                # The PushHeader: the tensors' part kept from the last push of the same
+                # gradients' names, dtypes and shapes, the rest serialized now (protobuf
+                # reads the two as one message).
                 own = self._push_header(seq, base, [], wire_dtype, prepare).SerializeToString()
-                first = length_delimited(1, tensors + own)
-                return self._send_stream(
-                    "Push",
-                    self._push,
-                    lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
-                    timeout_s,
-                )
+                header = tensors + own
+                if self._merged_pushes:
+                    try:
+                        return self._send_push(header, values, timeout_s, merged=True)
+                    except InvalidArgumentError as exc:
+                        # A server that does not read merged items (an older one now at
+                        # this address) takes the first message for a chunk and refuses
+                        # the stream, applying nothing: once more as separate items.
+                        if "must be a PushHeader, got chunk" not in str(exc):
+                            raise
+                        self._merged_pushes = False
+                return self._send_push(header, values, timeout_s, merged=False)
 
             return self._sequenced(sequence, send)
 
@@ -806,6 +815,22 @@ class Client:
             names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
         )
         return _push_result(response, seq)
+
+    def _send_push(
+        self, header: bytes, values: list[Any], timeout_s: float | None, *, merged: bool
+    ) -> pb.PushResponse:
+        """One push's stream (resent whole on a failure in transit): ``header`` (a serialized
+        PushHeader), the gradients' chunks and the end, the header and the end in the first
+        and last chunks' messages when ``merged``. Its reply tells whether the server reads
+        merged items, for the next push."""
+        if merged:
+            items = lambda: merged_request_stream(header, values, chunk_bytes=self.chunk_bytes)  # noqa: E731
+        else:
+            first = length_delimited(1, header)
+            items = lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes)  # noqa: E731
+        response = self._send_stream("Push", self._push, items, timeout_s)
+        self._merged_pushes = response.reads_merged_items
+        return response
 
     def _commit_round(
         self,
@@ -993,6 +1018,7 @@ class Client:
             worker_id=self.worker_id,
             wire_dtype=wire_dtype_code(wire_dtype),
             packed_chunks=True,
+            merged_items=True,
         )
 
     # --- optimizer --------------------------------------------------------------------------

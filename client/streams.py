@@ -25,10 +25,12 @@ from paramserve.wire import (
     WireError,
     check_headers,
     decode_chunk_item,
+    decode_merged_item,
     decode_whole,
     dtype_from_proto,
     encoded_chunk_items,
     header_for,
+    merged_stream_items,
     sparse_header,
 )
 
@@ -101,10 +103,56 @@ def request_stream(
     yield END_ITEM
 
 
-def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorStreamItem:
-    """Response deserializer for tensor streams: chunks as views, anything else via protobuf."""
+def merged_request_stream(
+    header: bytes, values: Sequence[TensorValue], *, chunk_bytes: int
+) -> Iterator[bytes]:
+    """:func:`request_stream` in two messages fewer, for a server that reads merged items:
+    the header (``header``: the serialized header message itself, not its wrapper) rides in
+    the first chunk's message and the end item in the last one's."""
+    return merged_stream_items(header, values, chunk_bytes=chunk_bytes, end=True)
+
+
+def decode_stream_item(
+    raw: bytes,
+) -> tuple[int, int, memoryview] | tpb.TensorStreamItem | list[Any]:
+    """Response deserializer for tensor streams: chunks as views, anything else via protobuf.
+
+    A chunk's message carrying the stream's header too (``chunk_header``, a reply to a pull
+    with ``merged_items``) becomes ``[header item, chunk]``: :func:`receive_tensors` takes
+    them in that order.
+    """
     chunk = decode_chunk_item(raw)
-    return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
+    if chunk is not None:
+        return chunk
+    parts = decode_merged_item(raw)
+    if parts is not None and not parts[2]:
+        header, chunk, _ = parts
+        if header is not None:
+            item = tpb.TensorStreamItem(header=tpb.TensorStreamHeader.FromString(bytes(header)))
+            return [item, chunk]
+    message = tpb.TensorStreamItem.FromString(raw)
+    if message.HasField("chunk_header"):
+        return [
+            tpb.TensorStreamItem(header=message.chunk_header),
+            message if message.WhichOneof("item") != "chunk" else _chunk_of(message),
+        ]
+    return message
+
+
+def _chunk_of(message: tpb.TensorStreamItem) -> tuple[int, int, memoryview]:
+    chunk = message.chunk
+    return chunk.tensor, chunk.offset, memoryview(chunk.data)
+
+
+def _items(
+    items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem | list[Any]],
+) -> Iterator[tuple[int, int, memoryview] | tpb.TensorStreamItem]:
+    """A reply's items one by one (a merged message's in order, see decode_stream_item)."""
+    for item in items:
+        if type(item) is list:
+            yield from item
+        else:
+            yield item
 
 
 class _Receive(NamedTuple):
@@ -243,7 +291,7 @@ def receive_tensors(
     version = 0
     used: _Receive | None = None
     try:
-        for item in items:
+        for item in _items(items):
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:

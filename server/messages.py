@@ -394,13 +394,14 @@ def snapshot_cut(request: pb.CreateSnapshotRequest) -> dict[str, Any] | None:
     return {"cut_id": cut.cut_id, "shard_index": cut.shard_index, "shards": cut.shards}
 
 
-def push_response(result: PushResult) -> pb.PushResponse:
-    """What became of a push."""
+def push_response(result: PushResult, *, reads_merged_items: bool = False) -> pb.PushResponse:
+    """What became of a push (``reads_merged_items``: a Push's reply says it may merge)."""
     return pb.PushResponse(
         duplicate=result.duplicate,
         version=result.version,
         contributors=result.contributors,
         applied=result.applied,
+        reads_merged_items=reads_merged_items,
     )
 
 

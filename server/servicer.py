@@ -278,15 +278,23 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._push_plans[key] = plan
         return plan
 
-    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
-        """The serialized ``TensorStreamItem(header=...)`` of a reply, and its payload bytes:
-        the tensors' part is kept from the last reply with the same header list, the version
+    def _stream_header_body(
+        self, headers: list[tpb.TensorHeader], version: int
+    ) -> tuple[bytes, int]:
+        """The serialized ``TensorStreamHeader`` of a reply, and its payload bytes: the
+        tensors' part is kept from the last reply with the same header list, the version
         appended by hand."""
         cached = self._reply_headers
         if cached is None or cached[0] is not headers:
             body = tpb.TensorStreamHeader(tensors=headers).SerializeToString()
             self._reply_headers = cached = (headers, body, sum(h.byte_length for h in headers))
-        return wire.stream_header_item(cached[1], version), cached[2]
+        return wire.stream_header_body(cached[1], version), cached[2]
+
+    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
+        """The serialized ``TensorStreamItem(header=...)`` of a reply (see
+        :meth:`_stream_header_body`), and its payload bytes."""
+        body, payload = self._stream_header_body(headers, version)
+        return wire.length_delimited(1, body), payload
 
     def _push(
         self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context
@@ -446,8 +454,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 grads,
                 session=header.session,
             )
-            return messages.push_response(result)
-        return messages.push_response(self._push(header, grads, context))
+        else:
+            result = self._push(header, grads, context)
+        return messages.push_response(result, reads_merged_items=True)
 
     @_rpc("CommitRound")
     def CommitRound(  # noqa: N802
@@ -495,25 +504,39 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
             encode_as = self._wire_dtype(request)
+            merged = request.merged_items and request.packed_chunks
+            sent = [0]  # a merged reply's payload bytes
 
             # Encoded from the live weights under the lock, then sent outside it; each chunk
-            # is let go once gRPC has taken it.
+            # is let go once gRPC has taken it. Merged items: the header rides in the first
+            # chunk's message, so it is built here, at the version read.
             def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
                 tensors, headers = self._encoded_weights(specs, tensors, encode_as)
                 values = list(tensors.values())
-                return headers, collections.deque(
-                    wire.encoded_chunk_items(
+                runs = getattr(tensors, "runs", None)  # slabs' stretches, whole
+                if merged:
+                    version = self._core.model_version() or 0  # (under the lock: the one read)
+                    body, sent[0] = self._stream_header_body(headers, version)
+                    items = wire.merged_stream_items(
+                        body, values, chunk_bytes=self._chunk_bytes, runs=runs
+                    )
+                else:
+                    items = wire.encoded_chunk_items(
                         values,
                         chunk_bytes=self._chunk_bytes,
                         packed=request.packed_chunks,
-                        runs=getattr(tensors, "runs", None),  # slabs' stretches, whole
+                        runs=runs,
                     )
-                )
+                return headers, collections.deque(items)
 
             version, (headers, encoded) = self._core.read_weights(
                 *messages.weights_selection(request), encode
             )
             chunks = streams.drain(encoded)
+            if merged:  # the header is in the first item (or is the first item)
+                yield from chunks
+                self._metrics.bytes_sent.labels(method="Pull").inc(sent[0])
+                return
         else:
             raise InvalidArgument(messages.unknown_scope(request.scope))
         item, payload = self._stream_header(headers, version)

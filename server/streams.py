@@ -61,13 +61,54 @@ def tolerant(deserialize: Callable[[bytes], Any], message_cls: Any) -> Callable[
 
 
 def chunk_or(message_cls: Any) -> Callable[[bytes], ChunkView | Any]:
-    """Request deserializer: chunk items as views of the received bytes (one copy fewer)."""
+    """Request deserializer: chunk items as views of the received bytes (one copy fewer).
+
+    A wrapper with merged items (``chunk_header`` and ``chunk_end`` beside its chunk, see
+    ``PushRequest``) becomes the list of the items it stands for, the header first and the
+    end last, which :func:`decoded` hands on one by one: handlers see the stream as if each
+    had come in a message of its own.
+    """
+    fields = message_cls.DESCRIPTOR.fields_by_name
+    merged = "chunk_header" in fields and "chunk_end" in fields  # (PushRequest)
+    end_item = message_cls(end=tpb.StreamEnd()) if merged else None
 
     def deserialize(raw: bytes) -> ChunkView | Any:
         chunk = wire.decode_chunk_item(raw)
-        return chunk if chunk is not None else message_cls.FromString(raw)
+        if chunk is not None:
+            return chunk
+        if merged:
+            parts = wire.decode_merged_item(raw)
+            if parts is not None:
+                header, chunk, end = parts
+                items: list[Any] = []
+                if header is not None:
+                    items.append(message_cls.FromString(wire.length_delimited(1, bytes(header))))
+                items.append(chunk)
+                if end:
+                    items.append(end_item)
+                return items
+        message = message_cls.FromString(raw)
+        if merged and (message.HasField("chunk_header") or message.HasField("chunk_end")):
+            return _merged_items(message_cls, message, end_item)
+        return message
 
     return deserialize
+
+
+def _merged_items(message_cls: Any, message: Any, end_item: Any) -> list[Any] | _Undecodable:
+    """The items a wrapper parsed by protobuf with merged fields stands for (see chunk_or)."""
+    if message.WhichOneof("item") != "chunk":
+        return _Undecodable(
+            message_cls, ValueError("chunk_header and chunk_end travel only beside a chunk")
+        )
+    items: list[Any] = []
+    if message.HasField("chunk_header"):
+        items.append(message_cls(header=message.chunk_header))
+    chunk = message.chunk
+    items.append((chunk.tensor, chunk.offset, memoryview(chunk.data)))
+    if message.HasField("chunk_end"):
+        items.append(end_item)
+    return items
 
 
 def message_or_bytes(item: Any) -> bytes:
@@ -86,9 +127,12 @@ def decoded(request: Any) -> Any:
 
 def _decoded_items(items: Iterator[Any]) -> Iterator[Any]:
     for item in items:
-        if isinstance(item, _Undecodable):
+        if type(item) is list:  # merged items of one message (see chunk_or)
+            yield from item
+        elif isinstance(item, _Undecodable):
             raise InvalidArgument(item.message)
-        yield item
+        else:
+            yield item
 
 
 # --- receiving client streams ----------------------------------------------------------------

@@ -62,14 +62,16 @@ class StreamEnd(_message.Message):
     def __init__(self) -> None: ...
 
 class TensorStreamItem(_message.Message):
-    __slots__ = ("header", "chunk", "end")
+    __slots__ = ("header", "chunk", "end", "chunk_header")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HEADER_FIELD_NUMBER: _ClassVar[int]
     header: TensorStreamHeader
     chunk: TensorChunk
     end: StreamEnd
-    def __init__(self, header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+    chunk_header: TensorStreamHeader
+    def __init__(self, header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., chunk_header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ...) -> None: ...
 
 class TensorStreamHeader(_message.Message):
     __slots__ = ("tensors", "version")

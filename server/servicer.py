@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -58,6 +59,8 @@ _OBSERVER_CALLS = frozenset({"Describe", "ListSnapshots"})
 _CHECKED_HEADERS_MAX = 256
 # Push header lists remembered as checked, with their stream layouts (cleared when full).
 _PUSH_PLANS_MAX = 64
+# Most stripes one pull may be cut into (PullRequest.stripes).
+MAX_STRIPES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,6 +348,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return grads
 
     @staticmethod
+    def _stripe_of(request: pb.PullRequest) -> tuple[int, int] | None:
+        """``(stripe, stripes)`` of a striped weights pull (None: the whole stream)."""
+        if not request.stripes and not request.stripe:
+            return None
+        if not 2 <= request.stripes <= MAX_STRIPES or request.stripe >= request.stripes:
+            raise InvalidArgument(
+                f"stripe {request.stripe} of {request.stripes}: a striped pull takes 2 to "
+                f"{MAX_STRIPES} stripes, numbered from 0"
+            )
+        if not request.packed_chunks:
+            raise InvalidArgument("a striped pull needs packed_chunks (stripes are whole chunks)")
+        return request.stripe, request.stripes
+
+    @staticmethod
     def _wire_dtype(request: pb.PullRequest) -> Any:
         """The NumPy dtype a weights pull opted in to (None: exact)."""
         name = messages.wire_dtype_name(request.wire_dtype, "wire_dtype")
@@ -496,6 +513,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if request.scope == pb.PULL_SCOPE_OPTIMIZER_STATE:
             if request.names or request.rows:
                 raise InvalidArgument("optimizer-state pulls take no names or rows")
+            if request.stripes:
+                raise InvalidArgument("optimizer-state pulls are not striped")
             version, items = self._core.optimizer_state()
             values: list[wire.TensorValue] = [value for _, value in items]
             headers = [wire.header_for(name, value) for name, value in items]
@@ -504,28 +523,48 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
             encode_as = self._wire_dtype(request)
-            merged = request.merged_items and request.packed_chunks
-            sent = [0]  # a merged reply's payload bytes
+            striped = self._stripe_of(request)
+            # Merged items and stripes: the header is built under the lock, at the version
+            # read (it rides in the first chunk's message, or says which bytes follow).
+            whole = not (request.merged_items and request.packed_chunks) and striped is None
+            sent = [0]  # the payload bytes of a reply that is not whole
 
             # Encoded from the live weights under the lock, then sent outside it; each chunk
-            # is let go once gRPC has taken it. Merged items: the header rides in the first
-            # chunk's message, so it is built here, at the version read.
+            # is let go once gRPC has taken it.
             def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
                 tensors, headers = self._encoded_weights(specs, tensors, encode_as)
                 values = list(tensors.values())
                 runs = getattr(tensors, "runs", None)  # slabs' stretches, whole
-                if merged:
-                    version = self._core.model_version() or 0  # (under the lock: the one read)
-                    body, sent[0] = self._stream_header_body(headers, version)
-                    items = wire.merged_stream_items(
-                        body, values, chunk_bytes=self._chunk_bytes, runs=runs
-                    )
-                else:
+                if whole:
                     items = wire.encoded_chunk_items(
                         values,
                         chunk_bytes=self._chunk_bytes,
                         packed=request.packed_chunks,
                         runs=runs,
+                    )
+                    return headers, collections.deque(items)
+                version = self._core.model_version() or 0  # (under the lock: the one read)
+                body, total = self._stream_header_body(headers, version)
+                chunks = None
+                if striped is not None:
+                    first, stop, start, end = wire.stripe_range(
+                        total, self._chunk_bytes, *striped
+                    )
+                    chunks, total = (first, stop), end - start
+                    body += wire.length_delimited(
+                        3, tpb.PayloadRange(start=start, end=end).SerializeToString()
+                    )
+                sent[0] = total
+                if request.merged_items:
+                    items = wire.merged_stream_items(
+                        body, values, chunk_bytes=self._chunk_bytes, runs=runs, chunks=chunks
+                    )
+                else:
+                    items = itertools.chain(
+                        (wire.length_delimited(1, body),),
+                        wire.encoded_chunk_items(
+                            values, chunk_bytes=self._chunk_bytes, runs=runs, chunks=chunks
+                        ),
                     )
                 return headers, collections.deque(items)
 
@@ -533,7 +572,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 *messages.weights_selection(request), encode
             )
             chunks = streams.drain(encoded)
-            if merged:  # the header is in the first item (or is the first item)
+            if not whole:  # the header is in the first item (or is the first item)
                 yield from chunks
                 self._metrics.bytes_sent.labels(method="Pull").inc(sent[0])
                 return

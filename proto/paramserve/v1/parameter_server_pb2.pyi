@@ -181,7 +181,7 @@ class RowSelection(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype", "packed_chunks", "merged_items")
+    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype", "packed_chunks", "merged_items", "stripe", "stripes")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -190,6 +190,8 @@ class PullRequest(_message.Message):
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
     MERGED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    STRIPES_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
     min_version: int
@@ -198,7 +200,9 @@ class PullRequest(_message.Message):
     wire_dtype: _tensor_pb2.DType
     packed_chunks: bool
     merged_items: bool
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., packed_chunks: _Optional[bool] = ..., merged_items: _Optional[bool] = ...) -> None: ...
+    stripe: int
+    stripes: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., packed_chunks: _Optional[bool] = ..., merged_items: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ...) -> None: ...
 
 class SetOptimizerStateResponse(_message.Message):
     __slots__ = ("version",)

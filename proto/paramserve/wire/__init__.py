@@ -34,6 +34,7 @@ from .framing import (
     merged_stream_items,
     stream_header_body,
     stream_header_item,
+    stripe_range,
 )
 from .service import DEFAULT_ADDRESS, DEFAULT_HOST, DEFAULT_PORT, SERVICE_NAME, json_default
 from .sizing import (
@@ -120,6 +121,7 @@ __all__ = [
     "step_request_bytes",
     "stream_header_body",
     "stream_header_item",
+    "stripe_range",
     "tune_malloc",
     "whole_payload",
     "widen_bytes",

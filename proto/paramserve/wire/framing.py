@@ -14,6 +14,7 @@ into the tensors after it (see ``TensorChunk`` in tensor.proto).
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -222,17 +223,44 @@ def encoded_chunk_items(
     chunk_bytes: int = CHUNK_BYTES,
     packed: bool = True,
     runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
+    chunks: tuple[int, int] | None = None,
 ) -> Iterator[bytes]:
     """:func:`encode_chunk_item` for every chunk of ``values``, in wire order: packed
     (:func:`iter_packed_chunks`), or one tensor per chunk for a reader that asked for that
     (:func:`iter_chunks`). ``runs``: stretches of ``values`` that are one flat array end to
-    end, ``(first, end, flat, byte starts)``, each sent as one piece (packed only)."""
+    end, ``(first, end, flat, byte starts)``, each sent as one piece (packed only).
+    ``chunks``: only the packed chunks numbered ``[first, stop)`` (a stripe, see
+    :func:`stripe_range`); the others are skipped without being copied."""
     if not packed:
         for i, offset, piece in iter_chunks(values, chunk_bytes=chunk_bytes):
             yield encode_chunk_item(i, offset, piece)
         return
-    for i, offset, pieces, size in _packed(values, chunk_bytes, runs):
+    for i, offset, pieces, size in _packed_range(values, chunk_bytes, runs, chunks):
         yield _encode(i, offset, pieces, size)
+
+
+def _packed_range(
+    values: Sequence[TensorValue],
+    chunk_bytes: int,
+    runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None,
+    chunks: tuple[int, int] | None,
+) -> Iterator[tuple[int, int, list[object], int]]:
+    packed = _packed(values, chunk_bytes, runs)
+    return packed if chunks is None else itertools.islice(packed, *chunks)
+
+
+def stripe_range(
+    total: int, chunk_bytes: int, stripe: int, stripes: int
+) -> tuple[int, int, int, int]:
+    """``(first chunk, stop chunk, start byte, end byte)`` of stripe ``stripe`` of ``stripes``
+    of a packed stream of ``total`` payload bytes cut every ``chunk_bytes``: the chunks are
+    shared out in contiguous runs, as evenly as whole chunks allow (a stripe may be empty
+    when there are fewer chunks than stripes)."""
+    if not 0 <= stripe < stripes:
+        raise ValueError(f"stripe {stripe} of {stripes}")
+    n = -(-total // chunk_bytes)
+    first, stop = stripe * n // stripes, (stripe + 1) * n // stripes
+    return first, stop, min(first * chunk_bytes, total), min(stop * chunk_bytes, total)
 
 
 # Merged stream items: the stream's header and end may ride in the messages of its first and
@@ -252,21 +280,23 @@ def merged_stream_items(
     chunk_bytes: int = CHUNK_BYTES,
     end: bool = False,
     runs: Sequence[tuple[int, int, np.ndarray, Sequence[int]]] | None = None,
+    chunks: tuple[int, int] | None = None,
 ) -> Iterator[bytes]:
     """The messages of a tensor stream whose header (``header``: the serialized header
     message, e.g. a ``PushHeader``) travels in the message of its first chunk, and with
     ``end`` whose end item travels in the message of its last (packed chunks, as
-    :func:`encoded_chunk_items` cuts them). A stream without a chunk (no payload bytes) is
-    the header message and the end item, as unmerged streams are."""
-    chunks = _packed(values, chunk_bytes, runs)
-    last = next(chunks, None)
+    :func:`encoded_chunk_items` cuts them; ``chunks``: a stripe's, as there). A stream
+    without a chunk (no payload bytes) is the header message and the end item, as unmerged
+    streams are."""
+    items = _packed_range(values, chunk_bytes, runs, chunks)
+    last = next(items, None)
     if last is None:
         yield length_delimited(1, header)
         if end:
             yield END_ITEM
         return
     before = length_delimited(MERGED_HEADER_FIELD, header)
-    for chunk in chunks:
+    for chunk in items:
         yield _encode(*last, before)
         before, last = b"", chunk
     yield _encode(*last, before, _MERGED_END if end else b"")

@@ -410,6 +410,7 @@ class Client:
         # or channels of their own with STRIPE_CHANNELS), the threads that receive them, the
         # payload bytes of the last pull of each selection, and whether the server stripes.
         self._channel_args = (address, settings, credentials)
+        self._own_stripe_channels = STRIPE_CHANNELS
         self._stripe_pulls: list[Callable[..., Any]] = []
         self._stripe_channels: list[grpc.Channel] = []
         self._stripe_pool: ThreadPoolExecutor | None = None
@@ -1136,7 +1137,7 @@ class Client:
         with self._lock:
             while len(self._stripe_pulls) < k - 1:
                 channel = self._channel
-                if STRIPE_CHANNELS:
+                if self._own_stripe_channels:
                     address, settings, credentials = self._channel_args
                     channel = open_channel(
                         address, settings, credentials=credentials, own_connection=True

@@ -69,6 +69,7 @@ def test_striped_pulls_equal_one_stream(
     monkeypatch.setattr(client_module, "STRIPE_CHANNELS", own_channels)
     model = _model()
     client = connect(server, wire_dtype=wire_dtype, **CLIENT)
+    assert client._own_stripe_channels is own_channels
     client.create_model(model, ADAM)
     for step in range(2):
         client.push(_grads(model, step))

@@ -244,6 +244,37 @@ class FiniteScan:
         self._checked = 0  # stream bytes of that segment scanned so far (from its start)
         self._bad: set[int] = set()
 
+    def copier(self, buffer: np.ndarray) -> Callable[[memoryview, int, memoryview, int], None]:
+        """The ``copy`` of a :class:`~paramserve.wire.TensorAssembler` receiving into
+        ``buffer``: a piece that continues the segment being scanned with whole float32 or
+        float64 elements is copied and checked in one pass (``wire.copy_checked``), so
+        :meth:`update` has nothing left to read there; any other piece is copied as is."""
+
+        def copy(target: memoryview, at: int, piece: memoryview, position: int) -> None:
+            segments, k = self._segments, self._next
+            if k < len(segments):
+                seg = segments[k]
+                n = len(piece)
+                size = seg.dtype.itemsize
+                checked = self._checked
+                if (
+                    position == seg.stream_start + checked
+                    and position + n <= seg.stream_end
+                    and not (checked % size or n % size)
+                    and target.obj is buffer
+                ):
+                    finite = wire.copy_checked(piece, buffer[at : at + n].view(seg.dtype))
+                    if finite is not None:
+                        if not finite:
+                            self._bad.add(k)
+                        self._checked = checked + n
+                        if position + n == seg.stream_end:
+                            self._next, self._checked = k + 1, 0
+                        return
+            target[at : at + len(piece)] = piece
+
+        return copy
+
     def update(self, buffer: np.ndarray, received: int) -> None:
         """Scan the whole elements of ``buffer`` (the receive buffer) that arrived before
         stream position ``received`` and were not scanned yet."""
@@ -301,13 +332,19 @@ def receive_tensors(
     bytes into the receive buffer (the scan comes with the widening).
     """
     if layout is None:
-        assembler = wire.TensorAssembler(headers, widen=widen)
-    else:
-        assembler = wire.TensorAssembler(headers, layout=layout, widen=widen)
+        layout = wire.StreamLayout(headers, widen=widen if widen and any(widen) else None)
+        widen = None  # (the layout's own)
     if segments is None and (scan_finite or packed):
-        segments = scan_segments(assembler.layout)
+        segments = scan_segments(layout)
     scan = FiniteScan(segments) if scan_finite and segments is not None else None
-    buffer = assembler.receive_buffer
+    buffer = np.empty(layout.buffer_bytes, dtype=np.uint8)
+    assembler = wire.TensorAssembler(
+        headers,
+        layout=layout,
+        widen=widen,
+        buffer=buffer,
+        copy=scan.copier(buffer) if scan is not None else None,
+    )
     ended = False
     for item in requests:
         if ended:

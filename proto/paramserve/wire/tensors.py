@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -484,6 +484,7 @@ class TensorAssembler:
         runs: list[Run] | None = None,
         buffer: np.ndarray | None = None,
         span: tuple[int, int] | None = None,
+        copy: Callable[[memoryview, int, memoryview, int], None] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
         tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
@@ -497,6 +498,10 @@ class TensorAssembler:
         stripes' assemblers fill too; :meth:`finish` then checks this span alone and
         returns views of the whole buffer. A span should start on an element boundary of
         any tensor widened on arrival (an element cut there is not put together).
+
+        ``copy(target, at, piece, position)``: copies each piece of a chunk that is not
+        widened into ``target[at:at + len(piece)]`` (``position``: the stream position of
+        its first byte) instead of a plain copy, e.g. to check the values on the way.
 
         ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32
         chunk by chunk as it arrives, straight from the received bytes (no buffer of the wire
@@ -544,6 +549,7 @@ class TensorAssembler:
             )
         self._buffer = buffer
         self._target = memoryview(self._buffer)
+        self._copy = copy
         self._wide: np.ndarray | None = None  # the shared buffer as float32 (widened runs)
         self._runs = runs
         self._run = 0
@@ -617,7 +623,10 @@ class TensorAssembler:
                     if target is None:
                         target = self._target
                     at = base + pos - start
-                    target[at : at + take] = source[done : done + take]
+                    if self._copy is None:
+                        target[at : at + take] = source[done : done + take]
+                    else:
+                        self._copy(target, at, source[done : done + take], pos)
                 done += take
                 pos += take
             self._run = r

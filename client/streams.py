@@ -24,6 +24,7 @@ from paramserve.wire import (
     TensorAssembler,
     TensorValue,
     WireError,
+    aligned_buffer,
     check_headers,
     decode_chunk_item,
     decode_merged_item,
@@ -392,7 +393,7 @@ def receive_stripes(
         raise StripesUnusable("a stripe starts inside an element widened on arrival")
     buffer = None
     if used is None or not used.all_into:
-        buffer = np.empty(layout.buffer_bytes, dtype=np.uint8)
+        buffer = aligned_buffer(layout.buffer_bytes)
     assemblers = [
         TensorAssembler(
             layout.headers,

@@ -337,7 +337,7 @@ def receive_tensors(
     if segments is None and (scan_finite or packed):
         segments = scan_segments(layout)
     scan = FiniteScan(segments) if scan_finite and segments is not None else None
-    buffer = np.empty(layout.buffer_bytes, dtype=np.uint8)
+    buffer = wire.aligned_buffer(layout.buffer_bytes)
     assembler = wire.TensorAssembler(
         headers,
         layout=layout,

@@ -466,6 +466,19 @@ class StreamLayout:
         return out
 
 
+# Receive buffers start on a cache line, so that tensors received into them (gradients the
+# daemon applies, weights a pull returns) are as aligned as NumPy's own arrays or better.
+BUFFER_ALIGNMENT = 64
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """An uninitialised 1-D uint8 buffer of ``nbytes`` starting at a multiple of
+    :data:`BUFFER_ALIGNMENT` bytes."""
+    raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % BUFFER_ALIGNMENT
+    return raw[start : start + nbytes]
+
+
 class TensorAssembler:
     """Rebuilds tensors from a validated header list and their chunks, in strict order.
 
@@ -541,7 +554,7 @@ class TensorAssembler:
         self._only_layout_widened = self._widened == in_layout
         if buffer is None:
             shared = len(self._into) < len(self.headers)
-            buffer = np.empty(self.layout.buffer_bytes if shared else 0, dtype=np.uint8)
+            buffer = aligned_buffer(self.layout.buffer_bytes if shared else 0)
         elif buffer.dtype != np.uint8 or buffer.shape != (self.layout.buffer_bytes,):
             raise ValueError(
                 f"the receive buffer must be 1-D uint8 of {self.layout.buffer_bytes} bytes; "

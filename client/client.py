@@ -36,6 +36,7 @@ without its new pushes being taken for duplicates of its old ones.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -129,6 +130,14 @@ def auto_pull_streams(payload_bytes: int, cpus: int) -> int:
     machine of ``cpus`` CPUs: 1 everywhere, as measured so far (docs/benchmarks.md: on 2
     CPUs, 2 and 4 streams were slower at 4 MiB and at 64 MiB; no larger machine measured)."""
     return 1
+
+
+@functools.cache
+def _cpus() -> int:
+    """CPUs this process may run on (asked once: a system call per pull otherwise)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
 
 
 def check_pull_streams(value: Any) -> int | str:
@@ -1089,7 +1098,7 @@ class Client:
         if size is None or not self._server_stripes:
             return 1
         if k == "auto":
-            k = auto_pull_streams(size, os.cpu_count() or 1)
+            k = auto_pull_streams(size, _cpus())
         assert isinstance(k, int)
         return k if k > 1 and size >= k * self.chunk_bytes else 1
 

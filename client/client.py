@@ -121,7 +121,8 @@ CLIENT_SETTING: Any = _ClientSetting()
 # Striped pulls: each stripe past the first on a channel (a TCP connection) of its own, not
 # on the client's channel (HTTP/2 streams of one connection).
 STRIPE_CHANNELS = False
-# Selections whose payload size is remembered for striping (cleared when full).
+# Selections whose payload size (that of their last pull) is remembered for striping
+# (cleared when full).
 _PULL_SIZES_MAX = 64
 
 
@@ -155,17 +156,6 @@ def check_pull_streams(value: Any) -> int | str:
             f"Received: {value!r}"
         )
     return value
-
-
-def _payload_bytes(tensors: Mapping[str, Any]) -> int:
-    """Bytes a pull's result carried (the wire dtype's, for the striping decision)."""
-    total = 0
-    for value in tensors.values():
-        if isinstance(value, SparseRows):
-            total += value.indices.nbytes + value.values.nbytes
-        else:
-            total += np.asarray(value).nbytes
-    return total
 
 
 def default_worker_id() -> str:
@@ -341,9 +331,10 @@ class Client:
         a finite gradient beyond 65504 is refused (``Float16OverflowError``, a ValueError)
         before anything is sent.
 
-        Striped pulls: ``pull_streams=K`` (K >= 2) pulls weights of at least K chunks
-        (``chunk_bytes`` each) over K concurrent streams, each carrying a contiguous part of
-        the payload, once an earlier pull of the same selection told their size; the parts
+        Striped pulls: ``pull_streams=K`` (K >= 2) pulls weights of at least two chunks
+        (``chunk_bytes`` each) over up to K concurrent streams (a chunk or more each), each
+        carrying a contiguous part of the payload, once an earlier pull of the same
+        selection told their size; the parts
         are checked to be of one version (else the pull is made again whole) and written
         into place as they arrive. ``1``: one stream. ``"auto"``: the SDK's choice
         (:func:`auto_pull_streams`: one stream, as measured so far). None (default) reads
@@ -1079,10 +1070,9 @@ class Client:
                 ),
                 timeout_s,
             )
-        if size is None:
-            if len(self._pull_sizes) >= _PULL_SIZES_MAX:
-                self._pull_sizes.clear()
-            self._pull_sizes[key] = _payload_bytes(tensors)
+        if size is None and len(self._pull_sizes) >= _PULL_SIZES_MAX:
+            self._pull_sizes.clear()
+        self._pull_sizes[key] = self._reply_layouts.last_total  # (the model may change)
         if wire_dtype is not None and not (
             widened
             and len(tensors) == len(widened)
@@ -1100,7 +1090,8 @@ class Client:
         if k == "auto":
             k = auto_pull_streams(size, _cpus())
         assert isinstance(k, int)
-        return k if k > 1 and size >= k * self.chunk_bytes else 1
+        k = min(k, size // self.chunk_bytes)  # a chunk or more per stripe
+        return k if k > 1 else 1
 
     def _striped_pull(
         self,

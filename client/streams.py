@@ -253,6 +253,9 @@ class ReplyLayouts:
 
     def __init__(self) -> None:
         self._plans: dict[bytes, _ReplyPlan] = {}
+        # The payload bytes of the last header list planned (the last reply's, for the
+        # client's choice of stripes; with pulls in several threads, one of theirs).
+        self.last_total = 0
 
     def plan(self, header: tpb.TensorStreamHeader) -> _ReplyPlan:
         key = tpb.TensorStreamHeader()
@@ -266,6 +269,7 @@ class ReplyLayouts:
             if len(self._plans) >= self.MAX:
                 self._plans.clear()
             self._plans[raw] = plan
+        self.last_total = plan.layout.total
         return plan
 
 

@@ -19,8 +19,8 @@ from tests.support.wire import TIMEOUT_S
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 # The server cuts its replies every 48 KiB (64 KiB messages less framing headroom), so a
-# model of a few hundred KiB is many chunks; the client stripes pulls of at least K of its
-# 16 KiB chunks.
+# model of a few hundred KiB is many chunks; the client stripes a pull over up to K streams,
+# at least one of its 16 KiB chunks each.
 SERVER = {"mode": "async", "max_message_bytes": 64 << 10}
 CLIENT = {"chunk_bytes": 16 << 10, "timeout_s": TIMEOUT_S}
 
@@ -127,6 +127,14 @@ def test_small_pulls_are_not_striped(server, connect, stripes_seen):
     for _ in range(3):
         np.testing.assert_array_equal(client.pull(streams=4)["w"], np.ones(1000, np.float32))
     assert stripes_seen == []
+    # Up to K streams, a client chunk or more each: 40,000 bytes are two of 16 KiB (and one
+    # of the server's 48 KiB chunks: a stripe may be empty, a header alone).
+    client.delete_model()
+    values = np.arange(10_000, dtype=np.float32)
+    client.create_model({"v": values}, ADAM)
+    for _ in range(2):
+        np.testing.assert_array_equal(client.pull(streams=4)["v"], values)
+    assert stripes_seen == [2]
 
 
 def test_stripes_of_different_versions_are_pulled_again_whole(

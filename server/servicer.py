@@ -378,7 +378,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         rounded ones). Under the store's lock, as the rounded buffers are reused."""
         if dtype is None:
             return tensors, self._weight_headers(specs, tensors)
-        return self._wire_weights(specs, tensors, dtype)
+        return self._wire_weights(specs, tensors, dtype, self._core.store.weight_writes)
 
     @contextlib.contextmanager
     def _counted_as_push(self) -> Iterator[None]:

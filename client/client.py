@@ -129,7 +129,8 @@ _PULL_SIZES_MAX = 64
 def auto_pull_streams(payload_bytes: int, cpus: int) -> int:
     """The streams ``pull_streams="auto"`` stripes a pull of ``payload_bytes`` over on a
     machine of ``cpus`` CPUs: 1 everywhere, as measured so far (docs/benchmarks.md: on 2
-    CPUs, 2 and 4 streams were slower at 4 MiB and at 64 MiB; no larger machine measured)."""
+    CPUs, 2 and 4 streams were no faster at 4 MiB and slower at 64 MiB; no larger machine
+    measured yet)."""
     return 1
 
 
@@ -334,12 +335,11 @@ class Client:
         Striped pulls: ``pull_streams=K`` (K >= 2) pulls weights of at least two chunks
         (``chunk_bytes`` each) over up to K concurrent streams (a chunk or more each), each
         carrying a contiguous part of the payload, once an earlier pull of the same
-        selection told their size; the parts
-        are checked to be of one version (else the pull is made again whole) and written
-        into place as they arrive. ``1``: one stream. ``"auto"``: the SDK's choice
-        (:func:`auto_pull_streams`: one stream, as measured so far). None (default) reads
-        ``$PARAMSERVE_PULL_STREAMS`` (a number or ``auto``), else ``"auto"``. Each
-        :meth:`pull` can override it (``streams=``).
+        selection told their size; the parts are checked to be of one version (else the pull
+        is made again whole) and written into place as they arrive. ``1``: one stream.
+        ``"auto"``: the SDK's choice (:func:`auto_pull_streams`: one stream, as measured so
+        far). None (default) reads ``$PARAMSERVE_PULL_STREAMS`` (a number or ``auto``), else
+        ``"auto"``. Each :meth:`pull` can override it (``streams=``).
         """
         wire_dtype_code(wire_dtype)  # ValueError for anything but bfloat16, float16, None
         if pull_streams is None:
@@ -414,6 +414,7 @@ class Client:
         self._stripe_pulls: list[Callable[..., Any]] = []
         self._stripe_channels: list[grpc.Channel] = []
         self._stripe_pool: ThreadPoolExecutor | None = None
+        self._stripe_workers = 0
         self._pull_sizes: dict[bytes, int] = {}
         self._server_stripes = True
         self._lock = threading.Lock()
@@ -895,11 +896,13 @@ class Client:
         PushHeader), the gradients' chunks and the end, the header and the end in the first
         and last chunks' messages when ``merged``. Its reply tells whether the server reads
         merged items, for the next push."""
-        if merged:
-            items = lambda: merged_request_stream(header, values, chunk_bytes=self.chunk_bytes)  # noqa: E731
-        else:
-            first = length_delimited(1, header)
-            items = lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes)  # noqa: E731
+        first = length_delimited(1, header)
+
+        def items() -> Iterator[bytes]:
+            if merged:
+                return merged_request_stream(header, values, chunk_bytes=self.chunk_bytes)
+            return request_stream(first, values, chunk_bytes=self.chunk_bytes)
+
         response = self._send_stream("Push", self._push, items, timeout_s)
         self._merged_pushes = response.reads_merged_items
         return response
@@ -1103,9 +1106,7 @@ class Client:
     ) -> Tensors:
         """One pull as ``k`` stripes on concurrent calls (see :func:`receive_stripes`),
         resent whole like any pull; StripesUnusable when they cannot make one result."""
-        stubs = self._stripe_stubs(k)
-        pool = self._stripe_pool
-        assert pool is not None
+        stubs, pool = self._stripe_stubs(k)
         stripes = []
         for i in range(k):
             stripe = pb.PullRequest()
@@ -1131,7 +1132,7 @@ class Client:
 
         return self._run("Pull", attempt, timeout_s)
 
-    def _stripe_stubs(self, k: int) -> list[Callable[..., Any]]:
+    def _stripe_stubs(self, k: int) -> tuple[list[Callable[..., Any]], ThreadPoolExecutor]:
         """The Pull stub of each of ``k`` stripes (the first on the client's channel), and
         threads enough to receive them."""
         with self._lock:
@@ -1151,13 +1152,14 @@ class Client:
                     )
                 )
             pool = self._stripe_pool
-            if pool is None or pool._max_workers < k - 1:
+            if pool is None or self._stripe_workers < k - 1:
                 if pool is not None:
-                    pool.shutdown(wait=False)
-                self._stripe_pool = ThreadPoolExecutor(
+                    pool.shutdown(wait=False)  # (its threads finish what they hold)
+                pool = self._stripe_pool = ThreadPoolExecutor(
                     max_workers=k - 1, thread_name_prefix="paramserve-stripe"
                 )
-        return [self._pull, *self._stripe_pulls[: k - 1]]
+                self._stripe_workers = k - 1
+            return [self._pull, *self._stripe_pulls[: k - 1]], pool
 
     def _weights_request(
         self,

@@ -513,7 +513,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if request.scope == pb.PULL_SCOPE_OPTIMIZER_STATE:
             if request.names or request.rows:
                 raise InvalidArgument("optimizer-state pulls take no names or rows")
-            if request.stripes:
+            if request.stripes or request.stripe:
                 raise InvalidArgument("optimizer-state pulls are not striped")
             version, items = self._core.optimizer_state()
             values: list[wire.TensorValue] = [value for _, value in items]

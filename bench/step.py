@@ -1,6 +1,7 @@
 """One whole training step over TCP loopback: paramserve, hand-written socket servers, peers.
 
 Usage: python bench/step.py [--sizes 16M,1M,small,300x1K] [--steps N] [--repeats 5] [--json]
+       [--systems paramserve,grpc-raw,...] [--streams 1,2,4]
 
 A step is what one worker does per batch: push a gradient, the server applies Adam, pull
 the weights. Systems (bench/step_systems.py), each a server in its own subprocess, driven
@@ -34,6 +35,10 @@ from this process:
   default TensorPipe may use shared memory between processes of one host);
 * ``ray``: a Ray actor holding the weights (bench/ray_actor.py), local Ray with 2 CPUs and no
   dashboard: ``actor.push.remote(grad)`` then ``ray.get(actor.pull.remote())``, fused Adam;
+* ``paramserve-kK`` (``--streams K``, or named in ``--systems``): ``paramserve`` with
+  ``Client(pull_streams=K)``: each pull of at least K chunks is striped over K concurrent
+  streams of the client's channel; ``paramserve-kKc`` gives each stripe a TCP connection of
+  its own. Pushes are not striped;
 * ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
   bytes and no protobuf, applying per chunk: what gRPC itself costs;
 * ``core-socket`` (reference): bench/core_socket.py, paramserve's real ModelStore/Aggregator
@@ -99,7 +104,6 @@ sys.path.insert(0, str(BENCH_DIR))
 
 from step_systems import (  # noqa: E402
     EXTRA_SYSTEMS,
-    SERVER_SCRIPTS,
     SYSTEMS,
     TUNED_MALLOC_ENV,
     YARDSTICK,
@@ -113,6 +117,8 @@ from step_systems import (  # noqa: E402
     parse_size,
     reference_weights,
     server_args,
+    server_script,
+    stripe_system,
     systems_for,
 )
 
@@ -208,14 +214,14 @@ def measure_size(
         runners: list[Runner] = []
         server_pids: dict[str, int | None] = {}
         for system in systems_for(model, systems):
-            if system not in SERVER_SCRIPTS:  # a peer living in ``sessions``
+            script = server_script(system)
+            if script is None:  # a peer living in ``sessions``
                 runner = make_runner(system, 0, model, sessions)
                 stack.callback(runner.close)
                 runners.append(runner)
                 server_pids[system] = runner.server_pid
                 continue
             env = TUNED_MALLOC_ENV if args.malloc == "tuned" else {}
-            script = SERVER_SCRIPTS[system]
             server = stack.enter_context(
                 _closing(ServerProcess(script, *server_args(system), env=env))
             )
@@ -481,6 +487,13 @@ def main(argv: list[str] | None = None) -> int:
         "settings (tune_malloc); default: glibc's defaults, except that the paramserve daemon "
         "always tunes itself (default: %(default)s)",
     )
+    parser.add_argument(
+        "--streams",
+        default="",
+        help="striped pulls: a comma list of stream counts K, each adding the system "
+        "paramserve-kK (Client(pull_streams=K)); a 'c' suffix (4c) gives each stripe a TCP "
+        "connection of its own; 1 is paramserve itself (e.g. --streams 1,2,4)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     args = parser.parse_args(argv)
     try:
@@ -496,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         ):
             models.insert(models.index(model) + 1, twin)
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
-    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
+    for k in (x.strip() for x in args.streams.split(",") if x.strip()):
+        if k not in ("1", "1c"):  # one stream: paramserve itself
+            systems.append(f"paramserve-k{k}")
+    striped = {s for s in systems if stripe_system(s) is not None}
+    unknown = set(systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS) - striped
     if unknown:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS + EXTRA_SYSTEMS}")
     if {"torch-rpc", "torch-rpc-tcp"} <= set(systems):

@@ -90,6 +90,13 @@ TUNED_MALLOC_ENV = {
 }
 
 
+def server_script(system: str) -> str | None:
+    """The server script of ``system`` (None: a peer living in ``Sessions``)."""
+    if stripe_system(system) is not None:
+        return SERVER_SCRIPTS["paramserve"]
+    return SERVER_SCRIPTS.get(system)
+
+
 def server_args(system: str) -> tuple[str, ...]:
     """Command-line arguments of a system's server script."""
     if system == "grpc-raw":  # the same chunk size as paramserve, so the floor compares alike
@@ -332,6 +339,21 @@ class GrpcRawRunner(Runner):
         self.client.close()
 
 
+def stripe_system(system: str) -> tuple[int, bool] | None:
+    """``(K, own channels)`` of ``paramserve-kK`` (striped pulls over K streams of the
+    client's channel) or ``paramserve-kKc`` (each stripe on a TCP connection of its own);
+    None for any other system."""
+    prefix = "paramserve-k"
+    if not system.startswith(prefix):
+        return None
+    text = system[len(prefix) :]
+    own = text.endswith("c")
+    text = text[:-1] if own else text
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        return None
+    return int(text), own
+
+
 class ParamserveRunner(Runner):
     """The SDK as a worker uses it: ``Client.step`` (one RPC) for a model that fits
     ``STEP_MAX_BYTES`` each way, as RemoteOptimizer does, else ``push`` then ``pull`` into
@@ -348,6 +370,7 @@ class ParamserveRunner(Runner):
         push_pull: bool = False,
         alloc: bool = False,
         wire_dtype: str | None = None,
+        stripes: tuple[int, bool] | None = None,
     ) -> None:
         from paramserve.client import Client
 
@@ -356,13 +379,21 @@ class ParamserveRunner(Runner):
         )
         if wire_dtype == "bfloat16":
             self.name = "paramserve-bf16"
+        if stripes is not None:  # paramserve with pull_streams=K (see stripe_system)
+            self.name = f"paramserve-k{stripes[0]}{'c' if stripes[1] else ''}"
         self.wire_dtype = wire_dtype
         self.model = model
         self.alloc = alloc
         self.use_step = not push_pull and not alloc and fits_one_step(model)
         self.client = Client(
-            f"127.0.0.1:{port}", worker_id="bench-step", timeout_s=60.0, wire_dtype=wire_dtype
+            f"127.0.0.1:{port}",
+            worker_id="bench-step",
+            timeout_s=60.0,
+            wire_dtype=wire_dtype,
+            pull_streams=1 if stripes is None else stripes[0],
         )
+        if stripes is not None:
+            self.client._own_stripe_channels = stripes[1]
         self.client.__enter__()
         self.client.create_model(dict(model.init), optimizer="adam")
         self.grads = dict(model.grads)
@@ -403,6 +434,9 @@ def systems_for(model: Model, systems: list[str]) -> list[str]:
 def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Runner:
     """The worker for ``system`` (one of SYSTEMS), connected and initialised; ``port`` is
     its server script's (unused by the peers in ``sessions``)."""
+    stripes = stripe_system(system)
+    if stripes is not None:
+        return ParamserveRunner(port, model, stripes=stripes)
     if system in ("paramserve", "paramserve-push-pull", "paramserve-pull", "paramserve-bf16"):
         return ParamserveRunner(
             port,

@@ -79,11 +79,17 @@ def open_channel(
     settings: ChannelSettings,
     *,
     credentials: grpc.ChannelCredentials | None = None,
+    own_connection: bool = False,
 ) -> grpc.Channel:
-    """An insecure channel, or a TLS one when ``credentials`` are given."""
+    """An insecure channel, or a TLS one when ``credentials`` are given. ``own_connection``:
+    its own TCP connection, never shared with another channel to the same address (gRPC
+    shares one between channels of equal settings by default)."""
+    options = settings.options()
+    if own_connection:
+        options.append(("grpc.use_local_subchannel_pool", 1))
     if credentials is None:
-        return grpc.insecure_channel(address, options=settings.options())
-    return grpc.secure_channel(address, credentials, options=settings.options())
+        return grpc.insecure_channel(address, options=options)
+    return grpc.secure_channel(address, credentials, options=options)
 
 
 def tls_credentials(

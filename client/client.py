@@ -36,6 +36,7 @@ without its new pushes being taken for duplicates of its old ones.
 
 from __future__ import annotations
 
+import functools
 import json
 import operator
 import os
@@ -44,6 +45,7 @@ import socket
 import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -71,7 +73,7 @@ from paramserve.wire import (
 
 from .channel import ChannelSettings, method_path, open_channel, tls_credentials
 from .compression import ErrorFeedback, widen
-from .errors import FailedPreconditionError, NotFoundError
+from .errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from .resend import RESENT_METHODS, ResendPolicy, call_with_resends
 from .results import (
     CreateModelResult,
@@ -83,13 +85,16 @@ from .results import (
 )
 from .streams import (
     ReplyLayouts,
+    StripesUnusable,
     as_host_array,
     cast_gradient,
     check_out_array,
     decode_stream_item,
+    merged_request_stream,
     named_values,
     receive_buffer,
     receive_inline,
+    receive_stripes,
     receive_tensors,
     request_stream,
     tensor_headers,
@@ -116,6 +121,47 @@ class _ClientSetting:
 
 
 CLIENT_SETTING: Any = _ClientSetting()
+
+
+# Striped pulls: each stripe past the first on a channel (a TCP connection) of its own, not
+# on the client's channel (HTTP/2 streams of one connection).
+STRIPE_CHANNELS = False
+# Selections whose payload size (that of their last pull) is remembered for striping
+# (cleared when full).
+_PULL_SIZES_MAX = 64
+
+
+def auto_pull_streams(payload_bytes: int, cpus: int) -> int:
+    """The streams ``pull_streams="auto"`` stripes a pull of ``payload_bytes`` over on a
+    machine of ``cpus`` CPUs: 1 everywhere, as measured so far (docs/benchmarks.md: on 2
+    CPUs, 2 and 4 streams were no faster at 4 MiB and slower at 64 MiB; no larger machine
+    measured yet)."""
+    return 1
+
+
+@functools.cache
+def _cpus() -> int:
+    """CPUs this process may run on (asked once: a system call per pull otherwise)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0)) or 1
+    return os.cpu_count() or 1
+
+
+def check_pull_streams(value: Any) -> int | str:
+    """A ``pull_streams`` setting: an int from 1 to 64, or "auto" (ValueError otherwise);
+    strings of digits are read as numbers (the environment variable)."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return "auto"
+        if text.isdigit():
+            value = int(text)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 64:
+        raise ValueError(
+            f"pull_streams must be a number of streams from 1 to 64, or 'auto'. "
+            f"Received: {value!r}"
+        )
+    return value
 
 
 def default_worker_id() -> str:
@@ -248,6 +294,7 @@ class Client:
         strict_dtypes: bool = False,
         wire_dtype: str | None = None,
         error_feedback: bool = True,
+        pull_streams: int | str | None = None,
     ) -> None:
         """Connect lazily to ``address`` (``host:port``).
 
@@ -289,8 +336,20 @@ class Client:
         when this client creates a new model, deletes it or restores a snapshot. float16:
         a finite gradient beyond 65504 is refused (``Float16OverflowError``, a ValueError)
         before anything is sent.
+
+        Striped pulls: ``pull_streams=K`` (K >= 2) pulls weights of at least two chunks
+        (``chunk_bytes`` each) over up to K concurrent streams (a chunk or more each), each
+        carrying a contiguous part of the payload, once an earlier pull of the same
+        selection told their size; the parts are checked to be of one version (else the pull
+        is made again whole) and written into place as they arrive. ``1``: one stream.
+        ``"auto"``: the SDK's choice (:func:`auto_pull_streams`: one stream, as measured so
+        far). None (default) reads ``$PARAMSERVE_PULL_STREAMS`` (a number or ``auto``), else
+        ``"auto"``. Each :meth:`pull` can override it (``streams=``).
         """
         wire_dtype_code(wire_dtype)  # ValueError for anything but bfloat16, float16, None
+        if pull_streams is None:
+            pull_streams = os.environ.get("PARAMSERVE_PULL_STREAMS", "").strip() or "auto"
+        self.pull_streams = check_pull_streams(pull_streams)
         if chunk_bytes < 1 or chunk_bytes > max_message_bytes - 1024:
             raise ValueError(
                 f"chunk_bytes must be in [1, max_message_bytes - 1024]. "
@@ -352,6 +411,17 @@ class Client:
             request_serializer=pb.PullRequest.SerializeToString,
             response_deserializer=decode_stream_item,
         )
+        # Striped pulls: the channel of each stripe past the first (the client's own channel,
+        # or channels of their own with STRIPE_CHANNELS), the threads that receive them, the
+        # payload bytes of the last pull of each selection, and whether the server stripes.
+        self._channel_args = (address, settings, credentials)
+        self._own_stripe_channels = STRIPE_CHANNELS
+        self._stripe_pulls: list[Callable[..., Any]] = []
+        self._stripe_channels: list[grpc.Channel] = []
+        self._stripe_pool: ThreadPoolExecutor | None = None
+        self._stripe_workers = 0
+        self._pull_sizes: dict[bytes, int] = {}
+        self._server_stripes = True
         self._lock = threading.Lock()
         self._closed = False
         self._resends = 0
@@ -369,6 +439,9 @@ class Client:
         self._reply_layouts = ReplyLayouts()
         # The serialized tensors part of the last push's header, with what it describes.
         self._push_tensors: tuple[tuple[Any, ...], bytes] | None = None
+        # Whether the server said (in its last Push reply) that it reads merged items: a
+        # push's header and end in the messages of its first and last chunks.
+        self._merged_pushes = False
         self._float32_model: tuple[ModelDescription, bool] | None = None
         self._last_out: Mapping[str, np.ndarray] | None = None
         # (checked out mapping, description, its arrays a compressed pull widens into)
@@ -379,6 +452,10 @@ class Client:
         """Close the channel; calls in flight are cancelled (and not resent)."""
         self._closed = True
         self._channel.close()
+        for channel in self._stripe_channels:
+            channel.close()
+        if self._stripe_pool is not None:
+            self._stripe_pool.shutdown(wait=False)
 
     def __enter__(self) -> Client:
         return self
@@ -796,17 +873,22 @@ class Client:
             tensors = self._push_tensors_part(names, values)
 
             def send(seq: int) -> pb.PushResponse:
-                # PushRequest(header=...): the tensors' part kept from the last push of the
-                # same gradients' names, dtypes and shapes, the rest serialized now
-                # (protobuf reads the two as one PushHeader).
+                # The PushHeader: the tensors' part kept from the last push of the same
+                # gradients' names, dtypes and shapes, the rest serialized now (protobuf
+                # reads the two as one message).
                 own = self._push_header(seq, base, [], wire_dtype, prepare).SerializeToString()
-                first = length_delimited(1, tensors + own)
-                return self._send_stream(
-                    "Push",
-                    self._push,
-                    lambda: request_stream(first, values, chunk_bytes=self.chunk_bytes),
-                    timeout_s,
-                )
+                header = tensors + own
+                if self._merged_pushes:
+                    try:
+                        return self._send_push(header, values, timeout_s, merged=True)
+                    except InvalidArgumentError as exc:
+                        # A server that does not read merged items (an older one now at
+                        # this address) takes the first message for a chunk and refuses
+                        # the stream, applying nothing: once more as separate items.
+                        if "must be a PushHeader, got chunk" not in str(exc):
+                            raise
+                        self._merged_pushes = False
+                return self._send_push(header, values, timeout_s, merged=False)
 
             return self._sequenced(sequence, send)
 
@@ -814,6 +896,24 @@ class Client:
             names, values, wire_dtype, push_values, lambda r: r[1].applied or r[1].duplicate
         )
         return _push_result(response, seq)
+
+    def _send_push(
+        self, header: bytes, values: list[Any], timeout_s: float | None, *, merged: bool
+    ) -> pb.PushResponse:
+        """One push's stream (resent whole on a failure in transit): ``header`` (a serialized
+        PushHeader), the gradients' chunks and the end, the header and the end in the first
+        and last chunks' messages when ``merged``. Its reply tells whether the server reads
+        merged items, for the next push."""
+        first = length_delimited(1, header)
+
+        def items() -> Iterator[bytes]:
+            if merged:
+                return merged_request_stream(header, values, chunk_bytes=self.chunk_bytes)
+            return request_stream(first, values, chunk_bytes=self.chunk_bytes)
+
+        response = self._send_stream("Push", self._push, items, timeout_s)
+        self._merged_pushes = response.reads_merged_items
+        return response
 
     def _commit_round(
         self,
@@ -932,6 +1032,7 @@ class Client:
         out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
         wire_dtype: str | None = CLIENT_SETTING,
+        streams: int | str = CLIENT_SETTING,
     ) -> Tensors:
         """Weights by name (all, or ``names``) at one version, as fresh writable arrays.
 
@@ -948,23 +1049,41 @@ class Client:
         ``wire_dtype`` ("bfloat16", "float16", or None for exact; default: the client's):
         float32 weights travel rounded to it and come back as float32 arrays holding the
         rounded values (into ``out`` through one temporary array each).
+
+        ``streams``: how many concurrent streams a large pull may be striped over (see
+        :class:`Client`'s ``pull_streams``; default: the client's).
         """
         wire_dtype = self._wire_dtype(wire_dtype)
+        k = self.pull_streams if streams is CLIENT_SETTING else check_pull_streams(streams)
         out = self._checked_out(out)
         if out and rows and not out.keys().isdisjoint(rows):
             raise ValueError("out= takes whole variables; it cannot receive selected rows")
         request = self._weights_request(names, rows, min_version=min_version, wire_dtype=wire_dtype)
         direct = out if wire_dtype is None else {}
         widened = {} if wire_dtype is None else self._widened_on_arrival(out)
-        tensors = self._receive_stream(
-            "Pull",
-            self._pull,
-            request,
-            lambda items: receive_tensors(
-                items, out=direct, layouts=self._reply_layouts, widen_into=widened
-            ),
-            timeout_s,
-        )
+        key = request.SerializeToString()
+        size = self._pull_sizes.get(key)
+        k = self._stripes_for(k, size)
+        tensors = None
+        if k > 1:
+            try:
+                tensors = self._striped_pull(request, k, direct, widened, timeout_s)
+            except StripesUnusable as exc:
+                if exc.unsupported:
+                    self._server_stripes = False
+        if tensors is None:
+            tensors = self._receive_stream(
+                "Pull",
+                self._pull,
+                request,
+                lambda items: receive_tensors(
+                    items, out=direct, layouts=self._reply_layouts, widen_into=widened
+                ),
+                timeout_s,
+            )
+        if size is None and len(self._pull_sizes) >= _PULL_SIZES_MAX:
+            self._pull_sizes.clear()
+        self._pull_sizes[key] = self._reply_layouts.last_total  # (the model may change)
         if wire_dtype is not None and not (
             widened
             and len(tensors) == len(widened)
@@ -973,6 +1092,82 @@ class Client:
             tensors = self._widened(tensors, out)
         self._base_version = tensors.version
         return tensors
+
+    def _stripes_for(self, k: int | str, size: int | None) -> int:
+        """How many stripes a pull of ``size`` payload bytes (None: not known yet) is cut
+        into with the setting ``k`` (a number or "auto")."""
+        if size is None or not self._server_stripes:
+            return 1
+        if k == "auto":
+            k = auto_pull_streams(size, _cpus())
+        assert isinstance(k, int)
+        k = min(k, size // self.chunk_bytes)  # a chunk or more per stripe
+        return k if k > 1 else 1
+
+    def _striped_pull(
+        self,
+        request: pb.PullRequest,
+        k: int,
+        direct: Mapping[str, np.ndarray],
+        widened: Mapping[str, np.ndarray],
+        timeout_s: float | None,
+    ) -> Tensors:
+        """One pull as ``k`` stripes on concurrent calls (see :func:`receive_stripes`),
+        resent whole like any pull; StripesUnusable when they cannot make one result."""
+        stubs, pool = self._stripe_stubs(k)
+        stripes = []
+        for i in range(k):
+            stripe = pb.PullRequest()
+            stripe.CopyFrom(request)
+            stripe.stripe, stripe.stripes = i, k
+            stripes.append(stripe)
+
+        def attempt(left: float) -> Tensors:
+            calls: list[Any] = []
+            try:
+                for stub, stripe in zip(stubs, stripes, strict=True):
+                    calls.append(stub(stripe, **self._options(left)))
+                return receive_stripes(
+                    calls,
+                    out=direct,
+                    layouts=self._reply_layouts,
+                    widen_into=widened,
+                    run=lambda task: pool.submit(task),
+                )
+            finally:
+                for call in calls:
+                    call.cancel()
+
+        return self._run("Pull", attempt, timeout_s)
+
+    def _stripe_stubs(self, k: int) -> tuple[list[Callable[..., Any]], ThreadPoolExecutor]:
+        """The Pull stub of each of ``k`` stripes (the first on the client's channel), and
+        threads enough to receive them."""
+        with self._lock:
+            while len(self._stripe_pulls) < k - 1:
+                channel = self._channel
+                if self._own_stripe_channels:
+                    address, settings, credentials = self._channel_args
+                    channel = open_channel(
+                        address, settings, credentials=credentials, own_connection=True
+                    )
+                    self._stripe_channels.append(channel)
+                self._stripe_pulls.append(
+                    channel.unary_stream(
+                        method_path("Pull"),
+                        request_serializer=pb.PullRequest.SerializeToString,
+                        response_deserializer=decode_stream_item,
+                    )
+                )
+            pool = self._stripe_pool
+            if pool is None or self._stripe_workers < k - 1:
+                if pool is not None:
+                    pool.shutdown(wait=False)  # (its threads finish what they hold)
+                pool = self._stripe_pool = ThreadPoolExecutor(
+                    max_workers=k - 1, thread_name_prefix="paramserve-stripe"
+                )
+                self._stripe_workers = k - 1
+            return [self._pull, *self._stripe_pulls[: k - 1]], pool
 
     def _weights_request(
         self,
@@ -1001,6 +1196,7 @@ class Client:
             worker_id=self.worker_id,
             wire_dtype=wire_dtype_code(wire_dtype),
             packed_chunks=True,
+            merged_items=True,
         )
 
     # --- optimizer --------------------------------------------------------------------------

@@ -205,6 +205,7 @@ class ShardedClient(Client):
         self.timeout_s = first.timeout_s
         self.strict_dtypes = first.strict_dtypes
         self.wire_dtype = first.wire_dtype
+        self.pull_streams = first.pull_streams
         self.session = first.session
         self.split_threshold_bytes = split_threshold_bytes
         self._pool = ThreadPoolExecutor(max_workers=shards, thread_name_prefix="paramserve-shard")
@@ -672,6 +673,7 @@ class ShardedClient(Client):
         min_version: int | None,
         timeout_s: float | None,
         wire_dtype: Any,
+        streams: Any = CLIENT_SETTING,
     ) -> Tensors | None:
         names, rows = plan["names"][index], plan["rows"][index]
         if not names and not rows:
@@ -683,6 +685,7 @@ class ShardedClient(Client):
             out=plan["out"][index] or None,
             timeout_s=timeout_s,
             wire_dtype=wire_dtype,
+            streams=streams,
         )
 
     def _assemble(self, plan: dict[str, Any], pulled: list[Tensors | None]) -> Tensors:
@@ -722,15 +725,17 @@ class ShardedClient(Client):
         out: Mapping[str, np.ndarray] | None = None,
         timeout_s: float | None = None,
         wire_dtype: str | None = CLIENT_SETTING,
+        streams: int | str = CLIENT_SETTING,
     ) -> Tensors:
-        """Weights from every shard holding them, put together (see :meth:`Client.pull`).
+        """Weights from every shard holding them, put together (see :meth:`Client.pull`;
+        ``streams`` stripes each shard's part).
 
         In a sync job the shards' versions agree; one left a round behind (every member of
         the round stopped before telling it) is caught up first.
         """
         plan = self._pull_plan(names, rows, out)
         pulled = self._each(
-            lambda i, c: self._pull_shard(plan, i, c, min_version, timeout_s, wire_dtype)
+            lambda i, c: self._pull_shard(plan, i, c, min_version, timeout_s, wire_dtype, streams)
         )
         versions = {t.version for t in pulled if t is not None}
         if len(versions) > 1 and self._coordinated and min_version is None:
@@ -741,7 +746,9 @@ class ShardedClient(Client):
                 i for i, t in enumerate(pulled) if t is not None and t.version < max(versions)
             ]
             again = self._each(
-                lambda i, c: self._pull_shard(plan, i, c, max(versions), timeout_s, wire_dtype),
+                lambda i, c: self._pull_shard(
+                    plan, i, c, max(versions), timeout_s, wire_dtype, streams
+                ),
                 behind,
             )
             for index, tensors in zip(behind, again, strict=True):

@@ -8,6 +8,7 @@ which hands chunk payloads to the assembler as views of the received bytes.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -23,12 +24,15 @@ from paramserve.wire import (
     TensorAssembler,
     TensorValue,
     WireError,
+    aligned_buffer,
     check_headers,
     decode_chunk_item,
+    decode_merged_item,
     decode_whole,
     dtype_from_proto,
     encoded_chunk_items,
     header_for,
+    merged_stream_items,
     sparse_header,
 )
 
@@ -101,10 +105,56 @@ def request_stream(
     yield END_ITEM
 
 
-def decode_stream_item(raw: bytes) -> tuple[int, int, memoryview] | tpb.TensorStreamItem:
-    """Response deserializer for tensor streams: chunks as views, anything else via protobuf."""
+def merged_request_stream(
+    header: bytes, values: Sequence[TensorValue], *, chunk_bytes: int
+) -> Iterator[bytes]:
+    """:func:`request_stream` in two messages fewer, for a server that reads merged items:
+    the header (``header``: the serialized header message itself, not its wrapper) rides in
+    the first chunk's message and the end item in the last one's."""
+    return merged_stream_items(header, values, chunk_bytes=chunk_bytes, end=True)
+
+
+def decode_stream_item(
+    raw: bytes,
+) -> tuple[int, int, memoryview] | tpb.TensorStreamItem | list[Any]:
+    """Response deserializer for tensor streams: chunks as views, anything else via protobuf.
+
+    A chunk's message carrying the stream's header too (``chunk_header``, a reply to a pull
+    with ``merged_items``) becomes ``[header item, chunk]``: :func:`receive_tensors` takes
+    them in that order.
+    """
     chunk = decode_chunk_item(raw)
-    return chunk if chunk is not None else tpb.TensorStreamItem.FromString(raw)
+    if chunk is not None:
+        return chunk
+    parts = decode_merged_item(raw)
+    if parts is not None and not parts[2]:
+        header, chunk, _ = parts
+        if header is not None:
+            item = tpb.TensorStreamItem(header=tpb.TensorStreamHeader.FromString(bytes(header)))
+            return [item, chunk]
+    message = tpb.TensorStreamItem.FromString(raw)
+    if message.HasField("chunk_header"):
+        return [
+            tpb.TensorStreamItem(header=message.chunk_header),
+            message if message.WhichOneof("item") != "chunk" else _chunk_of(message),
+        ]
+    return message
+
+
+def _chunk_of(message: tpb.TensorStreamItem) -> tuple[int, int, memoryview]:
+    chunk = message.chunk
+    return chunk.tensor, chunk.offset, memoryview(chunk.data)
+
+
+def _items(
+    items: Iterable[tuple[int, int, memoryview] | tpb.TensorStreamItem | list[Any]],
+) -> Iterator[tuple[int, int, memoryview] | tpb.TensorStreamItem]:
+    """A reply's items one by one (a merged message's in order, see decode_stream_item)."""
+    for item in items:
+        if type(item) is list:
+            yield from item
+        else:
+            yield item
 
 
 class _Receive(NamedTuple):
@@ -203,11 +253,15 @@ class ReplyLayouts:
 
     def __init__(self) -> None:
         self._plans: dict[bytes, _ReplyPlan] = {}
+        # The payload bytes of the last header list planned (the last reply's, for the
+        # client's choice of stripes; with pulls in several threads, one of theirs).
+        self.last_total = 0
 
     def plan(self, header: tpb.TensorStreamHeader) -> _ReplyPlan:
         key = tpb.TensorStreamHeader()
         key.CopyFrom(header)
         key.ClearField("version")
+        key.ClearField("stripe")
         raw = key.SerializeToString()
         plan = self._plans.get(raw)
         if plan is None:
@@ -215,6 +269,7 @@ class ReplyLayouts:
             if len(self._plans) >= self.MAX:
                 self._plans.clear()
             self._plans[raw] = plan
+        self.last_total = plan.layout.total
         return plan
 
 
@@ -243,7 +298,7 @@ def receive_tensors(
     version = 0
     used: _Receive | None = None
     try:
-        for item in items:
+        for item in _items(items):
             if isinstance(item, tuple):
                 chunk: Any = item
             elif item.WhichOneof("item") == "header" and assembler is None:
@@ -282,6 +337,125 @@ def receive_tensors(
         )
     except WireError as e:
         raise DataLossError(f"malformed response stream: {e}") from None
+
+
+class StripesUnusable(Exception):
+    """A striped pull's replies cannot be put together (read the whole stream instead):
+    the server sent whole streams (it predates stripes, ``unsupported``), the stripes are
+    at different versions (the model moved between them) or hold different tensors, or a
+    stripe starts inside an element that is widened on arrival."""
+
+    def __init__(self, why: str, *, unsupported: bool = False) -> None:
+        super().__init__(why)
+        self.unsupported = unsupported
+
+
+def _ended(kind: str) -> DataLossError:
+    return DataLossError(f"malformed response stream: {kind}")
+
+
+def receive_stripes(
+    replies: Sequence[Iterable[Any]],
+    *,
+    out: Mapping[str, np.ndarray] | None = None,
+    layouts: ReplyLayouts | None = None,
+    widen_into: Mapping[str, np.ndarray] | None = None,
+    run: Callable[[Callable[[], None]], Any] | None = None,
+) -> Tensors:
+    """:func:`receive_tensors` for a pull cut into stripes: ``replies[i]`` is the reply to
+    stripe ``i`` (``PullRequest.stripe``), every one in flight. Their headers are read first
+    and checked (one header list, one version, ranges that tile the payload); then each
+    stripe's chunks are written straight into place, stripe 0 in this thread and the others
+    through ``run(task)`` (which starts ``task`` in another thread and returns something
+    with ``result()``), all into the same arrays (``out``, ``widen_into``) or one buffer.
+
+    Raises :class:`StripesUnusable` when the replies cannot make one result (nothing the
+    caller holds was written then), DataLossError for a malformed stream.
+    """
+    out = out or {}
+    layouts = layouts or ReplyLayouts()
+    streams = [_items(reply) for reply in replies]
+    firsts = []
+    for stream in streams:
+        first = next(stream, None)
+        if first is None or isinstance(first, tuple) or first.WhichOneof("item") != "header":
+            raise _ended("a response stream must start with one header")
+        firsts.append(first.header)
+    if not all(h.HasField("stripe") for h in firsts):
+        raise StripesUnusable("the server sent whole streams, not stripes", unsupported=True)
+    plans = [layouts.plan(h) for h in firsts]
+    if any(p is not plans[0] for p in plans) or any(h.version != firsts[0].version for h in firsts):
+        raise StripesUnusable("the stripes are of different versions or tensors")
+    plan = plans[0]
+    layout = plan.layout
+    spans = [(h.stripe.start, h.stripe.end) for h in firsts]
+    bounds = [0, *(e for _, e in spans)]
+    if any(s != b for (s, _), b in zip(spans, bounds, strict=False)) or bounds[-1] != layout.total:
+        raise _ended(f"the stripes' ranges {spans} do not cover the {layout.total} bytes")
+    used = plan.into(out, widen_into)
+    if used is not None and used.widen is not None and any(s % 8 for s, _ in spans):
+        raise StripesUnusable("a stripe starts inside an element widened on arrival")
+    buffer = None
+    if used is None or not used.all_into:
+        buffer = aligned_buffer(layout.buffer_bytes)
+    assemblers = [
+        TensorAssembler(
+            layout.headers,
+            into=None if used is None else used.into,
+            widen=None if used is None else used.widen,
+            layout=layout,
+            runs=None if used is None else used.runs,
+            buffer=buffer,
+            span=span,
+        )
+        for span in spans
+    ]
+
+    failures: list[BaseException] = []  # in the order they happened
+    lock = threading.Lock()
+
+    def receive(i: int) -> dict[str, TensorValue] | None:
+        """Stripe ``i``'s chunks into place; on a failure, the others are cancelled."""
+        assembler, stream = assemblers[i], streams[i]
+        try:
+            for item in stream:
+                if isinstance(item, tuple):
+                    assembler.add(*item)
+                elif item.WhichOneof("item") == "chunk":
+                    assembler.add(item.chunk.tensor, item.chunk.offset, item.chunk.data)
+                else:
+                    raise WireError("a stripe sent a second header or an end item")
+            return assembler.finish(decode_into=False)
+        except BaseException as exc:
+            if isinstance(exc, WireError):
+                exc = _ended(str(exc))
+            with lock:
+                failures.append(exc)
+            for reply in replies:
+                cancel = getattr(reply, "cancel", None)
+                if cancel is not None:
+                    cancel()
+            return None
+
+    pending = [run(lambda i=i: receive(i)) for i in range(1, len(streams))] if run else []
+    tensors = receive(0)
+    for i in range(1, len(streams)):
+        if not run:
+            receive(i)
+    for task in pending:
+        task.result()
+    if failures or tensors is None:
+        raise failures[0]
+    version = firsts[0].version
+    if used is None:
+        return Tensors(tensors, version=version)
+    names = layout.names
+    if used.all_into:
+        return Tensors(zip(names, used.arrays, strict=True), version=version)
+    return Tensors(
+        {n: tensors[n] if a is None else a for n, a in zip(names, used.arrays, strict=True)},
+        version=version,
+    )
 
 
 def _widens(header: tpb.TensorHeader, array: np.ndarray | None) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import fused, fused_gpu
+from . import backend, fused, fused_gpu
 from .backend import get_array_module, to_numpy
 from .schedules import LearningRateSchedule
 from .schedules import deserialize as deserialize_schedule
@@ -177,7 +177,7 @@ class Optimizer:
         belongs to, for :meth:`state_owners`; None for state of the whole step.
         """
         dtype = np.dtype(dtype if dtype is not None else "float32")
-        value = xp.zeros(tuple(shape), dtype=dtype)
+        value = backend.zeros(tuple(shape), dtype, xp)
         if initializer == "ones":
             value[...] = 1
         elif not isinstance(initializer, str):
@@ -249,7 +249,7 @@ class Optimizer:
     def _slot_buffer(slab: Slab, initializer: str | float) -> Any:
         """A flat slot slab for ``slab``, filled as ``add_variable`` fills a slot."""
         xp = get_array_module(slab.buffer)
-        buffer = xp.zeros(slab.buffer.shape, dtype=slab.dtype)
+        buffer = backend.zeros(slab.buffer.shape, slab.dtype, xp)
         if initializer == "ones":
             buffer[...] = 1
         elif not isinstance(initializer, str):

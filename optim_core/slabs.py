@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from . import backend
 from .backend import array_module, to_device
 from .variables import Variable
 
@@ -81,13 +82,14 @@ def pack(
         if len(members) < min_variables:
             for i in members:
                 path, value = arrays[i]
-                host = np.array(value, dtype=dtype, order="C", copy=True)
+                host = backend.empty(np.shape(value), dtype)
+                host[...] = np.asarray(value, dtype=dtype)
                 variables[i] = Variable(
                     host if device is None else to_device(host, device), path=path
                 )
             continue
         sizes = [int(np.prod(np.shape(arrays[i][1]), dtype=np.int64)) for i in members]
-        buffer = xp.empty(sum(sizes), dtype=dtype)
+        buffer = backend.empty(sum(sizes), dtype, xp)
         offsets, slab_variables, at = [], [], 0
         for i, size in zip(members, sizes, strict=True):
             path, value = arrays[i]

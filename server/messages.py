@@ -206,6 +206,7 @@ class _Rounded:
         ]
         self.template = template
         self.runs = runs
+        self.rounded_at: int | None = None  # the store's weight writes then (see WireWeights)
         self.headers: list[tpb.TensorHeader] | None = None
 
 
@@ -223,9 +224,15 @@ class WireWeights:
         self._kept: dict[np.dtype, _Rounded] = {}
 
     def __call__(
-        self, specs: Specs, tensors: dict[str, wire.TensorValue], dtype: np.dtype
+        self,
+        specs: Specs,
+        tensors: dict[str, wire.TensorValue],
+        dtype: np.dtype,
+        writes: int | None = None,
     ) -> tuple[dict[str, wire.TensorValue], list[tpb.TensorHeader]]:
-        """``tensors`` rounded to ``dtype`` (float32 ones) and their headers."""
+        """``tensors`` rounded to ``dtype`` (float32 ones) and their headers. ``writes``:
+        the store's count of weight changes; a call with the count of the last rounding
+        into the kept buffers (the stripes of one pull, say) finds them rounded already."""
         if not (getattr(tensors, "whole", False) and getattr(tensors, "runs", None)):
             rounded = compressed_weights(tensors, specs, dtype)
             return rounded, weight_headers(specs, rounded)
@@ -237,9 +244,11 @@ class WireWeights:
         kept = self._kept.get(dtype)
         if kept is None or kept.specs is not specs:
             kept = self._kept[dtype] = _Rounded(specs, tensors, dtype)
-        for flat, rounded in kept.casts:
-            if not wire.cast_into(flat, rounded):
-                np.copyto(rounded, flat, casting="unsafe")  # astype's bits, as _cast
+        if writes is None or kept.rounded_at != writes:
+            for flat, rounded in kept.casts:
+                if not wire.cast_into(flat, rounded):
+                    np.copyto(rounded, flat, casting="unsafe")  # astype's bits, as _cast
+            kept.rounded_at = writes
         out = CompressedWeights(kept.template)
         out.runs = kept.runs
         for name in kept.alone:
@@ -394,13 +403,14 @@ def snapshot_cut(request: pb.CreateSnapshotRequest) -> dict[str, Any] | None:
     return {"cut_id": cut.cut_id, "shard_index": cut.shard_index, "shards": cut.shards}
 
 
-def push_response(result: PushResult) -> pb.PushResponse:
-    """What became of a push."""
+def push_response(result: PushResult, *, reads_merged_items: bool = False) -> pb.PushResponse:
+    """What became of a push (``reads_merged_items``: a Push's reply says it may merge)."""
     return pb.PushResponse(
         duplicate=result.duplicate,
         version=result.version,
         contributors=result.contributors,
         applied=result.applied,
+        reads_merged_items=reads_merged_items,
     )
 
 

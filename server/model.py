@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from paramserve import optim_core
+from paramserve import optim_core, wire
 from paramserve.optim_core import FLOAT_DTYPES, Optimizer, Slab, Variable
 
 from .errors import FailedPrecondition, InvalidArgument, limit_exceeded
@@ -250,7 +250,9 @@ def build_model(
 
 def _prepare_kernels() -> None:
     """Compile or load the fused CPU kernels now, outside the model lock and before the
-    model serves, so the first push does not pay seconds for it (logged the first time)."""
+    model serves, so the first push does not pay seconds for it (logged the first time):
+    the optimizer's, and the wire's (pushes are copied into place with them)."""
+    wire.prepare_casts()  # (at once when they are ready)
     if optim_core.kernels_prepared():
         return
     started = time.perf_counter()

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -38,10 +39,11 @@ from .status import grpc_status, status_of
 
 logger = logging.getLogger(__name__)
 
-# Payload per outgoing message: a chunk less headroom for framing, so that clients with gRPC's
-# default 4 MiB receive limit can read every message (and never above max_message_bytes).
+# Payload per outgoing message: a whole chunk, as clients send (a 4 MiB tensor is two messages,
+# not two and a 32 KiB tail); its few bytes of framing keep it far below gRPC's default 4 MiB
+# receive limit. A server whose max_message_bytes is smaller sends less, leaving this headroom.
 _FRAMING_HEADROOM_BYTES = 16 << 10
-OUT_CHUNK_BYTES = wire.CHUNK_BYTES - _FRAMING_HEADROOM_BYTES
+OUT_CHUNK_BYTES = wire.CHUNK_BYTES
 # Besides paramserve_rpcs_total, a Push that fails counts as a push of that outcome and every
 # Pull as a pull, whoever answered the call (its handler or the auth interceptor).
 COUNTS_AS = {"Push": "push", "Pull": "pull"}
@@ -57,6 +59,8 @@ _OBSERVER_CALLS = frozenset({"Describe", "ListSnapshots"})
 _CHECKED_HEADERS_MAX = 256
 # Push header lists remembered as checked, with their stream layouts (cleared when full).
 _PUSH_PLANS_MAX = 64
+# Most stripes one pull may be cut into (PullRequest.stripes).
+MAX_STRIPES = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,15 +281,23 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self._push_plans[key] = plan
         return plan
 
-    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
-        """The serialized ``TensorStreamItem(header=...)`` of a reply, and its payload bytes:
-        the tensors' part is kept from the last reply with the same header list, the version
+    def _stream_header_body(
+        self, headers: list[tpb.TensorHeader], version: int
+    ) -> tuple[bytes, int]:
+        """The serialized ``TensorStreamHeader`` of a reply, and its payload bytes: the
+        tensors' part is kept from the last reply with the same header list, the version
         appended by hand."""
         cached = self._reply_headers
         if cached is None or cached[0] is not headers:
             body = tpb.TensorStreamHeader(tensors=headers).SerializeToString()
             self._reply_headers = cached = (headers, body, sum(h.byte_length for h in headers))
-        return wire.stream_header_item(cached[1], version), cached[2]
+        return wire.stream_header_body(cached[1], version), cached[2]
+
+    def _stream_header(self, headers: list[tpb.TensorHeader], version: int) -> tuple[bytes, int]:
+        """The serialized ``TensorStreamItem(header=...)`` of a reply (see
+        :meth:`_stream_header_body`), and its payload bytes."""
+        body, payload = self._stream_header_body(headers, version)
+        return wire.length_delimited(1, body), payload
 
     def _push(
         self, header: pb.PushHeader, grads: dict[str, wire.TensorValue], context
@@ -336,6 +348,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return grads
 
     @staticmethod
+    def _stripe_of(request: pb.PullRequest) -> tuple[int, int] | None:
+        """``(stripe, stripes)`` of a striped weights pull (None: the whole stream)."""
+        if not request.stripes and not request.stripe:
+            return None
+        if not 2 <= request.stripes <= MAX_STRIPES or request.stripe >= request.stripes:
+            raise InvalidArgument(
+                f"stripe {request.stripe} of {request.stripes}: a striped pull takes 2 to "
+                f"{MAX_STRIPES} stripes, numbered from 0"
+            )
+        if not request.packed_chunks:
+            raise InvalidArgument("a striped pull needs packed_chunks (stripes are whole chunks)")
+        return request.stripe, request.stripes
+
+    @staticmethod
     def _wire_dtype(request: pb.PullRequest) -> Any:
         """The NumPy dtype a weights pull opted in to (None: exact)."""
         name = messages.wire_dtype_name(request.wire_dtype, "wire_dtype")
@@ -352,7 +378,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         rounded ones). Under the store's lock, as the rounded buffers are reused."""
         if dtype is None:
             return tensors, self._weight_headers(specs, tensors)
-        return self._wire_weights(specs, tensors, dtype)
+        return self._wire_weights(specs, tensors, dtype, self._core.store.weight_writes)
 
     @contextlib.contextmanager
     def _counted_as_push(self) -> Iterator[None]:
@@ -445,8 +471,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 grads,
                 session=header.session,
             )
-            return messages.push_response(result)
-        return messages.push_response(self._push(header, grads, context))
+        else:
+            result = self._push(header, grads, context)
+        return messages.push_response(result, reads_merged_items=True)
 
     @_rpc("CommitRound")
     def CommitRound(  # noqa: N802
@@ -486,6 +513,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if request.scope == pb.PULL_SCOPE_OPTIMIZER_STATE:
             if request.names or request.rows:
                 raise InvalidArgument("optimizer-state pulls take no names or rows")
+            if request.stripes or request.stripe:
+                raise InvalidArgument("optimizer-state pulls are not striped")
             version, items = self._core.optimizer_state()
             values: list[wire.TensorValue] = [value for _, value in items]
             headers = [wire.header_for(name, value) for name, value in items]
@@ -494,25 +523,59 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         elif request.scope == pb.PULL_SCOPE_WEIGHTS:
             encode_as = self._wire_dtype(request)
+            striped = self._stripe_of(request)
+            # Merged items and stripes: the header is built under the lock, at the version
+            # read (it rides in the first chunk's message, or says which bytes follow).
+            whole = not (request.merged_items and request.packed_chunks) and striped is None
+            sent = [0]  # the payload bytes of a reply that is not whole
 
             # Encoded from the live weights under the lock, then sent outside it; each chunk
             # is let go once gRPC has taken it.
             def encode(specs: Specs, tensors: dict[str, wire.TensorValue]) -> tuple[list, Any]:
                 tensors, headers = self._encoded_weights(specs, tensors, encode_as)
                 values = list(tensors.values())
-                return headers, collections.deque(
-                    wire.encoded_chunk_items(
+                runs = getattr(tensors, "runs", None)  # slabs' stretches, whole
+                if whole:
+                    items = wire.encoded_chunk_items(
                         values,
                         chunk_bytes=self._chunk_bytes,
                         packed=request.packed_chunks,
-                        runs=getattr(tensors, "runs", None),  # slabs' stretches, whole
+                        runs=runs,
                     )
-                )
+                    return headers, collections.deque(items)
+                version = self._core.model_version() or 0  # (under the lock: the one read)
+                body, total = self._stream_header_body(headers, version)
+                chunks = None
+                if striped is not None:
+                    first, stop, start, end = wire.stripe_range(
+                        total, self._chunk_bytes, *striped
+                    )
+                    chunks, total = (first, stop), end - start
+                    body += wire.length_delimited(
+                        3, tpb.PayloadRange(start=start, end=end).SerializeToString()
+                    )
+                sent[0] = total
+                if request.merged_items:
+                    items = wire.merged_stream_items(
+                        body, values, chunk_bytes=self._chunk_bytes, runs=runs, chunks=chunks
+                    )
+                else:
+                    items = itertools.chain(
+                        (wire.length_delimited(1, body),),
+                        wire.encoded_chunk_items(
+                            values, chunk_bytes=self._chunk_bytes, runs=runs, chunks=chunks
+                        ),
+                    )
+                return headers, collections.deque(items)
 
             version, (headers, encoded) = self._core.read_weights(
                 *messages.weights_selection(request), encode
             )
             chunks = streams.drain(encoded)
+            if not whole:  # the header is in the first item (or is the first item)
+                yield from chunks
+                self._metrics.bytes_sent.labels(method="Pull").inc(sent[0])
+                return
         else:
             raise InvalidArgument(messages.unknown_scope(request.scope))
         item, payload = self._stream_header(headers, version)

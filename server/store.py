@@ -81,6 +81,9 @@ class ModelStore:
         self.limits = limits
         self.lock = threading.RLock()
         self.changed = threading.Condition(self.lock)
+        # Bumped by every apply, the one change of a model's weights in place (read under
+        # the lock: equal values mean the same weights, for the same model).
+        self.weight_writes = 0
         self._model: Model | None = None
         self._generation = 0
         self._closed = False
@@ -302,6 +305,7 @@ class ModelStore:
                     [*slabs.values(), *(grads[n] for n in names)],
                     [*slabs, *(model.variables[n] for n in names)],
                 )
+                self.weight_writes += 1
                 self.changed.notify_all()
             return model.optimizer.iterations
 

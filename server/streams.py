@@ -61,13 +61,54 @@ def tolerant(deserialize: Callable[[bytes], Any], message_cls: Any) -> Callable[
 
 
 def chunk_or(message_cls: Any) -> Callable[[bytes], ChunkView | Any]:
-    """Request deserializer: chunk items as views of the received bytes (one copy fewer)."""
+    """Request deserializer: chunk items as views of the received bytes (one copy fewer).
+
+    A wrapper with merged items (``chunk_header`` and ``chunk_end`` beside its chunk, see
+    ``PushRequest``) becomes the list of the items it stands for, the header first and the
+    end last, which :func:`decoded` hands on one by one: handlers see the stream as if each
+    had come in a message of its own.
+    """
+    fields = message_cls.DESCRIPTOR.fields_by_name
+    merged = "chunk_header" in fields and "chunk_end" in fields  # (PushRequest)
+    end_item = message_cls(end=tpb.StreamEnd()) if merged else None
 
     def deserialize(raw: bytes) -> ChunkView | Any:
         chunk = wire.decode_chunk_item(raw)
-        return chunk if chunk is not None else message_cls.FromString(raw)
+        if chunk is not None:
+            return chunk
+        if merged:
+            parts = wire.decode_merged_item(raw)
+            if parts is not None:
+                header, chunk, end = parts
+                items: list[Any] = []
+                if header is not None:
+                    items.append(message_cls.FromString(wire.length_delimited(1, bytes(header))))
+                items.append(chunk)
+                if end:
+                    items.append(end_item)
+                return items
+        message = message_cls.FromString(raw)
+        if merged and (message.HasField("chunk_header") or message.HasField("chunk_end")):
+            return _merged_items(message_cls, message, end_item)
+        return message
 
     return deserialize
+
+
+def _merged_items(message_cls: Any, message: Any, end_item: Any) -> list[Any] | _Undecodable:
+    """The items a wrapper parsed by protobuf with merged fields stands for (see chunk_or)."""
+    if message.WhichOneof("item") != "chunk":
+        return _Undecodable(
+            message_cls, ValueError("chunk_header and chunk_end travel only beside a chunk")
+        )
+    items: list[Any] = []
+    if message.HasField("chunk_header"):
+        items.append(message_cls(header=message.chunk_header))
+    chunk = message.chunk
+    items.append((chunk.tensor, chunk.offset, memoryview(chunk.data)))
+    if message.HasField("chunk_end"):
+        items.append(end_item)
+    return items
 
 
 def message_or_bytes(item: Any) -> bytes:
@@ -86,9 +127,12 @@ def decoded(request: Any) -> Any:
 
 def _decoded_items(items: Iterator[Any]) -> Iterator[Any]:
     for item in items:
-        if isinstance(item, _Undecodable):
+        if type(item) is list:  # merged items of one message (see chunk_or)
+            yield from item
+        elif isinstance(item, _Undecodable):
             raise InvalidArgument(item.message)
-        yield item
+        else:
+            yield item
 
 
 # --- receiving client streams ----------------------------------------------------------------
@@ -200,6 +244,37 @@ class FiniteScan:
         self._checked = 0  # stream bytes of that segment scanned so far (from its start)
         self._bad: set[int] = set()
 
+    def copier(self, buffer: np.ndarray) -> Callable[[memoryview, int, memoryview, int], None]:
+        """The ``copy`` of a :class:`~paramserve.wire.TensorAssembler` receiving into
+        ``buffer``: a piece that continues the segment being scanned with whole float32 or
+        float64 elements is copied and checked in one pass (``wire.copy_checked``), so
+        :meth:`update` has nothing left to read there; any other piece is copied as is."""
+
+        def copy(target: memoryview, at: int, piece: memoryview, position: int) -> None:
+            segments, k = self._segments, self._next
+            if k < len(segments):
+                seg = segments[k]
+                n = len(piece)
+                size = seg.dtype.itemsize
+                checked = self._checked
+                if (
+                    position == seg.stream_start + checked
+                    and position + n <= seg.stream_end
+                    and not (checked % size or n % size)
+                    and target.obj is buffer
+                ):
+                    finite = wire.copy_checked(piece, buffer[at : at + n].view(seg.dtype))
+                    if finite is not None:
+                        if not finite:
+                            self._bad.add(k)
+                        self._checked = checked + n
+                        if position + n == seg.stream_end:
+                            self._next, self._checked = k + 1, 0
+                        return
+            target[at : at + len(piece)] = piece
+
+        return copy
+
     def update(self, buffer: np.ndarray, received: int) -> None:
         """Scan the whole elements of ``buffer`` (the receive buffer) that arrived before
         stream position ``received`` and were not scanned yet."""
@@ -257,13 +332,19 @@ def receive_tensors(
     bytes into the receive buffer (the scan comes with the widening).
     """
     if layout is None:
-        assembler = wire.TensorAssembler(headers, widen=widen)
-    else:
-        assembler = wire.TensorAssembler(headers, layout=layout, widen=widen)
+        layout = wire.StreamLayout(headers, widen=widen if widen and any(widen) else None)
+        widen = None  # (the layout's own)
     if segments is None and (scan_finite or packed):
-        segments = scan_segments(assembler.layout)
+        segments = scan_segments(layout)
     scan = FiniteScan(segments) if scan_finite and segments is not None else None
-    buffer = assembler.receive_buffer
+    buffer = wire.aligned_buffer(layout.buffer_bytes)
+    assembler = wire.TensorAssembler(
+        headers,
+        layout=layout,
+        widen=widen,
+        buffer=buffer,
+        copy=scan.copier(buffer) if scan is not None else None,
+    )
     ended = False
     for item in requests:
         if ended:

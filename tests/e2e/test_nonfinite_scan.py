@@ -29,3 +29,34 @@ def test_nonfinite_push_is_rejected_or_skipped(start_server, connect, chunk_byte
             assert not result.applied and not result.duplicate
         assert_same(client.pull(), before)
         assert client.push({"w": np.ones(N, np.float32)}).applied
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_whole_element_chunks_are_checked_as_they_are_copied(
+    start_server, connect, monkeypatch, dtype, bad
+):
+    """Chunks of whole elements are copied and checked in one pass (wire.copy_checked);
+    a NaN or Inf in any of them, or at a tensor's edge, is still found."""
+    from paramserve import wire
+
+    calls = []
+    copy_checked = wire.copy_checked
+
+    def spy(data, dst):
+        calls.append(len(data))
+        return copy_checked(data, dst)
+
+    monkeypatch.setattr(wire, "copy_checked", spy)
+    client = connect(start_server(mode="async"), chunk_bytes=256)
+    weights = {"a": np.zeros(300, dtype), "b": np.zeros(200, dtype)}
+    client.create_model(weights, "sgd")
+    before = client.pull()
+    for name, where in (("a", 0), ("a", 299), ("b", 0), ("b", 100), ("b", 199)):
+        grad = {n: np.ones_like(v) for n, v in weights.items()}
+        grad[name][where] = bad
+        with pytest.raises(InvalidArgumentError, match=f"'{name}' contains"):
+            client.push(grad)
+    assert_same(client.pull(), before)
+    assert calls and sum(calls) >= 5 * 500 * np.dtype(dtype).itemsize
+    assert client.push({n: np.ones_like(v) for n, v in weights.items()}).applied

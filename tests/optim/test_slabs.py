@@ -247,3 +247,26 @@ def test_gpu_slab_apply_equals_per_variable_apply(name, options):
                 opt.apply([grads[v.path] for v in variables], variables)
         results.append((opt, {v.path: cupy.asnumpy(v.value) for v in variables}))
     _assert_same(*results)
+
+
+def test_host_state_starts_on_a_cache_line():
+    """Slabs, lone variables and every slot start at a multiple of 64 bytes (the fused
+    kernels' vector loads never straddle two cache lines); values are as given."""
+    arrays = _arrays("float64")
+    arrays["lone"] = np.arange(7, dtype=np.float32)
+    variables, slabs = pack(list(arrays.items()))
+    optimizer = optim_core.get("adam")
+    optimizer.build(variables)
+    for variable in variables:
+        np.testing.assert_array_equal(variable.value, arrays[variable.path])
+    buffers = [s.buffer for s in slabs] + [v.value for v in variables if v.slab is None]
+    # Slots: the lone variable's, and the first of each slot slab (the others are views of
+    # it at their variables' offsets).
+    first = next(iter(arrays)).replace("/", "_")
+    buffers += [
+        v.value
+        for v in optimizer.variables
+        if v.path.split("/", 1)[1].startswith(("lone_", f"{first}_"))
+    ]
+    assert len(buffers) == 6
+    assert all(b.ctypes.data % 64 == 0 for b in buffers)

@@ -69,3 +69,28 @@ def test_kept_buffers_go_with_the_model():
     del weights
     gc.collect()
     assert len(rounder._kept) == 0
+
+
+def test_pulls_of_unchanged_weights_round_once(monkeypatch):
+    """The stripes of one pull (the store's weight-write count unchanged) reuse the rounded
+    buffers; a new count rounds the changed weights again."""
+    weights, specs, flat = _model()
+    rounder = messages.WireWeights()
+    casts = []
+    cast_into = messages.wire.cast_into
+
+    def counting(src, dst):
+        casts.append(src.size)
+        return cast_into(src, dst)
+
+    monkeypatch.setattr(messages.wire, "cast_into", counting)
+    first, _ = rounder(specs, weights, BF16, 7)
+    again, _ = rounder(specs, weights, BF16, 7)
+    assert len(casts) == 1 and _bits(again) == _bits(first)
+    flat *= np.float32(1.5)
+    got, _ = rounder(specs, weights, BF16, 8)
+    assert len(casts) == 2
+    with np.errstate(all="ignore"):
+        assert _bits(got) == _bits(messages.compressed_weights(weights, specs, BF16))
+    rounder(specs, weights, BF16)  # no count: rounded every time
+    assert len(casts) == 3

@@ -117,26 +117,32 @@ class PushHeader(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., sequence: _Optional[int] = ..., base_version: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[_tensor_pb2.TensorHeader, _Mapping]]] = ..., session: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., prepare: _Optional[bool] = ...) -> None: ...
 
 class PushRequest(_message.Message):
-    __slots__ = ("header", "chunk", "end")
+    __slots__ = ("header", "chunk", "end", "chunk_header", "chunk_end")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_END_FIELD_NUMBER: _ClassVar[int]
     header: PushHeader
     chunk: _tensor_pb2.TensorChunk
     end: _tensor_pb2.StreamEnd
-    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
+    chunk_header: PushHeader
+    chunk_end: _tensor_pb2.StreamEnd
+    def __init__(self, header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk: _Optional[_Union[_tensor_pb2.TensorChunk, _Mapping]] = ..., end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ..., chunk_header: _Optional[_Union[PushHeader, _Mapping]] = ..., chunk_end: _Optional[_Union[_tensor_pb2.StreamEnd, _Mapping]] = ...) -> None: ...
 
 class PushResponse(_message.Message):
-    __slots__ = ("duplicate", "version", "contributors", "applied")
+    __slots__ = ("duplicate", "version", "contributors", "applied", "reads_merged_items")
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     APPLIED_FIELD_NUMBER: _ClassVar[int]
+    READS_MERGED_ITEMS_FIELD_NUMBER: _ClassVar[int]
     duplicate: bool
     version: int
     contributors: int
     applied: bool
-    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., contributors: _Optional[int] = ..., applied: _Optional[bool] = ...) -> None: ...
+    reads_merged_items: bool
+    def __init__(self, duplicate: _Optional[bool] = ..., version: _Optional[int] = ..., contributors: _Optional[int] = ..., applied: _Optional[bool] = ..., reads_merged_items: _Optional[bool] = ...) -> None: ...
 
 class InlineTensor(_message.Message):
     __slots__ = ("header", "data")
@@ -175,7 +181,7 @@ class RowSelection(_message.Message):
     def __init__(self, name: _Optional[str] = ..., rows: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
-    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype", "packed_chunks")
+    __slots__ = ("names", "rows", "min_version", "scope", "worker_id", "wire_dtype", "packed_chunks", "merged_items", "stripe", "stripes")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     ROWS_FIELD_NUMBER: _ClassVar[int]
     MIN_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +189,9 @@ class PullRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     WIRE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     PACKED_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    MERGED_ITEMS_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
+    STRIPES_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     rows: _containers.RepeatedCompositeFieldContainer[RowSelection]
     min_version: int
@@ -190,7 +199,10 @@ class PullRequest(_message.Message):
     worker_id: str
     wire_dtype: _tensor_pb2.DType
     packed_chunks: bool
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., packed_chunks: _Optional[bool] = ...) -> None: ...
+    merged_items: bool
+    stripe: int
+    stripes: int
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[RowSelection, _Mapping]]] = ..., min_version: _Optional[int] = ..., scope: _Optional[_Union[PullScope, str]] = ..., worker_id: _Optional[str] = ..., wire_dtype: _Optional[_Union[_tensor_pb2.DType, str]] = ..., packed_chunks: _Optional[bool] = ..., merged_items: _Optional[bool] = ..., stripe: _Optional[int] = ..., stripes: _Optional[int] = ...) -> None: ...
 
 class SetOptimizerStateResponse(_message.Message):
     __slots__ = ("version",)

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparamserve/v1/tensor.proto\x12\rparamserve.v1\"\x9e\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.paramserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x06layout\x18\x04 \x01(\x0e\x32\x15.paramserve.v1.Layout\x12\x10\n\x08num_rows\x18\x05 \x01(\x03\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x03\";\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0b\n\tStreamEnd\"\xa5\x01\n\x10TensorStreamItem\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.paramserve.v1.TensorStreamHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.paramserve.v1.TensorChunkH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.paramserve.v1.StreamEndH\x00\x42\x06\n\x04item\"S\n\x12TensorStreamHeader\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.paramserve.v1.TensorHeader\x12\x0f\n\x07version\x18\x02 \x01(\x03*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06*2\n\x06Layout\x12\x10\n\x0cLAYOUT_DENSE\x10\x00\x12\x16\n\x12LAYOUT_SPARSE_ROWS\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aparamserve/v1/tensor.proto\x12\rparamserve.v1\"\x9e\x01\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12#\n\x05\x64type\x18\x02 \x01(\x0e\x32\x14.paramserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12%\n\x06layout\x18\x04 \x01(\x0e\x32\x15.paramserve.v1.Layout\x12\x10\n\x08num_rows\x18\x05 \x01(\x03\x12\x13\n\x0b\x62yte_length\x18\x06 \x01(\x03\";\n\x0bTensorChunk\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x0b\n\tStreamEnd\"\xde\x01\n\x10TensorStreamItem\x12\x33\n\x06header\x18\x01 \x01(\x0b\x32!.paramserve.v1.TensorStreamHeaderH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.paramserve.v1.TensorChunkH\x00\x12\'\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x18.paramserve.v1.StreamEndH\x00\x12\x37\n\x0c\x63hunk_header\x18\x04 \x01(\x0b\x32!.paramserve.v1.TensorStreamHeaderB\x06\n\x04item\"\x80\x01\n\x12TensorStreamHeader\x12,\n\x07tensors\x18\x01 \x03(\x0b\x32\x1b.paramserve.v1.TensorHeader\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12+\n\x06stripe\x18\x03 \x01(\x0b\x32\x1b.paramserve.v1.PayloadRange\"*\n\x0cPayloadRange\x12\r\n\x05start\x18\x01 \x01(\x04\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x04*i\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\x0c\n\x08\x42\x46LOAT16\x10\x04\x12\t\n\x05INT32\x10\x05\x12\t\n\x05INT64\x10\x06*2\n\x06Layout\x12\x10\n\x0cLAYOUT_DENSE\x10\x00\x12\x16\n\x12LAYOUT_SPARSE_ROWS\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'paramserve.v1.tensor_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=533
-  _globals['_DTYPE']._serialized_end=638
-  _globals['_LAYOUT']._serialized_start=640
-  _globals['_LAYOUT']._serialized_end=690
+  _globals['_DTYPE']._serialized_start=680
+  _globals['_DTYPE']._serialized_end=785
+  _globals['_LAYOUT']._serialized_start=787
+  _globals['_LAYOUT']._serialized_end=837
   _globals['_TENSORHEADER']._serialized_start=46
   _globals['_TENSORHEADER']._serialized_end=204
   _globals['_TENSORCHUNK']._serialized_start=206
@@ -42,7 +42,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMEND']._serialized_start=267
   _globals['_STREAMEND']._serialized_end=278
   _globals['_TENSORSTREAMITEM']._serialized_start=281
-  _globals['_TENSORSTREAMITEM']._serialized_end=446
-  _globals['_TENSORSTREAMHEADER']._serialized_start=448
-  _globals['_TENSORSTREAMHEADER']._serialized_end=531
+  _globals['_TENSORSTREAMITEM']._serialized_end=503
+  _globals['_TENSORSTREAMHEADER']._serialized_start=506
+  _globals['_TENSORSTREAMHEADER']._serialized_end=634
+  _globals['_PAYLOADRANGE']._serialized_start=636
+  _globals['_PAYLOADRANGE']._serialized_end=678
 # @@protoc_insertion_point(module_scope)

@@ -62,19 +62,31 @@ class StreamEnd(_message.Message):
     def __init__(self) -> None: ...
 
 class TensorStreamItem(_message.Message):
-    __slots__ = ("header", "chunk", "end")
+    __slots__ = ("header", "chunk", "end", "chunk_header")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_HEADER_FIELD_NUMBER: _ClassVar[int]
     header: TensorStreamHeader
     chunk: TensorChunk
     end: StreamEnd
-    def __init__(self, header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ...) -> None: ...
+    chunk_header: TensorStreamHeader
+    def __init__(self, header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., end: _Optional[_Union[StreamEnd, _Mapping]] = ..., chunk_header: _Optional[_Union[TensorStreamHeader, _Mapping]] = ...) -> None: ...
 
 class TensorStreamHeader(_message.Message):
-    __slots__ = ("tensors", "version")
+    __slots__ = ("tensors", "version", "stripe")
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    STRIPE_FIELD_NUMBER: _ClassVar[int]
     tensors: _containers.RepeatedCompositeFieldContainer[TensorHeader]
     version: int
-    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
+    stripe: PayloadRange
+    def __init__(self, tensors: _Optional[_Iterable[_Union[TensorHeader, _Mapping]]] = ..., version: _Optional[int] = ..., stripe: _Optional[_Union[PayloadRange, _Mapping]] = ...) -> None: ...
+
+class PayloadRange(_message.Message):
+    __slots__ = ("start", "end")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ...) -> None: ...

@@ -195,6 +195,28 @@ def widen_bytes(data: Any, dst: np.ndarray, wire: np.dtype) -> bool:
     return not bad
 
 
+_COPY_KERNELS = {
+    np.dtype(np.float32): ("copy_f32", np.uint32),
+    np.dtype(np.float64): ("copy_f64", np.uint64),
+}
+
+
+def copy_checked(data: Any, dst: np.ndarray) -> bool | None:
+    """``dst`` (float32 or float64, 1-D, C-contiguous, aligned, writable) = the values in the
+    bytes ``data`` (any alignment, ``dst.nbytes`` of them), in one pass that also tells
+    whether all of them are finite (True/False); None, with nothing written, when the
+    kernels are unavailable or ``dst`` does not suit them (copy and check another way)."""
+    found = _COPY_KERNELS.get(dst.dtype)
+    kernels = _kernels()
+    if found is None or kernels is None or not (_usable(dst) and dst.flags.writeable):
+        return None
+    name, bits = found
+    src = np.frombuffer(data, dtype=bits)
+    if src.size != dst.size:
+        raise ValueError(f"{src.nbytes} bytes for {dst.nbytes} bytes of {dst.dtype.name}")
+    return not getattr(kernels, name)(src, dst.view(bits))
+
+
 def can_scatter(target: np.ndarray) -> bool:
     """Whether :func:`scatter_bytes` may widen into ``target`` (a float32 array it holds by
     address): the kernels are there and ``target`` is C-contiguous, aligned and writable."""

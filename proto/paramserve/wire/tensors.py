@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Container, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -475,6 +475,19 @@ class StreamLayout:
         return out
 
 
+# Receive buffers start on a cache line, so that tensors received into them (gradients the
+# daemon applies, weights a pull returns) are as aligned as NumPy's own arrays or better.
+BUFFER_ALIGNMENT = 64
+
+
+def aligned_buffer(nbytes: int) -> np.ndarray:
+    """An uninitialised 1-D uint8 buffer of ``nbytes`` starting at a multiple of
+    :data:`BUFFER_ALIGNMENT` bytes."""
+    raw = np.empty(nbytes + BUFFER_ALIGNMENT, dtype=np.uint8)
+    start = -raw.__array_interface__["data"][0] % BUFFER_ALIGNMENT  # (.ctypes costs ~5 us)
+    return raw[start : start + nbytes]
+
+
 class TensorAssembler:
     """Rebuilds tensors from a validated header list and their chunks, in strict order.
 
@@ -491,12 +504,26 @@ class TensorAssembler:
         widen: Sequence[bool] | None = None,
         layout: StreamLayout | None = None,
         runs: list[Run] | None = None,
+        buffer: np.ndarray | None = None,
+        span: tuple[int, int] | None = None,
+        copy: Callable[[memoryview, int, memoryview, int], None] | None = None,
     ) -> None:
         """``into[i]``, when given, is the byte buffer (1-D uint8, ``byte_length`` long)
         tensor ``i`` is written to instead of the shared receive buffer, e.g. a view of a
         caller's array. ``layout``: the headers' :class:`StreamLayout`, when the caller
         keeps one (it is computed otherwise, with ``widen``); ``runs``:
         ``layout.runs_into(into, widen)``, when the caller keeps that too.
+
+        ``span``: only stream bytes ``[start, end)`` arrive here (one stripe of a striped
+        pull; chunks still name tensors and offsets in the whole stream), into ``buffer``
+        (the shared receive buffer, 1-D uint8 of ``layout.buffer_bytes``) that the other
+        stripes' assemblers fill too; :meth:`finish` then checks this span alone and
+        returns views of the whole buffer. A span should start on an element boundary of
+        any tensor widened on arrival (an element cut there is not put together).
+
+        ``copy(target, at, piece, position)``: copies each piece of a chunk that is not
+        widened into ``target[at:at + len(piece)]`` (``position``: the stream position of
+        its first byte) instead of a plain copy, e.g. to check the values on the way.
 
         ``widen[i]`` true: tensor ``i``, dense bfloat16 or float16, is widened to float32
         chunk by chunk as it arrives, straight from the received bytes (no buffer of the wire
@@ -534,14 +561,26 @@ class TensorAssembler:
         if widen is not None and any(widen):
             self._widened = in_layout | {i for i, w in enumerate(widen) if w}
         self._only_layout_widened = self._widened == in_layout
-        shared = len(self._into) < len(self.headers)
-        self._buffer = np.empty(self.layout.buffer_bytes if shared else 0, dtype=np.uint8)
+        if buffer is None:
+            shared = len(self._into) < len(self.headers)
+            buffer = aligned_buffer(self.layout.buffer_bytes if shared else 0)
+        elif buffer.dtype != np.uint8 or buffer.shape != (self.layout.buffer_bytes,):
+            raise ValueError(
+                f"the receive buffer must be 1-D uint8 of {self.layout.buffer_bytes} bytes; "
+                f"got {buffer.dtype.name} {buffer.shape}"
+            )
+        self._buffer = buffer
         self._target = memoryview(self._buffer)
+        self._copy = copy
         self._wide: np.ndarray | None = None  # the shared buffer as float32 (widened runs)
         self._runs = runs
         self._run = 0
-        self._pos = 0  # stream bytes received
-        self._current = 0  # the tensor the last byte went to (or the last chunk named)
+        start, self._end = (0, layout.total) if span is None else span
+        if not 0 <= start <= self._end <= layout.total:
+            raise ValueError(f"span {span} is not within the stream's {layout.total} bytes")
+        self._pos = start  # stream bytes received (the stream position)
+        # The tensor the last byte went to (or the last chunk named).
+        self._current = layout.tensor_at(start - 1) if start else 0
         self._pending = 0  # a widened element's first byte, when its second is yet to come
         self._nonfinite: set[int] = set()  # widened tensors found holding a NaN or Inf
         if self._widened:
@@ -571,8 +610,13 @@ class TensorAssembler:
         if offset > lay.lengths[tensor]:
             self._refuse(tensor, offset)
         n = len(data)
-        if pos + n > lay.total:
+        if pos + n > self._end:
             h = lay.headers[tensor]
+            if self._end != lay.total:
+                raise WireError(
+                    f"tensor {h.name!r}: a chunk runs past the end of its stripe (stream "
+                    f"byte {self._end})"
+                )
             raise WireError(
                 f"tensor {h.name!r}: {offset + n} bytes sent from its start, past the end of "
                 f"the stream (the header declared {h.byte_length} bytes for it, "
@@ -603,7 +647,10 @@ class TensorAssembler:
                     if target is None:
                         target = self._target
                     at = base + pos - start
-                    target[at : at + take] = source[done : done + take]
+                    if self._copy is None:
+                        target[at : at + take] = source[done : done + take]
+                    else:
+                        self._copy(target, at, source[done : done + take], pos)
                 done += take
                 pos += take
             self._run = r
@@ -735,7 +782,7 @@ class TensorAssembler:
         leaves out the tensors received into buffers of their own (the caller holds them);
         widened ones are float32."""
         lay = self.layout
-        if self._pos != lay.total:
+        if self._pos != self._end:
             i = lay.tensor_at(self._pos)
             got = self._pos - lay.stream_starts[i]
             raise WireError(

@@ -10,19 +10,8 @@
 # Without a GPU every part says so and the script still exits 0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-python3}
-out=${OUT:-/tmp/gpu_check}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-"$py" -c "import paramserve.optim_core, paramserve.server.app" || {
-  echo "gpu_check: paramserve does not import here (run bench/gpu_wheels.sh and carry .whl)"
-  exit 1
-}
+# shellcheck source=bench/device_env.sh
+source bench/device_env.sh gpu_check
 cores=$(nproc)
 
 echo "== 1/4 GPU tests"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The host-path figures on a many-core machine (the device tool's 16 cores), in one call of
+# under 5 minutes, beside or instead of bench/gpu_check.sh:
+#   1. a whole step at 16M, 1M, small, 1000x300 and 300x1K floats: paramserve (as
+#      RemoteOptimizer calls it, and plain push + pull()), bfloat16 on the wire, grpc-raw,
+#      the hand-written socket servers, and torch-rpc where torch is installed;
+#   2. striped pulls, K = 1, 2, 4 over one connection and over a connection per stripe;
+#   3. the fused apply on 1, 2, 4 and 8 threads (bench/optimizer_apply.py).
+# Prepare the wheels here first (bench/gpu_wheels.sh), then run, e.g.
+#   run(command="bash bench/host_check.sh", carry=[".whl"], timeout_s=420)
+# Logs land in $OUT (the device tool brings them back), else /tmp/host_check.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=bench/device_env.sh
+source bench/device_env.sh host_check
+systems=paramserve,paramserve-pull,paramserve-bf16,grpc-raw,socket-fast,socket
+if "$py" -c "import torch.distributed.rpc" 2>/dev/null; then systems=$systems,torch-rpc; fi
+
+echo "== 1/3 whole step on $(nproc) cores"
+timeout 200 "$py" bench/step.py --sizes 16M,1M,small,1000x300,300x1K --systems "$systems" \
+  --repeats 3 2>&1 | tee "$out/step.txt"
+
+echo "== 2/3 striped pulls"
+timeout 90 "$py" bench/step.py --sizes 16M,1M --systems paramserve --streams 1,2,4,2c,4c \
+  --repeats 3 2>&1 | tee "$out/streams.txt"
+
+echo "== 3/3 fused apply threads"
+timeout 60 "$py" bench/optimizer_apply.py --sizes 16M --threads 1,2,4,8 2>&1 \
+  | tee "$out/apply.txt"

@@ -86,6 +86,7 @@ from .results import (
 from .streams import (
     ReplyLayouts,
     StripesUnusable,
+    all_arrays,
     as_host_array,
     cast_gradient,
     check_out_array,
@@ -108,7 +109,6 @@ if TYPE_CHECKING:  # imported where needed: `paramserve status` never loads the 
 R = TypeVar("R")
 _FLOAT32 = {np.dtype(np.float32)}
 # C-level helpers for the per-variable passes of a push (a model may have 1,000 variables).
-_ARRAY_TYPE = frozenset((np.ndarray,))
 _DTYPE = operator.attrgetter("dtype")
 _DTYPE_AND_SHAPE = operator.attrgetter("dtype", "shape")
 
@@ -587,7 +587,7 @@ class Client:
         and the server itself refuses one whose variable has another dtype.
         """
         description = self._description
-        if _ARRAY_TYPE.issuperset(map(type, values)):  # arrays only (the common case)
+        if all_arrays(values):  # arrays only (the common case)
             dtypes = set(map(_DTYPE, values))
         else:
             dtypes = {v.dtype if type(v) is np.ndarray else v.values.dtype for v in values}
@@ -698,7 +698,7 @@ class Client:
         """``PushHeader(tensors=...)`` serialized for these gradients; kept for the next push
         whose dense gradients have the same names, dtypes and shapes (a worker pushes the
         same every step), so their headers are built once."""
-        if not _ARRAY_TYPE.issuperset(map(type, values)):  # sparse rows: built afresh
+        if not all_arrays(values):  # sparse rows: built afresh
             headers = tensor_headers(names, values, self._variable_shape)
             return pb.PushHeader(tensors=headers).SerializeToString()
         key = (*names, *map(_DTYPE_AND_SHAPE, values))

@@ -38,14 +38,20 @@ GRPC_OPTIONS = [
 
 
 class RawStepServicer:
-    """Flat float32 weights and Adam slots; one worker at a time (the benchmark's)."""
+    """Flat float32 weights and Adam slots; one worker at a time (the benchmark's).
 
-    def __init__(self, *, chunk_bytes: int = CHUNK_BYTES) -> None:
+    ``apply_whole``: Adam runs once over the whole gradient after its last chunk arrived, as
+    a server must that validates a push whole before changing anything (paramserve does),
+    instead of on each chunk as it arrives (``grpc-raw-whole`` in bench/step.py: how much of
+    grpc-raw's lead is that overlap)."""
+
+    def __init__(self, *, chunk_bytes: int = CHUNK_BYTES, apply_whole: bool = False) -> None:
         from socket_baseline import AdamState  # same state and bias correction
 
         self._state_type = AdamState
         self.state: AdamState | None = None
         self.chunk_bytes = chunk_bytes
+        self.apply_whole = apply_whole
         self.lock = threading.Lock()
 
     def init(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
@@ -69,11 +75,14 @@ class RawStepServicer:
                 if end > len(g_bytes) or offset % 4 or end % 4:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, "bad chunk")
                 g_bytes[offset:end] = message
-                a, b = offset // 4, end // 4
-                fused.adam(st.w[a:b], st.g[a:b], st.m[a:b], st.v[a:b], *scalars)
+                if not self.apply_whole:
+                    a, b = offset // 4, end // 4
+                    fused.adam(st.w[a:b], st.g[a:b], st.m[a:b], st.v[a:b], *scalars)
                 offset = end
             if offset != len(g_bytes):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, "short gradient")
+            if self.apply_whole:
+                fused.adam(st.w, st.g, st.m, st.v, *scalars)
             st.iterations += 1
         return b""
 
@@ -137,6 +146,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--chunk-bytes", type=int, default=CHUNK_BYTES)
+    parser.add_argument(
+        "--apply",
+        choices=("chunks", "whole"),
+        default="chunks",
+        help="Adam on each chunk as it arrives (default), or once after the whole gradient",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if not fused.available():
         raise SystemExit("numba kernels unavailable: the floor needs fused.adam")
-    servicer = RawStepServicer(chunk_bytes=args.chunk_bytes)
+    servicer = RawStepServicer(chunk_bytes=args.chunk_bytes, apply_whole=args.apply == "whole")
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=GRPC_OPTIONS)
     server.add_generic_rpc_handlers((servicer.handler(),))
     port = server.add_insecure_port(f"{args.host}:{args.port}")

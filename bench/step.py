@@ -40,7 +40,11 @@ from this process:
   streams of the client's channel; ``paramserve-kKc`` gives each stripe a TCP connection of
   its own. Pushes are not striped;
 * ``grpc-raw`` (reference): bench/grpc_floor.py, the same two calls over gRPC Python with raw
-  bytes and no protobuf, applying per chunk: what gRPC itself costs;
+  bytes and no protobuf, applying per chunk: what gRPC itself costs; ``grpc-raw-whole`` (only
+  when named in ``--systems``): the same, applying Adam once after the whole gradient
+  arrived, as a server that validates a push before changing anything must (paramserve
+  does): the table then prints paramserve's steps/s over it, the gap without grpc-raw's
+  overlap of the apply with the transfer;
 * ``core-socket`` (reference): bench/core_socket.py, paramserve's real ModelStore/Aggregator
   behind the socket framing: what paramserve's core costs without gRPC.
 
@@ -308,6 +312,20 @@ def measure_size(
     return results
 
 
+def whole_apply_ratios(results: list[Result]) -> list[tuple[str, float]]:
+    """Per size, paramserve's steps/s over grpc-raw-whole's (grpc-raw applying Adam once
+    after the whole gradient, as paramserve must), where both ran: the gap to grpc-raw
+    without its per-chunk overlap of the apply with the transfer."""
+    by_size: dict[str, dict[str, Result]] = {}
+    for r in results:
+        by_size.setdefault(r.size, {})[r.system] = r
+    return [
+        (size, rows["paramserve"].steps_per_s / rows["grpc-raw-whole"].steps_per_s)
+        for size, rows in by_size.items()
+        if "paramserve" in rows and "grpc-raw-whole" in rows
+    ]
+
+
 @contextlib.contextmanager
 def _closing(server: ServerProcess) -> Iterator[ServerProcess]:
     try:
@@ -443,6 +461,11 @@ def print_table(results: list[Result], goals: list[dict[str, Any]]) -> None:
                 f"{m['ratio']:.2f}x  (srv cpu {'-' if server is None else f'{server:.2f}x'}, "
                 f"cli cpu {m['client_cpu_ratio']:.2f}x)"
             )
+    whole = whole_apply_ratios(results)
+    if whole:
+        print("\nparamserve / grpc-raw-whole steps/s (grpc-raw without its per-chunk apply):")
+        for size, ratio in whole:
+            print(f"  {size:>6} {ratio:.3f}")
     if goals:
         print("\ntargets:")
         for g in goals:

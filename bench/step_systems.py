@@ -49,7 +49,9 @@ SYSTEMS = (
 # transport, and the Ray actor on a second local Ray node, so that its objects cross
 # between two object stores over the network stack (one torch RPC group and one Ray runtime
 # per process: a run takes torch-rpc or torch-rpc-tcp, ray or ray-2node).
-EXTRA_SYSTEMS = ("torch-rpc-tcp", "ray-2node")
+# grpc-raw-whole: grpc-raw with Adam applied once after the whole gradient arrived, as a
+# server that validates a push before applying it must (what the per-chunk overlap is worth).
+EXTRA_SYSTEMS = ("torch-rpc-tcp", "ray-2node", "grpc-raw-whole")
 # The yardstick of the targets: the streamed hand-written server.
 YARDSTICK = "socket-fast"
 SERVER_SCRIPTS = {
@@ -58,6 +60,7 @@ SERVER_SCRIPTS = {
     "paramserve-push-pull": "paramserve_server.py",
     "paramserve-bf16": "paramserve_server.py",
     "grpc-raw": "grpc_floor.py",
+    "grpc-raw-whole": "grpc_floor.py",
     "core-socket": "core_socket.py",
     "socket": "socket_baseline.py",
     "socket-pipelined": "socket_baseline.py",
@@ -99,10 +102,11 @@ def server_script(system: str) -> str | None:
 
 def server_args(system: str) -> tuple[str, ...]:
     """Command-line arguments of a system's server script."""
-    if system == "grpc-raw":  # the same chunk size as paramserve, so the floor compares alike
+    if system in ("grpc-raw", "grpc-raw-whole"):  # paramserve's chunk size, to compare alike
         from paramserve.wire import CHUNK_BYTES
 
-        return ("--chunk-bytes", str(CHUNK_BYTES))
+        whole = ("--apply", "whole") if system == "grpc-raw-whole" else ()
+        return ("--chunk-bytes", str(CHUNK_BYTES), *whole)
     if system == "socket-fast":
         return ("--sock-buf", str(SOCK_BUF_BYTES))
     return ()
@@ -319,8 +323,10 @@ class SocketRunner(Runner):
 class GrpcRawRunner(Runner):
     name = "grpc-raw"
 
-    def __init__(self, port: int, model: Model) -> None:
+    def __init__(self, port: int, model: Model, *, whole: bool = False) -> None:
         from grpc_floor import GrpcRawClient
+
+        self.name = "grpc-raw-whole" if whole else "grpc-raw"
 
         from paramserve.wire import CHUNK_BYTES
 
@@ -445,8 +451,8 @@ def make_runner(system: str, port: int, model: Model, sessions: Sessions) -> Run
             alloc=system == "paramserve-pull",
             wire_dtype="bfloat16" if system == "paramserve-bf16" else None,
         )
-    if system == "grpc-raw":
-        return GrpcRawRunner(port, model)
+    if system in ("grpc-raw", "grpc-raw-whole"):
+        return GrpcRawRunner(port, model, whole=system == "grpc-raw-whole")
     if system in ("torch-rpc", "torch-rpc-tcp"):
         return TorchRpcRunner(sessions.torch_rpc(tcp_only=system == "torch-rpc-tcp"), model)
     if system in ("ray", "ray-2node"):

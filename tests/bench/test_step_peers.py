@@ -112,3 +112,40 @@ def test_missing_library_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_paramserve_bf16_matches_its_rounded_adam_replay() -> None:
     """bfloat16 on the wire, error feedback included, against the local replay of it."""
     _check(_run_step("paramserve", "paramserve-bf16"), "paramserve", "paramserve-bf16")
+
+
+def test_grpc_raw_applying_whole_or_per_chunk_matches_adam() -> None:
+    """grpc-raw applies Adam per 2 MiB chunk as it arrives, grpc-raw-whole once after the
+    last chunk: at 1M floats (two chunks) both end bit for bit at the local Adam replay."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH / "step.py"),
+            "--sizes",
+            "1M",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--warmup",
+            "2",
+            "--systems",
+            "paramserve,grpc-raw,grpc-raw-whole",
+            "--time-limit",
+            "120",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.splitlines()
+    table = lines[lines.index(next(x for x in lines if x.startswith("-"))) + 1 :]
+    rows = [line.split() for line in table[: next(i for i, x in enumerate(table) if x[0] == "(")]]
+    assert {row[1]: row[-1] for row in rows} == {
+        "paramserve": "yes",
+        "grpc-raw": "yes",
+        "grpc-raw-whole": "yes",
+    }
+    assert "paramserve / grpc-raw-whole steps/s" in proc.stdout

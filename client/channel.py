@@ -71,6 +71,7 @@ class ChannelSettings:
             ("grpc.initial_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
             ("grpc.primary_user_agent", self.user_agent),
+            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
 
 

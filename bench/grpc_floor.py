@@ -112,7 +112,10 @@ class GrpcRawClient:
     """The worker side: ``step`` = Push(gradient chunks) then Pull(weights) into ``out``."""
 
     def __init__(self, port: int, *, chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 60.0):
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+        # Pulls read on the calling thread, as paramserve's SDK reads them (no channel spin
+        # thread started per call).
+        options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s
         self._init = self.channel.stream_unary(f"/{SERVICE}/Init")

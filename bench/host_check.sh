@@ -5,7 +5,9 @@
 #      RemoteOptimizer calls it, and plain push + pull()), bfloat16 on the wire, grpc-raw,
 #      the hand-written socket servers, and torch-rpc where torch is installed;
 #   2. striped pulls, K = 1, 2, 4 over one connection and over a connection per stripe;
-#   3. the fused apply on 1, 2, 4 and 8 threads (bench/optimizer_apply.py).
+#   3. the fused apply on 1, 2, 4 and 8 threads (bench/optimizer_apply.py), the wire casts
+#      on 1, 2 and 4 (bench/wire_casts.py), and the bfloat16 step with the casts on one
+#      thread against the default (PARAMSERVE_CAST_THREADS; the daemon's follow apply_threads).
 # Prepare the wheels here first (bench/gpu_wheels.sh), then run, e.g.
 #   run(command="bash bench/host_check.sh", carry=[".whl"], timeout_s=420)
 # Logs land in $OUT (the device tool brings them back), else /tmp/host_check.
@@ -24,6 +26,14 @@ echo "== 2/3 striped pulls"
 timeout 90 "$py" bench/step.py --sizes 16M,1M --systems paramserve --streams 1,2,4,2c,4c \
   --repeats 3 2>&1 | tee "$out/streams.txt"
 
-echo "== 3/3 fused apply threads"
+echo "== 3/3 fused apply and cast threads"
 timeout 60 "$py" bench/optimizer_apply.py --sizes 16M --threads 1,2,4,8 2>&1 \
   | tee "$out/apply.txt"
+timeout 40 "$py" bench/wire_casts.py --sizes 16M --threads 1,2,4 --repeat 7 2>&1 \
+  | tee "$out/casts.txt"
+for threads in 1 0; do  # 0: the default (the cores less two, at most 4)
+  echo "-- bfloat16 step, PARAMSERVE_CAST_THREADS=$threads, PARAMSERVE_APPLY_THREADS=$threads"
+  PARAMSERVE_CAST_THREADS=$([ "$threads" = 0 ] && echo "" || echo "$threads") \
+    PARAMSERVE_APPLY_THREADS=$threads timeout 40 "$py" bench/step.py --sizes 16M \
+    --systems paramserve,paramserve-bf16 --repeats 3 2>&1 | tee -a "$out/cast_step.txt"
+done

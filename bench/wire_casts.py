@@ -1,6 +1,6 @@
 """The wire casts per element: NumPy/ml_dtypes ``astype`` against paramserve's fused kernels.
 
-Usage: python bench/wire_casts.py [--sizes 1M,16M] [--repeat 11] [--json]
+Usage: python bench/wire_casts.py [--sizes 1M,16M] [--repeat 11] [--threads 1,2] [--json]
 
 Rows, each timed both ways on the same arrays in interleaved rounds (a busy neighbour slows
 both alike; read the load average in the header):
@@ -14,7 +14,10 @@ both alike; read the load average in the header):
   :func:`paramserve.wire.round_with_feedback`, one pass.
 
 ns/elem are medians over rounds; both ways are checked to give the same bits first.
-Sizes take K/M suffixes in powers of two.
+Sizes take K/M suffixes in powers of two. ``--threads 1,2,4`` also times the fused casts on
+that many threads (``paramserve.wire.set_cast_threads``: arrays of at least
+``CAST_MIN_ELEMENTS`` run in pieces), in the same interleaved rounds, with their speed-up
+over one thread; the first count is the one the ``fused`` column uses.
 """
 
 from __future__ import annotations
@@ -93,33 +96,40 @@ def cases(n: int) -> list[tuple[str, Callable[[], object], Callable[[], object],
     return rows
 
 
-def bench(n: int, repeat: int) -> list[dict]:
+def bench(n: int, repeat: int, threads: list[int]) -> list[dict]:
     out = []
     for name, numpy_fn, fused_fn, outputs in cases(n):
-        numpy_fn()
-        fused_fn()
-        a, b = outputs()
-        same = np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
-        times: dict[str, list[float]] = {"numpy": [], "fused": []}
+        same = True
+        for count in threads:
+            wire.set_cast_threads(count)
+            numpy_fn()
+            fused_fn()
+            a, b = outputs()
+            same &= np.array_equal(np.asarray(a).view(np.uint8), np.asarray(b).view(np.uint8))
+        times: dict[str, list[float]] = {"numpy": []} | {f"x{t}": [] for t in threads}
         inner = max(1, (16 << 20) // n)
         for r in range(repeat):
-            order = [("numpy", numpy_fn), ("fused", fused_fn)]
-            for label, fn in order if r % 2 == 0 else order[::-1]:
+            order = [("numpy", 1, numpy_fn)] + [(f"x{t}", t, fused_fn) for t in threads]
+            for label, count, fn in order if r % 2 == 0 else order[::-1]:
+                wire.set_cast_threads(count)
                 t0 = time.perf_counter()
                 for _ in range(inner):
                     fn()
                 times[label].append((time.perf_counter() - t0) / inner)
         ns = {k: statistics.median(v) * 1e9 / n for k, v in times.items()}
+        fused = ns[f"x{threads[0]}"]
         out.append(
             {
                 "size": n,
                 "case": name,
                 "numpy_ns_per_elem": ns["numpy"],
-                "fused_ns_per_elem": ns["fused"],
-                "speedup": ns["numpy"] / ns["fused"],
+                "fused_ns_per_elem": fused,
+                "speedup": ns["numpy"] / fused,
+                "threads": {t: {"ns_per_elem": ns[f"x{t}"], "over_first": fused / ns[f"x{t}"]}
+                            for t in threads[1:]},
                 "same_bits": bool(same),
             }
-        )
+        )  # fmt: skip
     return out
 
 
@@ -127,14 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="1M,16M", help="comma list, e.g. 1M,16M")
     parser.add_argument("--repeat", type=int, default=11, help="timed rounds per case")
+    parser.add_argument(
+        "--threads", default="1", help="comma list of cast thread counts, e.g. 1,2,4"
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
     ns = parser.parse_args(argv)
+    threads = [int(t) for t in ns.threads.split(",") if t.strip()]
+    if not threads or min(threads) < 1:
+        parser.error("--threads takes counts >= 1")
     if not wire.prepare_casts():
         print("the fused casts are unavailable (numba missing or failing)", file=sys.stderr)
         return 1
     load = os.getloadavg()[0]
     rows = [
-        row for s in ns.sizes.split(",") if s.strip() for row in bench(parse_size(s), ns.repeat)
+        row
+        for s in ns.sizes.split(",")
+        if s.strip()
+        for row in bench(parse_size(s), ns.repeat, threads)
     ]
     info = {"cpus": os.cpu_count(), "loadavg_start": round(load, 2)}
     info["loadavg_end"] = round(os.getloadavg()[0], 2)
@@ -142,15 +161,21 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"info": info, "rows": rows}, indent=1))
         return 0
     print(" ".join(f"{k}={v}" for k, v in info.items()))
+    more = "".join(f" {f'x{t} ns/el':>10} {f'x{t}/x{threads[0]}':>8}" for t in threads[1:])
     head = (
-        f"{'size':>10}  {'case':<26} {'numpy ns/el':>11} {'fused ns/el':>11} {'speed-up':>8}  same"
+        f"{'size':>10}  {'case':<26} {'numpy ns/el':>11} {'fused ns/el':>11} {'speed-up':>8}"
+        f"{more}  same"
     )
     print(head)
     print("-" * len(head))
     for r in rows:
+        extra = "".join(
+            f" {r['threads'][t]['ns_per_elem']:>10.3f} {r['threads'][t]['over_first']:>8.2f}"
+            for t in threads[1:]
+        )
         print(
             f"{r['size']:>10}  {r['case']:<26} {r['numpy_ns_per_elem']:>11.3f}"
-            f" {r['fused_ns_per_elem']:>11.3f} {r['speedup']:>8.2f}"
+            f" {r['fused_ns_per_elem']:>11.3f} {r['speedup']:>8.2f}{extra}"
             f"  {'yes' if r['same_bits'] else 'NO'}"
         )
     return 0 if all(r["same_bits"] for r in rows) else 1

@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from paramserve import optim_core
-from paramserve.wire import SERVICE_NAME, tune_malloc
+from paramserve.wire import SERVICE_NAME, set_cast_threads, tune_malloc
 
 from . import auth
 from .config import ServerConfig, apply_threads_for, format_address
@@ -265,8 +265,11 @@ def create_server(config: ServerConfig) -> RunningServer:
     # Reuse freed tensor-sized buffers instead of page-faulting new ones (glibc only; the
     # MALLOC_* environment variables take precedence): see paramserve.wire.
     tune_malloc()
-    # The fused optimizer kernels on several cores for large variables (process-wide).
-    optim_core.set_kernel_threads(apply_threads_for(config.apply_threads))
+    # The fused optimizer kernels, and the rounding of large compressed pulls, on several
+    # cores for large variables (process-wide).
+    threads = apply_threads_for(config.apply_threads)
+    optim_core.set_kernel_threads(threads)
+    set_cast_threads(threads)
     metrics = ServerMetrics()
     core = build_core(config, metrics)
     try:

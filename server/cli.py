@@ -260,8 +260,8 @@ def _add_serve_parser(sub: argparse._SubParsersAction, *, options: bool = True) 
         "--apply-threads",
         type=int,
         help=d(
-            "cores the fused optimizer kernels use on variables of 1M elements or more; "
-            "0 = auto: the cores less two, at most 4",
+            "cores the fused optimizer kernels (and the rounding of compressed pulls) use "
+            "on variables of 1M elements or more; 0 = auto: the cores less two, at most 4",
             "apply_threads",
         ),
     )

@@ -75,7 +75,8 @@ class ServerConfig:
     grace_s: float = 10.0
     # Threads serving RPCs; sync rounds hold one per waiting worker.
     max_workers: int = 64
-    # Cores the fused CPU optimizer kernels use on a large variable (see apply_threads_for);
+    # Cores the fused CPU optimizer kernels, and the rounding of a compressed pull, use on a
+    # large variable (see apply_threads_for);
     # 0: auto, the cores this process may run on less two for the RPC threads, at most 4
     # (1, one thread, on 3 cores or fewer).
     apply_threads: int = 0

@@ -336,3 +336,33 @@ def test_many_small_variables_pulled_compressed_are_the_rounded_weights(
     for name, value in exact.items():
         want = value if value.dtype != np.float32 else value.astype(dtype).astype(np.float32)
         _same(stepped[name], want)
+
+
+def test_large_compressed_steps_on_several_cast_threads_are_exact(start_server, connect):
+    """With ``apply_threads=3`` the daemon rounds a large compressed pull, and this process's
+    SDK its error feedback, in pieces on three threads: bit for bit NumPy's single pass."""
+    from paramserve import wire
+
+    n = wire.compression.CAST_MIN_ELEMENTS + 4099
+    rng = np.random.default_rng(11)
+    weights = {"w": rng.standard_normal(n).astype(np.float32)}
+    before = wire.cast_threads()
+    try:
+        compressed = connect(start_server(mode="async", apply_threads=3), wire_dtype="bfloat16")
+        exact = connect(start_server(mode="async", apply_threads=3))
+        assert wire.cast_threads() == 3
+        for client in (compressed, exact):
+            client.create_model(weights, "adam")
+        residual = np.zeros(n, np.float32)
+        for seed in range(3):
+            g = (np.random.default_rng(seed).standard_normal(n) * 1e-2).astype(np.float32)
+            compressed.push({"w": g})
+            total = g + residual
+            sent = total.astype(BF16)
+            residual = total - sent.astype(np.float32)
+            exact.push({"w": sent.astype(np.float32)})
+        assert_same(compressed.pull(wire_dtype=None), exact.pull())
+        rounded = compressed.pull()["w"]
+        assert_same({"w": rounded}, {"w": exact.pull()["w"].astype(BF16).astype(np.float32)})
+    finally:
+        wire.set_cast_threads(before)

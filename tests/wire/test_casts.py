@@ -8,6 +8,9 @@ here: every pattern with its exponent, sign and the low mantissa bits that decid
 
 from __future__ import annotations
 
+import os
+import threading
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -405,3 +408,70 @@ def test_copying_into_many_buffers_of_their_own_is_one_run(
     assert calls and all(calls) == (kernels == "loaded")
     if chunk_bytes >= 64:
         assert len(calls) <= len(chunks) * len(scatters)
+
+
+@pytest.fixture
+def cast_threads():
+    """Set the casts' thread count for one test, then put the process's count back."""
+    before = wire.cast_threads()
+    yield wire.set_cast_threads
+    wire.set_cast_threads(before)
+
+
+def _large_values(seed: int) -> np.ndarray:
+    """Over CAST_MIN_ELEMENTS float32 values, edges, NaN payloads and Inf included, of a
+    length that is no multiple of any piece size."""
+    from paramserve.wire import compression
+
+    n = compression.CAST_MIN_ELEMENTS + 12_345
+    edges = _edge_bits()
+    return np.concatenate([edges, _random_bits(n - edges.size, seed=seed)]).view(np.float32)
+
+
+@pytest.mark.parametrize("dtype", WIRE, ids=str)
+def test_large_casts_in_pieces_on_several_threads_equal_astype(cast_threads, dtype) -> None:
+    values = _large_values(seed=3)
+    expected = _ref(values, dtype)
+    for threads in (3, 1):
+        assert cast_threads(threads) == threads
+        out = np.empty(values.shape, dtype)
+        assert wire.cast_into(values, out)
+        _same_bits(out, expected)
+        back = np.empty(values.shape, np.float32)
+        assert wire.cast_into(expected, back)
+        _same_bits(back, expected.astype(np.float32))
+    # The pieces ran on the helpers as well: the pool started its threads.
+    assert any(t.name.startswith("paramserve-cast") for t in threading.enumerate())
+
+
+@pytest.mark.parametrize("dtype", WIRE, ids=str)
+def test_large_error_feedback_in_pieces_equals_numpy(cast_threads, dtype) -> None:
+    g = _large_values(seed=4)
+    carried = (np.random.default_rng(5).standard_normal(g.size) * 1e-3).astype(np.float32)
+    carried[::997] = np.inf
+    carried[::1009] = np.nan
+    carried[::1013] = 7e4  # float16 overflow from the sum alone
+    want_sent, want_left, want_overflow = _feedback_numpy(g, carried, dtype)
+    cast_threads(4)
+    sent = np.empty(g.shape, dtype)
+    left = np.empty(g.shape, np.float32)
+    assert wire.round_with_feedback(g, carried, sent, left) == want_overflow
+    _same_bits(sent, want_sent)
+    _same_bits(left, want_left)
+
+
+def test_cast_threads_setting(cast_threads, monkeypatch) -> None:
+    from paramserve.wire import compression
+
+    with pytest.raises(ValueError, match="integer >= 0"):
+        cast_threads(-1)
+    with pytest.raises(ValueError, match="integer >= 0"):
+        cast_threads(True)
+    monkeypatch.setenv(compression.CAST_THREADS_ENV, "3")
+    assert cast_threads(0) == 3 and wire.cast_threads() == 3
+    monkeypatch.setenv(compression.CAST_THREADS_ENV, "zero")
+    with pytest.raises(ValueError, match="PARAMSERVE_CAST_THREADS"):
+        cast_threads(0)
+    monkeypatch.delenv(compression.CAST_THREADS_ENV)
+    cores = len(os.sched_getaffinity(0))
+    assert cast_threads(0) == max(1, min(cores - 2, compression.AUTO_CAST_THREADS_MAX))

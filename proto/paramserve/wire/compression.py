@@ -12,8 +12,12 @@ The casts run as fused numba loops (:mod:`.casts`, loaded on first use), bit for
 
 from __future__ import annotations
 
+import itertools
+import os
 import threading
-from typing import Any
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -112,6 +116,103 @@ def prepare_casts() -> bool:
     return _kernels() is not None
 
 
+# --- several cores ----------------------------------------------------------------------
+# A cast of at least this many elements (cast_into, round_with_feedback) runs in pieces on
+# the threads set_cast_threads chose: the same kernel over contiguous stretches, so the
+# result is bit for bit one thread's. Smaller ones stay on the calling thread (waking a
+# helper costs tens of microseconds). Pieces are whole multiples of 4,096 elements, about 4
+# per thread, so a descheduled thread holds up little.
+CAST_MIN_ELEMENTS = 1 << 20
+_PIECES_PER_THREAD = 4
+# set_cast_threads(0) takes at most this many cores: the casts stream memory.
+AUTO_CAST_THREADS_MAX = 4
+CAST_THREADS_ENV = "PARAMSERVE_CAST_THREADS"
+# (threads, pool of at least threads - 1 helpers or None), or None until chosen (first use).
+_threads: tuple[int, ThreadPoolExecutor | None] | None = None
+_threads_lock = threading.Lock()
+# The helpers, kept when the count goes down (a pool starts threads only as work comes).
+_helpers: tuple[ThreadPoolExecutor, int] | None = None
+_T = TypeVar("_T")
+
+
+def set_cast_threads(threads: int = 0) -> int:
+    """Run the casts of large arrays on ``threads`` threads, the calling one included
+    (process-wide, from the next cast; bit-identical whatever the count). 0: the value of
+    ``$PARAMSERVE_CAST_THREADS`` if set, else the cores this process may run on less two (the
+    gRPC threads'), at most 4, at least 1: one on a 2-core machine. Returns the count."""
+    global _threads, _helpers
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise ValueError(f"threads must be an integer >= 0. Received: {threads!r}")
+    if threads == 0:
+        threads = _auto_cast_threads()
+    with _threads_lock:
+        if threads > 1 and (_helpers is None or _helpers[1] < threads - 1):
+            if _helpers is not None:
+                _helpers[0].shutdown(wait=False)  # its threads finish their pieces, then leave
+            _helpers = (ThreadPoolExecutor(threads - 1, "paramserve-cast"), threads - 1)
+        _threads = (threads, _helpers[0] if threads > 1 and _helpers is not None else None)
+    return threads
+
+
+def cast_threads() -> int:
+    """The threads a large cast runs on (see :func:`set_cast_threads`)."""
+    return _cast_pool()[0]
+
+
+def _auto_cast_threads() -> int:
+    setting = os.environ.get(CAST_THREADS_ENV, "").strip()
+    if setting:
+        try:
+            value = int(setting)
+        except ValueError:
+            value = -1
+        if value < 1:
+            raise ValueError(f"${CAST_THREADS_ENV} must be an integer >= 1. Received: {setting!r}")
+        return value
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return max(1, min((cores or os.cpu_count() or 1) - 2, AUTO_CAST_THREADS_MAX))
+
+
+def _cast_pool() -> tuple[int, ThreadPoolExecutor | None]:
+    chosen = _threads
+    if chosen is None:
+        set_cast_threads(0)
+        chosen = _threads
+        assert chosen is not None
+    return chosen
+
+
+def _in_pieces(n: int, work: Callable[[int, int], _T]) -> list[_T]:
+    """``[work(start, stop) ...]`` over ``[0, n)`` cut into pieces, run by the calling thread
+    and the helpers as each takes the next piece; one call ``work(0, n)`` for a small ``n``
+    or one thread. A helper that never started (a pool left by a fork) leaves its share to
+    the others."""
+    count, pool = _cast_pool()
+    if pool is None or n < CAST_MIN_ELEMENTS:
+        return [work(0, n)]
+    piece = -(-n // (count * _PIECES_PER_THREAD))
+    piece = -(-piece // 4096) * 4096
+    bounds = [(a, min(a + piece, n)) for a in range(0, n, piece)]
+    results: list[Any] = [None] * len(bounds)
+    taken = itertools.count()  # next() is atomic under the GIL
+
+    def run() -> None:
+        while (i := next(taken)) < len(bounds):
+            results[i] = work(*bounds[i])
+
+    helpers = []
+    try:
+        for _ in range(min(count - 1, len(bounds) - 1)):
+            helpers.append(pool.submit(run))
+    except RuntimeError:  # the pool was replaced meanwhile: fewer helpers
+        pass
+    run()
+    for helper in helpers:
+        if not helper.cancel():
+            helper.result()
+    return results
+
+
 def _usable(array: np.ndarray) -> bool:
     return (
         type(array) is np.ndarray
@@ -167,13 +268,29 @@ def cast_into(src: np.ndarray, dst: np.ndarray) -> bool:
     if kernels is None:
         return False
     flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+    kernel = getattr(kernels, name)
     if name.startswith("round"):
-        nan = getattr(kernels, name)(flat_src.view(np.uint32), flat_dst.view(np.uint16))
+        bits_src, bits_dst = flat_src.view(np.uint32), flat_dst.view(np.uint16)
     else:
-        nan = getattr(kernels, name)(flat_src.view(np.uint16), flat_dst.view(np.uint32))
-    if nan:
-        _nan_as_numpy(flat_src, flat_dst)
+        bits_src, bits_dst = flat_src.view(np.uint16), flat_dst.view(np.uint32)
+    if flat_src.size < CAST_MIN_ELEMENTS:  # on this thread, without the pieces' set-up
+        _cast_flat(kernel, bits_src, bits_dst, flat_src, flat_dst)
+    else:
+        _in_pieces(
+            flat_src.size,
+            lambda a, b: _cast_flat(
+                kernel, bits_src[a:b], bits_dst[a:b], flat_src[a:b], flat_dst[a:b]
+            ),
+        )
     return True
+
+
+def _cast_flat(
+    kernel: Any, bits_src: np.ndarray, bits_dst: np.ndarray, src: np.ndarray, dst: np.ndarray
+) -> None:
+    """One cast kernel call (the arrays' bits), then NaNs written as ``astype`` would."""
+    if kernel(bits_src, bits_dst):
+        _nan_as_numpy(src, dst)
 
 
 def widen_bytes(data: Any, dst: np.ndarray, wire: np.dtype) -> bool:
@@ -299,16 +416,34 @@ def round_with_feedback(
         return None
     kernel = kernels.feedback_bf16 if name == "round_bf16" else kernels.feedback_f16
     flat_g = g.reshape(-1)
+    flat_carried = flat_g if carried is None else carried.reshape(-1)
     flat_sent = sent.reshape(-1)
-    nan, overflow = kernel(
-        flat_g,
-        flat_g if carried is None else carried.reshape(-1),
-        flat_sent.view(np.uint16),
-        left.reshape(-1),
-        carried is not None,
+    flat_left = left.reshape(-1)
+    add = carried is not None
+    if flat_g.size < CAST_MIN_ELEMENTS:  # on this thread, without the pieces' set-up
+        return _feedback_flat(kernel, flat_g, flat_carried, flat_sent, flat_left, add)
+    pieces = _in_pieces(
+        flat_g.size,
+        lambda a, b: _feedback_flat(
+            kernel, flat_g[a:b], flat_carried[a:b], flat_sent[a:b], flat_left[a:b], add
+        ),
     )
+    return sum(pieces)
+
+
+def _feedback_flat(
+    kernel: Any,
+    g: np.ndarray,
+    carried: np.ndarray,
+    sent: np.ndarray,
+    left: np.ndarray,
+    add: bool,
+) -> int:
+    """One error-feedback kernel call on flat arrays, NaNs written as ``astype`` would;
+    the count of finite sums that overflowed."""
+    nan, overflow = kernel(g, carried, sent.view(np.uint16), left, add)
     if nan:
         with np.errstate(invalid="ignore"):  # Inf + -Inf: one of the NaNs to write
-            total = flat_g if carried is None else np.add(flat_g, carried.reshape(-1))
-        _nan_as_numpy(total, flat_sent)
+            total = np.add(g, carried) if add else g
+        _nan_as_numpy(total, sent)
     return int(overflow)

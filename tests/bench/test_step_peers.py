@@ -20,24 +20,25 @@ import pytest
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def _run_step(*systems: str) -> dict[str, Any]:
+def _bench(size: str, steps: int, systems: str, *more: str) -> str:
+    """bench/step.py's output for a short run (one repeat after two warm-up steps)."""
     proc = subprocess.run(
         [
             sys.executable,
             str(BENCH / "step.py"),
             "--sizes",
-            "small",
+            size,
             "--steps",
-            "3",
+            str(steps),
             "--repeats",
             "1",
             "--warmup",
             "2",
             "--systems",
-            ",".join(systems),
+            systems,
             "--time-limit",
             "120",
-            "--json",
+            *more,
         ],
         capture_output=True,
         text=True,
@@ -45,7 +46,11 @@ def _run_step(*systems: str) -> dict[str, Any]:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout)
+    return proc.stdout
+
+
+def _run_step(*systems: str) -> dict[str, Any]:
+    return json.loads(_bench("small", 3, ",".join(systems), "--json"))
 
 
 def _check(payload: dict[str, Any], *systems: str) -> None:
@@ -61,29 +66,7 @@ def test_socket_fast_matches_adam() -> None:
 
 def test_socket_fast_streams_many_pieces() -> None:
     """At 4M floats (16 MiB, four pieces) the streamed step still matches Adam exactly."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "step.py"),
-            "--sizes",
-            "4M",
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "2",
-            "--systems",
-            "socket-fast",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    _check(json.loads(proc.stdout), "socket-fast")
+    _check(json.loads(_bench("4M", 2, "socket-fast", "--json")), "socket-fast")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed")
@@ -117,30 +100,8 @@ def test_paramserve_bf16_matches_its_rounded_adam_replay() -> None:
 def test_grpc_raw_applying_whole_or_per_chunk_matches_adam() -> None:
     """grpc-raw applies Adam per 2 MiB chunk as it arrives, grpc-raw-whole once after the
     last chunk: at 1M floats (two chunks) both end bit for bit at the local Adam replay."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH / "step.py"),
-            "--sizes",
-            "1M",
-            "--steps",
-            "2",
-            "--repeats",
-            "1",
-            "--warmup",
-            "2",
-            "--systems",
-            "paramserve,grpc-raw,grpc-raw-whole",
-            "--time-limit",
-            "120",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    lines = proc.stdout.splitlines()
+    stdout = _bench("1M", 2, "paramserve,grpc-raw,grpc-raw-whole")
+    lines = stdout.splitlines()
     table = lines[lines.index(next(x for x in lines if x.startswith("-"))) + 1 :]
     rows = [line.split() for line in table[: next(i for i, x in enumerate(table) if x[0] == "(")]]
     assert {row[1]: row[-1] for row in rows} == {
@@ -148,4 +109,4 @@ def test_grpc_raw_applying_whole_or_per_chunk_matches_adam() -> None:
         "grpc-raw": "yes",
         "grpc-raw-whole": "yes",
     }
-    assert "paramserve / grpc-raw-whole steps/s" in proc.stdout
+    assert "paramserve / grpc-raw-whole steps/s" in stdout

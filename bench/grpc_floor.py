@@ -27,6 +27,7 @@ from concurrent import futures
 
 import grpc
 import numpy as np
+from grpc.experimental import ChannelOptions
 
 SERVICE = "paramserve.bench.RawStep"
 CHUNK_BYTES = 4 << 20
@@ -114,7 +115,7 @@ class GrpcRawClient:
     def __init__(self, port: int, *, chunk_bytes: int = CHUNK_BYTES, timeout_s: float = 60.0):
         # Pulls read on the calling thread, as paramserve's SDK reads them (no channel spin
         # thread started per call).
-        options = [*GRPC_OPTIONS, (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1)]
+        options = [*GRPC_OPTIONS, (ChannelOptions.SingleThreadedUnaryStream, 1)]
         self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
         self.chunk_bytes = chunk_bytes
         self.timeout_s = timeout_s

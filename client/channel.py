@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from grpc.experimental import ChannelOptions
 
 from paramserve.wire import SERVICE_NAME
 
@@ -71,7 +72,7 @@ class ChannelSettings:
             ("grpc.initial_reconnect_backoff_ms", int(self.initial_reconnect_backoff_s * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(self.max_reconnect_backoff_s * 1000)),
             ("grpc.primary_user_agent", self.user_agent),
-            (grpc.experimental.ChannelOptions.SingleThreadedUnaryStream, 1),
+            (ChannelOptions.SingleThreadedUnaryStream, 1),
         ]
 
 

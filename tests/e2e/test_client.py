@@ -157,6 +157,20 @@ def test_errors_carry_code_and_server_message(server, admin, connect):
         admin.pull()
 
 
+def test_push_headers_kept_from_the_last_push_follow_a_new_shape_or_dtype(admin):
+    """The SDK reuses a push's serialized headers while names, shapes and dtypes repeat; a
+    gradient of another shape under the same name gets headers of its own (and the server's
+    refusal), and the right one after it is applied, as is a float64 one (cast first)."""
+    bias = ones("dense/bias")
+    assert admin.push({"dense/bias": bias}).applied
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        admin.push({"dense/bias": np.ones(bias.size + 1, np.float32)})
+    version = admin.pull().version
+    assert admin.push({"dense/bias": bias}).applied
+    assert admin.push({"dense/bias": bias.astype(np.float64)}).applied
+    assert admin.pull().version == version + 2
+
+
 def test_sync_push_from_an_old_version_is_refused(start_server, connect):
     server = start_server(mode="sync", replicas=1)
     client = connect(server)

@@ -609,9 +609,10 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
             f"Received: {type(values).__name__}"
         )
     names = list(values)
-    for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"Variable names must be strings. Received: {name!r}")
+    if not _STR_TYPE.issuperset(map(type, names)):  # (in C; str subclasses checked below)
+        for name in names:
+            if not isinstance(name, str):
+                raise TypeError(f"Variable names must be strings. Received: {name!r}")
     given = list(map(values.__getitem__, names))
     if all_arrays(given):  # NumPy arrays already (the common case)
         return names, given
@@ -619,6 +620,7 @@ def named_values(values: Mapping[str, Any]) -> tuple[list[str], list[TensorValue
 
 
 _ARRAY_TYPE = frozenset((np.ndarray,))
+_STR_TYPE = frozenset((str,))
 
 
 def all_arrays(values: Iterable[Any]) -> bool:

@@ -39,6 +39,20 @@ def test_a_list_of_gradients_is_refused_before_sending(start_server, connect, me
     server.assert_unchanged(before)
 
 
+def test_names_must_be_strings_str_subclasses_included(start_server, connect):
+    server, client = _model(start_server, connect)
+    before = server.state()
+    grads = _grads(np.float32)
+    with pytest.raises(TypeError, match="Variable names must be strings. Received: 7"):
+        client.push({**grads, 7: np.zeros(2, np.float32)})
+    server.assert_unchanged(before)
+
+    class Name(str):
+        pass
+
+    assert client.push({Name(n): g for n, g in grads.items()}).applied
+
+
 def test_remote_optimizer_still_pairs_gradients_with_variables(start_server, connect):
     _, client = _model(start_server, connect)
     variables = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}

@@ -43,7 +43,7 @@ def test_names_must_be_strings_str_subclasses_included(start_server, connect):
     server, client = _model(start_server, connect)
     before = server.state()
     grads = _grads(np.float32)
-    with pytest.raises(TypeError, match="Variable names must be strings. Received: 7"):
+    with pytest.raises(TypeError, match=r"Variable names must be strings\. Received: 7"):
         client.push({**grads, 7: np.zeros(2, np.float32)})
     server.assert_unchanged(before)
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from paramserve.optim_core import DEVICES
-from paramserve.wire import DEFAULT_HOST, DEFAULT_PORT
+from paramserve.wire import DEFAULT_HOST, DEFAULT_PORT, auto_threads
 
 from .aggregation import AggregationConfig
 from .gradients import NONFINITE_POLICIES
@@ -162,20 +162,10 @@ class ServerConfig:
         return _build(self, changes)
 
 
-# apply_threads = 0 (auto) uses at most this many: the kernels stream memory, and on the
-# machines measured more threads than this gained nothing.
-AUTO_APPLY_THREADS_MAX = 4
-
-
 def apply_threads_for(setting: int, cores: int | None = None) -> int:
     """The optimizer kernels' thread count for an ``apply_threads`` setting (0: auto, from
-    ``cores``, by default the cores this process may run on)."""
-    if setting > 0:
-        return setting
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        cores = cores or os.cpu_count() or 1
-    return max(1, min(cores - 2, AUTO_APPLY_THREADS_MAX))
+    ``cores``, by default the cores this process may run on; see ``wire.auto_threads``)."""
+    return setting if setting > 0 else auto_threads(cores)
 
 
 def _check_optimizer(optimizer: str) -> None:

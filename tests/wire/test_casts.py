@@ -474,4 +474,5 @@ def test_cast_threads_setting(cast_threads, monkeypatch) -> None:
         cast_threads(0)
     monkeypatch.delenv(compression.CAST_THREADS_ENV)
     cores = len(os.sched_getaffinity(0))
-    assert cast_threads(0) == max(1, min(cores - 2, compression.AUTO_CAST_THREADS_MAX))
+    assert cast_threads(0) == max(1, min(cores - 2, compression.AUTO_THREADS_MAX))
+    assert [wire.auto_threads(c) for c in (1, 2, 3, 4, 6, 16)] == [1, 1, 1, 2, 4, 4]

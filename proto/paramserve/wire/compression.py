@@ -124,8 +124,9 @@ def prepare_casts() -> bool:
 # per thread, so a descheduled thread holds up little.
 CAST_MIN_ELEMENTS = 1 << 20
 _PIECES_PER_THREAD = 4
-# set_cast_threads(0) takes at most this many cores: the casts stream memory.
-AUTO_CAST_THREADS_MAX = 4
+# auto_threads() takes at most this many cores: the casts and the optimizer kernels stream
+# memory, and on the machines measured more threads than this gained nothing.
+AUTO_THREADS_MAX = 4
 CAST_THREADS_ENV = "PARAMSERVE_CAST_THREADS"
 # (threads, pool of at least threads - 1 helpers or None), or None until chosen (first use).
 _threads: tuple[int, ThreadPoolExecutor | None] | None = None
@@ -169,8 +170,17 @@ def _auto_cast_threads() -> int:
         if value < 1:
             raise ValueError(f"${CAST_THREADS_ENV} must be an integer >= 1. Received: {setting!r}")
         return value
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-    return max(1, min((cores or os.cpu_count() or 1) - 2, AUTO_CAST_THREADS_MAX))
+    return auto_threads()
+
+
+def auto_threads(cores: int | None = None) -> int:
+    """Threads for data kernels beside gRPC: ``cores`` (by default the cores this process may
+    run on) less two for the RPC threads, at most :data:`AUTO_THREADS_MAX`, at least 1. The
+    rule of the casts here and of the daemon's ``apply_threads = 0``."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        cores = cores or os.cpu_count() or 1
+    return max(1, min(cores - 2, AUTO_THREADS_MAX))
 
 
 def _cast_pool() -> tuple[int, ThreadPoolExecutor | None]:
